@@ -1,0 +1,26 @@
+"""Networks. ``build_model(config)`` is the single factory for every model family.
+
+Every network has the same call: ``out, h = model(x, t, h_override=None)``, where ``out`` is the
+raw network output (B, out_ch, H, W) -- 6 channels for learned-variance models, of which the
+first ``in_channels`` are the noise prediction -- and ``h`` the middle-block output.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from utils.config import Config, parse_config
+
+
+def build_model(config: Any) -> nn.Module:
+    """The network described by ``config`` (a ``Config``, or the parsed YAML as a dict or namespace)."""
+    config: Config = parse_config(config)
+    model_cfg = config.model.__dict__
+    if config.model.type == "ddpm":
+        from models.ddpm import DDPMUNet
+        return DDPMUNet(model_cfg, config.data.image_size)
+    if config.model.type == "adm":
+        from models.adm import ADMUNet
+        return ADMUNet(model_cfg, config.data.image_size)
+    raise ValueError(f"unknown model.type '{config.model.type}' (choices: ddpm, adm)")

@@ -1,0 +1,104 @@
+"""Semantic boundaries: fit a linear SVM, edit latents across it, project one normal off others.
+
+Arrays in, arrays out (numpy for fitting, torch or numpy for editing); no files here. A latent of
+any shape is flattened to D = prod(shape) first (spec sections 4, 5 and 9).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.svm import SVC
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A linear SVM's hyperplane w.x + b = 0 and its unit normal n = w / ||w||.
+
+    normal, coef: (D,) float32; intercept: b; accuracies in [0, 1] (test_acc is nan without a test set).
+    """
+    normal: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    train_acc: float
+    test_acc: float
+
+
+def split_indices(n: int, n_train: int, n_test: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random split of range(n) into disjoint train (n_train) and test (n_test) indices."""
+    if n_train + n_test > n:
+        raise ValueError(f"asked for {n_train} train + {n_test} test items but only {n} are available")
+    order = rng.permutation(n)
+    return np.sort(order[:n_train]), np.sort(order[n_train:n_train + n_test])
+
+
+def fit_boundary(train_latents: np.ndarray, train_labels: np.ndarray,
+                 test_latents: np.ndarray | None = None, test_labels: np.ndarray | None = None) -> Boundary:
+    """Fit ``SVC(kernel='linear')`` (C = 1, raw features) to separate labels 1 (positive) from 0.
+
+    train_latents: (N, D) or (N, ...) (flattened); train_labels: (N,) in {0, 1} or {-1, 1}.
+    NOTE: the normal points toward the positive class, so a positive distance adds the attribute.
+    """
+    x = np.asarray(train_latents, dtype=np.float64).reshape(len(train_latents), -1)
+    y = _binary(train_labels)
+    counts = np.bincount(y, minlength=2)
+    if counts.min() < 1:
+        raise ValueError(f"the training labels hold one class only ({int(counts[0])} negative, {int(counts[1])} positive)")
+    svm = SVC(kernel="linear").fit(x, y)
+    coef = svm.coef_.reshape(-1)
+    norm = np.linalg.norm(coef)
+    if not np.isfinite(norm) or norm == 0:
+        raise ValueError("the SVM found no separating direction (zero normal)")
+    test_acc = float("nan")
+    if test_latents is not None and len(test_latents) > 0:
+        xt = np.asarray(test_latents, dtype=np.float64).reshape(len(test_latents), -1)
+        test_acc = float(svm.score(xt, _binary(test_labels)))
+    return Boundary(normal=(coef / norm).astype(np.float32), coef=coef.astype(np.float32),
+                    intercept=float(svm.intercept_[0]), train_acc=float(svm.score(x, y)), test_acc=test_acc)
+
+
+def _binary(labels: np.ndarray) -> np.ndarray:
+    """Labels in {0, 1} or {-1, 1} as int64 {0, 1}."""
+    y = np.asarray(labels).reshape(-1)
+    values = set(np.unique(y).tolist())
+    if not values <= {0, 1} and not values <= {-1, 1}:
+        raise ValueError(f"labels must be binary, in {{0, 1}} or {{-1, 1}}; got values {sorted(values)[:5]}")
+    return (y > 0).astype(np.int64)
+
+
+def edit_latents(v: torch.Tensor, normal: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+    """Set the signed projection of each latent onto ``normal`` to each target distance.
+
+    v: (B, ...) latents; normal: (D,) unit norm, D = prod(v.shape[1:]); distances: (K,).
+    Returns (B, K, ...): v'_k = v + (d_k - v.n) n, so that v'_k . n = d_k exactly (in float64,
+    then cast to v's dtype). The SVM intercept is ignored: the hyperplane is taken through the
+    origin, as InterFaceGAN's ``linear_interpolate`` does.
+    """
+    flat = v.reshape(v.shape[0], -1).double()
+    n = torch.as_tensor(normal, device=v.device).reshape(-1).double()
+    if n.shape[0] != flat.shape[1]:
+        raise ValueError(f"normal of {n.shape[0]} values does not fit latents of shape {tuple(v.shape[1:])}")
+    n = n / n.norm()  # guard against a stored normal that drifted from unit length
+    d = torch.as_tensor(distances, device=v.device).reshape(-1).double()
+    shift = d[None, :] - (flat @ n)[:, None]  # (B, K)
+    edited = flat[:, None, :] + shift[:, :, None] * n[None, None, :]
+    return edited.reshape(v.shape[0], len(d), *v.shape[1:]).to(v.dtype)
+
+
+def project_boundary(primary: np.ndarray, *conditions: np.ndarray) -> np.ndarray:
+    """Unit normal of ``primary`` made orthogonal to every condition normal (spec section 9).
+
+    primary, conditions: (D,). Editing along the result leaves each condition's projection
+    unchanged. Raises ValueError if the primary lies in the span of the conditions.
+    """
+    p = np.asarray(primary, dtype=np.float64).reshape(-1)
+    if not conditions:
+        return (p / np.linalg.norm(p)).astype(np.float32)
+    c = np.stack([np.asarray(cond, dtype=np.float64).reshape(-1) for cond in conditions], axis=1)  # (D, M)
+    basis, _ = np.linalg.qr(c)
+    residual = p - basis @ (basis.T @ p)
+    norm = np.linalg.norm(residual)
+    if norm < 1e-8 * np.linalg.norm(p):
+        raise ValueError("the primary boundary lies in the span of the condition boundaries")
+    return (residual / norm).astype(np.float32)
