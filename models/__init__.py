@@ -24,3 +24,12 @@ def build_model(config: Any) -> nn.Module:
         from models.adm import ADMUNet
         return ADMUNet(model_cfg, config.data.image_size)
     raise ValueError(f"unknown model.type '{config.model.type}' (choices: ddpm, adm)")
+
+
+def latent_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Shapes without batch of the two latents (spec section 3): z = x_{t_0} and h, the
+    middle-block output, e.g. {'z': (3, 256, 256), 'h': (512, 8, 8)} for the 256-px models."""
+    config: Config = parse_config(config)
+    size, m = config.data.image_size, config.model
+    side = size // 2 ** (len(m.ch_mult) - 1)
+    return {"z": (m.in_channels, size, size), "h": (m.ch * m.ch_mult[-1], side, side)}

@@ -32,6 +32,8 @@ class DataConfig:
     image_size: int
     channels: int = 3
     category: str = ""
+    data_dir: str = ""   # default --data_dir (relative to the working directory)
+    attr_file: str = ""  # default --attr_file
 
 
 @dataclass(frozen=True)

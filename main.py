@@ -1,0 +1,172 @@
+"""BoundaryDiffusion: learning-free semantic editing with a frozen DDPM / improved-DDPM.
+
+Modes: --boundary_search (fit SVM boundaries on inverted latents), --edit_image_boundary (edit a
+real image across them), --unconditional (edit sampled latents), --radius (mixing-step analysis).
+Defaults marked "config" come from the config's edit section. Errors print one line and exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import traceback
+from pathlib import Path
+
+MODES = ("boundary_search", "edit_image_boundary", "unconditional", "radius")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--boundary_search", action="store_true", help="invert labelled images to t_0 and fit boundaries")
+    mode.add_argument("--edit_image_boundary", action="store_true", help="edit one real image across the boundaries")
+    mode.add_argument("--unconditional", action="store_true", help="edit latents sampled from noise")
+    mode.add_argument("--radius", action="store_true", help="mixing-step analysis: radius of sampled vs inverted latents")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--config", default="digits.yml", help="a file in configs/ or a path")
+    run.add_argument("--exp", type=Path, default=Path("runs/test"), help="run folder; each mode writes a subfolder")
+    run.add_argument("--seed", type=int, default=1234, help="seed of the data split, the sampled noise and the edit noise")
+    run.add_argument("--model_path", type=Path, default=None, help="a local state-dict file instead of the config's checkpoint")
+    run.add_argument("--cache_dir", type=Path, default=None,
+                     help="downloads and inverted-latent cache (default $BOUNDARYDIFFUSION_CACHE or ~/.cache/boundarydiffusion)")
+    run.add_argument("--no_cache", action="store_true", help="neither read nor write the inverted-latent cache")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    run.add_argument("--ni", action="store_true",
+                     help="no interaction: overwrite a finished run folder and existing boundary files "
+                          "(default: write to a new numbered folder / file name)")
+    run.add_argument("--force", action="store_true", help="use boundaries fitted at another t_0 or on another checkpoint")
+    run.add_argument("--verbose", default="info", choices=("info", "debug", "warning"),
+                     help="log level; debug also shows tracebacks")
+
+    diff = parser.add_argument_group("diffusion")
+    diff.add_argument("--t_0", type=int, default=None, help="mixing step (default: the boundary's, else config)")
+    diff.add_argument("--n_inv_step", type=int, default=None,
+                      help="inversion grid points up to t_0 (unconditional: sampling steps from T-1 to t_0) (config)")
+    diff.add_argument("--n_test_step", type=int, default=None, help="generation grid points from t_0 (config)")
+    diff.add_argument("--n_train_step", type=int, default=None, help="accepted for compatibility; unused")
+    diff.add_argument("--n_iter", type=_positive_int, default=1, help="edit sequences per image, each with its own noise")
+    diff.add_argument("--deterministic_inv", type=int, default=1, help="accepted for compatibility; inversion is always DDIM eta 0")
+    diff.add_argument("--eta", type=_non_negative_float, default=1.0, help="DDIM eta of the edits (reconstruction uses 0)")
+
+    data = parser.add_argument_group("boundary search")
+    data.add_argument("--edit_attr", default=None, help="attribute column (case-insensitive), e.g. smiling")
+    data.add_argument("--data_dir", type=Path, default=None, help="image folder (default: config data.data_dir)")
+    data.add_argument("--attr_file", type=Path, default=None, help="CelebA-format attribute file (default: config)")
+    data.add_argument("--pos_dir", type=Path, default=None, help="folder of positive images (instead of an attribute file)")
+    data.add_argument("--neg_dir", type=Path, default=None, help="folder of negative images")
+    data.add_argument("--n_train_img", type=_positive_int, default=100, help="images to fit the SVMs on")
+    data.add_argument("--n_test_img", type=_positive_int, default=100, help="held-out images to report accuracy on")
+    data.add_argument("--bs_train", type=_positive_int, default=8, help="inversion batch size")
+    data.add_argument("--bs_test", type=_positive_int, default=8, help="batch size of the radius analysis")
+    data.add_argument("--boundary_dir", type=Path, default=Path("boundary"), help="where boundary files are written")
+    data.add_argument("--align_face", type=int, default=0, help="accepted for compatibility; face alignment is not built in")
+
+    edit = parser.add_argument_group("editing")
+    edit.add_argument("--img_path", type=Path, default=None, help="image to edit")
+    edit.add_argument("--boundary_h", type=Path, default=None, help="boundary file of the h space (.npz)")
+    edit.add_argument("--boundary_z", type=Path, default=None, help="boundary file of the z space (.npz)")
+    edit.add_argument("--edit_space", default="both", choices=("both", "z", "h"), help="latents to move")
+    edit.add_argument("--h_policy", default="lagged", choices=("lagged", "once"),
+                      help="h override after the first call: lagged (reference code) or once (paper)")
+    edit.add_argument("--start_distance", type=_finite_float, default=None, help="first signed distance (config)")
+    edit.add_argument("--end_distance", type=_finite_float, default=None, help="last signed distance (config)")
+    edit.add_argument("--edit_img_number", type=_positive_int, default=None, help="number of distances K (config)")
+    edit.add_argument("--edit_batch_size", type=_positive_int, default=8, help="edits denoised per batch")
+    edit.add_argument("--n_samples", type=_positive_int, default=1, help="--unconditional: sampled latents to edit")
+    edit.add_argument("--save_tensors", action="store_true", help="also write tensors.pt (z, h, recon, edits, distances)")
+
+    mix = parser.add_argument_group("mixing step")
+    mix.add_argument("--radius_step", type=_positive_int, default=50, help="spacing of candidate timesteps")
+    mix.add_argument("--radius_eps", type=_non_negative_float, default=0.01, help="relative radius difference counted as mixed")
+    return parser
+
+
+def resolve_args(args: argparse.Namespace, config) -> argparse.Namespace:
+    """Fill run-level defaults from the config (and from the boundary file for t_0); check ranges."""
+    from utils.boundary_files import load_boundary
+    from utils.errors import UserError
+
+    args.mode = next(m for m in MODES if getattr(args, m))
+    if args.t_0 is None:
+        given = [p for p in (args.boundary_z, args.boundary_h) if p is not None]
+        args.t_0 = load_boundary(given[0]).t_0 if given and args.mode in ("edit_image_boundary", "unconditional") \
+            else config.edit.t_0
+    for name in ("n_inv_step", "n_test_step", "start_distance", "end_distance", "edit_img_number"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(config.edit, name))
+    T = config.diffusion.num_diffusion_timesteps
+    if not 1 <= args.t_0 <= T - 1:
+        raise UserError(f"--t_0 must be in [1, {T - 1}], got {args.t_0}")
+    for name in ("n_inv_step", "n_test_step"):
+        limit = T - args.t_0 if (args.mode == "unconditional" and name == "n_inv_step") else args.t_0 + 1
+        if not 2 <= getattr(args, name) <= limit:
+            raise UserError(f"--{name} must be in [2, {limit}], got {getattr(args, name)}")
+    if args.mode == "edit_image_boundary" and args.img_path is None:
+        raise UserError("--edit_image_boundary needs --img_path")
+    return args
+
+
+def pick_device(name: str):
+    import torch
+    from utils.errors import UserError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is available")
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.verbose.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from runners import BoundaryDiffusion
+    from utils.config import load_config
+    from utils.errors import UserError
+
+    try:
+        config = load_config(args.config)
+        args = resolve_args(args, config)
+        runner = BoundaryDiffusion(args, config, pick_device(args.device))
+        getattr(runner, args.mode)()
+    except (UserError, ValueError, OSError) as exc:
+        if args.verbose == "debug":
+            traceback.print_exc()
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

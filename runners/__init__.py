@@ -1,0 +1,3 @@
+from runners.boundary_diffusion import BoundaryDiffusion
+
+__all__ = ["BoundaryDiffusion"]

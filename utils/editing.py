@@ -1,0 +1,43 @@
+"""Edit sequences: move z and h across the boundaries to K distances and denoise (spec section 5)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from utils.boundary import edit_latents
+from utils.diffusion import HPolicy, Inversion, Net, generate
+
+
+def item_seed(*keys: int) -> int:
+    """A 63-bit seed derived from integer keys, e.g. (seed, k): independent streams per edit."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def edit_sequence(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int],
+                  distances: Tensor, normal_z: Tensor | None, normal_h: Tensor | None,
+                  seeds: Sequence[int], eta: float = 1.0, h_policy: HPolicy = "lagged",
+                  batch_size: int = 8) -> Tensor:
+    """The K edited images of one latent pair.
+
+    inversion: z (1, C, H, W), h (1, C_mid, H_mid, W_mid); distances: (K,); normal_z: (C*H*W,) or
+    None (z left as is); normal_h: (C_mid*H_mid*W_mid,) or None (no h override); seeds: K seeds,
+    edit k draws its noise from its own generator seeded with seeds[k], so the result does not
+    depend on ``batch_size``. Returns (K, C, H, W) in [-1, 1] (not clipped).
+    """
+    k_total = len(distances)
+    if len(seeds) != k_total:
+        raise ValueError(f"{len(seeds)} seeds for {k_total} distances")
+    z_all = edit_latents(inversion.z, normal_z, distances)[0] if normal_z is not None \
+        else inversion.z.expand(k_total, *inversion.z.shape[1:])
+    h_all = edit_latents(inversion.h, normal_h, distances)[0] if normal_h is not None else None
+    images = []
+    for start in range(0, k_total, batch_size):
+        chunk = slice(start, min(start + batch_size, k_total))
+        generators = [torch.Generator().manual_seed(s) for s in seeds[chunk]] if eta > 0 else None
+        images.append(generate(net, z_all[chunk], alphas_cumprod, grid,
+                               h_edit=None if h_all is None else h_all[chunk],
+                               h_policy=h_policy, eta=eta, generators=generators))
+    return torch.cat(images)

@@ -1,0 +1,86 @@
+"""Image files <-> tensors in [-1, 1]."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from utils.errors import UserError
+from utils.io import atomic_path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode (palette, RGBA, 16-bit, grayscale, CMYK) as 'RGB' or 'L'."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I") and arr.max() > 255 else max(arr.max(), 1.0)
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)  # transparent pixels become white
+    return img.convert("RGB" if channels == 3 else "L")
+
+
+def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
+    """Read an image as (1, C, size, size) float32 in [-1, 1].
+
+    Non-square images are centre-cropped, then resized with a Lanczos filter. Raises UserError
+    for a missing, empty, truncated or unreadable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image {path} does not exist")
+    if path.stat().st_size == 0:
+        raise UserError(f"image {path} is empty (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_mode(img, channels)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise UserError(f"image {path} cannot be read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    side = min(img.size)
+    img = ImageOps.fit(img, (side, side), method=Image.Resampling.BICUBIC) if img.size[0] != img.size[1] else img
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.LANCZOS)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(arr * 2.0 - 1.0)[None]
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(C, H, W) in [-1, 1] -> (H, W, C) or (H, W) uint8, clipped and rounded."""
+    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+
+
+def save_image(x: torch.Tensor, path: str | Path) -> None:
+    """Write one image (C, H, W) in [-1, 1] as PNG (atomically)."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(to_uint8(x)).save(tmp, format="PNG")
+
+
+def save_grid(images: torch.Tensor, path: str | Path, ncol: int | None = None, pad: int = 2) -> None:
+    """Write (N, C, H, W) images in [-1, 1] as one PNG grid, row-major, ``ncol`` per row."""
+    n, c, height, width = images.shape
+    ncol = ncol or n
+    nrow = -(-n // ncol)
+    canvas = torch.ones(c, nrow * (height + pad) + pad, ncol * (width + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        top, left = pad + r * (height + pad), pad + col * (width + pad)
+        canvas[:, top:top + height, left:left + width] = images[i].detach().float().cpu()
+    save_image(canvas, path)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"image folder {folder} does not exist")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
