@@ -146,7 +146,7 @@ def pick_device(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.verbose.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.verbose.upper(), format="%(levelname)s %(name)s: %(message)s", force=True)
     from runners import BoundaryDiffusion
     from utils.config import load_config
     from utils.errors import UserError

@@ -18,9 +18,8 @@ from utils.boundary_files import BoundaryRecord, load_boundary, save_boundary
 from utils.checkpoints import default_cache_dir, load_weights, resolve_checkpoint, sha256_file
 from utils.config import Config
 from utils.datasets import LabelledImages, check_two_classes, from_attr_file, from_folders
-from utils.diffusion import (Inversion, generate, inversion_pairs, invert, make_alphas_cumprod, sample_latents,
-                             sampling_pairs, timestep_grid)
-from utils.editing import edit_sequence, item_seed
+from utils.diffusion import Inversion, make_alphas_cumprod, sample_latents, sampling_pairs, timestep_grid
+from utils.editing import edit_sequence, item_seed, reconstruct
 from utils.errors import UserError
 from utils.images import list_images, load_image, save_grid, save_image
 from utils.io import atomic_path, prepare_run_dir, write_json
@@ -164,10 +163,11 @@ class BoundaryDiffusion:
             all_edits.append(edits.cpu())
             seeds_used.append(seeds)
         if args.save_tensors:
-            tensors = {"z": inversion.z.cpu(), "h": inversion.h.cpu(), "edits": torch.cat(all_edits),
+            # Images clipped to [-1, 1] as written, before quantisation to 8 bits.
+            tensors = {"z": inversion.z.cpu(), "h": inversion.h.cpu(), "edits": torch.cat(all_edits).clamp(-1, 1),
                        "distances": distances.repeat(args.n_iter)}
             if "reconstruction" in first_images:
-                tensors["recon"] = first_images["reconstruction"][None].cpu()
+                tensors["recon"] = first_images["reconstruction"][None].cpu().clamp(-1, 1)
             with atomic_path(out_dir / "tensors.pt") as tmp:
                 torch.save(tensors, tmp)
         summary = {"mode": args.mode, "arguments": _plain_args(args), "distances": distances.tolist(),
@@ -232,7 +232,9 @@ class BoundaryDiffusion:
         run_dir = self._run_dir("edit")
         inversion = self._invert_images([Path(args.img_path)], 1, "inverting")
         with self.net.progress(len(self.test_grid), "reconstructing"):
-            recon = generate(self.net, inversion.z.to(self.device), self.alphas_cumprod, self.test_grid)[0].cpu()
+            recon = reconstruct(self.net, Inversion(inversion.z.to(self.device), inversion.h.to(self.device)),
+                                self.alphas_cumprod, self.test_grid, inject_h=records["h"] is not None,
+                                h_policy=args.h_policy)[0].cpu()
         fidelity = {"reconstruction_mse": float(((recon.clamp(-1, 1) - image[0]) ** 2).mean())}
         summary = self._edit_and_write(run_dir, inversion, records, {"image": str(args.img_path), **fidelity},
                                        {"original": image[0], "reconstruction": recon})

@@ -67,23 +67,30 @@ def _binary(labels: np.ndarray) -> np.ndarray:
     return (y > 0).astype(np.int64)
 
 
+def latent_distance(v: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+    """Signed projections v.n: v (B, ...), normal (D,) -> (B,) float64 (the distance an edit sets)."""
+    n = torch.as_tensor(normal, device=v.device).reshape(-1).double()
+    return v.reshape(v.shape[0], -1).double() @ (n / n.norm())
+
+
 def edit_latents(v: torch.Tensor, normal: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
     """Set the signed projection of each latent onto ``normal`` to each target distance.
 
     v: (B, ...) latents; normal: (D,) unit norm, D = prod(v.shape[1:]); distances: (K,).
-    Returns (B, K, ...): v'_k = v + (d_k - v.n) n, so that v'_k . n = d_k exactly (in float64,
-    then cast to v's dtype). The SVM intercept is ignored: the hyperplane is taken through the
-    origin, as InterFaceGAN's ``linear_interpolate`` does.
+    Returns (B, K, ...): v'_k = v + (d_k - v.n) n, so that v'_k . n = d_k (exactly up to v's
+    precision). The shift is computed in float64 and added in v's dtype, so an edit to a latent's
+    own distance returns it bit for bit. The SVM intercept is ignored: the hyperplane is taken
+    through the origin, as InterFaceGAN's ``linear_interpolate`` does.
     """
-    flat = v.reshape(v.shape[0], -1).double()
     n = torch.as_tensor(normal, device=v.device).reshape(-1).double()
-    if n.shape[0] != flat.shape[1]:
+    if n.shape[0] != v[0].numel():
         raise ValueError(f"normal of {n.shape[0]} values does not fit latents of shape {tuple(v.shape[1:])}")
     n = n / n.norm()  # guard against a stored normal that drifted from unit length
     d = torch.as_tensor(distances, device=v.device).reshape(-1).double()
-    shift = d[None, :] - (flat @ n)[:, None]  # (B, K)
-    edited = flat[:, None, :] + shift[:, :, None] * n[None, None, :]
-    return edited.reshape(v.shape[0], len(d), *v.shape[1:]).to(v.dtype)
+    shift = d[None, :] - latent_distance(v, n)[:, None]  # (B, K)
+    delta = (shift[:, :, None] * n[None, None, :]).to(v.dtype)  # (B, K, D)
+    edited = v.reshape(v.shape[0], 1, -1) + delta
+    return edited.reshape(v.shape[0], len(d), *v.shape[1:])
 
 
 def project_boundary(primary: np.ndarray, *conditions: np.ndarray) -> np.ndarray:

@@ -16,6 +16,20 @@ def item_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+def reconstruct(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int], inject_h: bool,
+                h_policy: HPolicy = "lagged") -> Tensor:
+    """The unedited image (B, C, H, W) that edits are compared with: eta 0 from z, and -- when the
+    edits move h -- the same h injection as the edits with the inverted h unchanged, so that an
+    edit to a latent's own distance reproduces it bit for bit.
+
+    NOTE: injecting h is not neutral even at distance 0 (the inverted h comes from the last
+    inversion call, below t_0, and "lagged" feeds each call the previous call's h), which is why
+    the reference image goes through the same path as the edits.
+    """
+    return generate(net, inversion.z, alphas_cumprod, grid, h_edit=inversion.h if inject_h else None,
+                    h_policy=h_policy)
+
+
 def edit_sequence(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int],
                   distances: Tensor, normal_z: Tensor | None, normal_h: Tensor | None,
                   seeds: Sequence[int], eta: float = 1.0, h_policy: HPolicy = "lagged",

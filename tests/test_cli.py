@@ -1,0 +1,187 @@
+"""The four modes end to end through main.py on tiny random-weight models of both families,
+and the one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main as cli
+from tests.conftest import REPO, write_labelled_set
+from utils.boundary_files import BoundaryRecord, save_boundary
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_setup, tmp_path_factory):
+    """A finished boundary search on a generated labelled set: (common args, boundary paths, root)."""
+    cfg_path, ckpt, config = tiny_setup
+    root = tmp_path_factory.mktemp("cli")
+    img_dir, attr = write_labelled_set(root, n=16)
+    common = ["--config", cfg_path, "--model_path", ckpt, "--cache_dir", root / "cache"]
+    code = cli.main([str(a) for a in ["--boundary_search", *common, "--exp", root / "run", "--data_dir", img_dir,
+                                     "--attr_file", attr, "--edit_attr", "bright_LEFT", "--n_train_img", 10,
+                                     "--n_test_img", 6, "--boundary_dir", root / "bd", "--bs_train", 4]])
+    assert code == 0
+    name = f"{config['name']}_bright_left_t300"
+    return common, {"h": root / "bd" / f"{name}_h.npz", "z": root / "bd" / f"{name}_z.npz"}, root
+
+
+def test_boundary_search_outputs(searched, tiny_setup):
+    common, paths, root = searched
+    summary = json.loads((root / "run" / "boundary_search" / "summary.json").read_text())
+    assert summary["n_train"] == 10 and summary["n_test"] == 6
+    assert set(summary["train_images"]).isdisjoint(summary["test_images"])
+    for space, shape in (("h", (32, 8, 8)), ("z", (3, 16, 16))):
+        with np.load(paths[space], allow_pickle=False) as data:
+            assert str(data["space"]) == space
+            assert tuple(data["shape"]) == shape
+            assert data["normal"].dtype == np.float32 and data["normal"].shape == (int(np.prod(shape)),)
+            assert abs(float(np.linalg.norm(data["normal"])) - 1) < 1e-5
+            assert int(data["t_0"]) == 300 and int(data["n_inv_step"]) == 4
+            assert str(data["attribute"]) == "bright_LEFT" and str(data["config_name"]) == tiny_setup[2]["name"]
+            assert len(str(data["checkpoint_sha256"])) == 64
+            for key in ("coef", "intercept", "train_acc", "test_acc", "n_pos", "n_neg"):
+                assert key in data.files
+        accuracy = summary["spaces"][space]
+        assert 0 <= accuracy["train_acc"] <= 1 and 0 <= accuracy["test_acc"] <= 1
+
+
+def test_boundary_search_resumes_from_cache_and_never_overwrites(searched, capsys):
+    common, paths, root = searched
+    before = {p: p.read_bytes() for p in paths.values()}
+    img_dir, attr = root / "images", root / "attrs.txt"
+    code, err = run(["--boundary_search", *common, "--exp", root / "run", "--data_dir", img_dir, "--attr_file", attr,
+                     "--edit_attr", "bright_left", "--n_train_img", 10, "--n_test_img", 6,
+                     "--boundary_dir", root / "bd", "--verbose", "info"], capsys)
+    assert code == 0
+    assert "16 from the cache" in err
+    assert (root / "run" / "boundary_search-1" / "summary.json").is_file()
+    assert all(p.read_bytes() == b for p, b in before.items()), "an earlier boundary file was overwritten"
+    again = {s: p.with_name(p.stem + "-1.npz") for s, p in paths.items()}
+    for space in ("h", "z"):  # same latents, same split -> the same boundary
+        with np.load(paths[space]) as a, np.load(again[space]) as b:
+            np.testing.assert_array_equal(a["normal"], b["normal"])
+
+
+def test_edit_image_boundary_outputs(searched, capsys):
+    common, paths, root = searched
+    exp = root / "edit_run"
+    code, err = run(["--edit_image_boundary", *common, "--exp", exp, "--img_path", root / "images" / "000003.png",
+                     "--boundary_h", paths["h"], "--boundary_z", paths["z"], "--start_distance", -10,
+                     "--end_distance", 10, "--edit_img_number", 3, "--save_tensors", "--seed", 7], capsys)
+    assert code == 0, err
+    out = exp / "edit"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["edit_00_d-10.00.png", "edit_01_d+0.00.png", "edit_02_d+10.00.png", "grid.png",
+                     "original.png", "reconstruction.png", "summary.json", "tensors.pt"]
+    for name in names:
+        if name.endswith(".png"):
+            with Image.open(out / name) as img:
+                assert img.mode == "RGB"
+    tensors = torch.load(out / "tensors.pt", weights_only=True)
+    assert tensors["z"].shape == (1, 3, 16, 16) and tensors["h"].shape == (1, 32, 8, 8)
+    assert tensors["recon"].shape == (1, 3, 16, 16) and tensors["edits"].shape == (3, 3, 16, 16)
+    assert tensors["distances"].tolist() == [-10.0, 0.0, 10.0]
+    assert tensors["edits"].abs().max() <= 1 and tensors["recon"].abs().max() <= 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["distances"] == [-10.0, 0.0, 10.0] and len(summary["seeds"][0]) == 3
+    assert summary["arguments"]["eta"] == 1.0 and len(summary["checkpoint_sha256"]) == 64
+    assert summary["boundaries"]["h"]["space"] == "h"
+
+
+def test_edit_batch_size_does_not_change_results(searched, capsys):
+    common, paths, root = searched
+    results = []
+    for bs in (1, 3):
+        exp = root / f"bs{bs}"
+        code, err = run(["--edit_image_boundary", *common, "--exp", exp, "--img_path", root / "images" / "000004.png",
+                         "--boundary_h", paths["h"], "--boundary_z", paths["z"], "--edit_img_number", 3,
+                         "--edit_batch_size", bs, "--save_tensors", "--eta", 1.0], capsys)
+        assert code == 0, err
+        results.append(torch.load(exp / "edit" / "tensors.pt", weights_only=True)["edits"])
+    assert torch.allclose(results[0], results[1], atol=1e-5), (results[0] - results[1]).abs().max()
+
+
+def test_unconditional_and_radius(searched, capsys):
+    common, paths, root = searched
+    code, err = run(["--unconditional", *common, "--exp", root / "unc", "--boundary_h", paths["h"],
+                     "--boundary_z", paths["z"], "--n_inv_step", 5, "--save_tensors"], capsys)
+    assert code == 0, err
+    out = root / "unc" / "unconditional"
+    assert {"grid.png", "summary.json", "tensors.pt"} <= {p.name for p in out.iterdir()}
+    assert not (out / "original.png").exists()
+    tensors = torch.load(out / "tensors.pt", weights_only=True)
+    assert tensors["edits"].shape == (3, 3, 16, 16) and "recon" not in tensors
+
+    code, err = run(["--radius", *common, "--exp", root / "rad", "--data_dir", root / "images", "--n_test_img", 4,
+                     "--radius_step", 250], capsys)
+    assert code == 0, err
+    result = json.loads((root / "rad" / "radius" / "radius.json").read_text())
+    assert result["t"] == [0, 250, 500, 750, 999]
+    assert len(result["radius_sampled"]) == 5 and len(result["radius_inverted"]) == 5
+    assert abs(result["radius_analytic"][-1] - np.sqrt(0.99995 * 0 + 768)) < 3  # ~ sqrt(d) at T-1
+    assert (root / "rad" / "radius" / "radius.csv").read_text().startswith("t,radius_sampled")
+
+
+def _assert_one_line_error(code, err, *fragments):
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("INFO")]
+    assert code == 1, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_inputs_give_one_line_errors(searched, tiny_setup, tmp_path, capsys):
+    common, paths, root = searched
+    edit = ["--edit_image_boundary", *common, "--exp", tmp_path / "e", "--boundary_h", paths["h"],
+            "--boundary_z", paths["z"]]
+    # missing image
+    _assert_one_line_error(*run([*edit, "--img_path", tmp_path / "nope.png"], capsys), "nope.png", "does not exist")
+    # a checkpoint of another architecture
+    other = tiny_setup[2]["model"]["type"]
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"conv.weight": torch.zeros(3)}, wrong)
+    _assert_one_line_error(*run(["--radius", "--config", common[1], "--model_path", wrong, "--exp", tmp_path / "r",
+                                 "--data_dir", root / "images"], capsys), "does not fit", "missing")
+    # boundary whose shape does not fit the model
+    bad = save_boundary(tmp_path / "bad_h.npz", BoundaryRecord(
+        normal=np.ones(7, np.float32) / np.sqrt(7), coef=np.ones(7, np.float32), intercept=0.0, shape=(7,),
+        space="h", t_0=300, n_inv_step=4))
+    _assert_one_line_error(*run(["--edit_image_boundary", *common, "--exp", tmp_path / "e", "--boundary_h", bad,
+                                 "--boundary_z", paths["z"], "--img_path", root / "images" / "000001.png"], capsys),
+                           "shape (7,)")
+    # a z boundary given as h
+    _assert_one_line_error(*run(["--edit_image_boundary", *common, "--exp", tmp_path / "e", "--boundary_h", paths["z"],
+                                 "--boundary_z", paths["z"], "--img_path", root / "images" / "000001.png"], capsys),
+                           "z space")
+    search = ["--boundary_search", *common, "--exp", tmp_path / "s", "--data_dir", root / "images",
+              "--attr_file", root / "attrs.txt", "--boundary_dir", tmp_path / "bd"]
+    # unknown attribute (the message lists the names)
+    _assert_one_line_error(*run([*search, "--edit_attr", "Smiling"], capsys), "Smiling", "Bright_Left")
+    # labels of one class only
+    _assert_one_line_error(*run([*search, "--edit_attr", "always"], capsys), "16 positive and 0 negative")
+    # t_0 out of range
+    _assert_one_line_error(*run([*search, "--edit_attr", "bright_left", "--t_0", 1000], capsys), "--t_0")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "s").exists() and not (tmp_path / "bd").exists(), \
+        "a failed run left output behind"
+
+
+def test_cli_process_exit_code_and_message(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "main.py"), "--edit_image_boundary", "--img_path",
+                           str(tmp_path / "missing.png"), "--model_path", str(tmp_path / "missing.pt"),
+                           "--exp", str(tmp_path / "x")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: "), proc.stderr
