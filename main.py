@@ -16,15 +16,25 @@ from pathlib import Path
 MODES = ("boundary_search", "edit_image_boundary", "unconditional", "radius")
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
 def _finite_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
@@ -37,8 +47,15 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags end like every other bad input: one line on stderr, exit status 1."""
+
+    def error(self, message: str):
+        self.exit(1, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--boundary_search", action="store_true", help="invert labelled images to t_0 and fit boundaries")
     mode.add_argument("--edit_image_boundary", action="store_true", help="edit one real image across the boundaries")
@@ -48,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--config", default="digits.yml", help="a file in configs/ or a path")
     run.add_argument("--exp", type=Path, default=Path("runs/test"), help="run folder; each mode writes a subfolder")
-    run.add_argument("--seed", type=int, default=1234, help="seed of the data split, the sampled noise and the edit noise")
+    run.add_argument("--seed", type=_int, default=1234, help="seed of the data split, the sampled noise and the edit noise")
     run.add_argument("--model_path", type=Path, default=None, help="a local state-dict file instead of the config's checkpoint")
     run.add_argument("--cache_dir", type=Path, default=None,
                      help="downloads and inverted-latent cache (default $BOUNDARYDIFFUSION_CACHE or ~/.cache/boundarydiffusion)")
@@ -62,13 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="log level; debug also shows tracebacks")
 
     diff = parser.add_argument_group("diffusion")
-    diff.add_argument("--t_0", type=int, default=None, help="mixing step (default: the boundary's, else config)")
-    diff.add_argument("--n_inv_step", type=int, default=None,
+    diff.add_argument("--t_0", type=_int, default=None, help="mixing step (default: the boundary's, else config)")
+    diff.add_argument("--n_inv_step", type=_int, default=None,
                       help="inversion grid points up to t_0 (unconditional: sampling steps from T-1 to t_0) (config)")
-    diff.add_argument("--n_test_step", type=int, default=None, help="generation grid points from t_0 (config)")
-    diff.add_argument("--n_train_step", type=int, default=None, help="accepted for compatibility; unused")
+    diff.add_argument("--n_test_step", type=_int, default=None, help="generation grid points from t_0 (config)")
+    diff.add_argument("--n_train_step", type=_int, default=None, help="accepted for compatibility; unused")
     diff.add_argument("--n_iter", type=_positive_int, default=1, help="edit sequences per image, each with its own noise")
-    diff.add_argument("--deterministic_inv", type=int, default=1, help="accepted for compatibility; inversion is always DDIM eta 0")
+    diff.add_argument("--deterministic_inv", type=_int, default=1, help="accepted for compatibility; inversion is always DDIM eta 0")
     diff.add_argument("--eta", type=_non_negative_float, default=1.0, help="DDIM eta of the edits (reconstruction uses 0)")
 
     data = parser.add_argument_group("boundary search")
@@ -82,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--bs_train", type=_positive_int, default=8, help="inversion batch size")
     data.add_argument("--bs_test", type=_positive_int, default=8, help="batch size of the radius analysis")
     data.add_argument("--boundary_dir", type=Path, default=Path("boundary"), help="where boundary files are written")
-    data.add_argument("--align_face", type=int, default=0, help="accepted for compatibility; face alignment is not built in")
+    data.add_argument("--align_face", type=_int, default=0, help="accepted for compatibility; face alignment is not built in")
 
     edit = parser.add_argument_group("editing")
     edit.add_argument("--img_path", type=Path, default=None, help="image to edit")

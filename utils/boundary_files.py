@@ -78,7 +78,7 @@ def load_boundary(path: str | Path) -> BoundaryRecord:
         raise UserError(f"boundary file {path} does not exist")
     if path.suffix == ".sav":
         raise UserError(f"{path} is a pickled boundary of the original code; convert it first "
-                        "(python -m utils.import_sav) -- it is never unpickled here")
+                        "with python -m utils.boundary_tools import-sav (it is never unpickled here)")
     try:
         with np.load(path, allow_pickle=False) as data:
             fields = {f.name: f for f in dataclasses.fields(BoundaryRecord)}

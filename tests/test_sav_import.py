@@ -1,0 +1,87 @@
+"""The original's pickled boundaries: converted without running their code."""
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+from sklearn.svm import SVC
+
+from utils.boundary_tools import main as tools_main
+from utils.errors import UserError
+from utils.sav_import import read_sav
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _svc(dim: int, seed: int = 0) -> SVC:
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.normal(1, 1, (20, dim)), rng.normal(-1, 1, (20, dim))])
+    return SVC(kernel="linear").fit(x, np.array([1] * 20 + [0] * 20))
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_genuine_sav_converts_to_the_unit_normal(tmp_path, protocol):
+    svm = _svc(16)
+    sav = tmp_path / "b.sav"
+    sav.write_bytes(pickle.dumps(svm, protocol=protocol))
+    coef, intercept = read_sav(sav)
+    np.testing.assert_allclose(coef, svm.coef_.reshape(-1))
+    assert intercept == pytest.approx(float(svm.intercept_[0]))
+
+
+def test_import_sav_and_export_npy_through_the_tool(tmp_path, capsys):
+    from tests.conftest import tiny_config
+    import yaml
+    cfg = tmp_path / "tiny.yml"
+    cfg.write_text(yaml.safe_dump(tiny_config("ddpm")))
+    svm = _svc(32 * 8 * 8)
+    sav = tmp_path / "smile_h.sav"
+    sav.write_bytes(pickle.dumps(svm, protocol=2))
+    out = tmp_path / "smile_h.npz"
+    assert tools_main(["import-sav", str(sav), "--space", "h", "--config", str(cfg), "--t_0", "300",
+                       "--n_inv_step", "4", "--attribute", "smile", "--out", str(out)]) == 0
+    with np.load(out, allow_pickle=False) as data:
+        expected = svm.coef_.reshape(-1) / np.linalg.norm(svm.coef_)
+        np.testing.assert_allclose(data["normal"], expected, rtol=1e-5, atol=1e-7)
+        assert str(data["space"]) == "h" and tuple(data["shape"]) == (32, 8, 8)
+    npy = tmp_path / "smile_h.npy"
+    assert tools_main(["export-npy", str(out), str(npy)]) == 0
+    arr = np.load(npy, allow_pickle=False)
+    assert arr.shape == (1, 32 * 8 * 8) and arr.dtype == np.float32
+    np.testing.assert_allclose(arr[0], expected, rtol=1e-5, atol=1e-7)
+    # a size that does not fit the model is refused
+    assert tools_main(["import-sav", str(sav), "--space", "z", "--config", str(cfg), "--t_0", "300",
+                       "--n_inv_step", "4", "--out", str(tmp_path / "z.npz")]) == 1
+    assert "coefficients" in capsys.readouterr().err
+    assert not (tmp_path / "z.npz").exists()
+
+
+@pytest.mark.parametrize("wrap", [lambda p: p, lambda p: {"svm": p}, lambda p: [_svc(4), p]])
+def test_malicious_sav_is_refused_and_its_payload_never_runs(tmp_path, wrap, capsys):
+    marker = tmp_path / "pwned"
+    sav = tmp_path / "evil.sav"
+    sav.write_bytes(pickle.dumps(wrap(_Payload(marker))))
+    with pytest.raises(UserError, match="refusing to load 'posix.system'|refusing to load 'os.system'"):
+        read_sav(sav)
+    assert not marker.exists(), "the pickle's payload ran"
+    assert tools_main(["export-npy", str(sav), str(tmp_path / "x.npy")]) == 1
+    assert not marker.exists()
+
+
+def test_garbage_and_non_svc_pickles_are_refused(tmp_path):
+    garbage = tmp_path / "garbage.sav"
+    garbage.write_bytes(b"\x80\x04not a pickle at all")
+    with pytest.raises(UserError, match="not a readable pickled SVC"):
+        read_sav(garbage)
+    plain = tmp_path / "array.sav"
+    plain.write_bytes(pickle.dumps(np.zeros(3)))
+    with pytest.raises(UserError, match="linear SVC"):
+        read_sav(plain)

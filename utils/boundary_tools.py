@@ -1,0 +1,79 @@
+"""Convert boundaries: ``import-sav`` (the original's pickled SVC -> this project's .npz) and
+``export-npy`` (.npz -> an InterFaceGAN-style (1, D) unit normal).
+
+    python -m utils.boundary_tools import-sav smile_z.sav --space z --config celeba.yml --t_0 500 \\
+        --n_inv_step 40 --attribute smiling --out boundary/celeba_smiling_t500_z.npz
+    python -m utils.boundary_tools export-npy boundary/celeba_smiling_t500_z.npz smiling_z.npy
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from utils.errors import UserError
+
+
+def import_sav(args: argparse.Namespace) -> Path:
+    from models import latent_shapes
+    from utils.boundary import Boundary
+    from utils.boundary_files import BoundaryRecord, save_boundary
+    from utils.config import load_config
+    from utils.sav_import import read_sav
+
+    coef, intercept = read_sav(args.sav)
+    config = load_config(args.config)
+    shape = latent_shapes(config)[args.space]
+    if coef.size != int(np.prod(shape)):
+        raise UserError(f"{args.sav} has {coef.size} coefficients; {args.space} latents of {config.name} have "
+                        f"shape {shape} ({int(np.prod(shape))} values)")
+    if args.out.exists() and not args.overwrite:
+        raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+    boundary = Boundary(normal=(coef / np.linalg.norm(coef)).astype(np.float32), coef=coef.astype(np.float32),
+                        intercept=intercept, train_acc=float("nan"), test_acc=float("nan"))
+    return save_boundary(args.out, BoundaryRecord.from_boundary(
+        boundary, shape=shape, space=args.space, t_0=args.t_0, n_inv_step=args.n_inv_step,
+        attribute=args.attribute, config_name=config.name))
+
+
+def export_npy(args: argparse.Namespace) -> Path:
+    from utils.boundary_files import load_boundary
+    from utils.io import atomic_path
+
+    record = load_boundary(args.npz)
+    out = args.out if args.out.suffix == ".npy" else args.out.with_name(args.out.name + ".npy")
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, record.normal.reshape(1, -1).astype(np.float32))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sav = sub.add_parser("import-sav", help="convert a pickled SVC (.sav) without running its code")
+    sav.add_argument("sav", type=Path)
+    sav.add_argument("--space", choices=("h", "z"), required=True)
+    sav.add_argument("--config", required=True, help="config of the model the boundary belongs to")
+    sav.add_argument("--t_0", type=int, required=True)
+    sav.add_argument("--n_inv_step", type=int, required=True)
+    sav.add_argument("--attribute", default="")
+    sav.add_argument("--out", type=Path, required=True)
+    sav.add_argument("--overwrite", action="store_true")
+    npy = sub.add_parser("export-npy", help="write the unit normal as a (1, D) float32 .npy")
+    npy.add_argument("npz", type=Path)
+    npy.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        written = import_sav(args) if args.command == "import-sav" else export_npy(args)
+    except (UserError, OSError, ValueError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    print(written)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
