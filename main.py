@@ -162,7 +162,10 @@ def pick_device(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad flag (1, already reported in one line)
+        return int(exc.code or 0)
     logging.basicConfig(level=args.verbose.upper(), format="%(levelname)s %(name)s: %(message)s", force=True)
     from runners import BoundaryDiffusion
     from utils.config import load_config
@@ -173,15 +176,17 @@ def main(argv: list[str] | None = None) -> int:
         args = resolve_args(args, config)
         runner = BoundaryDiffusion(args, config, pick_device(args.device))
         getattr(runner, args.mode)()
-    except (UserError, ValueError, OSError) as exc:
-        if args.verbose == "debug":
-            traceback.print_exc()
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # one line for the user; the traceback with --verbose debug
+        if args.verbose == "debug":
+            traceback.print_exc()
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, (UserError, ValueError, OSError)):
+            message = f"internal error: {type(exc).__name__}: {message} (rerun with --verbose debug for the traceback)"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,224 @@
+"""Reliability: resumable boundary search after SIGKILL, deterministic reruns, and a table of bad
+inputs that each end in one line, exit status 1, and no output left behind."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import main as cli
+from tests.conftest import REPO, random_model, tiny_config, write_labelled_set
+from utils.boundary_files import BoundaryRecord, load_boundary, save_boundary
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny DDPM (config + weights), a labelled set and a fitted pair of boundaries."""
+    root = tmp_path_factory.mktemp("rel")
+    config = tiny_config("ddpm", name="tiny_rel")
+    (root / "tiny.yml").write_text(yaml.safe_dump(config))
+    torch.save(random_model(config, seed=1).state_dict(), root / "w.pt")
+    img_dir, attr = write_labelled_set(root, n=12)
+    common = ["--config", str(root / "tiny.yml"), "--model_path", str(root / "w.pt"), "--cache_dir", str(root / "cache")]
+    assert cli.main(["--boundary_search", *common, "--exp", str(root / "run"), "--data_dir", str(img_dir),
+                     "--attr_file", str(attr), "--edit_attr", "bright_left", "--n_train_img", "8",
+                     "--n_test_img", "4", "--boundary_dir", str(root / "bd")]) == 0
+    return {"root": root, "common": common, "img": img_dir / "000000.png", "images": img_dir, "attr": attr,
+            "h": root / "bd" / "tiny_rel_bright_left_t300_h.npz", "z": root / "bd" / "tiny_rel_bright_left_t300_z.npz"}
+
+
+def _search_cmd(env, cache: Path, bd: Path, exp: Path, steps: int = 60) -> list[str]:
+    return [sys.executable, str(REPO / "main.py"), "--boundary_search", "--config", str(env["root"] / "tiny.yml"),
+            "--model_path", str(env["root"] / "w.pt"), "--cache_dir", str(cache), "--exp", str(exp),
+            "--data_dir", str(env["images"]), "--attr_file", str(env["attr"]), "--edit_attr", "bright_left",
+            "--n_train_img", "8", "--n_test_img", "4", "--bs_train", "1", "--n_inv_step", str(steps),
+            "--boundary_dir", str(bd)]
+
+
+def test_boundary_search_resumes_after_sigkill(env, tmp_path):
+    subenv = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(_search_cmd(env, cache, tmp_path / "bd", tmp_path / "run"), env=subenv,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(cache.glob("latents/*/*.pt"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(cache.glob("latents/*/*.pt")))
+    assert 3 <= done < 12, f"the kill did not land mid-inversion ({done} of 12 cached)"
+    assert not (tmp_path / "bd").exists(), "boundaries were written before the search finished"
+
+    resumed = subprocess.run(_search_cmd(env, cache, tmp_path / "bd", tmp_path / "run"), env=subenv,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    reused = int(resumed.stderr.split(" from the cache")[0].rsplit(", ", 1)[1])
+    assert reused >= done, resumed.stderr  # what was inverted before the kill is not inverted again
+
+    fresh = subprocess.run(_search_cmd(env, tmp_path / "cache2", tmp_path / "bd2", tmp_path / "run2"), env=subenv,
+                           capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr
+    for space in ("h", "z"):
+        a = load_boundary(tmp_path / "bd" / f"tiny_rel_bright_left_t300_{space}.npz")
+        b = load_boundary(tmp_path / "bd2" / f"tiny_rel_bright_left_t300_{space}.npz")
+        np.testing.assert_array_equal(a.normal, b.normal)
+        assert a.intercept == b.intercept
+
+
+def test_same_command_gives_bit_identical_outputs(env, tmp_path):
+    outputs = []
+    for run in ("a", "b"):
+        argv = ["--edit_image_boundary", *env["common"], "--exp", str(tmp_path / run), "--img_path", str(env["img"]),
+                "--boundary_h", str(env["h"]), "--boundary_z", str(env["z"]), "--save_tensors", "--no_cache"]
+        assert cli.main(argv) == 0
+        folder = tmp_path / run / "edit"
+        outputs.append({p.name: p.read_bytes() for p in folder.glob("*.png")})
+        outputs[-1]["tensors"] = torch.load(folder / "tensors.pt", weights_only=True)
+    a, b = outputs
+    assert a.keys() == b.keys()
+    for name in a:
+        if name == "tensors":
+            for key in a[name]:
+                assert torch.equal(a[name][key], b[name][key]), key
+        else:
+            assert a[name] == b[name], name
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _png_bytes(mode: str) -> bytes:
+    import io
+    arr = np.random.default_rng(0).integers(0, 255, (20, 24), dtype=np.uint8)
+    img = Image.fromarray(arr, "L").convert(mode) if mode != "I;16" else Image.fromarray(arr.astype(np.uint16) * 257)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+BAD_INPUTS = {
+    # name: (how to build the bad input in tmp -> extra argv, expected fragment of the message)
+    "zero-byte image": (lambda t, e: ["--img_path", _write(t / "x.png", b"")], "empty"),
+    "truncated image": (lambda t, e: ["--img_path", _write(t / "x.png", _png_bytes("L")[:40])], "cannot be read"),
+    "text file as image": (lambda t, e: ["--img_path", _write(t / "x.png", b"hello")], "cannot be read"),
+    "missing image": (lambda t, e: ["--img_path", str(t / "none.png")], "does not exist"),
+    "missing checkpoint": (lambda t, e: ["--img_path", str(e["img"]), "--model_path", str(t / "none.pt")], "does not exist"),
+    "corrupt checkpoint": (lambda t, e: ["--img_path", str(e["img"]), "--model_path", _write(t / "c.pt", b"PK\x03\x04xx")],
+                           "cannot be loaded"),
+    "checkpoint of another architecture": (
+        lambda t, e: ["--img_path", str(e["img"]), "--model_path", _other_arch(t)], "does not fit"),
+    "corrupt boundary": (lambda t, e: ["--img_path", str(e["img"]), "--boundary_h", _write(t / "b.npz", b"garbage")],
+                         "corrupt"),
+    "boundary of the other space": (lambda t, e: ["--img_path", str(e["img"]), "--boundary_h", str(e["z"])], "z space"),
+    "boundary of another shape": (lambda t, e: ["--img_path", str(e["img"]), "--boundary_h", _bad_shape(t)], "shape"),
+    "boundary at another t_0": (lambda t, e: ["--img_path", str(e["img"]), "--t_0", "200"], "t_0 300"),
+    "boundary of another checkpoint": (lambda t, e: ["--img_path", str(e["img"]), "--boundary_h", _other_ckpt(t, e)],
+                                       "another checkpoint"),
+    "t_0 above T-1": (lambda t, e: ["--img_path", str(e["img"]), "--t_0", "1000", "--force"], "--t_0"),
+    "t_0 of 0": (lambda t, e: ["--img_path", str(e["img"]), "--t_0", "0", "--force"], "--t_0"),
+    "one inversion step": (lambda t, e: ["--img_path", str(e["img"]), "--n_inv_step", "1"], "--n_inv_step"),
+    "more steps than t_0 + 1": (lambda t, e: ["--img_path", str(e["img"]), "--n_test_step", "302"], "--n_test_step"),
+    "non-finite distance": (lambda t, e: ["--img_path", str(e["img"]), "--end_distance", "inf"], "finite"),
+    "output folder not writable": (lambda t, e: ["--img_path", str(e["img"]), "--exp", _write(t / "file", b"x") + "/sub"],
+                                   "not writable"),
+    "download failure offline": (lambda t, e: ["--img_path", str(e["img"]), "--config", _offline_config(t, e),
+                                               "--model_path", None], "--model_path"),
+}
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def _other_arch(t: Path) -> str:
+    torch.save(random_model(tiny_config("adm")).state_dict(), t / "adm.pt")
+    return str(t / "adm.pt")
+
+
+def _bad_shape(t: Path) -> str:
+    return str(save_boundary(t / "s.npz", BoundaryRecord(normal=np.ones(4, np.float32) / 2, coef=np.ones(4, np.float32),
+                                                         intercept=0.0, shape=(4,), space="h", t_0=300, n_inv_step=4)))
+
+
+def _other_ckpt(t: Path, e) -> str:
+    record = load_boundary(e["h"])
+    return str(save_boundary(t / "o.npz", BoundaryRecord(**{**record.__dict__, "checkpoint_sha256": "0" * 64})))
+
+
+def _offline_config(t: Path, e) -> str:
+    config = yaml.safe_load((e["root"] / "tiny.yml").read_text())
+    config["checkpoint"] = {"filename": "tiny.ckpt", "urls": ["http://127.0.0.1:9/tiny.ckpt"]}
+    (t / "offline.yml").write_text(yaml.safe_dump(config))
+    return str(t / "offline.yml")
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_table(case, env, tmp_path, capsys):
+    make, fragment = BAD_INPUTS[case]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    extra = make(inputs, env)
+    argv = ["--edit_image_boundary", *env["common"], "--exp", str(tmp_path / "out"),
+            "--boundary_h", str(env["h"]), "--boundary_z", str(env["z"]), "--cache_dir", str(tmp_path / "cache")]
+    # later flags win in argparse; a None value drops the flag (and its value) given before
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if value is None:
+            i = argv.index(flag)
+            del argv[i:i + 2]
+        else:
+            argv += [flag, value]
+    before = _snapshot(env["root"]), _snapshot(inputs)
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("INFO", "WARNING"))]
+    assert code == 1, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "internal error" not in lines[0], err
+    assert "Traceback" not in err
+    assert fragment in lines[0], lines[0]
+    assert not (tmp_path / "out").exists(), "a failed run left an output folder"
+    assert (_snapshot(env["root"]), _snapshot(inputs)) == before, "a failed run modified files it did not create"
+    assert not list((tmp_path / "cache").rglob("*.tmp")) if (tmp_path / "cache").exists() else True
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "LA", "CMYK"])
+def test_unusual_image_modes_are_converted(mode, env, tmp_path):
+    img = tmp_path / f"img_{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}"
+    if mode == "CMYK":
+        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).convert("CMYK").save(img)
+    else:
+        img.write_bytes(_png_bytes(mode))
+    argv = ["--edit_image_boundary", *env["common"], "--exp", str(tmp_path / "out"), "--img_path", str(img),
+            "--boundary_h", str(env["h"]), "--boundary_z", str(env["z"]), "--edit_img_number", "2"]
+    assert cli.main(argv) == 0
+    with Image.open(tmp_path / "out" / "edit" / "original.png") as out:
+        assert out.mode == "RGB" and out.size == (16, 16)
+
+
+def test_boundary_at_another_t0_is_used_with_force(env, tmp_path, capsys):
+    argv = ["--edit_image_boundary", *env["common"], "--exp", str(tmp_path / "out"), "--img_path", str(env["img"]),
+            "--boundary_h", str(env["h"]), "--boundary_z", str(env["z"]), "--t_0", "200", "--force"]
+    assert cli.main(argv) == 0
+
+
+def test_single_class_and_too_few_images(env, tmp_path, capsys):
+    few = tmp_path / "few"
+    img_dir, _ = write_labelled_set(few, n=3)  # labels +1, -1, +1: one negative only
+    attr = few / "attrs.txt"
+    argv = ["--boundary_search", *env["common"], "--exp", str(tmp_path / "out"), "--data_dir", str(img_dir),
+            "--attr_file", str(attr), "--boundary_dir", str(tmp_path / "bd")]
+    assert cli.main([*argv, "--edit_attr", "bright_left"]) == 1
+    assert "needs at least 2 of each class" in capsys.readouterr().err
+    assert cli.main([*argv, "--edit_attr", "always"]) == 1
+    assert "3 positive and 0 negative" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "bd").exists()
