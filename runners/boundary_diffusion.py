@@ -17,7 +17,7 @@ from utils.boundary import fit_boundary, split_indices
 from utils.boundary_files import BoundaryRecord, load_boundary, save_boundary
 from utils.checkpoints import default_cache_dir, load_weights, resolve_checkpoint, sha256_file
 from utils.config import Config
-from utils.datasets import LabelledImages, check_two_classes, from_attr_file, from_folders
+from utils.datasets import check_two_classes, from_attr_file, from_folders
 from utils.diffusion import Inversion, invert, make_alphas_cumprod, sample_latents, sampling_pairs, timestep_grid
 from utils.editing import edit_sequence, item_seed, reconstruct
 from utils.errors import UserError

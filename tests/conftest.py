@@ -11,6 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
+import main as cli
 from models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,3 +79,19 @@ def write_labelled_set(root: Path, n: int = 16, size: int = 16, seed: int = 0) -
     attr = root / "attrs.txt"
     attr.write_text(f"{n}\nBright_Left Always\n" + "\n".join(rows) + "\n")
     return img_dir, attr
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """A tiny DDPM (config + weights), a labelled set and a fitted pair of boundaries."""
+    root = tmp_path_factory.mktemp("rel")
+    config = tiny_config("ddpm", name="tiny_rel")
+    (root / "tiny.yml").write_text(yaml.safe_dump(config))
+    torch.save(random_model(config, seed=1).state_dict(), root / "w.pt")
+    img_dir, attr = write_labelled_set(root, n=12)
+    common = ["--config", str(root / "tiny.yml"), "--model_path", str(root / "w.pt"), "--cache_dir", str(root / "cache")]
+    assert cli.main(["--boundary_search", *common, "--exp", str(root / "run"), "--data_dir", str(img_dir),
+                     "--attr_file", str(attr), "--edit_attr", "bright_left", "--n_train_img", "8",
+                     "--n_test_img", "4", "--boundary_dir", str(root / "bd")]) == 0
+    return {"root": root, "common": common, "img": img_dir / "000000.png", "images": img_dir, "attr": attr,
+            "h": root / "bd" / "tiny_rel_bright_left_t300_h.npz", "z": root / "bd" / "tiny_rel_bright_left_t300_z.npz"}

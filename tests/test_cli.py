@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,7 +150,6 @@ def test_bad_inputs_give_one_line_errors(searched, tiny_setup, tmp_path, capsys)
     # missing image
     _assert_one_line_error(*run([*edit, "--img_path", tmp_path / "nope.png"], capsys), "nope.png", "does not exist")
     # a checkpoint of another architecture
-    other = tiny_setup[2]["model"]["type"]
     wrong = tmp_path / "wrong.pt"
     torch.save({"conv.weight": torch.zeros(3)}, wrong)
     _assert_one_line_error(*run(["--radius", "--config", common[1], "--model_path", wrong, "--exp", tmp_path / "r",

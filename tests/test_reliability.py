@@ -20,22 +20,6 @@ from tests.conftest import REPO, random_model, tiny_config, write_labelled_set
 from utils.boundary_files import BoundaryRecord, load_boundary, save_boundary
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A tiny DDPM (config + weights), a labelled set and a fitted pair of boundaries."""
-    root = tmp_path_factory.mktemp("rel")
-    config = tiny_config("ddpm", name="tiny_rel")
-    (root / "tiny.yml").write_text(yaml.safe_dump(config))
-    torch.save(random_model(config, seed=1).state_dict(), root / "w.pt")
-    img_dir, attr = write_labelled_set(root, n=12)
-    common = ["--config", str(root / "tiny.yml"), "--model_path", str(root / "w.pt"), "--cache_dir", str(root / "cache")]
-    assert cli.main(["--boundary_search", *common, "--exp", str(root / "run"), "--data_dir", str(img_dir),
-                     "--attr_file", str(attr), "--edit_attr", "bright_left", "--n_train_img", "8",
-                     "--n_test_img", "4", "--boundary_dir", str(root / "bd")]) == 0
-    return {"root": root, "common": common, "img": img_dir / "000000.png", "images": img_dir, "attr": attr,
-            "h": root / "bd" / "tiny_rel_bright_left_t300_h.npz", "z": root / "bd" / "tiny_rel_bright_left_t300_z.npz"}
-
-
 def _search_cmd(env, cache: Path, bd: Path, exp: Path, steps: int = 60) -> list[str]:
     return [sys.executable, str(REPO / "main.py"), "--boundary_search", "--config", str(env["root"] / "tiny.yml"),
             "--model_path", str(env["root"] / "w.pt"), "--cache_dir", str(cache), "--exp", str(exp),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from utils.errors import UserError
 from utils.io import atomic_path
@@ -42,7 +42,7 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
             img.load()
             img = ImageOps.exif_transpose(img)
             img = _to_mode(img, channels)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except Exception as exc:  # Pillow's decoders fail on damaged files with many error types
         raise UserError(f"image {path} cannot be read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     side = min(img.size)
     img = ImageOps.fit(img, (side, side), method=Image.Resampling.BICUBIC) if img.size[0] != img.size[1] else img

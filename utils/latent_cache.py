@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -47,7 +45,7 @@ class LatentCache:
         try:
             entry = torch.load(path, map_location="cpu", weights_only=True)
             return Inversion(z=entry["z"], h=entry["h"])
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, KeyError, TypeError, OSError):
+        except Exception:  # a damaged entry (e.g. from a full disk) is recomputed, whatever the error
             log.warning("ignoring unreadable cache entry %s", path)
             return None
 
