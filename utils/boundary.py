@@ -103,7 +103,10 @@ def project_boundary(primary: np.ndarray, *conditions: np.ndarray) -> np.ndarray
     if not conditions:
         return (p / np.linalg.norm(p)).astype(np.float32)
     c = np.stack([np.asarray(cond, dtype=np.float64).reshape(-1) for cond in conditions], axis=1)  # (D, M)
-    basis, _ = np.linalg.qr(c)
+    # An orthonormal basis of the conditions' span; the SVD drops the directions of repeated or
+    # linearly dependent conditions, which a QR factorisation would keep as arbitrary columns.
+    u, s, _ = np.linalg.svd(c, full_matrices=False)
+    basis = u[:, s > s[0] * 1e-10]
     residual = p - basis @ (basis.T @ p)
     norm = np.linalg.norm(residual)
     if norm < 1e-8 * np.linalg.norm(p):

@@ -47,6 +47,10 @@ def _download(url: str, target: Path) -> None:
         else:
             with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as fh:
                 shutil.copyfileobj(response, fh, length=1 << 20)
+                expected = response.headers.get("Content-Length")
+            # http.client returns a short body without error when the connection drops early.
+            if expected is not None and tmp.stat().st_size != int(expected):
+                raise OSError(f"download cut off: {tmp.stat().st_size} of {expected} bytes")
         if tmp.stat().st_size == 0:
             raise OSError(f"{url} sent an empty file")
 

@@ -16,9 +16,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     """Any PIL mode (palette, RGBA, 16-bit, grayscale, CMYK) as 'RGB' or 'L'."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # Fixed scales, never the image's own maximum: 16-bit data spans 0..65535; 32-bit integer
+        # images holding 8-bit values (as some writers produce) 0..255; float images 0..1.
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I") and arr.max() > 255 else max(arr.max(), 1.0)
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max() > 255):
+            top = 65535.0
+        else:
+            top = 1.0 if img.mode == "F" else 255.0
+        arr = np.nan_to_num(arr / top, nan=0.0, posinf=1.0, neginf=0.0)
+        img = Image.fromarray(np.round(np.clip(arr, 0, 1) * 255.0).astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA", "P", "PA"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
