@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="downloads and inverted-latent cache (default $BOUNDARYDIFFUSION_CACHE or ~/.cache/boundarydiffusion)")
     run.add_argument("--no_cache", action="store_true", help="neither read nor write the inverted-latent cache")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    run.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                     help="network compute precision (fp16 on CUDA only); the DDIM arithmetic stays float64")
     run.add_argument("--ni", action="store_true",
                      help="no interaction: overwrite a finished run folder and existing boundary files "
                           "(default: write to a new numbered folder / file name)")

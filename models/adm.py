@@ -61,7 +61,10 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm evaluated in float32 and cast back to the input dtype (guided-diffusion)."""
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, C, ...)
-        return super().forward(x.float()).type(x.dtype)
+        # Parameters too are used in float32, so the model may be cast to bf16/fp16 as a whole.
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def _zero(module: nn.Module) -> nn.Module:

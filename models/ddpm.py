@@ -193,7 +193,7 @@ class DDPMUNet(nn.Module):
         """
         t = as_timestep_batch(t, x)
         # 1. time embedding
-        temb = self.temb.dense[0](ddpm_timestep_embedding(t, self.ch))
+        temb = self.temb.dense[0](ddpm_timestep_embedding(t, self.ch).to(self.temb.dense[0].weight.dtype))
         temb = self.temb.dense[1](swish(temb))
         # 2. encoder, keeping every intermediate activation as a skip
         skips = [self.conv_in(x)]

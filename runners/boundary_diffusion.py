@@ -13,6 +13,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models import build_model, latent_shapes
+from models.runtime import InferenceNet
 from utils.boundary import fit_boundary, split_indices
 from utils.boundary_files import BoundaryRecord, load_boundary, save_boundary
 from utils.checkpoints import default_cache_dir, load_weights, resolve_checkpoint, sha256_file
@@ -32,12 +33,11 @@ log = logging.getLogger(__name__)
 class CallCounter:
     """Wraps the network so that a tqdm bar advances with every call (observation only)."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model, self.bar = model, None
+    def __init__(self, net: InferenceNet):
+        self.net, self.bar = net, None
 
     def __call__(self, x: Tensor, t, h_override: Tensor | None = None):
-        with torch.inference_mode():
-            out = self.model(x, t, h_override=h_override)
+        out = self.net(x, t, h_override=h_override)
         if self.bar is not None:
             self.bar.update(1)
         return out
@@ -62,7 +62,7 @@ class BoundaryDiffusion:
         self.checkpoint_sha256 = sha256_file(self.checkpoint)
         model = build_model(config)
         load_weights(model, self.checkpoint)
-        self.net = CallCounter(model.eval().requires_grad_(False).to(device))
+        self.net = CallCounter(InferenceNet(model.to(device), args.precision))
         self.shapes = latent_shapes(config)
         d = config.diffusion
         self.alphas_cumprod = make_alphas_cumprod(d.beta_start, d.beta_end, d.num_diffusion_timesteps)
@@ -71,8 +71,10 @@ class BoundaryDiffusion:
         self.cache = None if args.no_cache else LatentCache(
             Path(args.cache_dir or default_cache_dir()) / "latents",
             {"config": config.name, "checkpoint": self.checkpoint_sha256, "model": config.to_dict()["model"],
-             "diffusion": config.to_dict()["diffusion"], "t_0": args.t_0, "n_inv_step": args.n_inv_step})
-        log.info("model %s from %s (sha256 %s...) on %s", config.name, self.checkpoint, self.checkpoint_sha256[:12], device)
+             "diffusion": config.to_dict()["diffusion"], "t_0": args.t_0, "n_inv_step": args.n_inv_step,
+             "precision": args.precision})
+        log.info("model %s from %s (sha256 %s...) on %s, %s", config.name, self.checkpoint,
+                 self.checkpoint_sha256[:12], device, args.precision)
 
     # ------------------------------------------------------------------ shared steps
     def _identity(self) -> dict:

@@ -1,0 +1,35 @@
+"""Running a network for inference: precision, memory layout, no autograd.
+
+``InferenceNet(model, precision)`` has the common call ``out, h = net(x, t, h_override=None)``
+and keeps the outside float32: inputs are cast to the compute dtype, outputs back to float32, so
+the DDIM arithmetic (float64 in ``utils.diffusion``) and the stored latents do not change type.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class InferenceNet:
+    def __init__(self, model: nn.Module, precision: str = "fp32", channels_last: bool | None = None):
+        """model: a network of ``models``, already on its device. precision: fp32, bf16 or fp16
+        (fp16 on CUDA only). channels_last: NHWC layout for the convolutions; by default on for
+        bf16/fp16 (where CPU matrix units and tensor cores want it) and for fp32 on the CPU."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision '{precision}' (choices: {', '.join(PRECISIONS)})")
+        device = next(model.parameters()).device
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("--precision fp16 needs a CUDA GPU; use bf16 on the CPU")
+        self.dtype = PRECISIONS[precision]
+        self.memory_format = torch.channels_last if (True if channels_last is None else channels_last) \
+            else torch.contiguous_format
+        self.model = model.eval().requires_grad_(False).to(dtype=self.dtype, memory_format=self.memory_format)
+
+    def __call__(self, x: Tensor, t, h_override: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        with torch.inference_mode():
+            x_in = x.to(self.dtype).contiguous(memory_format=self.memory_format)
+            h_in = None if h_override is None else h_override.to(self.dtype)
+            out, h = self.model(x_in, t, h_override=h_in)
+            return out.float().contiguous(), h.float().contiguous()
