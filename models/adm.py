@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from models.common import as_timestep_batch
+from models.common import as_timestep_batch, conv1x1
 from torch import Tensor, nn
 
 __all__ = ["ADMUNet", "timestep_embedding"]
@@ -172,7 +172,8 @@ class ResBlock(nn.Module):
             hidden = self.out_layers[1:](hidden)
         else:
             hidden = self.out_layers(hidden + emb_out)
-        return self.skip_connection(x) + hidden
+        skip = conv1x1(self.skip_connection, x) if isinstance(self.skip_connection, nn.Conv2d) else x
+        return skip + hidden
 
 
 class AttentionBlock(nn.Module):

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def as_timestep_batch(t, x: Tensor) -> Tensor:
@@ -16,3 +17,16 @@ def as_timestep_batch(t, x: Tensor) -> Tensor:
     if t.shape != (x.shape[0],):
         raise ValueError(f"timesteps of shape {tuple(t.shape)} do not match a batch of {x.shape[0]}")
     return t
+
+
+def is_channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 convolution; on a channels-last input, the equivalent matrix product over channels
+    (PyTorch's CPU convolution falls back to a slow path for some 1x1 shapes in that layout)."""
+    if is_channels_last(x):
+        weight = conv.weight.reshape(conv.out_channels, conv.in_channels)
+        return F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
+    return conv(x)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.common import as_timestep_batch
+from models.common import as_timestep_batch, conv1x1, is_channels_last
 
 
 def ddpm_timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -33,7 +33,7 @@ def ddpm_timestep_embedding(t: Tensor, dim: int) -> Tensor:
 
 
 def swish(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(x)
+    return F.silu(x)  # x * sigmoid(x), one fused kernel
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -87,7 +87,7 @@ class ResnetBlock(nn.Module):
         hidden = hidden + self.temb_proj(swish(temb))[:, :, None, None]
         hidden = self.conv2(self.dropout(swish(self.norm2(hidden))))
         if hasattr(self, "nin_shortcut"):
-            x = self.nin_shortcut(x)
+            x = conv1x1(self.nin_shortcut, x)
         return x + hidden
 
 
@@ -105,12 +105,14 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, height, width = x.shape
         normed = self.norm(x)
-        q = self.q(normed).reshape(b, c, height * width).permute(0, 2, 1)  # (B, HW, C)
-        k = self.k(normed).reshape(b, c, height * width)  # (B, C, HW)
-        v = self.v(normed).reshape(b, c, height * width)  # (B, C, HW)
+        q = conv1x1(self.q, normed).reshape(b, c, height * width).permute(0, 2, 1)  # (B, HW, C)
+        k = conv1x1(self.k, normed).reshape(b, c, height * width)  # (B, C, HW)
+        v = conv1x1(self.v, normed).reshape(b, c, height * width)  # (B, C, HW)
         weights = torch.softmax(torch.bmm(q, k) * (c ** -0.5), dim=2)  # (B, HW_q, HW_k)
         out = torch.bmm(v, weights.permute(0, 2, 1)).reshape(b, c, height, width)
-        return x + self.proj_out(out)
+        if is_channels_last(x):
+            out = out.contiguous(memory_format=torch.channels_last)
+        return x + conv1x1(self.proj_out, out)
 
 
 class DDPMUNet(nn.Module):
