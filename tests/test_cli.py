@@ -183,3 +183,24 @@ def test_cli_process_exit_code_and_message(tmp_path):
                            "--exp", str(tmp_path / "x")], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: "), proc.stderr
+
+
+def test_precision_bf16_runs_and_stays_close_to_fp32(searched, capsys):
+    common, paths, root = searched
+    edits = {}
+    for precision in ("fp32", "bf16"):
+        exp = root / f"prec_{precision}"
+        code, err = run(["--edit_image_boundary", *common, "--exp", exp, "--img_path", root / "images" / "000002.png",
+                         "--boundary_h", paths["h"], "--boundary_z", paths["z"], "--edit_img_number", 2, "--eta", 0,
+                         "--precision", precision, "--save_tensors"], capsys)
+        assert code == 0, err
+        edits[precision] = torch.load(exp / "edit" / "tensors.pt", weights_only=True)["edits"]
+    diff = (edits["fp32"] - edits["bf16"]).abs()
+    assert 0 < diff.max() < 0.25, diff.max()  # bf16 really ran, and is not far off on a random tiny net
+
+
+def test_precision_fp16_on_cpu_is_refused(searched, capsys):
+    common, paths, root = searched
+    code, err = run(["--radius", *common, "--exp", root / "fp16", "--data_dir", root / "images", "--device", "cpu",
+                     "--precision", "fp16"], capsys)
+    _assert_one_line_error(code, err, "fp16 needs a CUDA GPU")
