@@ -1,0 +1,184 @@
+"""Benchmark: network calls and whole jobs on the real 256-px architectures (random weights).
+
+Every speed-up is a ratio measured in the same run against a naive reference: float32, NCHW
+layout, batch of one, ``torch.no_grad`` -- what the original code does. Prints a table and
+writes JSON. On a CUDA GPU (``--device cuda``) it adds fp16 and edit batch sizes up to 20.
+
+    python scripts/benchmark.py --out docs/benchmark_cpu.json            # about 10 minutes on 2 cores
+    python scripts/benchmark.py --device cuda --out docs/benchmark_gpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import build_model, latent_shapes  # noqa: E402
+from models.runtime import InferenceNet  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.diffusion import generate, invert, make_alphas_cumprod, timestep_grid  # noqa: E402
+from utils.editing import edit_sequence, item_seed  # noqa: E402
+
+CONFIGS = {"ddpm": "celeba.yml", "adm": "afhq.yml"}
+
+
+class NaiveNet:
+    """The reference: float32, NCHW, no_grad, the model as built."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+
+    def __call__(self, x, t, h_override=None):
+        with torch.no_grad():
+            return self.model(x, t, h_override=h_override)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark so far
+
+
+def time_calls(net, x, t, repeats, device) -> tuple[float, torch.Tensor]:
+    out = net(x, t)[0]  # warm-up (allocations, kernel selection)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = net(x, t)[0]
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out.float()
+
+
+def edit_job(net, x0, ac, grid, normals, k, batch_size, device) -> tuple[float, int]:
+    """Invert one image, reconstruct it, and make k edits: the README's edit command."""
+    _sync(device)
+    start = time.perf_counter()
+    inv = invert(net, x0, ac, grid)
+    generate(net, inv.z, ac, grid)
+    edit_sequence(net, inv, ac, grid, torch.linspace(-150, 150, k), normals["z"], normals["h"],
+                  [item_seed(0, i) for i in range(k)], eta=1.0, batch_size=batch_size)
+    _sync(device)
+    return time.perf_counter() - start, 1 + k
+
+
+def search_job(net, images, ac, grid, batch_size, device) -> float:
+    """Invert N images to t_0 (the network part of boundary search)."""
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        invert(net, images[i:i + batch_size], ac, grid)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["ddpm", "adm"], choices=sorted(CONFIGS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per variant (median reported)")
+    parser.add_argument("--steps", type=int, default=6, help="inversion and generation steps (the README uses 40)")
+    parser.add_argument("--edits", type=int, default=4, help="edits per image (the README uses 20)")
+    parser.add_argument("--images", type=int, default=4, help="images inverted in the boundary-search job")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=None,
+                        help="edit batch sizes for the optimised job (default: all edits at once; GPU: 1 4 10 20)")
+    parser.add_argument("--skip_jobs", action="store_true", help="only time single calls")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    batch_sizes = args.batch_sizes or ([1, 4, 10, 20] if device.type == "cuda" else [args.edits])
+    machine = {"device": str(device), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    results = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "models": {}}
+    print(f"# {machine}")
+    for kind in args.models:
+        config = load_config(CONFIGS[kind])
+        torch.manual_seed(0)
+        model = build_model(config).to(device)
+        with torch.no_grad():  # the zero-initialised output layers of ADM would make every output 0
+            for p in model.parameters():
+                if p.abs().max() == 0:
+                    p.normal_(0, 0.02)
+        shapes = latent_shapes(config)
+        x = torch.randn(1, *shapes["z"], generator=torch.Generator().manual_seed(1)).to(device)
+        naive = NaiveNet(model)
+        row = {"per_call": {}}
+        base, ref = time_calls(naive, x, 500, args.repeats, device)
+        row["per_call"]["naive fp32 NCHW"] = {"seconds": base, "speedup": 1.0, "rel_error": 0.0}
+        print(f"\n## {kind} ({CONFIGS[kind]}), batch 1, per call")
+        print(f"{'variant':28s} {'s/call':>8s} {'speed-up':>9s} {'max rel err':>12s}")
+        print(f"{'naive fp32 NCHW':28s} {base:8.3f} {1.0:9.2f} {0.0:12.2e}")
+        nets = {}
+        for precision in precisions:
+            for layout in (True, False):
+                name = f"{precision} {'channels-last' if layout else 'NCHW'}"
+                net = InferenceNet(build_model(config).to(device), precision, channels_last=layout)
+                net.model.load_state_dict(model.state_dict())
+                net.model.to(dtype=net.dtype, memory_format=net.memory_format)
+                seconds, out = time_calls(net, x, 500, args.repeats, device)
+                err = float((out - ref).abs().max() / ref.abs().max())
+                row["per_call"][name] = {"seconds": seconds, "speedup": base / seconds, "rel_error": err}
+                print(f"{name:28s} {seconds:8.3f} {base / seconds:9.2f} {err:12.2e}")
+                nets[name] = net
+        row["peak_memory_mb_after_calls"] = _peak_memory_mb(device)
+        if not args.skip_jobs:
+            ac = make_alphas_cumprod(config.diffusion.beta_start, config.diffusion.beta_end,
+                                     config.diffusion.num_diffusion_timesteps)
+            grid = timestep_grid(500, args.steps)
+            gen = torch.Generator().manual_seed(2)
+            normals = {s: torch.randn(int(torch.tensor(shapes[s]).prod()), generator=gen) for s in ("z", "h")}
+            normals = {s: (n / n.norm()).to(device) for s, n in normals.items()}
+            images = torch.rand(args.images, *shapes["z"], generator=gen).to(device) * 2 - 1
+            calls = (args.steps - 1) + args.steps * (1 + args.edits)
+            print(f"\n## {kind}: edit job (t_0 500, {args.steps} steps, {args.edits} edits = {calls} calls) "
+                  f"and boundary-search inversion of {args.images} images")
+            print(f"{'variant':40s} {'seconds':>8s} {'img/s':>7s} {'speed-up':>9s}")
+            jobs = {}
+            naive_edit, n_img = edit_job(naive, x, ac, grid, normals, args.edits, 1, device)
+            jobs["edit naive fp32 (batch 1)"] = {"seconds": naive_edit, "images_per_s": n_img / naive_edit, "speedup": 1.0}
+            for precision in precisions:
+                net = nets[f"{precision} channels-last"]
+                for bs in batch_sizes:
+                    seconds, _ = edit_job(net, x, ac, grid, normals, args.edits, bs, device)
+                    jobs[f"edit {precision} (edit batch {bs})"] = {"seconds": seconds, "images_per_s": n_img / seconds,
+                                                                    "speedup": naive_edit / seconds}
+            naive_search = search_job(naive, images, ac, grid, 1, device)
+            jobs["search naive fp32 (batch 1)"] = {"seconds": naive_search, "images_per_s": args.images / naive_search,
+                                                   "speedup": 1.0}
+            for precision in precisions:
+                seconds = search_job(nets[f"{precision} channels-last"], images, ac, grid, args.images, device)
+                jobs[f"search {precision} (batch {args.images})"] = {
+                    "seconds": seconds, "images_per_s": args.images / seconds, "speedup": naive_search / seconds}
+            for name, r in jobs.items():
+                print(f"{name:40s} {r['seconds']:8.1f} {r['images_per_s']:7.3f} {r['speedup']:9.2f}")
+            row["jobs"] = jobs
+            row["peak_memory_mb"] = _peak_memory_mb(device)
+            print(f"peak memory: {row['peak_memory_mb']:.0f} MiB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
+        results["models"][kind] = row
+        del model, nets, naive
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
