@@ -125,10 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace, config) -> argparse.Namespace:
     """Fill run-level defaults from the config (and from the boundary file for t_0); check ranges."""
-    from utils.boundary_files import load_boundary
+    from utils.boundary_files import find_boundaries, load_boundary
     from utils.errors import UserError
 
     args.mode = next(m for m in MODES if getattr(args, m))
+    if args.mode in ("edit_image_boundary", "unconditional") and args.boundary_h is None and args.boundary_z is None:
+        # As in the original README's unconditional command: no boundary named, use the newest fitted ones.
+        found = find_boundaries(args.boundary_dir, config.name, args.edit_attr, args.t_0)
+        if not found:
+            raise UserError(f"no --boundary_h/--boundary_z given and no boundary for config {config.name}"
+                            f"{' and ' + args.edit_attr if args.edit_attr else ''} in {args.boundary_dir}; "
+                            "run --boundary_search first or pass the files")
+        args.boundary_h, args.boundary_z = found.get("h"), found.get("z")
+        logging.getLogger(__name__).info("using boundaries %s", ", ".join(str(p) for p in found.values()))
+        if args.edit_space == "both" and len(found) == 1:
+            args.edit_space = next(iter(found))
     if args.t_0 is None:
         given = [p for p in (args.boundary_z, args.boundary_h) if p is not None]
         args.t_0 = load_boundary(given[0]).t_0 if given and args.mode in ("edit_image_boundary", "unconditional") \

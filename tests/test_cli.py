@@ -3,6 +3,7 @@ and the one-line errors for bad input."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -204,3 +205,15 @@ def test_precision_fp16_on_cpu_is_refused(searched, capsys):
     code, err = run(["--radius", *common, "--exp", root / "fp16", "--data_dir", root / "images", "--device", "cpu",
                      "--precision", "fp16"], capsys)
     _assert_one_line_error(code, err, "fp16 needs a CUDA GPU")
+
+
+def test_edit_without_boundary_flags_uses_the_newest_matching_boundaries(searched, capsys):
+    common, paths, root = searched
+    code, err = run(["--unconditional", *common, "--exp", root / "auto", "--boundary_dir", root / "bd",
+                     "--edit_attr", "bright_left", "--n_inv_step", 3], capsys)
+    assert code == 0, err
+    summary = json.loads((root / "auto" / "unconditional" / "summary.json").read_text())
+    assert {s: Path(b["path"]).parent for s, b in summary["boundaries"].items()} == {"h": root / "bd", "z": root / "bd"}
+    code, err = run(["--unconditional", *common, "--exp", root / "auto2", "--boundary_dir", root / "bd",
+                     "--edit_attr", "smiling"], capsys)
+    _assert_one_line_error(code, err, "no boundary")

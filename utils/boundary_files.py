@@ -108,3 +108,22 @@ def load_boundary(path: str | Path) -> BoundaryRecord:
     if record.normal.size != int(np.prod(record.shape)) or not np.isfinite(norm) or abs(norm - 1) > 1e-3:
         raise UserError(f"boundary file {path} is corrupt: its normal is not a unit vector of shape {record.shape}")
     return record
+
+
+def find_boundaries(folder: str | Path, config_name: str, attribute: str | None = None,
+                    t_0: int | None = None) -> dict[str, Path]:
+    """The newest boundary file of each space in ``folder`` fitted for ``config_name`` (and for
+    ``attribute`` and ``t_0`` when given); unreadable files are passed over."""
+    found: dict[str, tuple[float, Path]] = {}
+    for path in sorted(Path(folder).glob("*.npz")) if Path(folder).is_dir() else []:
+        try:
+            record = load_boundary(path)
+        except UserError:
+            continue
+        if record.config_name != config_name or (attribute and record.attribute.lower() != attribute.lower()) \
+                or (t_0 is not None and record.t_0 != t_0):
+            continue
+        mtime = path.stat().st_mtime
+        if record.space not in found or mtime > found[record.space][0]:
+            found[record.space] = (mtime, path)
+    return {space: path for space, (_, path) in found.items()}
