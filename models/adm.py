@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from models.common import as_timestep_batch, conv1x1
+from models.common import StepEmbedding, as_timestep_batch, conv1x1
 from torch import Tensor, nn
 
 __all__ = ["ADMUNet", "timestep_embedding"]
@@ -158,14 +158,14 @@ class ResBlock(nn.Module):
         else:
             self.skip_connection = nn.Conv2d(channels, out_channels, 1)
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: StepEmbedding) -> Tensor:
         if self.updown:
             norm_act, conv = self.in_layers[:-1], self.in_layers[-1]
             hidden = conv(self.h_upd(norm_act(x)))
             x = self.x_upd(x)
         else:
             hidden = self.in_layers(x)
-        emb_out = self.emb_layers(emb).type(hidden.dtype)[:, :, None, None]  # (B, C', 1, 1)
+        emb_out = emb.project(self.emb_layers).type(hidden.dtype)[:, :, None, None]  # (B, C', 1, 1)
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
             hidden = self.out_layers[0](hidden) * (1 + scale) + shift
@@ -201,7 +201,7 @@ class AttentionBlock(nn.Module):
         out = torch.einsum("bts,bcs->bct", weight, v)  # (B*heads, head_ch, T)
         return out.reshape(batch, -1, length)
 
-    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, emb: StepEmbedding | None = None) -> Tensor:
         batch, channels, *spatial = x.shape
         flat = x.reshape(batch, channels, -1)  # (B, C, T)
         attended = self.proj_out(self._attention(self.qkv(self.norm(flat))))
@@ -211,7 +211,7 @@ class AttentionBlock(nn.Module):
 class _EmbSequential(nn.Sequential):
     """Sequential container that passes the time embedding to the ResBlocks it holds."""
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, emb: StepEmbedding) -> Tensor:  # type: ignore[override]
         for layer in self:
             x = layer(x, emb) if isinstance(layer, (ResBlock, AttentionBlock)) else layer(x)
         return x
@@ -440,9 +440,10 @@ class ADMUNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
 
-        # 1. time embedding: (B,) -> (B, 4ch)
+        # 1. time embedding, once per distinct timestep: (U, 4ch)
         timesteps = as_timestep_batch(t, x)
-        emb = self.time_embed(timestep_embedding(timesteps, self.ch).to(self.time_embed[0].weight.dtype))
+        emb = StepEmbedding.of(timesteps, lambda ts: self.time_embed(
+            timestep_embedding(ts, self.ch).to(self.time_embed[0].weight.dtype)))
 
         # 2. encoder: keep every input block's output for the skip connections
         skips = []

@@ -1,6 +1,8 @@
 """Pieces shared by every network family."""
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,3 +32,24 @@ def conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
         weight = conv.weight.reshape(conv.out_channels, conv.in_channels)
         return F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
     return conv(x)
+
+
+class StepEmbedding(NamedTuple):
+    """The time embedding, computed once per distinct timestep of the batch.
+
+    values: (U, E) for the U distinct timesteps; index: (B,) the row of each batch item.
+    Projections run on the U rows and are then gathered, so an item's result does not depend on
+    the batch it is in (a matrix product over B rows may round differently from one over 1 row).
+    """
+    values: Tensor
+    index: Tensor
+
+    @classmethod
+    def of(cls, t: Tensor, embed: Callable[[Tensor], Tensor]) -> "StepEmbedding":
+        """t: (B,) timesteps; embed: (U,) distinct timesteps -> (U, E)."""
+        distinct, index = torch.unique(t, return_inverse=True)
+        return cls(embed(distinct), index)
+
+    def project(self, layer: Callable[[Tensor], Tensor]) -> Tensor:
+        """layer applied to each distinct row, then gathered: (B, E')."""
+        return layer(self.values)[self.index]

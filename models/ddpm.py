@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.common import as_timestep_batch, conv1x1, is_channels_last
+from models.common import StepEmbedding, as_timestep_batch, conv1x1, is_channels_last
 
 
 def ddpm_timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -82,9 +82,9 @@ class ResnetBlock(nn.Module):
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=1, padding=0)
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, temb: StepEmbedding) -> Tensor:
         hidden = self.conv1(swish(self.norm1(x)))
-        hidden = hidden + self.temb_proj(swish(temb))[:, :, None, None]
+        hidden = hidden + temb.project(lambda e: self.temb_proj(swish(e)))[:, :, None, None]
         hidden = self.conv2(self.dropout(swish(self.norm2(hidden))))
         if hasattr(self, "nin_shortcut"):
             x = conv1x1(self.nin_shortcut, x)
@@ -195,8 +195,9 @@ class DDPMUNet(nn.Module):
         """
         t = as_timestep_batch(t, x)
         # 1. time embedding
-        temb = self.temb.dense[0](ddpm_timestep_embedding(t, self.ch).to(self.temb.dense[0].weight.dtype))
-        temb = self.temb.dense[1](swish(temb))
+        dense = self.temb.dense
+        temb = StepEmbedding.of(t, lambda ts: dense[1](swish(dense[0](
+            ddpm_timestep_embedding(ts, self.ch).to(dense[0].weight.dtype)))))
         # 2. encoder, keeping every intermediate activation as a skip
         skips = [self.conv_in(x)]
         for stage in self.down:

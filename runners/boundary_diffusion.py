@@ -20,7 +20,7 @@ from utils.checkpoints import default_cache_dir, load_weights, resolve_checkpoin
 from utils.config import Config
 from utils.datasets import check_two_classes, from_attr_file, from_folders
 from utils.diffusion import Inversion, invert, make_alphas_cumprod, sample_latents, sampling_pairs, timestep_grid
-from utils.editing import edit_sequence, item_seed, reconstruct
+from utils.editing import batch_slices, edit_sequence, item_seed, reconstruct
 from utils.errors import UserError
 from utils.images import list_images, load_image, save_grid, save_image
 from utils.io import atomic_path, prepare_run_dir, write_json
@@ -99,9 +99,11 @@ class BoundaryDiffusion:
         log.info("%s: %d images, %d from the cache", desc, len(images), len(images) - len(todo))
         calls = -(-len(todo) // batch_size) * (len(self.grid) - 1)
         with self.net.progress(calls, desc):
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start:start + batch_size]
+            for chunk in batch_slices(len(todo), batch_size):
+                batch = todo[chunk]
                 x0 = torch.stack([images[i] for i in batch]).to(self.device)
+                if len(batch) == 1 and batch_size > 1:  # a lone remainder runs as a pair (see batch_slices)
+                    x0 = x0.repeat(2, 1, 1, 1)
                 inv = invert(self.net, x0, self.alphas_cumprod, self.grid)
                 for j, i in enumerate(batch):
                     found[i] = Inversion(z=inv.z[j].cpu(), h=inv.h[j].cpu())

@@ -206,3 +206,23 @@ def test_single_class_and_too_few_images(env, tmp_path, capsys):
     assert cli.main([*argv, "--edit_attr", "always"]) == 1
     assert "3 positive and 0 negative" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "bd").exists()
+
+
+def test_batch_sizes_of_two_or_more_give_bit_identical_results(env, tmp_path):
+    tensors, normals = [], []
+    for bs in (2, 3, 5):
+        argv = ["--edit_image_boundary", *env["common"], "--exp", str(tmp_path / f"e{bs}"), "--img_path",
+                str(env["img"]), "--boundary_h", str(env["h"]), "--boundary_z", str(env["z"]), "--save_tensors",
+                "--edit_img_number", "5", "--edit_batch_size", str(bs), "--no_cache"]
+        assert cli.main(argv) == 0
+        tensors.append(torch.load(tmp_path / f"e{bs}" / "edit" / "tensors.pt", weights_only=True)["edits"])
+        argv = ["--boundary_search", *env["common"], "--exp", str(tmp_path / f"s{bs}"), "--data_dir",
+                str(env["images"]), "--attr_file", str(env["attr"]), "--edit_attr", "bright_left", "--n_train_img",
+                "8", "--n_test_img", "4", "--bs_train", str(bs), "--boundary_dir", str(tmp_path / f"bd{bs}"),
+                "--no_cache"]
+        assert cli.main(argv) == 0
+        normals.append(load_boundary(tmp_path / f"bd{bs}" / "tiny_rel_bright_left_t300_h.npz").normal)
+    for other in tensors[1:]:
+        assert torch.equal(tensors[0], other), (tensors[0] - other).abs().max()
+    for other in normals[1:]:
+        np.testing.assert_array_equal(normals[0], other)

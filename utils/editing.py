@@ -48,10 +48,23 @@ def edit_sequence(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: 
         else inversion.z.expand(k_total, *inversion.z.shape[1:])
     h_all = edit_latents(inversion.h, normal_h, distances)[0] if normal_h is not None else None
     images = []
-    for start in range(0, k_total, batch_size):
-        chunk = slice(start, min(start + batch_size, k_total))
+    for chunk in batch_slices(k_total, batch_size):
+        z, h = z_all[chunk], None if h_all is None else h_all[chunk]
         generators = [torch.Generator().manual_seed(s) for s in seeds[chunk]] if eta > 0 else None
-        images.append(generate(net, z_all[chunk], alphas_cumprod, grid,
-                               h_edit=None if h_all is None else h_all[chunk],
-                               h_policy=h_policy, eta=eta, generators=generators))
+        n = len(z)
+        if n == 1 and batch_size > 1 and k_total > 1:  # a lone remainder runs as a pair: see batch_slices
+            z, h = z.repeat(2, 1, 1, 1), None if h is None else h.repeat(2, 1, 1, 1)
+            generators = None if generators is None else generators + [torch.Generator().manual_seed(0)]
+        images.append(generate(net, z, alphas_cumprod, grid, h_edit=h, h_policy=h_policy, eta=eta,
+                               generators=generators)[:n])
     return torch.cat(images)
+
+
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    """Consecutive slices of at most ``batch_size`` items covering range(n).
+
+    NOTE: for a batch of exactly one, oneDNN picks other convolution kernels for some shapes, whose
+    rounding differs from larger batches; callers run a lone remainder of a larger batch size as a
+    pair (the item twice) so that every batch size of 2 or more gives bit-identical results.
+    """
+    return [slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
