@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from models import build_model, latent_shapes
 from models.runtime import InferenceNet
-from utils.boundary import fit_boundary, split_indices
+from utils.boundary import fit_boundary, latent_distance, split_indices
 from utils.boundary_files import BoundaryRecord, load_boundary, save_boundary
 from utils.checkpoints import default_cache_dir, load_weights, resolve_checkpoint, sha256_file
 from utils.config import Config
@@ -174,7 +174,9 @@ class BoundaryDiffusion:
                 tensors["recon"] = first_images["reconstruction"][None].cpu().clamp(-1, 1)
             with atomic_path(out_dir / "tensors.pt") as tmp:
                 torch.save(tensors, tmp)
+        own = {s: float(latent_distance(getattr(inversion, s), n)[0]) for s, n in normals.items() if n is not None}
         summary = {"mode": args.mode, "arguments": _plain_args(args), "distances": distances.tolist(),
+                   "source_distances": own,  # where the unedited latents sit along each normal
                    "seeds": seeds_used, "edit_seconds": timings, **self._identity(),
                    "boundaries": {s: None if r is None else {"path": str(getattr(args, f"boundary_{s}")), **r.describe()}
                                   for s, r in records.items()}, **extra}

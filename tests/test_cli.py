@@ -97,6 +97,7 @@ def test_edit_image_boundary_outputs(searched, capsys):
     assert tensors["edits"].abs().max() <= 1 and tensors["recon"].abs().max() <= 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distances"] == [-10.0, 0.0, 10.0] and len(summary["seeds"][0]) == 3
+    assert set(summary["source_distances"]) == {"z", "h"}
     assert summary["arguments"]["eta"] == 1.0 and len(summary["checkpoint_sha256"]) == 64
     assert summary["boundaries"]["h"]["space"] == "h"
 
