@@ -1,0 +1,416 @@
+"""Measure boundary edits on the held-out TEST digits: attribute control, identity, fidelity.
+
+    python scripts/evaluate_edits.py --attribute thick --ablations --quality \\
+        --json docs/digits_eval.json --table docs/digits_eval.md --grid docs/digits_thick_edits.png
+
+Every test digit is inverted to t_0 (DDIM, eta 0), reconstructed, and edited to K signed distances
+along the boundaries of ``--attribute`` found in ``--boundary_dir`` (files written by
+``main.py --boundary_search``, matched by their attribute and t_0). Measured per run:
+
+- attribute control (ink mass, for ``thick``): the fraction of digits whose ink mass (sum of pixel
+  values in [0, 1]) at the largest distance exceeds the reconstruction's and at the smallest falls
+  below it; and the mean over digits of Spearman's rank correlation between d_k and ink mass;
+- identity: the fraction of all edits whose class, by a logistic regression (C = 1) trained on the TRAIN
+  split (on 8x8 images 2x2-averaged from 16x16, on the 0..16 scale of load_digits), equals the
+  digit's true label;
+- class flip (with ``--flip POS NEG``, e.g. 3 8 for three_vs_eight): the fraction of POS digits
+  classified NEG at the smallest distance and of NEG digits classified POS at the largest;
+- fidelity: mean squared error and PSNR of inversion + regeneration (eta 0, no edit), pixels in [0, 1].
+
+``--ablations`` repeats the run with one setting changed at a time: z only / h only, the other h
+policy, the other eta (0 / 1), other t_0 values (``--ablate_t0``; boundaries for them must exist;
+the range is shifted with the z hyperplane's offset -b/||w||) and wider or narrower ranges
+(``--ablate_scale``, about the range's centre). ``--quality`` also samples digits from noise and checks that
+the classifier recognises them. Edit k of digit i draws its noise from a generator seeded with
+(seed, i, k), so results do not depend on batch size or order.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from sklearn.linear_model import LogisticRegression
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from models import build_model  # noqa: E402
+from utils.boundary import edit_latents  # noqa: E402
+from utils.boundary_files import BoundaryRecord, load_boundary  # noqa: E402
+from utils.checkpoints import load_weights, resolve_checkpoint, sha256_file  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.diffusion import Inversion, generate, invert, make_alphas_cumprod, timestep_grid  # noqa: E402
+from utils.editing import item_seed, reconstruct  # noqa: E402
+from utils.images import load_image, save_grid  # noqa: E402
+from utils.io import write_bytes, write_json  # noqa: E402
+
+SPACES = {"both": ("z", "h"), "z": ("z",), "h": ("h",)}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One evaluated configuration of the edit."""
+    name: str
+    space: str = "both"
+    h_policy: str = "lagged"
+    eta: float = 1.0
+    t_0: int = 400
+    start: float = -20.0
+    end: float = 20.0
+    k: int = 9
+
+
+# --- data and measurements ----------------------------------------------------------------------
+
+def load_split(data_dir: Path, split: str, size: int, channels: int) -> tuple[list[Path], torch.Tensor, np.ndarray]:
+    """Paths, images (N, C, H, W) in [-1, 1] and true classes (N,) of one split of the digits set."""
+    folder = data_dir / "images" / split
+    paths = sorted(folder.glob("*.png"))
+    if not paths:
+        raise FileNotFoundError(f"no images in {folder}; run `bash data_download.sh digits .` first")
+    lines = (data_dir / "list_attr_digits.txt").read_text().splitlines()
+    names = lines[1].split()
+    digit_cols = [names.index(f"digit_{c}") for c in range(10)]
+    rows = {parts[0]: [int(v) for v in parts[1:]] for parts in (line.split() for line in lines[2:]) if parts}
+    classes = np.array([int(np.argmax([rows[p.name][c] for c in digit_cols])) for p in paths], dtype=np.int64)
+    images = torch.cat([load_image(p, size, channels) for p in paths])
+    return paths, images, classes
+
+
+def subset_per_class(classes: np.ndarray, n: int | None, only: list[int] | None = None) -> np.ndarray:
+    """Indices of the first ceil(n / #classes) items of each (selected) class, in name order."""
+    chosen = sorted(set(classes.tolist()) if only is None else only)
+    if n is None:
+        return np.flatnonzero(np.isin(classes, chosen))
+    per = -(-n // len(chosen))
+    return np.sort(np.concatenate([np.flatnonzero(classes == c)[:per] for c in chosen]))
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] (not clipped) -> [0, 1], clipped."""
+    return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+def ink(x: torch.Tensor) -> np.ndarray:
+    """Ink mass: the sum of pixel values in [0, 1] per image. x: (N, C, H, W) in [-1, 1]."""
+    return to_unit(x).flatten(1).sum(1).double().numpy()
+
+
+def features_8x8(x: torch.Tensor) -> np.ndarray:
+    """The classifier's input: (N, 64), 2x2-averaged pixels (16x16 -> 8x8) on load_digits' 0..16 scale."""
+    return 16.0 * torch.nn.functional.avg_pool2d(to_unit(x), 2).flatten(1).double().numpy()
+
+
+def train_classifier(images: torch.Tensor, classes: np.ndarray) -> LogisticRegression:
+    return LogisticRegression(max_iter=5000, C=1.0).fit(features_8x8(images), classes)
+
+
+def psnr(mse: float) -> float:
+    return float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf")
+
+
+# --- boundaries ---------------------------------------------------------------------------------
+
+def find_boundaries(boundary_dir: Path, attribute: str, t_0: int, sha256: str) -> dict[str, tuple[Path, BoundaryRecord]]:
+    """{space: (path, record)} of the boundary files in ``boundary_dir`` for ``attribute`` at ``t_0``
+    fitted on the checkpoint with ``sha256``; raises if a space has none or several."""
+    found: dict[str, list] = {"z": [], "h": []}
+    for path in sorted(boundary_dir.glob("*.npz")):
+        record = load_boundary(path)
+        if record.attribute.lower() == attribute.lower() and record.t_0 == t_0 and \
+                (not record.checkpoint_sha256 or record.checkpoint_sha256 == sha256):
+            found[record.space].append((path, record))
+    for space, hits in found.items():
+        if len(hits) != 1:
+            names = ", ".join(str(p) for p, _ in hits) or "none"
+            raise FileNotFoundError(f"need exactly one {space} boundary for '{attribute}' at t_0 = {t_0} "
+                                    f"in {boundary_dir}, found {names}; run main.py --boundary_search")
+    return {space: hits[0] for space, hits in found.items()}
+
+
+def z_offset(boundary_dir: Path, attribute: str, t_0: int, sha256: str) -> float:
+    """Where the z boundary's SVM hyperplane crosses its unit normal: -b / ||w||."""
+    _, record = find_boundaries(boundary_dir, attribute, t_0, sha256)["z"]
+    return float(-record.intercept / np.linalg.norm(record.coef))
+
+
+# --- one run ------------------------------------------------------------------------------------
+
+class Evaluator:
+    def __init__(self, net, alphas_cumprod: torch.Tensor, n_inv_step: int, n_test_step: int, batch_size: int, seed: int):
+        self.net, self.alphas_cumprod = net, alphas_cumprod
+        self.n_inv_step, self.n_test_step, self.batch_size, self.seed = n_inv_step, n_test_step, batch_size, seed
+        self._inversions: dict[int, Inversion] = {}
+        self._plain_recon: dict[int, torch.Tensor] = {}
+
+    def inversion(self, images: torch.Tensor, t_0: int) -> Inversion:
+        """Latents of ``images`` at t_0 (computed once per t_0)."""
+        if t_0 not in self._inversions:
+            grid = timestep_grid(t_0, self.n_inv_step)
+            parts = [invert(self.net, images[s:s + self.batch_size], self.alphas_cumprod, grid)
+                     for s in range(0, len(images), self.batch_size)]
+            self._inversions[t_0] = Inversion(torch.cat([p.z for p in parts]), torch.cat([p.h for p in parts]))
+        return self._inversions[t_0]
+
+    def plain_reconstruction(self, images: torch.Tensor, t_0: int) -> torch.Tensor:
+        """Invert + regenerate with eta 0 and no h injection: the fidelity measurement (c)."""
+        if t_0 not in self._plain_recon:
+            inv, grid = self.inversion(images, t_0), timestep_grid(t_0, self.n_test_step)
+            self._plain_recon[t_0] = torch.cat([generate(self.net, inv.z[s:s + self.batch_size], self.alphas_cumprod, grid)
+                                                for s in range(0, len(images), self.batch_size)])
+        return self._plain_recon[t_0]
+
+    def edits(self, images: torch.Tensor, setting: Setting, normals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reference reconstruction (N, C, H, W), edits (N, K, C, H, W), distances (K,)).
+
+        The reference goes through the same h injection as the edits (utils.editing.reconstruct)."""
+        inv = self.inversion(images, setting.t_0)
+        grid = timestep_grid(setting.t_0, self.n_test_step)
+        spaces = SPACES[setting.space]
+        distances = torch.linspace(setting.start, setting.end, setting.k, dtype=torch.float64)
+        n, k = len(images), setting.k
+        z = edit_latents(inv.z, normals["z"], distances) if "z" in spaces else inv.z[:, None].expand(n, k, *inv.z.shape[1:])
+        h = edit_latents(inv.h, normals["h"], distances) if "h" in spaces else None
+        z = z.reshape(n * k, *inv.z.shape[1:])
+        h = None if h is None else h.reshape(n * k, *inv.h.shape[1:])
+        seeds = [item_seed(self.seed, i, j) for i in range(n) for j in range(k)]
+        out = []
+        for s in range(0, n * k, self.batch_size):
+            chunk = slice(s, min(s + self.batch_size, n * k))
+            gens = [torch.Generator().manual_seed(sd) for sd in seeds[chunk]] if setting.eta > 0 else None
+            out.append(generate(self.net, z[chunk], self.alphas_cumprod, grid, h_edit=None if h is None else h[chunk],
+                                h_policy=setting.h_policy, eta=setting.eta, generators=gens))
+        edits = torch.cat(out).reshape(n, k, *inv.z.shape[1:])
+        refs = []
+        for s in range(0, n, self.batch_size):
+            part = Inversion(inv.z[s:s + self.batch_size], inv.h[s:s + self.batch_size])
+            refs.append(reconstruct(self.net, part, self.alphas_cumprod, grid, inject_h="h" in spaces, h_policy=setting.h_policy))
+        return torch.cat(refs), edits, distances
+
+
+def measure(reference: torch.Tensor, edits: torch.Tensor, distances: torch.Tensor, classes: np.ndarray,
+            classifier: LogisticRegression, flip: tuple[int, int] | None) -> dict:
+    """The numbers of one run (see the module docstring)."""
+    n, k = edits.shape[:2]
+    flat = edits.reshape(n * k, *edits.shape[2:])
+    ink_edit = ink(flat).reshape(n, k)
+    ink_ref = ink(reference)
+    d = distances.numpy()
+    rhos = []
+    for row in ink_edit:
+        rho = spearmanr(d, row).statistic
+        rhos.append(0.0 if not np.isfinite(rho) else float(rho))
+    pred = classifier.predict(features_8x8(flat)).reshape(n, k)
+    result = {
+        "n_digits": int(n), "n_edits": int(n * k),
+        "attribute_control": float(np.mean((ink_edit[:, -1] > ink_ref) & (ink_edit[:, 0] < ink_ref))),
+        "spearman_mean": float(np.mean(rhos)),
+        "ink_ratio_low": float(np.mean(ink_edit[:, 0] / ink_ref)),
+        "ink_ratio_high": float(np.mean(ink_edit[:, -1] / ink_ref)),
+        "identity": float(np.mean(pred == classes[:, None])),
+        "identity_endpoints": float(np.mean(pred[:, [0, -1]] == classes[:, None])),
+        "identity_per_distance": np.mean(pred == classes[:, None], axis=0).tolist(),
+        "ink_ratio_per_distance": np.mean(ink_edit / ink_ref[:, None], axis=0).tolist(),
+        "identity_reference": float(np.mean(classifier.predict(features_8x8(reference)) == classes)),
+        "pixel_change": float((to_unit(flat) - to_unit(reference).repeat_interleave(k, 0)).abs().mean()),
+    }
+    if flip is not None:
+        pos, neg = flip
+        result["flip_pos_to_neg"] = float(np.mean(pred[classes == pos, 0] == neg)) if np.any(classes == pos) else float("nan")
+        result["flip_neg_to_pos"] = float(np.mean(pred[classes == neg, -1] == pos)) if np.any(classes == neg) else float("nan")
+    return result
+
+
+# --- sample quality ------------------------------------------------------------------------------
+
+def sample_quality(net, alphas_cumprod: torch.Tensor, classifier: LogisticRegression, test_images: torch.Tensor,
+                   n: int, steps: int, seed: int, batch_size: int, grid_path: Path | None) -> dict:
+    """DDIM (eta 0) samples from x_T ~ N(0, I): the classifier's confidence on them vs on real test digits."""
+    gen = torch.Generator().manual_seed(item_seed(seed, 30_000))
+    x_T = torch.randn((n, *test_images.shape[1:]), generator=gen)
+    grid = timestep_grid(len(alphas_cumprod) - 1, steps)
+    samples = torch.cat([generate(net, x_T[s:s + batch_size], alphas_cumprod, grid) for s in range(0, n, batch_size)])
+    if grid_path is not None:
+        save_grid(samples[:100].clamp(-1, 1), grid_path, ncol=10)
+    p_samples = classifier.predict_proba(features_8x8(samples))
+    p_real = classifier.predict_proba(features_8x8(test_images))
+    counts = np.bincount(p_samples.argmax(1), minlength=10)
+    return {
+        "n_samples": n, "sampling_steps": steps,
+        "confident_samples": float(np.mean(p_samples.max(1) >= 0.9)),
+        "confident_real_test": float(np.mean(p_real.max(1) >= 0.9)),
+        "mean_max_prob_samples": float(p_samples.max(1).mean()),
+        "mean_max_prob_real_test": float(p_real.max(1).mean()),
+        "class_histogram_samples": counts.tolist(),
+        "ink_mean_samples": float(ink(samples).mean()), "ink_mean_real_test": float(ink(test_images).mean()),
+    }
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+def markdown_table(runs: list[dict], flip: bool) -> str:
+    """One row per run; with ``flip`` the class-flip columns replace the ink-mass ones."""
+    head = ["run", "spaces", "h policy", "eta", "t_0", "distances"]
+    head += ["class kept", "flip pos->neg (at -d)", "flip neg->pos (at +d)"] if flip else \
+        ["attr. control", "mean Spearman", "identity", "ink -d / +d"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        s = r["setting"]
+        cells = [s["name"], s["space"], s["h_policy"], f"{s['eta']:g}", str(s["t_0"]),
+                 f"{s['start']:g}..{s['end']:g} ({s['k']})"]
+        if flip:
+            cells += [f"{r['identity']:.1%}", f"{r['flip_pos_to_neg']:.1%}", f"{r['flip_neg_to_pos']:.1%}"]
+        else:
+            cells += [f"{r['attribute_control']:.1%}", f"{r['spearman_mean']:.3f}", f"{r['identity']:.1%}",
+                      f"{r['ink_ratio_low']:.2f} / {r['ink_ratio_high']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="digits.yml", help="config name in configs/ or a path")
+    parser.add_argument("--model_path", type=Path, default=None, help="weights (default: the config's checkpoint)")
+    parser.add_argument("--data_dir", type=Path, default=Path("data/digits"), help="folder written by make_digits")
+    parser.add_argument("--boundary_dir", type=Path, default=Path("boundary"), help="where the boundary files are")
+    parser.add_argument("--attribute", default="thick", help="boundary attribute to edit along")
+    parser.add_argument("--flip", type=int, nargs=2, metavar=("POS", "NEG"), default=None,
+                        help="measure class flips POS->NEG at -d and NEG->POS at +d (and edit only these classes)")
+    parser.add_argument("--t_0", type=int, default=None, help="mixing step (default: config edit.t_0)")
+    parser.add_argument("--start_distance", type=float, default=None, help="default: config edit.start_distance")
+    parser.add_argument("--end_distance", type=float, default=None, help="default: config edit.end_distance")
+    parser.add_argument("--k", type=int, default=None, help="distances per edit (default: config edit.edit_img_number)")
+    parser.add_argument("--space", choices=sorted(SPACES), default="both", help="latents to move in the default run")
+    parser.add_argument("--h_policy", choices=("lagged", "once"), default="lagged", help="h injection of the default run")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta of the edits in the default run")
+    parser.add_argument("--n_test", type=int, default=100, help="test digits to edit (per class: n/10); 0 = all")
+    parser.add_argument("--ablations", action="store_true", help="also run the one-change-at-a-time ablations")
+    parser.add_argument("--ablate_t0", type=int, nargs="*", default=[], help="other t_0 values for the ablations")
+    parser.add_argument("--no_shift_t0", action="store_true",
+                        help="use the default range unchanged for other t_0 (default: shift it by the change of the "
+                             "z boundary's offset -b/||w||, so that it stays centred on the hyperplane)")
+    parser.add_argument("--ablate_scale", type=float, nargs="*", default=[0.5, 1.5],
+                        help="multipliers of the range's half-width (about its centre) for the ablations")
+    parser.add_argument("--quality", action="store_true", help="also measure samples from noise")
+    parser.add_argument("--n_samples", type=int, default=200, help="samples for --quality")
+    parser.add_argument("--samples_png", type=Path, default=None, help="grid of 100 samples (with --quality)")
+    parser.add_argument("--grid", type=Path, default=None, help="PNG of the default run's edits of 10 digits")
+    parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
+    parser.add_argument("--table", type=Path, default=None, help="write the markdown table here")
+    parser.add_argument("--batch_size", type=int, default=256, help="images per network call")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the edit and sampling noise")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    start_time = time.perf_counter()
+    config = load_config(args.config)
+    ckpt = resolve_checkpoint(config, args.model_path)
+    sha = sha256_file(ckpt)
+    net = build_model(config).eval()
+    load_weights(net, ckpt)
+    alphas_cumprod = make_alphas_cumprod(config.diffusion.beta_start, config.diffusion.beta_end,
+                                         config.diffusion.num_diffusion_timesteps)
+    size, channels = config.data.image_size, config.data.channels
+    _, train_images, train_classes = load_split(args.data_dir, "train", size, channels)
+    test_paths, test_images, test_classes = load_split(args.data_dir, "test", size, channels)
+    classifier = train_classifier(train_images, train_classes)
+    classifier_info = {"train_acc": float(classifier.score(features_8x8(train_images), train_classes)),
+                       "test_acc": float(classifier.score(features_8x8(test_images), test_classes))}
+    print(f"classifier: train acc {classifier_info['train_acc']:.3f}, test acc {classifier_info['test_acc']:.3f}", flush=True)
+
+    idx = subset_per_class(test_classes, args.n_test or None, list(args.flip) if args.flip else None)
+    images, classes = test_images[idx], test_classes[idx]
+    edit = config.edit
+    default = Setting("default", args.space, args.h_policy, args.eta, args.t_0 or edit.t_0,
+                      edit.start_distance if args.start_distance is None else args.start_distance,
+                      edit.end_distance if args.end_distance is None else args.end_distance, args.k or edit.edit_img_number)
+    settings = [default]
+    if args.ablations:
+        settings += [dataclasses.replace(default, name=f"{space} only", space=space) for space in ("z", "h") if space != default.space]
+        if default.space != "both":
+            settings.append(dataclasses.replace(default, name="both", space="both"))
+        other_policy = "once" if default.h_policy == "lagged" else "lagged"
+        settings.append(dataclasses.replace(default, name=f"h {other_policy}", h_policy=other_policy))
+        settings.append(dataclasses.replace(default, name=f"eta {0.0 if default.eta > 0 else 1.0:g}", eta=0.0 if default.eta > 0 else 1.0))
+        for t in args.ablate_t0:
+            if t == default.t_0:
+                continue
+            # Keep the range centred on the z boundary as it moves with t_0 (the edit ignores the intercept).
+            shift = 0.0 if args.no_shift_t0 else \
+                z_offset(args.boundary_dir, args.attribute, t, sha) - z_offset(args.boundary_dir, args.attribute, default.t_0, sha)
+            settings.append(dataclasses.replace(default, name=f"t_0 {t}", t_0=t, start=round(default.start + shift, 2),
+                                                end=round(default.end + shift, 2)))
+        center, half = (default.start + default.end) / 2, (default.end - default.start) / 2
+        settings += [dataclasses.replace(default, name=f"range x{m:g}", start=center - m * half, end=center + m * half)
+                     for m in args.ablate_scale]
+
+    evaluator = Evaluator(net, alphas_cumprod, edit.n_inv_step, edit.n_test_step, args.batch_size, args.seed)
+    runs, fidelity, boundary_info = [], {}, {}
+    with torch.inference_mode():
+        for setting in settings:
+            t0 = time.perf_counter()
+            found = find_boundaries(args.boundary_dir, args.attribute, setting.t_0, sha)
+            boundary_info[setting.t_0] = {s: {"path": str(p), "train_acc": r.train_acc, "test_acc": r.test_acc,
+                                              "n_train": r.n_train, "n_test": r.n_test} for s, (p, r) in found.items()}
+            normals = {s: torch.from_numpy(r.normal) for s, (_, r) in found.items()}
+            inv = evaluator.inversion(images, setting.t_0)
+            for s, n in normals.items():  # where the test latents sit along each normal: guides the distances
+                proj = getattr(inv, s).flatten(1).double() @ n.double()
+                boundary_info[setting.t_0][s]["projection_mean_std"] = [float(proj.mean()), float(proj.std())]
+                boundary_info[setting.t_0][s]["latent_norm_mean"] = float(getattr(inv, s).flatten(1).norm(dim=1).mean())
+            reference, edits, distances = evaluator.edits(images, setting, normals)
+            result = {"setting": dataclasses.asdict(setting), **measure(reference, edits, distances, classes, classifier,
+                                                                        tuple(args.flip) if args.flip else None)}
+            if setting.t_0 not in fidelity:
+                recon = evaluator.plain_reconstruction(images, setting.t_0)
+                mse = float(((to_unit(recon) - to_unit(images)) ** 2).mean())
+                fidelity[setting.t_0] = {"mse": mse, "psnr": psnr(mse),
+                                         "max_abs": float((to_unit(recon) - to_unit(images)).abs().max()),
+                                         "identity": float(np.mean(classifier.predict(features_8x8(recon)) == classes))}
+            result["seconds"] = time.perf_counter() - t0
+            runs.append(result)
+            print(f"{setting.name:14s} control {result['attribute_control']:.1%}  spearman {result['spearman_mean']:.3f}  "
+                  f"identity {result['identity']:.1%}  ink {result['ink_ratio_low']:.2f}/{result['ink_ratio_high']:.2f}"
+                  + (f"  flip {result['flip_pos_to_neg']:.1%}/{result['flip_neg_to_pos']:.1%}" if args.flip else "")
+                  + f"  ({result['seconds']:.0f}s)", flush=True)
+            if setting is default and args.grid is not None:
+                rows = subset_per_class(classes, 10)[:10]
+                cells = torch.cat([images[rows][:, None], reference[rows][:, None], edits[rows]], dim=1)
+                save_grid(cells.reshape(-1, *cells.shape[2:]).clamp(-1, 1), args.grid, ncol=cells.shape[1])
+        quality = None
+        if args.quality:
+            quality = sample_quality(net, alphas_cumprod, classifier, test_images, args.n_samples, 100, args.seed,
+                                     args.batch_size, args.samples_png)
+            print(f"samples: {quality['confident_samples']:.1%} classified with p >= 0.9 "
+                  f"(real test digits: {quality['confident_real_test']:.1%}); classes {quality['class_histogram_samples']}")
+
+    shown = ckpt.resolve().relative_to(REPO) if ckpt.resolve().is_relative_to(REPO) else ckpt
+    report = {"config": config.name, "checkpoint": str(shown), "checkpoint_sha256": sha, "attribute": args.attribute,
+              "test_digits": [test_paths[i].name for i in idx], "n_inv_step": edit.n_inv_step,
+              "n_test_step": edit.n_test_step, "seed": args.seed, "classifier": classifier_info,
+              "boundaries": boundary_info, "fidelity": fidelity, "runs": runs, "quality": quality,
+              "command": " ".join(["python", "scripts/evaluate_edits.py", *(argv if argv is not None else sys.argv[1:])]),
+              "seconds": time.perf_counter() - start_time}
+    for t, f in fidelity.items():
+        print(f"fidelity t_0 {t}: reconstruction MSE {f['mse']:.5f} (PSNR {f['psnr']:.1f} dB), identity {f['identity']:.1%}")
+    if args.json:
+        write_json(args.json, report)
+    if args.table:
+        write_bytes(args.table, markdown_table(runs, bool(args.flip)).encode())
+    print(markdown_table(runs, bool(args.flip)))
+    print(f"done in {report['seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
