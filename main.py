@@ -131,7 +131,10 @@ def resolve_args(args: argparse.Namespace, config) -> argparse.Namespace:
     args.mode = next(m for m in MODES if getattr(args, m))
     if args.mode in ("edit_image_boundary", "unconditional") and args.boundary_h is None and args.boundary_z is None:
         # As in the original README's unconditional command: no boundary named, use the newest fitted ones.
-        found = find_boundaries(args.boundary_dir, config.name, args.edit_attr, args.t_0)
+        # Prefer boundaries fitted at the run's t_0 (the config's default unless --t_0 is given).
+        found = find_boundaries(args.boundary_dir, config.name, args.edit_attr, args.t_0 or config.edit.t_0)
+        if not found and args.t_0 is None:
+            found = find_boundaries(args.boundary_dir, config.name, args.edit_attr)
         if not found:
             raise UserError(f"no --boundary_h/--boundary_z given and no boundary for config {config.name}"
                             f"{' and ' + args.edit_attr if args.edit_attr else ''} in {args.boundary_dir}; "
