@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--neg_dir", type=Path, default=None, help="folder of negative images")
     data.add_argument("--n_train_img", type=_positive_int, default=100, help="images to fit the SVMs on")
     data.add_argument("--n_test_img", type=_positive_int, default=100, help="held-out images to report accuracy on")
-    data.add_argument("--bs_train", type=_positive_int, default=8, help="inversion batch size")
-    data.add_argument("--bs_test", type=_positive_int, default=8, help="batch size of the radius analysis")
+    data.add_argument("--bs_train", type=_positive_int, default=None, help="inversion batch size (default: 1 for 256-px models on the CPU, else 8)")
+    data.add_argument("--bs_test", type=_positive_int, default=None, help="batch size of the radius analysis (default: 1 for 256-px models on the CPU, else 8)")
     data.add_argument("--boundary_dir", type=Path, default=Path("boundary"), help="where boundary files are written")
     data.add_argument("--align_face", type=_int, default=0, help="accepted for compatibility; face alignment is not built in")
 
@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--start_distance", type=_finite_float, default=None, help="first signed distance (config)")
     edit.add_argument("--end_distance", type=_finite_float, default=None, help="last signed distance (config)")
     edit.add_argument("--edit_img_number", type=_positive_int, default=None, help="number of distances K (config)")
-    edit.add_argument("--edit_batch_size", type=_positive_int, default=8, help="edits denoised per batch")
+    edit.add_argument("--edit_batch_size", type=_positive_int, default=None,
+                      help="edits denoised per batch (default: 1 for 256-px models on the CPU, else 8)")
     edit.add_argument("--n_samples", type=_positive_int, default=1, help="--unconditional: sampled latents to edit")
     edit.add_argument("--save_tensors", action="store_true", help="also write tensors.pt (z, h, recon, edits, distances)")
 
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a bad flag (1, already reported in one line)
         return int(exc.code or 0)
     logging.basicConfig(level=args.verbose.upper(), format="%(levelname)s %(name)s: %(message)s", force=True)
+    from models.runtime import default_batch_size
     from runners import BoundaryDiffusion
     from utils.config import load_config
     from utils.errors import UserError
@@ -190,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         args = resolve_args(args, config)
-        runner = BoundaryDiffusion(args, config, pick_device(args.device))
+        device = pick_device(args.device)
+        for name in ("bs_train", "bs_test", "edit_batch_size"):
+            if getattr(args, name) is None:
+                setattr(args, name, default_batch_size(device, config.data.image_size))
+        runner = BoundaryDiffusion(args, config, device)
         getattr(runner, args.mode)()
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -33,3 +33,13 @@ class InferenceNet:
             h_in = None if h_override is None else h_override.to(self.dtype)
             out, h = self.model(x_in, t, h_override=h_in)
             return out.float().contiguous(), h.float().contiguous()
+
+
+def default_batch_size(device: torch.device, image_size: int) -> int:
+    """Images per network call when the user names none.
+
+    On the CPU, a 256-px UNet is fastest one image at a time: larger batches overflow the caches
+    (measured on 2 cores: 2.09 s/image at batch 1 vs 2.26 at batch 4 in fp32; 0.51 vs 0.66 in
+    bf16). Small models and GPUs gain from batching.
+    """
+    return 1 if device.type == "cpu" and image_size >= 128 else 8

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import build_model, latent_shapes  # noqa: E402
-from models.runtime import InferenceNet  # noqa: E402
+from models.runtime import InferenceNet, default_batch_size  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.diffusion import generate, invert, make_alphas_cumprod, timestep_grid  # noqa: E402
 from utils.editing import edit_sequence, item_seed  # noqa: E402
@@ -53,16 +53,19 @@ def _peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark so far
 
 
-def time_calls(net, x, t, repeats, device) -> tuple[float, torch.Tensor]:
-    out = net(x, t)[0]  # warm-up (allocations, kernel selection)
-    _sync(device)
-    times = []
+def time_calls(nets: dict, x, t, repeats, device) -> dict[str, tuple[float, torch.Tensor]]:
+    """Median seconds per call of each net, measured round-robin (one call of each in turn), so
+    that drifts of the machine (clock, cache, other load) fall on every variant alike."""
+    outs = {name: net(x, t)[0] for name, net in nets.items()}  # warm-up: allocations, kernel choice
+    times: dict[str, list[float]] = {name: [] for name in nets}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = net(x, t)[0]
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out.float()
+        for name, net in nets.items():
+            _sync(device)
+            start = time.perf_counter()
+            outs[name] = net(x, t)[0]
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), outs[name].float()) for name in nets}
 
 
 def edit_job(net, x0, ac, grid, normals, k, batch_size, device) -> tuple[float, int]:
@@ -91,19 +94,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["ddpm", "adm"], choices=sorted(CONFIGS))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per variant (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median reported)")
     parser.add_argument("--steps", type=int, default=6, help="inversion and generation steps (the README uses 40)")
     parser.add_argument("--edits", type=int, default=4, help="edits per image (the README uses 20)")
     parser.add_argument("--images", type=int, default=4, help="images inverted in the boundary-search job")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=None,
-                        help="edit batch sizes for the optimised job (default: all edits at once; GPU: 1 4 10 20)")
+                        help="edit batch sizes for the optimised job (default: 1 and all edits at once; GPU: 1 4 10 20)")
     parser.add_argument("--skip_jobs", action="store_true", help="only time single calls")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
-    batch_sizes = args.batch_sizes or ([1, 4, 10, 20] if device.type == "cuda" else [args.edits])
+    batch_sizes = args.batch_sizes or ([1, 4, 10, 20] if device.type == "cuda" else [1, args.edits])
     machine = {"device": str(device), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     results = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "models": {}}
@@ -119,24 +122,22 @@ def main() -> int:
         shapes = latent_shapes(config)
         x = torch.randn(1, *shapes["z"], generator=torch.Generator().manual_seed(1)).to(device)
         naive = NaiveNet(model)
-        row = {"per_call": {}}
-        base, ref = time_calls(naive, x, 500, args.repeats, device)
-        row["per_call"]["naive fp32 NCHW"] = {"seconds": base, "speedup": 1.0, "rel_error": 0.0}
-        print(f"\n## {kind} ({CONFIGS[kind]}), batch 1, per call")
-        print(f"{'variant':28s} {'s/call':>8s} {'speed-up':>9s} {'max rel err':>12s}")
-        print(f"{'naive fp32 NCHW':28s} {base:8.3f} {1.0:9.2f} {0.0:12.2e}")
-        nets = {}
+        nets = {"naive fp32 NCHW": naive}
         for precision in precisions:
             for layout in (True, False):
-                name = f"{precision} {'channels-last' if layout else 'NCHW'}"
                 net = InferenceNet(build_model(config).to(device), precision, channels_last=layout)
                 net.model.load_state_dict(model.state_dict())
                 net.model.to(dtype=net.dtype, memory_format=net.memory_format)
-                seconds, out = time_calls(net, x, 500, args.repeats, device)
-                err = float((out - ref).abs().max() / ref.abs().max())
-                row["per_call"][name] = {"seconds": seconds, "speedup": base / seconds, "rel_error": err}
-                print(f"{name:28s} {seconds:8.3f} {base / seconds:9.2f} {err:12.2e}")
-                nets[name] = net
+                nets[f"{precision} {'channels-last' if layout else 'NCHW'}"] = net
+        timed = time_calls(nets, x, 500, args.repeats, device)
+        base, ref = timed["naive fp32 NCHW"]
+        row = {"per_call": {}}
+        print(f"\n## {kind} ({CONFIGS[kind]}), batch 1, per call (median of {args.repeats}, round-robin)")
+        print(f"{'variant':28s} {'s/call':>8s} {'speed-up':>9s} {'max rel err':>12s}")
+        for name, (seconds, out) in timed.items():
+            err = float((out - ref).abs().max() / ref.abs().max())
+            row["per_call"][name] = {"seconds": seconds, "speedup": base / seconds, "rel_error": err}
+            print(f"{name:28s} {seconds:8.3f} {base / seconds:9.2f} {err:12.2e}")
         row["peak_memory_mb_after_calls"] = _peak_memory_mb(device)
         if not args.skip_jobs:
             ac = make_alphas_cumprod(config.diffusion.beta_start, config.diffusion.beta_end,
@@ -162,9 +163,10 @@ def main() -> int:
             naive_search = search_job(naive, images, ac, grid, 1, device)
             jobs["search naive fp32 (batch 1)"] = {"seconds": naive_search, "images_per_s": args.images / naive_search,
                                                    "speedup": 1.0}
+            search_bs = default_batch_size(device, config.data.image_size)
             for precision in precisions:
-                seconds = search_job(nets[f"{precision} channels-last"], images, ac, grid, args.images, device)
-                jobs[f"search {precision} (batch {args.images})"] = {
+                seconds = search_job(nets[f"{precision} channels-last"], images, ac, grid, search_bs, device)
+                jobs[f"search {precision} (batch {search_bs})"] = {
                     "seconds": seconds, "images_per_s": args.images / seconds, "speedup": naive_search / seconds}
             for name, r in jobs.items():
                 print(f"{name:40s} {r['seconds']:8.1f} {r['images_per_s']:7.3f} {r['speedup']:9.2f}")
