@@ -44,6 +44,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from models import build_model  # noqa: E402
+from models.runtime import InferenceNet  # noqa: E402
 from utils.boundary import edit_latents  # noqa: E402
 from utils.boundary_files import BoundaryRecord, load_boundary  # noqa: E402
 from utils.checkpoints import load_weights, resolve_checkpoint, sha256_file  # noqa: E402
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=256, help="images per network call")
     parser.add_argument("--seed", type=int, default=0, help="seed of the edit and sampling noise")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="network precision")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -316,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config)
     ckpt = resolve_checkpoint(config, args.model_path)
     sha = sha256_file(ckpt)
-    net = build_model(config).eval()
-    load_weights(net, ckpt)
+    model = build_model(config)
+    load_weights(model, ckpt)
+    net = InferenceNet(model, args.precision)
     alphas_cumprod = make_alphas_cumprod(config.diffusion.beta_start, config.diffusion.beta_end,
                                          config.diffusion.num_diffusion_timesteps)
     size, channels = config.data.image_size, config.data.channels
