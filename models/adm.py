@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from models.common import StepEmbedding, as_timestep_batch, conv1x1
+from models.common import StepEmbedding, as_timestep_batch, conv1x1, is_channels_last
 from torch import Tensor, nn
 
 __all__ = ["ADMUNet", "timestep_embedding"]
@@ -58,13 +58,16 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm evaluated in float32 and cast back to the input dtype (guided-diffusion)."""
+    """GroupNorm that evaluates float16 inputs in float32 and casts back (as guided-diffusion does)."""
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, C, ...)
-        # Parameters too are used in float32, so the model may be cast to bf16/fp16 as a whole.
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+        # float16 is normalised in float32 (its range is too small for the statistics). bfloat16
+        # has float32's range and PyTorch's kernel accumulates it in float32 anyway, so it runs
+        # natively, sparing two conversions of the activations.
+        compute = torch.float32 if x.dtype == torch.float16 else x.dtype
+        weight = None if self.weight is None else self.weight.to(compute)
+        bias = None if self.bias is None else self.bias.to(compute)
+        return F.group_norm(x.to(compute), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -205,7 +208,9 @@ class AttentionBlock(nn.Module):
         batch, channels, *spatial = x.shape
         flat = x.reshape(batch, channels, -1)  # (B, C, T)
         attended = self.proj_out(self._attention(self.qkv(self.norm(flat))))
-        return (flat + attended).reshape(batch, channels, *spatial)
+        out = (flat + attended).reshape(batch, channels, *spatial)
+        # Keep a channels-last input channels-last, so the convolutions after it need no conversion.
+        return out.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else out
 
 
 class _EmbSequential(nn.Sequential):
