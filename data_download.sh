@@ -5,7 +5,8 @@
 #   bash data_download.sh celeba_hq [DEST]   CelebA-HQ 256 (Google Drive, needs gdown)  -> DEST/data/celeba_hq
 #   bash data_download.sh afhq [DEST] [URL]  AFHQ (StarGAN v2's release; URL overrides)  -> DEST/data/afhq
 #
-# DEST defaults to the current folder. Set PYTHON to choose the interpreter (default: python, else python3).
+# DEST defaults to the current folder. Set PYTHON to choose the interpreter (default: ./.venv/bin/python if
+# present, else python, else python3).
 set -euo pipefail
 
 usage() {
@@ -27,7 +28,9 @@ DEST="${2:-.}"
 DATA="${DEST%/}/data"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
-    if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
+    # The repository's virtual environment (the README's setup) first, then whatever python is on PATH.
+    if [[ -x "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"
+    elif command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
 fi
 
 fail() {
