@@ -13,18 +13,17 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 class InferenceNet:
-    def __init__(self, model: nn.Module, precision: str = "fp32", channels_last: bool | None = None):
+    def __init__(self, model: nn.Module, precision: str = "fp32", channels_last: bool = True):
         """model: a network of ``models``, already on its device. precision: fp32, bf16 or fp16
-        (fp16 on CUDA only). channels_last: NHWC layout for the convolutions; by default on for
-        bf16/fp16 (where CPU matrix units and tensor cores want it) and for fp32 on the CPU."""
+        (fp16 on CUDA only). channels_last: NHWC layout for the convolutions (faster on the CPU in
+        every precision, see the README's benchmark; CPU matrix units and tensor cores want it)."""
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}' (choices: {', '.join(PRECISIONS)})")
         device = next(model.parameters()).device
         if precision == "fp16" and device.type != "cuda":
             raise ValueError("--precision fp16 needs a CUDA GPU; use bf16 on the CPU")
         self.dtype = PRECISIONS[precision]
-        self.memory_format = torch.channels_last if (True if channels_last is None else channels_last) \
-            else torch.contiguous_format
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().requires_grad_(False).to(dtype=self.dtype, memory_format=self.memory_format)
 
     def __call__(self, x: Tensor, t, h_override: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -20,10 +20,10 @@ from utils.checkpoints import default_cache_dir, load_weights, resolve_checkpoin
 from utils.config import Config
 from utils.datasets import check_two_classes, from_attr_file, from_folders
 from utils.diffusion import Inversion, invert, make_alphas_cumprod, sample_latents, sampling_pairs, timestep_grid
-from utils.editing import batch_slices, edit_sequence, item_seed, reconstruct
+from utils.editing import batch_slices, edit_sequence, item_seed, pair_lone, reconstruct
 from utils.errors import UserError
 from utils.images import list_images, load_image, save_grid, save_image
-from utils.io import atomic_path, prepare_run_dir, write_json
+from utils.io import atomic_path, free_path, prepare_run_dir, write_json
 from utils.latent_cache import LatentCache
 from utils.mixing import radius_curves
 
@@ -101,9 +101,7 @@ class BoundaryDiffusion:
         with self.net.progress(calls, desc):
             for chunk in batch_slices(len(todo), batch_size):
                 batch = todo[chunk]
-                x0 = torch.stack([images[i] for i in batch]).to(self.device)
-                if len(batch) == 1 and batch_size > 1:  # a lone remainder runs as a pair (see batch_slices)
-                    x0 = x0.repeat(2, 1, 1, 1)
+                x0 = pair_lone(torch.stack([images[i] for i in batch]).to(self.device), batch_size)
                 inv = invert(self.net, x0, self.alphas_cumprod, self.grid)
                 for j, i in enumerate(batch):
                     found[i] = Inversion(z=inv.z[j].cpu(), h=inv.h[j].cpu())
@@ -224,7 +222,8 @@ class BoundaryDiffusion:
                 n_neg=int((data.labels[np.concatenate([train_idx, test_idx])] == 0).sum()),
                 config_name=self.config.name, checkpoint_sha256=self.checkpoint_sha256)
             name = f"{self.config.name}_{_slug(attribute)}_t{args.t_0}_{space}"
-            path = save_boundary(_free_path(boundary_dir / f"{name}.npz", args.ni), record)
+            target = boundary_dir / f"{name}.npz"
+            path = save_boundary(target if args.ni else free_path(target), record)
             summary["spaces"][space] = {"path": str(path), "train_acc": boundary.train_acc, "test_acc": boundary.test_acc}
             print(f"boundary {space}: {path}  train acc {boundary.train_acc:.3f}  test acc {boundary.test_acc:.3f}")
         write_json(run_dir / "summary.json", summary)
@@ -310,12 +309,3 @@ def _plain_args(args: argparse.Namespace) -> dict:
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text.lower())[:60] or "attribute"
-
-
-def _free_path(path: Path, overwrite: bool) -> Path:
-    """``path``, or ``stem-1``, ``stem-2``, ... if it exists and overwriting was not asked for."""
-    candidate, n = path, 0
-    while candidate.exists() and not overwrite:
-        n += 1
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-    return candidate

@@ -48,13 +48,14 @@ def edit_sequence(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: 
         else inversion.z.expand(k_total, *inversion.z.shape[1:])
     h_all = edit_latents(inversion.h, normal_h, distances)[0] if normal_h is not None else None
     images = []
+    batch_size = min(batch_size, k_total)  # a single edit runs alone, like the reconstruction
     for chunk in batch_slices(k_total, batch_size):
-        z, h = z_all[chunk], None if h_all is None else h_all[chunk]
+        n = chunk.stop - chunk.start
+        z = pair_lone(z_all[chunk], batch_size)
+        h = None if h_all is None else pair_lone(h_all[chunk], batch_size)
         generators = [torch.Generator().manual_seed(s) for s in seeds[chunk]] if eta > 0 else None
-        n = len(z)
-        if n == 1 and batch_size > 1 and k_total > 1:  # a lone remainder runs as a pair: see batch_slices
-            z, h = z.repeat(2, 1, 1, 1), None if h is None else h.repeat(2, 1, 1, 1)
-            generators = None if generators is None else generators + [torch.Generator().manual_seed(0)]
+        if generators is not None and len(z) > n:  # the duplicate draws from a throwaway generator
+            generators.append(torch.Generator().manual_seed(0))
         images.append(generate(net, z, alphas_cumprod, grid, h_edit=h, h_policy=h_policy, eta=eta,
                                generators=generators)[:n])
     return torch.cat(images)
@@ -68,3 +69,9 @@ def batch_slices(n: int, batch_size: int) -> list[slice]:
     pair (the item twice) so that every batch size of 2 or more gives bit-identical results.
     """
     return [slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
+def pair_lone(x: Tensor, batch_size: int) -> Tensor:
+    """x (1, ...) twice along the batch when it is a lone remainder of batches of ``batch_size`` > 1
+    (see ``batch_slices``); otherwise x unchanged. Callers keep the first ``len(x)`` results."""
+    return x.repeat(2, *[1] * (x.ndim - 1)) if len(x) == 1 and batch_size > 1 else x

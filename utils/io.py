@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from utils.errors import UserError
 
@@ -48,16 +48,22 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def free_path(path: Path, taken: Callable[[Path], bool] = Path.exists) -> Path:
+    """``path``, or the first of ``<stem>-1<suffix>``, ``<stem>-2<suffix>``, ... that is not ``taken``."""
+    candidate, n = path, 0
+    while taken(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
 def prepare_run_dir(path: Path, overwrite: bool) -> Path:
     """The folder a run writes into, never one that holds a finished run unless ``overwrite``.
 
     A folder that holds ``summary.json`` is finished; without ``overwrite`` the run goes to the
     first free ``<path>-1``, ``<path>-2``, ... instead. Checks that the folder is writable.
     """
-    candidate, n = path, 0
-    while (candidate / "summary.json").exists() and not overwrite:
-        n += 1
-        candidate = path.with_name(f"{path.name}-{n}")
+    candidate = path if overwrite else free_path(path, lambda p: (p / "summary.json").exists())
     try:
         candidate.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=candidate, prefix=".write-test-", delete=True)
