@@ -184,11 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a bad flag (1, already reported in one line)
         return int(exc.code or 0)
     logging.basicConfig(level=args.verbose.upper(), format="%(levelname)s %(name)s: %(message)s", force=True)
-    from models.runtime import default_batch_size
+    from models.runtime import default_batch_size, retain_freed_memory
     from runners import BoundaryDiffusion
     from utils.config import load_config
     from utils.errors import UserError
 
+    retain_freed_memory()  # large activations are reused, not page-faulted in again at every call
     try:
         config = load_config(args.config)
         args = resolve_args(args, config)

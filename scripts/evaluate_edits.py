@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from models import build_model  # noqa: E402
-from models.runtime import InferenceNet  # noqa: E402
+from models.runtime import InferenceNet, retain_freed_memory  # noqa: E402
 from utils.boundary import edit_latents  # noqa: E402
 from utils.boundary_files import BoundaryRecord, load_boundary  # noqa: E402
 from utils.checkpoints import load_weights, resolve_checkpoint, sha256_file  # noqa: E402
@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    retain_freed_memory()
     start_time = time.perf_counter()
     config = load_config(args.config)
     ckpt = resolve_checkpoint(config, args.model_path)
