@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ if str(REPO) not in sys.path:
 from models import build_model  # noqa: E402
 from models.runtime import InferenceNet, retain_freed_memory  # noqa: E402
 from utils.boundary import edit_latents  # noqa: E402
-from utils.boundary_files import BoundaryRecord, load_boundary  # noqa: E402
+from utils.boundary_files import BoundaryRecord, matching_boundaries  # noqa: E402
 from utils.checkpoints import load_weights, resolve_checkpoint, sha256_file  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.diffusion import Inversion, generate, invert, make_alphas_cumprod, timestep_grid  # noqa: E402
@@ -121,26 +120,24 @@ def psnr(mse: float) -> float:
 
 # --- boundaries ---------------------------------------------------------------------------------
 
-def find_boundaries(boundary_dir: Path, attribute: str, t_0: int, sha256: str) -> dict[str, tuple[Path, BoundaryRecord]]:
+def unique_boundaries(boundary_dir: Path, config_name: str, attribute: str, t_0: int,
+                      sha256: str) -> dict[str, tuple[Path, BoundaryRecord]]:
     """{space: (path, record)} of the boundary files in ``boundary_dir`` for ``attribute`` at ``t_0``
-    fitted on the checkpoint with ``sha256``; raises if a space has none or several."""
-    found: dict[str, list] = {"z": [], "h": []}
-    for path in sorted(boundary_dir.glob("*.npz")):
-        record = load_boundary(path)
-        if record.attribute.lower() == attribute.lower() and record.t_0 == t_0 and \
-                (not record.checkpoint_sha256 or record.checkpoint_sha256 == sha256):
-            found[record.space].append((path, record))
-    for space, hits in found.items():
+    fitted on the checkpoint with ``sha256``; raises if a space has none or several (an evaluation
+    must not silently pick one of two candidates, as the edit modes' newest-file default does)."""
+    found = matching_boundaries(boundary_dir, config_name, attribute, t_0, sha256)
+    for space in ("z", "h"):
+        hits = found.get(space, [])
         if len(hits) != 1:
             names = ", ".join(str(p) for p, _ in hits) or "none"
             raise FileNotFoundError(f"need exactly one {space} boundary for '{attribute}' at t_0 = {t_0} "
                                     f"in {boundary_dir}, found {names}; run main.py --boundary_search")
-    return {space: hits[0] for space, hits in found.items()}
+    return {space: found[space][0] for space in ("z", "h")}
 
 
-def z_offset(boundary_dir: Path, attribute: str, t_0: int, sha256: str) -> float:
+def z_offset(boundary_dir: Path, config_name: str, attribute: str, t_0: int, sha256: str) -> float:
     """Where the z boundary's SVM hyperplane crosses its unit normal: -b / ||w||."""
-    _, record = find_boundaries(boundary_dir, attribute, t_0, sha256)["z"]
+    _, record = unique_boundaries(boundary_dir, config_name, attribute, t_0, sha256)["z"]
     return float(-record.intercept / np.linalg.norm(record.coef))
 
 
@@ -350,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             if t == default.t_0:
                 continue
             # Keep the range centred on the z boundary as it moves with t_0 (the edit ignores the intercept).
-            shift = 0.0 if args.no_shift_t0 else \
-                z_offset(args.boundary_dir, args.attribute, t, sha) - z_offset(args.boundary_dir, args.attribute, default.t_0, sha)
+            shift = 0.0 if args.no_shift_t0 else (
+                z_offset(args.boundary_dir, config.name, args.attribute, t, sha)
+                - z_offset(args.boundary_dir, config.name, args.attribute, default.t_0, sha))
             settings.append(dataclasses.replace(default, name=f"t_0 {t}", t_0=t, start=round(default.start + shift, 2),
                                                 end=round(default.end + shift, 2)))
         center, half = (default.start + default.end) / 2, (default.end - default.start) / 2
@@ -363,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         for setting in settings:
             t0 = time.perf_counter()
-            found = find_boundaries(args.boundary_dir, args.attribute, setting.t_0, sha)
+            found = unique_boundaries(args.boundary_dir, config.name, args.attribute, setting.t_0, sha)
             boundary_info[setting.t_0] = {s: {"path": str(p), "train_acc": r.train_acc, "test_acc": r.test_acc,
                                               "n_train": r.n_train, "n_test": r.n_test} for s, (p, r) in found.items()}
             normals = {s: torch.from_numpy(r.normal) for s, (_, r) in found.items()}

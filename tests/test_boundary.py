@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from utils.boundary import Boundary, edit_latents, fit_boundary, project_boundary, split_indices
-from utils.boundary_files import BoundaryRecord, load_boundary, save_boundary
+from utils.boundary_files import BoundaryRecord, find_boundaries, load_boundary, matching_boundaries, save_boundary
 from utils.errors import UserError
 
 
@@ -249,6 +249,31 @@ def test_save_load_round_trip_every_field(tmp_path):
             assert b.dtype == np.float32 and np.array_equal(a, b), f"{f.name}: {b!r} vs {a!r}"
         else:
             assert a == b and type(b) is type(a), f"{f.name}: {b!r} ({type(b).__name__}) vs {a!r} ({type(a).__name__})"
+
+
+def test_matching_boundaries_filters_and_find_boundaries_takes_the_newest(tmp_path):
+    other_sha = "cd" * 32
+    files = {
+        "h_old": _record(), "h_new": _record(), "z": _record(space="z"), "no_sha": _record(space="z", checkpoint_sha256=""),
+        "other_ckpt": _record(checkpoint_sha256=other_sha), "other_t0": _record(t_0=300),
+        "other_attr": _record(attribute="Eyeglasses"), "other_config": _record(config_name="church"),
+    }
+    for i, (name, rec) in enumerate(files.items()):
+        path = save_boundary(tmp_path / name, rec)
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))  # h_new is newer than h_old
+    (tmp_path / "broken.npz").write_bytes(b"not a boundary")
+
+    def names(found):
+        return {space: sorted(p.stem for p, _ in hits) for space, hits in found.items()}
+
+    assert names(matching_boundaries(tmp_path, "celeba", "smiling", 500, "ab" * 32)) == {
+        "h": ["h_new", "h_old"], "z": ["no_sha", "z"]}
+    assert names(matching_boundaries(tmp_path, "celeba", "Smiling", 500, other_sha)) == {
+        "h": ["other_ckpt"], "z": ["no_sha"]}
+    assert names(matching_boundaries(tmp_path, "celeba"))["h"] == ["h_new", "h_old", "other_attr", "other_ckpt", "other_t0"]
+    assert matching_boundaries(tmp_path / "missing", "celeba") == {}
+    newest = find_boundaries(tmp_path, "celeba", "smiling", 500)
+    assert {s: p.stem for s, p in newest.items()} == {"h": "other_ckpt", "z": "no_sha"}
 
 
 def test_saved_file_loads_without_pickle(tmp_path):

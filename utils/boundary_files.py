@@ -110,20 +110,28 @@ def load_boundary(path: str | Path) -> BoundaryRecord:
     return record
 
 
-def find_boundaries(folder: str | Path, config_name: str, attribute: str | None = None,
-                    t_0: int | None = None) -> dict[str, Path]:
-    """The newest boundary file of each space in ``folder`` fitted for ``config_name`` (and for
-    ``attribute`` and ``t_0`` when given); unreadable files are passed over."""
-    found: dict[str, tuple[float, Path]] = {}
+def matching_boundaries(folder: str | Path, config_name: str, attribute: str | None = None, t_0: int | None = None,
+                        checkpoint_sha256: str | None = None) -> dict[str, list[tuple[Path, BoundaryRecord]]]:
+    """Every readable boundary file in ``folder`` fitted for ``config_name`` (and for ``attribute``,
+    ``t_0`` and the checkpoint with ``checkpoint_sha256`` when given), as {space: [(path, record)]}
+    in path order. A record without a checkpoint hash matches any checkpoint; unreadable files are
+    passed over."""
+    found: dict[str, list[tuple[Path, BoundaryRecord]]] = {}
     for path in sorted(Path(folder).glob("*.npz")) if Path(folder).is_dir() else []:
         try:
             record = load_boundary(path)
         except UserError:
             continue
         if record.config_name != config_name or (attribute and record.attribute.lower() != attribute.lower()) \
-                or (t_0 is not None and record.t_0 != t_0):
+                or (t_0 is not None and record.t_0 != t_0) \
+                or (checkpoint_sha256 and record.checkpoint_sha256 and record.checkpoint_sha256 != checkpoint_sha256):
             continue
-        mtime = path.stat().st_mtime
-        if record.space not in found or mtime > found[record.space][0]:
-            found[record.space] = (mtime, path)
-    return {space: path for space, (_, path) in found.items()}
+        found.setdefault(record.space, []).append((path, record))
+    return found
+
+
+def find_boundaries(folder: str | Path, config_name: str, attribute: str | None = None,
+                    t_0: int | None = None) -> dict[str, Path]:
+    """The newest boundary file of each space among ``matching_boundaries``."""
+    return {space: max(hits, key=lambda hit: hit[0].stat().st_mtime)[0]
+            for space, hits in matching_boundaries(folder, config_name, attribute, t_0).items()}
