@@ -53,18 +53,24 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _peak_memory_mb(device) -> float:
-    """This process's high-water mark: GPU memory allocated, or resident memory (VmHWM: unlike
-    ru_maxrss it starts afresh at exec, so a spawned child does not inherit its parent's)."""
+def peak_memory(net, device) -> float:
+    """This process's high-water mark since the last call, in MiB; then starts a new one.
+
+    GPU: memory allocated. CPU: resident memory, VmHWM (reset through /proc/self/clear_refs;
+    unlike ru_maxrss it also starts afresh at exec, so a spawned child does not inherit its
+    parent's). ``net`` is unused: the signature of the variant processes' tasks.
+    """
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        status = Path("/proc/self/status").read_text().splitlines()
+        peak = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set
+        return peak
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak of the process's whole life
 
 
 def timed_call(net, x, t, device) -> tuple[float, torch.Tensor]:
@@ -111,10 +117,6 @@ def search_job(net, images, ac, grid, batch_size, device) -> float:
     return time.perf_counter() - start
 
 
-def peak_memory(net, device) -> float:
-    return _peak_memory_mb(device)
-
-
 @dataclass(frozen=True)
 class Variant:
     """One way of running the network; precision None is the naive reference."""
@@ -136,6 +138,8 @@ def _serve(conn, variant: Variant, config_name: str, weights: str, device: str, 
     model.load_state_dict(torch.load(weights, weights_only=True))
     device = torch.device(device)
     net = variant.build(model.to(device))
+    del model
+    peak_memory(net, device)  # measure from here: loading the float32 weights is not the variant's cost
     tasks = {"call": timed_call, "edit": edit_job, "search": search_job, "peak_memory": peak_memory}
 
     def to_device(arg):  # the parent sends CPU tensors (and dicts of them)
@@ -168,19 +172,24 @@ class VariantProcess:
 
 
 def run_model(kind: str, config, procs: dict, precisions: list[str], batch_sizes: list[int], device, args) -> dict:
-    """Per-call times of every variant, then the jobs; prints the tables, returns the JSON row."""
+    """Per-call times of every variant, then the jobs; prints the tables, returns the JSON row.
+
+    Peak memory is each process's own high-water mark during that phase or job (GPU: allocated;
+    CPU: resident, which with retained freed memory includes what earlier jobs left in the heap).
+    """
     shapes = latent_shapes(config)
     x = torch.randn(1, *shapes["z"], generator=torch.Generator().manual_seed(1))
     calls = {name: lambda x, t, proc=proc: proc.run("call", x, t, device) for name, proc in procs.items()}
     timed = time_calls(calls, x, 500, args.repeats)
+    peaks = {name: proc.run("peak_memory", device) for name, proc in procs.items()}
     base, ref = timed["naive fp32 NCHW"]
     row = {"per_call": {}}
     print(f"\n## {kind} ({CONFIGS[kind]}), batch 1, per call (median of {args.repeats}, round-robin)")
-    print(f"{'variant':28s} {'s/call':>8s} {'speed-up':>9s} {'max rel err':>12s}")
+    print(f"{'variant':28s} {'s/call':>8s} {'speed-up':>9s} {'max rel err':>12s} {'peak MiB':>8s}")
     for name, (seconds, out) in timed.items():
         err = float((out - ref).abs().max() / ref.abs().max())
-        row["per_call"][name] = {"seconds": seconds, "speedup": base / seconds, "rel_error": err}
-        print(f"{name:28s} {seconds:8.3f} {base / seconds:9.2f} {err:12.2e}")
+        row["per_call"][name] = {"seconds": seconds, "speedup": base / seconds, "rel_error": err, "peak_mb": peaks[name]}
+        print(f"{name:28s} {seconds:8.3f} {base / seconds:9.2f} {err:12.2e} {peaks[name]:8.0f}")
     if not args.skip_jobs:
         ac = make_alphas_cumprod(config.diffusion.beta_start, config.diffusion.beta_end,
                                  config.diffusion.num_diffusion_timesteps)
@@ -190,32 +199,29 @@ def run_model(kind: str, config, procs: dict, precisions: list[str], batch_sizes
         normals = {s: n / n.norm() for s, n in normals.items()}
         images = torch.rand(args.images, *shapes["z"], generator=gen) * 2 - 1
         n_calls = (args.steps - 1) + args.steps * (1 + args.edits)
-        print(f"\n## {kind}: edit job (t_0 500, {args.steps} steps, {args.edits} edits = {n_calls} calls) "
-              f"and boundary-search inversion of {args.images} images")
-        print(f"{'variant':40s} {'seconds':>8s} {'img/s':>7s} {'speed-up':>9s}")
-        jobs = {}
+        print(f"\n## {kind}: boundary-search inversion of {args.images} images and edit job "
+              f"(t_0 500, {args.steps} steps, {args.edits} edits = {n_calls} calls)")
+        print(f"{'variant':40s} {'seconds':>8s} {'img/s':>7s} {'speed-up':>9s} {'peak MiB':>8s}")
         naive = procs["naive fp32 NCHW"]
-        naive_edit, n_img = naive.run("edit", x, ac, grid, normals, args.edits, 1, device)
-        jobs["edit naive fp32 (batch 1)"] = {"seconds": naive_edit, "images_per_s": n_img / naive_edit, "speedup": 1.0}
-        for precision in precisions:
-            for bs in batch_sizes:
-                seconds, _ = procs[f"{precision} channels-last"].run("edit", x, ac, grid, normals, args.edits, bs, device)
-                jobs[f"edit {precision} (edit batch {bs})"] = {"seconds": seconds, "images_per_s": n_img / seconds,
-                                                                "speedup": naive_edit / seconds}
-        naive_search = naive.run("search", images, ac, grid, 1, device)
-        jobs["search naive fp32 (batch 1)"] = {"seconds": naive_search, "images_per_s": args.images / naive_search,
-                                               "speedup": 1.0}
         search_bs = default_batch_size(device, config.data.image_size)
-        for precision in precisions:
-            seconds = procs[f"{precision} channels-last"].run("search", images, ac, grid, search_bs, device)
-            jobs[f"search {precision} (batch {search_bs})"] = {
-                "seconds": seconds, "images_per_s": args.images / seconds, "speedup": naive_search / seconds}
-        for name, r in jobs.items():
-            print(f"{name:40s} {r['seconds']:8.1f} {r['images_per_s']:7.3f} {r['speedup']:9.2f}")
+        # Smallest batches first: with freed memory retained, a job's peak includes what larger ones left.
+        runs = [("search naive fp32 (batch 1)", naive, "search", 1)] + [
+            (f"search {precision} (batch {search_bs})", procs[f"{precision} channels-last"], "search", search_bs)
+            for precision in precisions] + [("edit naive fp32 (batch 1)", naive, "edit", 1)] + [
+            (f"edit {precision} (edit batch {bs})", procs[f"{precision} channels-last"], "edit", bs)
+            for precision in precisions for bs in sorted(batch_sizes)]
+        jobs, base_seconds = {}, {}
+        for name, proc, job, bs in runs:
+            if job == "edit":
+                seconds, n_img = proc.run("edit", x, ac, grid, normals, args.edits, bs, device)
+            else:
+                seconds, n_img = proc.run("search", images, ac, grid, bs, device), args.images
+            base_seconds.setdefault(job, seconds)  # each job's first run is the naive one
+            jobs[name] = {"seconds": seconds, "images_per_s": n_img / seconds, "speedup": base_seconds[job] / seconds,
+                          "peak_mb": proc.run("peak_memory", device)}
+            print(f"{name:40s} {seconds:8.1f} {n_img / seconds:7.3f} {base_seconds[job] / seconds:9.2f} "
+                  f"{jobs[name]['peak_mb']:8.0f}")
         row["jobs"] = jobs
-    row["peak_memory_mb"] = {name: proc.run("peak_memory", device) for name, proc in procs.items()}
-    print(f"peak memory per variant ({'GPU allocated' if device.type == 'cuda' else 'process RSS'}, MiB): "
-          + ", ".join(f"{name} {mb:.0f}" for name, mb in row["peak_memory_mb"].items()))
     return row
 
 
