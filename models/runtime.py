@@ -40,12 +40,9 @@ class InferenceNet:
 def default_batch_size(device: torch.device, image_size: int) -> int:
     """Images per network call when the user names none.
 
-    On the CPU, a 256-px UNet gains little from batching: per image, batch 2 is 4-9 % faster than
-    batch 1 and batch 4 no faster than 2 (2 cores, freed memory retained; fp32 DDPM 1.69 vs 1.81 s,
-    bf16 0.41 vs 0.42 s). A lone image (the edit mode's inversion and reconstruction) would run as
-    a pair at batch sizes above 1 (``utils.editing.pair_lone``), which costs more than that, so the
-    default is 1 there; ``--bs_train 2`` speeds up a boundary search a little. Small models and
-    GPUs gain from batching.
+    On the CPU, a 256-px UNet does not gain from batching: in ``scripts/benchmark.py`` an edit job
+    at batch 4 was 6-18 % slower than at batch 1 (fp32 and bf16, DDPM and ADM, 2 cores) and needed
+    nearly twice the memory, so the default is 1 there. Small models and GPUs gain from batching.
     """
     return 1 if device.type == "cpu" and image_size >= 128 else 8
 
