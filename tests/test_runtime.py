@@ -86,3 +86,14 @@ def test_retain_freed_memory_stops_refaulting_large_blocks():
     assert applied == "True"
     assert int(before) > 3 * 10_000  # 16,384 pages of 4 KiB per allocation, each faulted in afresh
     assert int(after) < 1_000, after
+
+
+def test_main_retains_freed_memory_before_any_work(monkeypatch, tmp_path, capsys):
+    import main as cli
+    import models.runtime as runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "retain_freed_memory", lambda: calls.append("retain") or True)
+    assert cli.main(["--boundary_search", "--config", str(tmp_path / "missing.yml")]) == 1
+    assert calls == ["retain"]
+    assert capsys.readouterr().err.startswith("error: ")
