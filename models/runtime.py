@@ -52,10 +52,10 @@ def retain_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
 
     By default glibc serves each allocation of 32 MiB or more (one 128-channel 256x256 float32
     activation is exactly 32 MiB) with a fresh ``mmap`` and unmaps it on free, so every such tensor
-    is page-faulted in and zeroed by the kernel again: about 800,000 page faults, 0.4-0.7 s of a
-    2.6 s float32 call of the 256-px DDPM on 2 cores. Raising the mmap and trim thresholds keeps
-    that memory in the heap. The price is a higher resident set (the heap keeps its peak: +5-18 %
-    peak RSS measured on the 256-px models).
+    is page-faulted in and zeroed by the kernel again: about 800,000 page faults, roughly 0.6 s of
+    a 2.4-2.8 s float32 call of the 256-px DDPM on 2 cores. Raising the mmap and trim thresholds
+    keeps that memory in the heap. The price is a higher resident set, as the heap keeps its peak
+    (+4 % peak RSS at batch 1 in ``scripts/benchmark.py``).
 
     Process-wide, so only entry points call it (``main.py``, the scripts), never an import.
     Returns True when applied, False where the C library is not glibc (macOS, musl, Windows).
