@@ -43,7 +43,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from models import build_model  # noqa: E402
-from models.runtime import InferenceNet, retain_freed_memory  # noqa: E402
+from models.runtime import PRECISIONS, InferenceNet, retain_freed_memory  # noqa: E402
 from utils.boundary import edit_latents  # noqa: E402
 from utils.boundary_files import BoundaryRecord, matching_boundaries  # noqa: E402
 from utils.checkpoints import load_weights, resolve_checkpoint, sha256_file  # noqa: E402
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=256, help="images per network call")
     parser.add_argument("--seed", type=int, default=0, help="seed of the edit and sampling noise")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="network precision")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="network precision")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
