@@ -27,7 +27,7 @@ def build_model(config: Any) -> nn.Module:
 
 
 def latent_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """Shapes without batch of the two latents (spec section 3): z = x_{t_0} and h, the
+    """Shapes without batch of the two latents (docs/algorithm.md section 3): z = x_{t_0} and h, the
     middle-block output, e.g. {'z': (3, 256, 256), 'h': (512, 8, 8)} for the 256-px models."""
     config: Config = parse_config(config)
     size, m = config.data.image_size, config.model

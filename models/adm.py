@@ -3,7 +3,7 @@
 The module names (``time_embed``, ``input_blocks``, ``middle_block``, ``output_blocks``, ``out``
 and the sub-module names inside the blocks) are chosen so that a real guided-diffusion checkpoint
 such as the AFHQ-dog 256 P2-weighting model loads with ``strict=True``; the expected key list is
-``shared/reference/state_dict_iddpm_afhq_256.tsv``.
+``tests/data/state_dict_iddpm_afhq_256.tsv``.
 
 Numerics follow guided-diffusion: sinusoidal timestep embedding ``[cos, sin]``, GroupNorm computed
 in float32, scale-shift conditioning, "legacy" QKV attention order, 1/sqrt(sqrt(d)) scaling of both

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 
 def as_timestep_batch(t, x: Tensor) -> Tensor:
-    """Timesteps as the (B,) float tensor the networks expect (spec section 2).
+    """Timesteps as the (B,) float tensor the networks expect (docs/algorithm.md section 2).
 
     t: a number, a 0-d or (1,) tensor (broadcast to the batch) or a (B,) tensor; x: (B, ...) the network input.
     """

@@ -4,7 +4,7 @@ State-dict keys follow the PyTorch port used by SDEdit and DiffusionCLIP (``temb
 ``down.{level}.block.{i}.*``, ``mid.block_1`` / ``attn_1`` / ``block_2``, ``up.*``,
 ``norm_out``, ``conv_out``), so a real checkpoint loads with ``strict=True``.
 
-The h latent (spec section 3) is the output of ``mid.block_2``: (B, 512, 8, 8) at 256 px.
+The h latent (docs/algorithm.md section 3) is the output of ``mid.block_2``: (B, 512, 8, 8) at 256 px.
 """
 from __future__ import annotations
 

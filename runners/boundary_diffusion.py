@@ -183,7 +183,7 @@ class BoundaryDiffusion:
 
     # ------------------------------------------------------------------ modes
     def boundary_search(self) -> dict:
-        """Invert labelled images to t_0, fit one SVM per space, save both boundaries (spec section 4)."""
+        """Invert labelled images to t_0, fit one SVM per space, save both boundaries (docs/algorithm.md section 4)."""
         args = self.args
         if args.pos_dir or args.neg_dir:
             if not (args.pos_dir and args.neg_dir):
@@ -230,7 +230,7 @@ class BoundaryDiffusion:
         return summary
 
     def edit_image_boundary(self) -> dict:
-        """Invert one real image, edit it across the boundaries to K distances (spec section 5)."""
+        """Invert one real image, edit it across the boundaries to K distances (docs/algorithm.md section 5)."""
         args = self.args
         records = self._boundaries()
         image = self._load(Path(args.img_path))
@@ -247,7 +247,7 @@ class BoundaryDiffusion:
         return summary
 
     def unconditional(self) -> dict:
-        """Sample latents at t_0 from noise, then the same edit (spec section 6)."""
+        """Sample latents at t_0 from noise, then the same edit (docs/algorithm.md section 6)."""
         args = self.args
         records = self._boundaries()
         run_dir = self._run_dir("unconditional")
@@ -267,7 +267,7 @@ class BoundaryDiffusion:
         return summaries[0]
 
     def radius(self) -> dict:
-        """The mixing-step analysis (spec section 7): radius of sampled vs inverted latents over t."""
+        """The mixing-step analysis (docs/algorithm.md section 7): radius of sampled vs inverted latents over t."""
         args = self.args
         data_dir = args.data_dir or self.config.data.data_dir
         if args.img_path:

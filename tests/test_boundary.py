@@ -1,4 +1,4 @@
-"""utils/boundary.py (fit, edit, project; spec sections 4, 5, 9) and utils/boundary_files.py
+"""utils/boundary.py (fit, edit, project; docs/algorithm.md sections 4, 5, 9) and utils/boundary_files.py
 (the safe on-disk format)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pins the numerical conventions of utils/diffusion.py (spec section 2) with goldens on tiny inputs,
+"""Pins the numerical conventions of utils/diffusion.py (docs/algorithm.md section 2) with goldens on tiny inputs,
 a recording stand-in network, and exactness / batch-independence properties."""
 from __future__ import annotations
 

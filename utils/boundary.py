@@ -1,7 +1,7 @@
 """Semantic boundaries: fit a linear SVM, edit latents across it, project one normal off others.
 
 Arrays in, arrays out (numpy for fitting, torch or numpy for editing); no files here. A latent of
-any shape is flattened to D = prod(shape) first (spec sections 4, 5 and 9).
+any shape is flattened to D = prod(shape) first (docs/algorithm.md sections 4, 5 and 9).
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def edit_latents(v: torch.Tensor, normal: torch.Tensor, distances: torch.Tensor)
 
 
 def project_boundary(primary: np.ndarray, *conditions: np.ndarray) -> np.ndarray:
-    """Unit normal of ``primary`` made orthogonal to every condition normal (spec section 9).
+    """Unit normal of ``primary`` made orthogonal to every condition normal (docs/algorithm.md section 9).
 
     primary, conditions: (D,). Editing along the result leaves each condition's projection
     unchanged. Raises ValueError if the primary lies in the span of the conditions.

@@ -1,4 +1,4 @@
-"""Labelled image sets for boundary search: an attribute table, or two folders (spec sections 4, 8)."""
+"""Labelled image sets for boundary search: an attribute table, or two folders (docs/algorithm.md sections 4, 8)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -78,7 +78,7 @@ def from_attr_file(data_dir: str | Path, attr_file: str | Path, attribute: str) 
 
 
 def from_folders(pos_dir: str | Path, neg_dir: str | Path) -> LabelledImages:
-    """Positives from one folder, negatives from another (the text-conditioned recipe, spec section 8)."""
+    """Positives from one folder, negatives from another (the text-conditioned recipe, docs/algorithm.md section 8)."""
     pos, neg = list_images(pos_dir), list_images(neg_dir)
     return LabelledImages(tuple(pos + neg), np.array([1] * len(pos) + [0] * len(neg), dtype=np.int64))
 

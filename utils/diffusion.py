@@ -1,6 +1,6 @@
 """The numerical core: schedule, timestep grid, DDIM move, and the loops built on it.
 
-Notation (code name -> paper symbol), spec section 2:
+Notation (code name -> paper symbol), docs/algorithm.md section 2:
 
     alphas_cumprod[t]  a_t = prod_{s<=t} (1 - beta_s), t = 0..T-1; a_{-1} = 1 ("clean")
     x                  x_t, pixels scaled to [-1, 1] at t = -1
@@ -28,7 +28,7 @@ H_POLICIES = ("lagged", "once")
 
 
 def make_alphas_cumprod(beta_start: float, beta_end: float, num_timesteps: int) -> Tensor:
-    """a_t for a linear beta schedule: (T,) float64 (spec section 2; cast only at use)."""
+    """a_t for a linear beta schedule: (T,) float64 (docs/algorithm.md section 2; cast only at use)."""
     betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
     return torch.cumprod(1.0 - betas, dim=0)
 
@@ -65,7 +65,7 @@ def generation_pairs(grid: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def sampling_pairs(num_timesteps: int, t_0: int, n_steps: int) -> list[tuple[int, int]]:
-    """Downward pairs from T - 1 to t_0 over ``n_steps`` points (unconditional mode, spec section 6).
+    """Downward pairs from T - 1 to t_0 over ``n_steps`` points (unconditional mode, docs/algorithm.md section 6).
 
     The points are [int(v) for v in linspace(t_0, T - 1, n_steps)], deduplicated, walked downward.
     With n_steps = T - t_0 this visits every integer timestep, as the reference code does.
@@ -78,7 +78,7 @@ def sampling_pairs(num_timesteps: int, t_0: int, n_steps: int) -> list[tuple[int
 
 def ddim_step(x: Tensor, eps: Tensor, a_t: Tensor, a_next: Tensor, eta: float = 0.0,
               noise: Tensor | None = None) -> Tensor:
-    """One DDIM move from x_t to x_{t'} (spec section 2).
+    """One DDIM move from x_t to x_{t'} (docs/algorithm.md section 2).
 
     x, eps: (B, C, H, W); a_t, a_next: a_t and a_{t'}, 0-d or broadcastable to x (e.g. (B, 1, 1, 1)).
     x0_hat = (x_t - sqrt(1 - a_t) e) / sqrt(a_t), no clipping;
@@ -126,7 +126,7 @@ def ddim_trajectory(net: Net, x: Tensor, alphas_cumprod: Tensor, pairs: Sequence
     """Walk ``pairs`` with DDIM, yielding a ``Step`` after each move.
 
     The network is evaluated at the first timestep of each pair. With ``h_edit`` (B, C_mid, H_mid,
-    W_mid) the first call's decoder uses it; later calls use, by ``h_policy`` (spec section 5):
+    W_mid) the first call's decoder uses it; later calls use, by ``h_policy`` (docs/algorithm.md section 5):
     "lagged" -- the previous call's own (un-overridden) bottleneck, as the reference code does;
     "once" -- nothing (the network's own h), as the paper describes.
     ``generators``: one per batch item, needed when eta > 0.
@@ -165,7 +165,7 @@ def invert(net: Net, x0: Tensor, alphas_cumprod: Tensor, grid: Sequence[int]) ->
     """DDIM inversion (eta 0) of images x0 (B, C, H, W) in [-1, 1] up to grid[-1] = t_0.
 
     S - 1 upward moves; the network sees x_{g[i]} at timestep g[i] (the lower end), so h comes
-    from the call at g[S-2], not at t_0 (spec section 2).
+    from the call at g[S-2], not at t_0 (docs/algorithm.md section 2).
     """
     last = _last(ddim_trajectory(net, x0, alphas_cumprod, inversion_pairs(grid)))
     return Inversion(z=last.x, h=last.h)
@@ -184,6 +184,6 @@ def generate(net: Net, z: Tensor, alphas_cumprod: Tensor, grid: Sequence[int], h
 
 def sample_latents(net: Net, x_T: Tensor, alphas_cumprod: Tensor, pairs: Sequence[tuple[int, int]]) -> Inversion:
     """Denoise sampled noise x_T (B, C, H, W) with DDIM eta 0 along downward ``pairs`` ending at t_0;
-    returns x_{t_0} and the bottleneck of the last call (spec section 6)."""
+    returns x_{t_0} and the bottleneck of the last call (docs/algorithm.md section 6)."""
     last = _last(ddim_trajectory(net, x_T, alphas_cumprod, pairs))
     return Inversion(z=last.x, h=last.h)

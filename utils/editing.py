@@ -1,4 +1,4 @@
-"""Edit sequences: move z and h across the boundaries to K distances and denoise (spec section 5)."""
+"""Edit sequences: move z and h across the boundaries to K distances and denoise (docs/algorithm.md section 5)."""
 from __future__ import annotations
 
 from typing import Sequence

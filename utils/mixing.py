@@ -1,4 +1,4 @@
-"""The mixing-step analysis (spec section 7): where do sampled and inverted latents meet?
+"""The mixing-step analysis (docs/algorithm.md section 7): where do sampled and inverted latents meet?
 
 For candidate timesteps t, compare the mean radius ||x_t|| of latents reached by DDIM sampling
 (eta 0, from T - 1 down to t) with that of real images DDIM-inverted up to t. The mixing step t_m
