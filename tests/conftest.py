@@ -15,7 +15,33 @@ import main as cli
 from models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+DATA = REPO / "tests" / "data"  # facts the tests compare against, kept in the repository
+
+
+def read_state_dict_tsv(name: str) -> dict[str, tuple[int, ...]]:
+    """{key: shape} from ``tests/data/<name>``: ``key<TAB>shape`` lines (shape like ``512x128``,
+    empty for a scalar); ``#`` lines are comments."""
+    shapes = {}
+    for line in (DATA / name).read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, _, shape = line.partition("\t")
+        shape = shape.strip()
+        shapes[key.strip()] = tuple(int(v) for v in shape.split("x")) if shape else ()
+    return shapes
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference, computed in float64."""
+    return float((a.double() - b.double()).abs().max())
+
+
+def float_tolerance(dtype: torch.dtype, magnitude: float = 1.0, ulps: float = 8.0) -> float:
+    """An absolute tolerance for results that may differ by the rounding of a few operations:
+    ``ulps`` units in the last place of ``dtype`` at ``magnitude`` (the size of the values
+    compared). Used where another kernel (another BLAS or convolution path, another batch
+    composition) may round the same mathematics differently."""
+    return float(torch.finfo(dtype).eps) * max(abs(magnitude), 1.0) * ulps
 
 TINY_MODELS = {
     "ddpm": {"type": "ddpm", "in_channels": 3, "out_ch": 3, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
@@ -38,15 +64,19 @@ def tiny_config(kind: str, name: str | None = None) -> dict:
     }
 
 
-def random_model(config: dict, seed: int = 0) -> torch.nn.Module:
-    """build_model with every parameter drawn at random (zero-initialised layers included)."""
-    torch.manual_seed(seed)
-    model = build_model(config)
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter drawn from N(0, 0.1^2) (zero-initialised layers included); eval mode."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     return model.eval()
+
+
+def random_model(config: dict, seed: int = 0) -> torch.nn.Module:
+    """build_model with every parameter drawn at random (zero-initialised layers included)."""
+    torch.manual_seed(seed)
+    return randomize_(build_model(config), seed)
 
 
 @pytest.fixture(scope="session", params=["ddpm", "adm"])

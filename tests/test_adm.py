@@ -5,15 +5,13 @@ from __future__ import annotations
 import copy
 import io
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from models.adm import ADMUNet, timestep_embedding
+from tests.conftest import randomize_, read_state_dict_tsv
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
-AFHQ_TSV = REFERENCE_DIR / "state_dict_iddpm_afhq_256.tsv"
 
 AFHQ_CFG = {
     "type": "adm",
@@ -48,27 +46,11 @@ TINY_CFG = {
 TINY_SIZE = 16
 
 
-def _read_tsv(path: Path) -> dict[str, tuple[int, ...]]:
-    """Parse ``key<TAB>shape`` lines (shape like ``512x128``; empty for a scalar)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        key, _, shape = line.partition("\t")
-        shape = shape.strip()
-        shapes[key.strip()] = tuple(int(d) for d in shape.split("x")) if shape else ()
-    return shapes
-
 
 def _tiny_model(seed: int = 0) -> ADMUNet:
     """Tiny model in eval mode with every parameter random (no zero-initialised layers left)."""
     torch.manual_seed(seed)
-    model = ADMUNet(TINY_CFG, TINY_SIZE).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
+    return randomize_(ADMUNet(TINY_CFG, TINY_SIZE), seed + 1)
 
 
 def _inputs(batch: int = 2, seed: int = 2) -> torch.Tensor:
@@ -77,7 +59,7 @@ def _inputs(batch: int = 2, seed: int = 2) -> torch.Tensor:
 
 
 def test_afhq_state_dict_matches_reference():
-    expected = _read_tsv(AFHQ_TSV)
+    expected = read_state_dict_tsv("state_dict_iddpm_afhq_256.tsv")
     assert len(expected) == 362
     with torch.device("meta"):
         model = ADMUNet(AFHQ_CFG, 256)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from utils.boundary import Boundary, edit_latents, fit_boundary, project_boundary, split_indices
+from utils.boundary import Boundary, edit_latents, latent_distance, fit_boundary, project_boundary, split_indices
 from utils.boundary_files import BoundaryRecord, find_boundaries, load_boundary, matching_boundaries, save_boundary
 from utils.errors import UserError
 
@@ -53,16 +53,33 @@ def test_edit_latents_sets_projection_and_keeps_orthogonal_part(batch, dims, dis
     assert err_o <= tol, f"orthogonal component changed by {err_o}"
 
 
-def test_edit_latents_batch_equals_items_alone():
+@pytest.mark.parametrize("shape", [(3, 2, 2), (3, 128, 128)])  # 12 values; 49,152 (a threaded reduction)
+def test_edit_latents_batch_equals_items_alone(shape):
+    # Bit for bit by construction: every step of edit_latents is per row (elementwise float64
+    # products, one sum call per row), so a row's result cannot depend on the rows beside it,
+    # whatever BLAS or vector unit the CPU has.
     rng = np.random.default_rng(0)
-    v = torch.from_numpy(rng.normal(size=(4, 3, 2, 2)))
-    n = torch.from_numpy(_unit(rng, 12))
+    v = torch.from_numpy(rng.normal(size=(4, *shape)))
+    n = torch.from_numpy(_unit(rng, int(np.prod(shape))))
     dist = torch.linspace(-5, 5, 3, dtype=torch.float64)
     batch = edit_latents(v, n, dist)
+    distances = latent_distance(v, n)
     for i in range(4):
         alone = edit_latents(v[i:i + 1], n, dist)
         diff = float((batch[i:i + 1] - alone).abs().max())
         assert diff == 0.0, f"item {i}: max diff {diff}"
+        assert latent_distance(v[i:i + 1], n).item() == distances[i].item()
+
+
+def test_edit_to_own_distance_returns_the_latent_bit_for_bit():
+    # By construction: latent_distance and edit_latents take the same row sums of the same unit
+    # normal, so the shift is exactly 0 and v + 0 is v.
+    rng = np.random.default_rng(3)
+    v = torch.from_numpy(rng.normal(size=(2, 5, 7)).astype(np.float32))
+    n = torch.from_numpy(rng.normal(size=35).astype(np.float32))  # not unit length on purpose
+    for i in range(2):
+        out = edit_latents(v[i:i + 1], n, latent_distance(v[i:i + 1], n))
+        assert torch.equal(out[0, 0], v[i])
 
 
 def test_edit_latents_keeps_float32_and_accepts_numpy_normal():

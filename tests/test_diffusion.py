@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tests.conftest import max_abs
 from utils.diffusion import (alpha_bar, ddim_step, ddim_trajectory, generate, generation_pairs, invert,
                              inversion_pairs, make_alphas_cumprod, sampling_pairs, timestep_grid)
 
@@ -53,10 +54,6 @@ class ConstantEpsNet:
 
     def __call__(self, x, t, h_override=None):
         return self.e.expand_as(x).clone(), torch.zeros(x.shape[0], 1, 1, 1, dtype=x.dtype)
-
-
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max())
 
 
 # --------------------------------------------------------------------------- timestep grid

@@ -5,18 +5,9 @@ import pytest
 import torch
 
 from models import build_model, latent_shapes
-from tests.conftest import REFERENCE, random_model, tiny_config
+from tests.conftest import random_model, read_state_dict_tsv, tiny_config
 from utils.config import load_config
 
-
-def read_tsv(name: str) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for line in (REFERENCE / name).read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")
-        shapes[key] = tuple(int(v) for v in shape.split("x")) if shape else ()
-    return shapes
 
 
 @pytest.mark.parametrize("config_name, tsv, h_shape", [
@@ -26,7 +17,7 @@ def read_tsv(name: str) -> dict[str, tuple[int, ...]]:
     ("afhq.yml", "state_dict_iddpm_afhq_256.tsv", (512, 8, 8)),
 ])
 def test_real_configs_match_reference_state_dicts(config_name, tsv, h_shape):
-    expected = read_tsv(tsv)
+    expected = read_state_dict_tsv(tsv)
     with torch.device("meta"):
         model = build_model(load_config(config_name))
     actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -67,10 +67,30 @@ def _binary(labels: np.ndarray) -> np.ndarray:
     return (y > 0).astype(np.int64)
 
 
+def _unit_float64(normal, device: torch.device) -> torch.Tensor:
+    """normal (D,) or any shape with D values -> (D,) float64 of unit length."""
+    n = torch.as_tensor(normal, device=device).reshape(-1).double()
+    return n / n.norm()
+
+
+def _row_dots(v: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """v (B, ...) . n (D,) for each row, float64 -> (B,).
+
+    Batch-invariant by construction: each row's products are float64 elementwise, and each row is
+    summed by a call of its own on that row alone, so row i's value does not depend on which
+    other rows share the batch. A matrix-vector product would not promise that: BLAS libraries
+    pick another kernel (another summation order) for 4 rows than for 1.
+    """
+    flat = v.reshape(v.shape[0], -1).double()
+    return torch.stack([(row * n).sum() for row in flat]) if len(flat) else flat.new_zeros(0)
+
+
 def latent_distance(v: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
-    """Signed projections v.n: v (B, ...), normal (D,) -> (B,) float64 (the distance an edit sets)."""
-    n = torch.as_tensor(normal, device=v.device).reshape(-1).double()
-    return v.reshape(v.shape[0], -1).double() @ (n / n.norm())
+    """Signed projections v.n: v (B, ...), normal (D,) -> (B,) float64 (the distance an edit sets).
+
+    The normal is scaled to unit length; each row's value is independent of the batch around it.
+    """
+    return _row_dots(v, _unit_float64(normal, v.device))
 
 
 def edit_latents(v: torch.Tensor, normal: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
@@ -78,16 +98,18 @@ def edit_latents(v: torch.Tensor, normal: torch.Tensor, distances: torch.Tensor)
 
     v: (B, ...) latents; normal: (D,) unit norm, D = prod(v.shape[1:]); distances: (K,).
     Returns (B, K, ...): v'_k = v + (d_k - v.n) n, so that v'_k . n = d_k (exactly up to v's
-    precision). The shift is computed in float64 and added in v's dtype, so an edit to a latent's
-    own distance returns it bit for bit. The SVM intercept is ignored: the hyperplane is taken
-    through the origin, as InterFaceGAN's ``linear_interpolate`` does.
+    precision). The shift is computed in float64 and added in v's dtype, so an edit to the
+    distance ``latent_distance(v, normal)`` returns v bit for bit (both take the same row sums of
+    the same unit normal). Every step is per row, so a latent's edits do not depend on the batch.
+    The SVM intercept is ignored: the hyperplane is taken through the origin, as InterFaceGAN's
+    ``linear_interpolate`` does.
     """
-    n = torch.as_tensor(normal, device=v.device).reshape(-1).double()
+    # Rescaled to unit length: guards against a stored normal that drifted from it.
+    n = _unit_float64(normal, v.device)
     if n.shape[0] != v[0].numel():
         raise ValueError(f"normal of {n.shape[0]} values does not fit latents of shape {tuple(v.shape[1:])}")
-    n = n / n.norm()  # guard against a stored normal that drifted from unit length
     d = torch.as_tensor(distances, device=v.device).reshape(-1).double()
-    shift = d[None, :] - latent_distance(v, n)[:, None]  # (B, K)
+    shift = d[None, :] - _row_dots(v, n)[:, None]  # (B, K)
     delta = (shift[:, :, None] * n[None, None, :]).to(v.dtype)  # (B, K, D)
     edited = v.reshape(v.shape[0], 1, -1) + delta
     return edited.reshape(v.shape[0], len(d), *v.shape[1:])
