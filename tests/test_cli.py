@@ -15,6 +15,8 @@ from PIL import Image
 import main as cli
 from tests.conftest import REPO, write_labelled_set
 from utils.boundary_files import BoundaryRecord, save_boundary
+from utils.diffusion import make_alphas_cumprod
+from utils.images import load_image
 
 
 def run(argv, capsys):
@@ -54,8 +56,11 @@ def test_boundary_search_outputs(searched, tiny_setup):
             assert len(str(data["checkpoint_sha256"])) == 64
             for key in ("coef", "intercept", "train_acc", "test_acc", "n_pos", "n_neg"):
                 assert key in data.files
+            stored = float(data["train_acc"]), float(data["test_acc"])
+        # The two classes differ by +150 grey levels over opposite halves of the image: separable
+        # with a wide margin in z and, through a random network, in h, train and test alike.
         accuracy = summary["spaces"][space]
-        assert 0 <= accuracy["train_acc"] <= 1 and 0 <= accuracy["test_acc"] <= 1
+        assert (accuracy["train_acc"], accuracy["test_acc"]) == stored == (1.0, 1.0), (space, accuracy)
 
 
 def test_boundary_search_resumes_from_cache_and_never_overwrites(searched, capsys):
@@ -127,13 +132,33 @@ def test_unconditional_and_radius(searched, capsys):
     assert tensors["edits"].shape == (3, 3, 16, 16) and "recon" not in tensors
 
     code, err = run(["--radius", *common, "--exp", root / "rad", "--data_dir", root / "images", "--n_test_img", 4,
-                     "--radius_step", 250], capsys)
+                     "--radius_step", 250, "--radius_eps", 0.9], capsys)
     assert code == 0, err
-    result = json.loads((root / "rad" / "radius" / "radius.json").read_text())
-    assert result["t"] == [0, 250, 500, 750, 999]
-    assert len(result["radius_sampled"]) == 5 and len(result["radius_inverted"]) == 5
-    assert abs(result["radius_analytic"][-1] - np.sqrt(0.99995 * 0 + 768)) < 3  # ~ sqrt(d) at T-1
-    assert (root / "rad" / "radius" / "radius.csv").read_text().startswith("t,radius_sampled")
+    out = root / "rad" / "radius"
+    result = json.loads((out / "radius.json").read_text())
+    ts = [0, 250, 500, 750, 999]
+    assert result["t"] == ts and result["n_real"] == 4 and result["n_sampled"] == 4
+    # The curves the runner wires up, checked against the images it read (the first 4 by name):
+    real = torch.cat([load_image(root / "images" / f"{i:06d}.png", 16, 3) for i in range(4)]).double()
+    d, mean_sq = 3 * 16 * 16, float(real.flatten(1).pow(2).sum(1).mean())
+    ac = make_alphas_cumprod(0.0001, 0.02, 1000)
+    for t, analytic in zip(ts, result["radius_analytic"]):
+        a_t = float(ac[t])
+        assert abs(analytic - np.sqrt(a_t * mean_sq + (1 - a_t) * d)) < 1e-9 * analytic, (t, analytic)
+    # At t = 0 the inverted latents are the images themselves; at T - 1 the sampled ones are the
+    # drawn standard normals, whose radius concentrates at sqrt(d) (4 draws: within 5 %).
+    assert abs(result["radius_inverted"][0] - float(real.flatten(1).norm(dim=1).mean())) < 1e-5
+    assert abs(result["radius_sampled"][-1] / np.sqrt(d) - 1) < 0.05, result["radius_sampled"]
+    for s_, i_, diff in zip(result["radius_sampled"], result["radius_inverted"], result["relative_difference"]):
+        assert abs(diff - abs(s_ - i_) / s_) < 1e-12
+    # t_m is the largest t whose difference is within --radius_eps, the same in summary.json.
+    within = [t for t, diff in zip(ts, result["relative_difference"]) if diff <= 0.9]
+    assert result["t_m"] == (max(within) if within else None)
+    assert result["t_m"] == 999  # on these random tiny nets: about 0.87 at T - 1, above 0.98 before
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["t_m"] == result["t_m"] and summary["epsilon"] == 0.9
+    csv = (out / "radius.csv").read_text().splitlines()
+    assert csv[0].startswith("t,radius_sampled") and [int(row.split(",")[0]) for row in csv[1:]] == ts
 
 
 def _assert_one_line_error(code, err, *fragments):

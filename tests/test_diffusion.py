@@ -10,6 +10,7 @@ import torch
 from tests.conftest import max_abs
 from utils.diffusion import (alpha_bar, ddim_step, ddim_trajectory, generate, generation_pairs, invert,
                              inversion_pairs, make_alphas_cumprod, sampling_pairs, timestep_grid)
+from utils.mixing import radius_curves
 
 BETA_START, BETA_END, T = 0.0001, 0.02, 1000
 
@@ -346,6 +347,8 @@ def test_batch_equals_items_one_by_one_with_eta_1(ac):
     batch = list(ddim_trajectory(net, z, ac, pairs, eta=1.0, generators=_gens(seeds)))[-1].x
     for i, s in enumerate(seeds):
         single = list(ddim_trajectory(net, z[i:i + 1], ac, pairs, eta=1.0, generators=_gens([s])))[-1].x
+        # Bit for bit by construction: the stand-in net and the DDIM step are float64 elementwise
+        # arithmetic, and item i's noise comes from its own generator whatever the batch.
         assert max_abs(batch[i:i + 1], single) == 0.0, f"item {i}: max diff {max_abs(batch[i:i + 1], single)}"
     # and the noise is there: a different seed gives a different result
     other = list(ddim_trajectory(net, z[:1], ac, pairs, eta=1.0, generators=_gens([99])))[-1].x
@@ -361,3 +364,54 @@ def test_trajectory_wrong_number_of_generators_raises(ac):
     with pytest.raises(ValueError):
         list(ddim_trajectory(RecordingNet(), torch.zeros(2, 1, 2, 2), ac, [(20, 10)], eta=1.0,
                              generators=_gens([1])))
+
+
+# --------------------------------------------------------------------------- mixing step (utils/mixing.py)
+
+class LinearEpsNet:
+    """eps = k x: every DDIM move (eta 0) from t to t' scales x by the scalar
+    f(t, t') = sqrt(a_t' / a_t) (1 - k sqrt(1 - a_t)) + k sqrt(1 - a_t'), so radii have a closed form."""
+
+    def __init__(self, k: float):
+        self.k = k
+
+    def __call__(self, x, t, h_override=None):
+        return self.k * x, torch.zeros(x.shape[0], 1, 1, 1, dtype=x.dtype)
+
+
+def test_radius_curves_and_mixing_step_golden(ac):
+    ts = [0, 250, 500, 750, 999]
+    d = 3 * 4 * 4
+    images = torch.cat([torch.full((1, 3, 4, 4), 0.5), torch.full((1, 3, 4, 4), -0.25)]).double()
+    noise = torch.ones(2, 3, 4, 4, dtype=torch.float64)
+
+    def move(t, t_next, k=1.0):
+        a, a_next = hand_alpha_bar(t), hand_alpha_bar(t_next)
+        return math.sqrt(a_next / a) * (1 - k * math.sqrt(1 - a)) + k * math.sqrt(1 - a_next)
+
+    # By hand, in plain Python: inverted radii walk up from mean ||x0|| = 0.375 sqrt(d), sampled
+    # radii walk down from ||x_{T-1}|| = sqrt(d).
+    inverted = [0.375 * math.sqrt(d)]
+    for t, t_next in zip(ts, ts[1:]):
+        inverted.append(inverted[-1] * abs(move(t, t_next)))
+    sampled = [math.sqrt(d)]
+    for t, t_next in zip(ts[::-1], ts[::-1][1:]):
+        sampled.append(sampled[-1] * abs(move(t, t_next)))
+    sampled.reverse()
+    mean_sq = (0.25 + 0.0625) / 2 * d
+    analytic = [math.sqrt(hand_alpha_bar(t) * mean_sq + (1 - hand_alpha_bar(t)) * d) for t in ts]
+
+    out = radius_curves(LinearEpsNet(1.0), images, noise, ac, ts, epsilon=0.35, batch_size=1)
+    assert out["t"] == ts
+    # float64 throughout; the code and the plain-Python walk round differently in the last bits
+    tol = 1e-12
+    for key, want in (("radius_inverted", inverted), ("radius_sampled", sampled), ("radius_analytic", analytic)):
+        got = out[key]
+        assert all(abs(g - w) <= tol * abs(w) for g, w in zip(got, want)), f"{key}: {got} vs {want}"
+    # The relative differences, against literal values to four places as a fixed reference:
+    want = [0.1175, 0.3134, 0.4111, 0.4261, 0.4268]
+    assert all(abs(g - w) < 1e-4 for g, w in zip(out["relative_difference"], want)), out["relative_difference"]
+    # t_m: the largest t at which the difference is at most epsilon (here 250, not the last candidate)
+    assert out["t_m"] == 250
+    assert radius_curves(LinearEpsNet(1.0), images, noise, ac, ts, epsilon=0.1)["t_m"] is None
+    assert radius_curves(LinearEpsNet(1.0), images, noise, ac, ts, epsilon=0.5)["t_m"] == 999

@@ -221,8 +221,10 @@ def test_truncated_png_body_raises_user_error(tmp_path):
     path.write_bytes(big[: len(big) // 2])
     with pytest.raises(UserError, match="cut.png"):
         load_image(path, 64, 3)
-    assert data  # the small one stays valid
-    load_image(tmp_path / "valid.png", 8, 3)
+    # The failed load touched neither file, and the valid one next to it still loads, as written.
+    assert (tmp_path / "valid.png").read_bytes() == data and (tmp_path / "cut.png").read_bytes() == big[: len(big) // 2]
+    valid = load_image(tmp_path / "valid.png", 8, 3)
+    assert valid.shape == (1, 3, 8, 8) and torch.allclose(valid, torch.full_like(valid, 7 / 127.5 - 1), atol=1e-6)
 
 
 def test_save_then_load_is_uint8_exact(tmp_path):
