@@ -53,6 +53,14 @@ TINY_MODELS = {
 }
 
 
+def sinusoid_tolerance(args: list[float]) -> torch.Tensor:
+    """Per-value bound for a float32 sinusoid of ``args``: the frequency and the product t w carry
+    a relative error of about 12 ulps (exp of an argument up to ln 10000 ~ 9.2, then one product),
+    which sin / cos turn into an absolute error of |t w| * 12 eps, plus a few ulps of their own."""
+    eps = torch.finfo(torch.float32).eps
+    return torch.tensor([(abs(a) * 12 + 4) * eps for a in args], dtype=torch.float64)
+
+
 def tiny_config(kind: str, name: str | None = None) -> dict:
     return {
         "name": name or f"tiny_{kind}",

@@ -262,7 +262,7 @@ def test_save_load_round_trip_every_field(tmp_path):
     back = load_boundary(path)
     for f in dataclasses.fields(BoundaryRecord):
         a, b = getattr(rec, f.name), getattr(back, f.name)
-        if isinstance(a, np.ndarray):
+        if isinstance(a, np.ndarray):  # stored bytes come back as they were: exact
             assert b.dtype == np.float32 and np.array_equal(a, b), f"{f.name}: {b!r} vs {a!r}"
         else:
             assert a == b and type(b) is type(a), f"{f.name}: {b!r} ({type(b).__name__}) vs {a!r} ({type(a).__name__})"
@@ -439,5 +439,6 @@ def test_from_boundary_keeps_fit_results():
     x, y, _ = _blobs(0, 10)
     b = fit_boundary(x, y)
     rec = BoundaryRecord.from_boundary(b, shape=(5,), space="z", t_0=500, n_inv_step=40)
+    # a copy of float32 arrays and Python floats: exact
     assert rec.intercept == b.intercept and np.array_equal(rec.normal, b.normal) and rec.train_acc == b.train_acc
     assert "normal" not in rec.describe() and rec.describe()["t_0"] == 500

@@ -75,6 +75,8 @@ def test_boundary_search_resumes_from_cache_and_never_overwrites(searched, capsy
     assert (root / "run" / "boundary_search-1" / "summary.json").is_file()
     assert all(p.read_bytes() == b for p, b in before.items()), "an earlier boundary file was overwritten"
     again = {s: p.with_name(p.stem + "-1.npz") for s, p in paths.items()}
+    # Bit for bit by construction: the latents come back from the cache as stored, the split is
+    # seeded, and the same SVM code runs on the same arrays.
     for space in ("h", "z"):  # same latents, same split -> the same boundary
         with np.load(paths[space]) as a, np.load(again[space]) as b:
             np.testing.assert_array_equal(a["normal"], b["normal"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import max_abs, random_model, tiny_config
+from tests.conftest import float_tolerance, max_abs, random_model, tiny_config
 from utils.diffusion import invert, make_alphas_cumprod, timestep_grid
 from utils.boundary import latent_distance
 from utils.editing import edit_sequence, item_seed, reconstruct
@@ -98,12 +98,15 @@ def test_batched_edits_equal_one_at_a_time(setup, eta):
     seeds = [item_seed(1234, k) for k in range(5)]
     batched = edit_sequence(net, inv, ac, grid, distances, normals["z"], normals["h"], seeds, eta=eta, batch_size=5)
     ones = edit_sequence(net, inv, ac, grid, distances, normals["z"], normals["h"], seeds, eta=eta, batch_size=1)
-    assert torch.allclose(batched, ones, atol=1e-5), (batched - ones).abs().max()
+    # Batch 5 and batch 1 may run other convolution kernels: equal up to float32 rounding, which
+    # the noise of each edit does not amplify (it depends on (seed, k) only).
+    tol = float_tolerance(torch.float32, float(ones.abs().max()), ulps=100)
+    assert torch.allclose(batched, ones, rtol=0, atol=tol), (batched - ones).abs().max()
     # The noise of edit k depends on (seed, k) only: a different seed for one edit changes only that edit.
     if eta > 0:
         other = edit_sequence(net, inv, ac, grid, distances, normals["z"], normals["h"],
                               seeds[:4] + [item_seed(99, 4)], eta=eta, batch_size=2)
-        assert torch.allclose(other[:4], ones[:4], atol=1e-5)
+        assert torch.allclose(other[:4], ones[:4], rtol=0, atol=tol)
         assert (other[4] - ones[4]).abs().max() > 1e-3
 
 
