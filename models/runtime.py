@@ -7,12 +7,45 @@ the DDIM arithmetic (float64 in ``utils.diffusion``) and the stored latents do n
 from __future__ import annotations
 
 import ctypes
+import functools
+import logging
 import platform
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# CPU features with bfloat16 arithmetic in hardware: Intel AMX, AVX-512 BF16, Arm's BF16 extension.
+NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16", "bf16"})
+
+log = logging.getLogger(__name__)
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The feature flags of the first CPU in ``cpuinfo`` (x86 ``flags``, Arm ``Features``);
+    empty where the file does not exist (not Linux)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+@functools.cache  # once per process
+def warn_if_bf16_is_emulated() -> bool:
+    """Log a warning when this CPU has no bfloat16 hardware (neither AMX nor avx512_bf16), where
+    bf16 convolutions are emulated and may be slower than float32. Returns True if it warned."""
+    flags = cpu_flags()
+    if not flags or flags & NATIVE_BF16_FLAGS:
+        return False
+    log.warning("--precision bf16: this CPU has neither AMX nor avx512_bf16, so bfloat16 is emulated and "
+                "may be slower than fp32 (see the README's performance section)")
+    return True
 
 
 class InferenceNet:
@@ -26,6 +59,8 @@ class InferenceNet:
         if precision == "fp16" and device.type != "cuda":
             raise ValueError("--precision fp16 needs a CUDA GPU; use bf16 on the CPU")
         self.dtype = PRECISIONS[precision]
+        if precision == "bf16" and device.type == "cpu":
+            warn_if_bf16_is_emulated()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().requires_grad_(False).to(dtype=self.dtype, memory_format=self.memory_format)
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from models.runtime import InferenceNet, default_batch_size
+from models.runtime import InferenceNet, cpu_flags, default_batch_size
 from tests.conftest import REPO, random_model, tiny_config
 
 
@@ -97,3 +97,32 @@ def test_main_retains_freed_memory_before_any_work(monkeypatch, tmp_path, capsys
     assert cli.main(["--boundary_search", "--config", str(tmp_path / "missing.yml")]) == 1
     assert calls == ["retain"]
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n\n"
+                   "processor\t: 1\nflags\t\t: fpu\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 sve\n")
+    assert cpu_flags(x86) == {"fpu", "sse2", "avx2", "avx512f", "avx512_bf16"}
+    assert "bf16" in cpu_flags(arm)
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+@pytest.mark.parametrize("flags, warns", [({"avx2", "fma"}, True), ({"avx2", "avx512f", "avx512_bf16"}, False),
+                                          ({"avx2", "amx_bf16", "amx_tile"}, False), (set(), False)])
+def test_bf16_warns_once_where_it_is_emulated(monkeypatch, caplog, flags, warns):
+    import models.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    runtime.warn_if_bf16_is_emulated.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="models.runtime"):
+            for _ in range(2):
+                InferenceNet(random_model(tiny_config("ddpm")), "bf16")
+            InferenceNet(random_model(tiny_config("ddpm")), "fp32")
+        messages = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
+        assert len(messages) == (1 if warns else 0), messages
+    finally:
+        runtime.warn_if_bf16_is_emulated.cache_clear()
