@@ -8,13 +8,20 @@ parent only times calls round-robin across them. Prints a table and writes JSON.
 (``--device cuda``) it adds fp16 and edit batch sizes up to 20.
 
     python scripts/benchmark.py --out docs/benchmark_cpu.json            # about 10 minutes on 2 cores
+    python scripts/benchmark.py --per_call_only --out docs/benchmark_cpu_calls.json   # a few minutes
     python scripts/benchmark.py --device cuda --out docs/benchmark_gpu.json
+
+The JSON records the hardware (CPU model, its matrix features: AMX, avx512_bf16, AVX-512, AVX2;
+threads; torch version and kernel path) and the measured peak throughput of a 3x3 convolution in
+float32 and bfloat16, and each per-call row its GFLOP/s as a fraction of that peak, so that a
+figure from one machine can be read against another's hardware limit.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing
+import os
 import platform
 import resource
 import statistics
@@ -29,12 +36,84 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import build_model, latent_shapes  # noqa: E402
-from models.runtime import InferenceNet, default_batch_size, retain_freed_memory  # noqa: E402
+from models.runtime import PRECISIONS, InferenceNet, cpu_flags, default_batch_size, retain_freed_memory  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.diffusion import generate, invert, make_alphas_cumprod, timestep_grid  # noqa: E402
 from utils.editing import edit_sequence, item_seed  # noqa: E402
 
 CONFIGS = {"ddpm": "celeba.yml", "adm": "afhq.yml"}
+# CPU features that decide which convolution kernels run: matrix units, bf16 and vector widths.
+MATRIX_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx2", "fma")
+# Environment variables that make torch, oneDNN or MKL take other kernel paths than the CPU allows.
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+              "OMP_NUM_THREADS")
+
+
+def hardware_info(device: torch.device) -> dict:
+    """What the figures were measured on: CPU model, its matrix features, threads, torch and its
+    kernel path (ATen's vector capability and any variables that cap the instruction sets)."""
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")) or model
+    except (OSError, StopIteration):
+        pass
+    flags = cpu_flags()
+    if flags & {"amx_bf16"}:
+        matrix = "AMX (bf16 matrix units)"
+    elif flags & {"avx512_bf16"}:
+        matrix = "AVX-512 BF16, no AMX"
+    elif flags & {"bf16"}:
+        matrix = "Arm BF16"
+    elif flags:
+        matrix = "no bf16 hardware (bf16 emulated); " + ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
+                                                        else "no AVX2")
+    else:
+        matrix = "unknown (no /proc/cpuinfo)"
+    return {"device": str(device), "cpu": model, "cpu_matrix_features": matrix,
+            "cpu_flags": {flag: flag in flags for flag in MATRIX_FLAGS}, "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "kernel_env": {name: os.environ[name] for name in KERNEL_ENV if name in os.environ},
+            "libc": " ".join(platform.libc_ver()), "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def conv_peak_gflops(dtype: torch.dtype, device: torch.device, repeats: int = 7, batch: int = 4, channels: int = 256,
+                     size: int = 32) -> dict:
+    """Measured throughput of one moderate 3x3 convolution (``channels`` -> ``channels`` at
+    ``size`` x ``size``, ``batch`` images, channels-last, padding 1), the operation that dominates
+    the UNets: the practical peak of this hardware in ``dtype``. FLOPs counted as
+    2 N C_out H W C_in 9; median of ``repeats`` timed runs after two warm-ups."""
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(device=device, dtype=dtype,
+                                                                memory_format=torch.channels_last)
+    x = torch.randn(batch, channels, size, size, generator=gen).to(device=device, dtype=dtype,
+                                                                    memory_format=torch.channels_last)
+    flops = 2 * batch * channels * size * size * channels * 9
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 2):
+            _sync(device)
+            start = time.perf_counter()
+            conv(x)
+            _sync(device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {"gflop_per_s": flops / seconds / 1e9, "seconds": seconds, "gflop": flops / 1e9,
+            "shape": f"{batch}x{channels}x{size}x{size} -> {channels}, 3x3, channels-last"}
+
+
+def network_gflop(model: torch.nn.Module, config) -> float:
+    """GFLOP of one network call at batch 1 (convolutions and matrix products, counted by torch's
+    FlopCounterMode on one real float32 call)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, *latent_shapes(config)["z"])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(x, torch.tensor([500.0]))
+    return counter.get_total_flops() / 1e9
 
 
 class NaiveNet:
@@ -171,8 +250,12 @@ class VariantProcess:
         self._process.join()
 
 
-def run_model(kind: str, config, procs: dict, precisions: list[str], batch_sizes: list[int], device, args) -> dict:
+def run_model(kind: str, config, procs: dict, precisions: list[str], batch_sizes: list[int], device, args,
+              gflop: float | None = None, peaks_gflops: dict | None = None) -> dict:
     """Per-call times of every variant, then the jobs; prints the tables, returns the JSON row.
+
+    gflop: the work of one call; peaks_gflops: {precision: measured conv peak}; with both, each
+    per-call row also gives its GFLOP/s and that as a fraction of its precision's peak.
 
     Peak memory is each process's own high-water mark during that phase or job (GPU: allocated;
     CPU: resident, which with retained freed memory includes what earlier jobs left in the heap).
@@ -183,13 +266,20 @@ def run_model(kind: str, config, procs: dict, precisions: list[str], batch_sizes
     timed = time_calls(calls, x, 500, args.repeats)
     peaks = {name: proc.run("peak_memory", device) for name, proc in procs.items()}
     base, ref = timed["naive fp32 NCHW"]
-    row = {"per_call": {}}
-    print(f"\n## {kind} ({CONFIGS[kind]}), batch 1, per call (median of {args.repeats}, round-robin)")
-    print(f"{'variant':28s} {'s/call':>8s} {'speed-up':>9s} {'max rel err':>12s} {'peak MiB':>8s}")
+    row = {"per_call": {}, "gflop_per_call": gflop}
+    print(f"\n## {kind} ({CONFIGS[kind]}), batch 1, per call (median of {args.repeats}, round-robin)"
+          + (f", {gflop:.1f} GFLOP per call" if gflop else ""))
+    print(f"{'variant':28s} {'s/call':>8s} {'speed-up':>9s} {'max rel err':>12s} {'peak MiB':>8s} {'GFLOP/s':>8s} "
+          f"{'of peak':>8s}")
     for name, (seconds, out) in timed.items():
         err = float((out - ref).abs().max() / ref.abs().max())
-        row["per_call"][name] = {"seconds": seconds, "speedup": base / seconds, "rel_error": err, "peak_mb": peaks[name]}
-        print(f"{name:28s} {seconds:8.3f} {base / seconds:9.2f} {err:12.2e} {peaks[name]:8.0f}")
+        achieved = gflop / seconds if gflop else None
+        peak = (peaks_gflops or {}).get(name.split()[0] if name.split()[0] != "naive" else "fp32")
+        fraction = achieved / peak if achieved and peak else None
+        row["per_call"][name] = {"seconds": seconds, "speedup": base / seconds, "rel_error": err, "peak_mb": peaks[name],
+                                 "gflop_per_s": achieved, "fraction_of_conv_peak": fraction}
+        print(f"{name:28s} {seconds:8.3f} {base / seconds:9.2f} {err:12.2e} {peaks[name]:8.0f} "
+              f"{achieved or float('nan'):8.1f} {fraction or float('nan'):8.2f}")
     if not args.skip_jobs:
         ac = make_alphas_cumprod(config.diffusion.beta_start, config.diffusion.beta_end,
                                  config.diffusion.num_diffusion_timesteps)
@@ -235,7 +325,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=4, help="images inverted in the boundary-search job")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=None,
                         help="edit batch sizes for the optimised job (default: 1 and all edits at once; GPU: 1 4 10 20)")
-    parser.add_argument("--skip_jobs", action="store_true", help="only time single calls")
+    parser.add_argument("--skip_jobs", "--per_call_only", dest="skip_jobs", action="store_true",
+                        help="only time single calls (the per-call rows and the hardware peaks; a few minutes)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
 
@@ -245,10 +336,13 @@ def main() -> int:
         Variant(f"{precision} {'channels-last' if layout else 'NCHW'}", precision, layout)
         for precision in precisions for layout in (True, False)]
     batch_sizes = args.batch_sizes or ([1, 4, 10, 20] if device.type == "cuda" else [1, args.edits])
-    machine = {"device": str(device), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    machine = hardware_info(device)
+    peaks_gflops = {p: conv_peak_gflops(PRECISIONS[p], device) for p in precisions}
+    machine["conv_peak"] = peaks_gflops
     results = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "models": {}}
-    print(f"# {machine}")
+    print(f"# {machine['cpu']} ({machine['cpu_matrix_features']}), {machine['threads']} threads, torch {machine['torch']}"
+          f", ATen {machine['aten_cpu_capability']} {machine['kernel_env'] or ''}")
+    print("# 3x3 conv peak: " + ", ".join(f"{p} {v['gflop_per_s']:.0f} GFLOP/s" for p, v in peaks_gflops.items()))
     for kind in args.models:
         config = load_config(CONFIGS[kind])
         torch.manual_seed(0)
@@ -261,7 +355,9 @@ def main() -> int:
             weights = Path(tmp) / "weights.pt"
             torch.save(model.state_dict(), weights)
             procs = {v.name: VariantProcess(v, CONFIGS[kind], weights, device) for v in variants}
-            results["models"][kind] = run_model(kind, config, procs, precisions, batch_sizes, device, args)
+            results["models"][kind] = run_model(kind, config, procs, precisions, batch_sizes, device, args,
+                                                network_gflop(model, config),
+                                                {p: v["gflop_per_s"] for p, v in peaks_gflops.items()})
             for proc in procs.values():
                 proc.close()
     if args.out:
