@@ -1,5 +1,6 @@
 """The repository stands on its own: no tracked file reads or cites the developers' reference
-folder beside the clone (``../shared``). Facts from it live in ``docs/`` and ``tests/data/``."""
+folder that sits beside the clone on their machines. The facts the project needs from it live in
+``docs/`` and ``tests/data/``."""
 from __future__ import annotations
 
 import re
@@ -11,10 +12,10 @@ from tests.conftest import REPO
 # ("pieces shared by every network"); a path to the sibling folder is not.
 _SIBLING = "sha" + "red"
 FORBIDDEN = re.compile(
-    r"\.\./" + _SIBLING + r"\b"                                   # ../shared, ..\shared in text
+    r"\.\./" + _SIBLING + r"\b"                                   # the relative path, with / or \
     + r"|\.\.\\" + _SIBLING + r"\b"
-    + r"|parents?\s*(\[\s*\d+\s*\])?\s*/\s*['\"]" + _SIBLING + r"['\"]"  # parents[2] / "shared", parent / "shared"
-    + r"|\b" + _SIBLING + r"/(reference|spec)\b"                  # shared/reference/..., shared/spec/...
+    + r"|parents?\s*(\[\s*\d+\s*\])?\s*/\s*['\"]" + _SIBLING + r"['\"]"  # pathlib: parents[2] / "<name>"
+    + r"|\b" + _SIBLING + r"/(reference|spec)\b"                  # its subfolders, reference/ and spec/
 )
 SKIPPED_DIRS = {".git", ".venv", "venv", "runs", "__pycache__", ".pytest_cache", ".hypothesis"}
 
