@@ -75,6 +75,8 @@ def resolve_checkpoint(config: Config, model_path: str | Path | None = None,
     ``hf:<repo id>``), else the file the config ships or names (downloaded into ``cache_dir`` on
     first use), else the config's Hub mirror. Raises UserError when none can be had."""
     if model_path is not None:
+        if not str(model_path):
+            raise UserError("--model_path is empty; give a weights file, a diffusers folder or hf:<owner>/<name>")
         if str(model_path).startswith(HUB_PREFIX):
             return fetch_hub(str(model_path)[len(HUB_PREFIX):])
         path = Path(model_path)
