@@ -14,7 +14,6 @@ import yaml
 from safetensors.torch import save_file
 
 import main as cli
-from models import build_model
 from models.loading import load_model
 from tests.conftest import REPO, random_model, tiny_config
 from utils.checkpoints import fetch_hub, load_weights, locate_weights, resolve_checkpoint
@@ -215,4 +214,3 @@ def test_pyproject_command_is_main():
     required = {line.split(">")[0].split("=")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()
                 if line.strip() and not line.startswith("#")}
     assert {d.split(">")[0].split("=")[0].strip() for d in project["dependencies"]} == required
-    assert build_model is not None and callable(cli.main)
