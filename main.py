@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default="digits.yml", help="a file in configs/ or a path")
     run.add_argument("--exp", type=Path, default=Path("runs/test"), help="run folder; each mode writes a subfolder")
     run.add_argument("--seed", type=_int, default=1234, help="seed of the data split, the sampled noise and the edit noise")
-    run.add_argument("--model_path", type=Path, default=None, help="a local state-dict file instead of the config's checkpoint")
+    run.add_argument("--model_path", default=None,
+                     help="weights instead of the config's checkpoint: a state-dict file (.pt/.pth/.ckpt), a .safetensors "
+                          "file, a diffusers model folder, or a Hugging Face Hub id hf:<owner>/<name>")
     run.add_argument("--cache_dir", type=Path, default=None,
                      help="downloads and inverted-latent cache (default $BOUNDARYDIFFUSION_CACHE or ~/.cache/boundarydiffusion)")
     run.add_argument("--no_cache", action="store_true", help="neither read nor write the inverted-latent cache")

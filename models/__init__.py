@@ -10,7 +10,9 @@ from typing import Any
 
 from torch import nn
 
-from utils.config import Config, parse_config
+from utils.config import Config, latent_shapes, parse_config  # latent_shapes: re-exported
+
+__all__ = ["build_model", "latent_shapes"]
 
 
 def build_model(config: Any) -> nn.Module:
@@ -24,12 +26,3 @@ def build_model(config: Any) -> nn.Module:
         from models.adm import ADMUNet
         return ADMUNet(model_cfg, config.data.image_size)
     raise ValueError(f"unknown model.type '{config.model.type}' (choices: ddpm, adm)")
-
-
-def latent_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """Shapes without batch of the two latents (docs/algorithm.md section 3): z = x_{t_0} and h, the
-    middle-block output, e.g. {'z': (3, 256, 256), 'h': (512, 8, 8)} for the 256-px models."""
-    config: Config = parse_config(config)
-    size, m = config.data.image_size, config.model
-    side = size // 2 ** (len(m.ch_mult) - 1)
-    return {"z": (m.in_channels, size, size), "h": (m.ch * m.ch_mult[-1], side, side)}

@@ -12,14 +12,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from models import build_model, latent_shapes
+from models.loading import load_model
 from models.runtime import InferenceNet
 from utils.boundary import fit_boundary, latent_distance, split_indices
 from utils.boundary_files import BoundaryRecord, load_boundary, save_boundary
-from utils.checkpoints import default_cache_dir, load_weights, resolve_checkpoint, sha256_file
+from utils.checkpoints import default_cache_dir
 from utils.config import Config
 from utils.datasets import check_two_classes, from_attr_file, from_folders
-from utils.diffusion import Inversion, invert, make_alphas_cumprod, sample_latents, sampling_pairs, timestep_grid
+from utils.diffusion import Inversion, invert, sample_latents, sampling_pairs, timestep_grid
 from utils.editing import batch_slices, edit_sequence, item_seed, pair_lone, reconstruct
 from utils.errors import UserError
 from utils.images import list_images, load_image, save_grid, save_image
@@ -58,14 +58,10 @@ class CallCounter:
 class BoundaryDiffusion:
     def __init__(self, args: argparse.Namespace, config: Config, device: torch.device):
         self.args, self.config, self.device = args, config, device
-        self.checkpoint = resolve_checkpoint(config, args.model_path, args.cache_dir)
-        self.checkpoint_sha256 = sha256_file(self.checkpoint)
-        model = build_model(config)
-        load_weights(model, self.checkpoint)
-        self.net = CallCounter(InferenceNet(model.to(device), args.precision))
-        self.shapes = latent_shapes(config)
-        d = config.diffusion
-        self.alphas_cumprod = make_alphas_cumprod(d.beta_start, d.beta_end, d.num_diffusion_timesteps)
+        loaded = load_model(config, args.model_path, args.cache_dir, device, args.precision)
+        self.checkpoint, self.checkpoint_sha256 = loaded.checkpoint, loaded.checkpoint_sha256
+        self.net = CallCounter(loaded.net)
+        self.shapes, self.alphas_cumprod = loaded.shapes, loaded.alphas_cumprod
         self.grid = timestep_grid(args.t_0, args.n_inv_step)
         self.test_grid = timestep_grid(args.t_0, args.n_test_step)
         self.cache = None if args.no_cache else LatentCache(

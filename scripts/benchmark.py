@@ -7,9 +7,9 @@ code does. Each variant runs in a process of its own (the tool's allocator setti
 parent only times calls round-robin across them. Prints a table and writes JSON. On a CUDA GPU
 (``--device cuda``) it adds fp16 and edit batch sizes up to 20.
 
-    python scripts/benchmark.py --out docs/benchmark_cpu.json            # about 10 minutes on 2 cores
-    python scripts/benchmark.py --per_call_only --out docs/benchmark_cpu_calls.json   # a few minutes
-    python scripts/benchmark.py --device cuda --out docs/benchmark_gpu.json
+    python -m scripts.benchmark --out docs/benchmark_cpu.json            # about 10 minutes on 2 cores
+    python -m scripts.benchmark --per_call_only --out docs/benchmark_cpu_calls.json   # a few minutes
+    python -m scripts.benchmark --device cuda --out docs/benchmark_gpu.json
 
 The JSON records the hardware (CPU model, its matrix features: AMX, avx512_bf16, AVX-512, AVX2;
 threads; torch version and kernel path) and the measured peak throughput of a 3x3 convolution in
@@ -33,13 +33,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models import build_model, latent_shapes  # noqa: E402
-from models.runtime import PRECISIONS, InferenceNet, cpu_flags, default_batch_size, retain_freed_memory  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.diffusion import generate, invert, make_alphas_cumprod, timestep_grid  # noqa: E402
-from utils.editing import edit_sequence, item_seed  # noqa: E402
+from models import build_model, latent_shapes
+from models.loading import load_model
+from models.runtime import PRECISIONS, InferenceNet, cpu_flags, default_batch_size, retain_freed_memory
+from utils.config import load_config
+from utils.diffusion import generate, invert, make_alphas_cumprod, timestep_grid
+from utils.editing import edit_sequence, item_seed
 
 CONFIGS = {"ddpm": "celeba.yml", "adm": "afhq.yml"}
 # CPU features that decide which convolution kernels run: matrix units, bf16 and vector widths.
@@ -213,10 +212,10 @@ class Variant:
 def _serve(conn, variant: Variant, config_name: str, weights: str, device: str, threads: int) -> None:
     """Child process: serves ``(task, args)`` requests with one variant until ``None``."""
     torch.set_num_threads(threads)
-    model = build_model(load_config(config_name))
-    model.load_state_dict(torch.load(weights, weights_only=True))
     device = torch.device(device)
-    net = variant.build(model.to(device))
+    # Plain float32 NCHW, as the naive reference wants it; the variant then sets precision and layout.
+    model = load_model(config_name, weights, device=device, channels_last=False).net.model
+    net = variant.build(model)
     del model
     peak_memory(net, device)  # measure from here: loading the float32 weights is not the variant's cost
     tasks = {"call": timed_call, "edit": edit_job, "search": search_job, "peak_memory": peak_memory}

@@ -1,6 +1,6 @@
 """Measure boundary edits on the held-out TEST digits: attribute control, identity, fidelity.
 
-    python scripts/evaluate_edits.py --attribute thick --ablations --quality \\
+    python -m scripts.evaluate_edits --attribute thick --ablations --quality \\
         --json docs/digits_eval.json --table docs/digits_eval.md --grid docs/digits_thick_edits.png
 
 Every test digit is inverted to t_0 (DDIM, eta 0), reconstructed, and edited to K signed distances
@@ -38,20 +38,17 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.linear_model import LogisticRegression
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from models.loading import load_model
+from models.runtime import PRECISIONS, retain_freed_memory
+from utils.boundary import edit_latents
+from utils.boundary_files import BoundaryRecord, matching_boundaries
+from utils.config import load_config
+from utils.diffusion import Inversion, generate, invert, timestep_grid
+from utils.editing import item_seed, reconstruct
+from utils.images import load_image, save_grid
+from utils.io import write_bytes, write_json
 
-from models import build_model  # noqa: E402
-from models.runtime import PRECISIONS, InferenceNet, retain_freed_memory  # noqa: E402
-from utils.boundary import edit_latents  # noqa: E402
-from utils.boundary_files import BoundaryRecord, matching_boundaries  # noqa: E402
-from utils.checkpoints import load_weights, resolve_checkpoint, sha256_file  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.diffusion import Inversion, generate, invert, make_alphas_cumprod, timestep_grid  # noqa: E402
-from utils.editing import item_seed, reconstruct  # noqa: E402
-from utils.images import load_image, save_grid  # noqa: E402
-from utils.io import write_bytes, write_json  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SPACES = {"both": ("z", "h"), "z": ("z",), "h": ("h",)}
 
@@ -314,13 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     retain_freed_memory()
     start_time = time.perf_counter()
     config = load_config(args.config)
-    ckpt = resolve_checkpoint(config, args.model_path)
-    sha = sha256_file(ckpt)
-    model = build_model(config)
-    load_weights(model, ckpt)
-    net = InferenceNet(model, args.precision)
-    alphas_cumprod = make_alphas_cumprod(config.diffusion.beta_start, config.diffusion.beta_end,
-                                         config.diffusion.num_diffusion_timesteps)
+    loaded = load_model(config, args.model_path, precision=args.precision)
+    ckpt, sha, net, alphas_cumprod = loaded.checkpoint, loaded.checkpoint_sha256, loaded.net, loaded.alphas_cumprod
     size, channels = config.data.image_size, config.data.channels
     _, train_images, train_classes = load_split(args.data_dir, "train", size, channels)
     test_paths, test_images, test_classes = load_split(args.data_dir, "test", size, channels)
@@ -401,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
               "test_digits": [test_paths[i].name for i in idx], "n_inv_step": edit.n_inv_step,
               "n_test_step": edit.n_test_step, "seed": args.seed, "classifier": classifier_info,
               "boundaries": boundary_info, "fidelity": fidelity, "runs": runs, "quality": quality,
-              "command": " ".join(["python", "scripts/evaluate_edits.py", *(argv if argv is not None else sys.argv[1:])]),
+              "command": " ".join(["python", "-m", "scripts.evaluate_edits", *(argv if argv is not None else sys.argv[1:])]),
               "seconds": time.perf_counter() - start_time}
     for t, f in fidelity.items():
         print(f"fidelity t_0 {t}: reconstruction MSE {f['mse']:.5f} (PSNR {f['psnr']:.1f} dB), identity {f['identity']:.1%}")

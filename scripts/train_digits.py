@@ -1,7 +1,7 @@
 """Train the small DDPM of ``configs/digits.yml`` on the TRAIN split of the bundled digits.
 
     bash data_download.sh digits .
-    python scripts/train_digits.py --data_dir data/digits --steps 4000
+    python -m scripts.train_digits --data_dir data/digits --steps 4000
 
 Standard DDPM training (Ho et al. 2020): t ~ U{0..T-1}, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) n,
 loss = ||n - eps(x_t, t)||^2; Adam with a linear warm-up and a cosine decay, gradient clipping at 1,
@@ -28,13 +28,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from models import build_model
+from utils.config import load_config
+from utils.diffusion import make_alphas_cumprod
 
-from models import build_model  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.diffusion import make_alphas_cumprod  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def load_split(data_dir: Path, split: str) -> torch.Tensor:

@@ -17,10 +17,9 @@ from utils.errors import UserError
 
 
 def import_sav(args: argparse.Namespace) -> Path:
-    from models import latent_shapes
     from utils.boundary import Boundary
     from utils.boundary_files import BoundaryRecord, save_boundary
-    from utils.config import load_config
+    from utils.config import latent_shapes, load_config
     from utils.sav_import import read_sav
 
     coef, intercept = read_sav(args.sav)

@@ -1,18 +1,27 @@
-"""Finding, downloading and loading model weights.
+"""Finding, downloading and reading model weights, in every form users keep them.
+
+A checkpoint is a state-dict file (``.pt``, ``.pth``, ``.ckpt``, ``.bin``: ``torch.load`` with
+``weights_only=True``), a ``.safetensors`` file, a diffusers model folder (``config.json`` plus
+``diffusion_pytorch_model.safetensors`` or ``.bin``, at top level or under ``unet/``), or a Hugging
+Face Hub id ``hf:<owner>/<name>`` (fetched with ``huggingface_hub`` into its own cache).
 
 Downloads go through a temporary file in the cache folder and are renamed when complete; the
 SHA-256 of the first download is recorded beside it (``<file>.sha256``) and checked on every
-later use, as is the hash a config names. Weights load with ``torch.load(weights_only=True)``.
+later use, as is the hash a config names. Nothing here knows the networks: renaming diffusers
+keys into this project's layout is ``models.diffusers_map``'s job.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -55,13 +64,23 @@ def _download(url: str, target: Path) -> None:
             raise OSError(f"{url} sent an empty file")
 
 
+HUB_PREFIX = "hf:"
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DIFFUSERS_SUBFOLDERS = ("", "unet")
+
+
 def resolve_checkpoint(config: Config, model_path: str | Path | None = None,
                        cache_dir: str | Path | None = None) -> Path:
-    """The weights file to load: ``model_path`` if given, else the file the config ships or names
-    (downloaded into ``cache_dir`` on first use). Raises UserError when none can be had."""
+    """The checkpoint to load, a file or a diffusers folder: ``model_path`` if given (a path or
+    ``hf:<repo id>``), else the file the config ships or names (downloaded into ``cache_dir`` on
+    first use), else the config's Hub mirror. Raises UserError when none can be had."""
     if model_path is not None:
+        if not str(model_path):
+            raise UserError("--model_path is empty; give a weights file, a diffusers folder or hf:<owner>/<name>")
+        if str(model_path).startswith(HUB_PREFIX):
+            return fetch_hub(str(model_path)[len(HUB_PREFIX):])
         path = Path(model_path)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"checkpoint {path} does not exist")
         return path
     ck = config.checkpoint
@@ -72,6 +91,8 @@ def resolve_checkpoint(config: Config, model_path: str | Path | None = None,
         _check_hash(path, ck.sha256)
         return path
     if not ck.filename:
+        if ck.hub:
+            return fetch_hub(ck.hub)
         raise UserError(f"config {config.name} names no checkpoint; pass --model_path")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     path = cache / ck.filename
@@ -86,6 +107,11 @@ def resolve_checkpoint(config: Config, model_path: str | Path | None = None,
             except (OSError, urllib.error.URLError, ValueError) as exc:
                 errors.append(f"{url.split('/')[2] if '://' in url else url}: {exc}")
         else:
+            if ck.hub:
+                try:
+                    return fetch_hub(ck.hub)
+                except UserError as exc:
+                    errors.append(f"{HUB_PREFIX}{ck.hub}: {exc}")
             raise UserError(f"could not download {ck.filename} ({'; '.join(errors) or 'no mirrors'}); "
                             f"download it by hand and pass --model_path")
         write_bytes(recorded, (sha256_file(path) + "\n").encode())
@@ -94,23 +120,116 @@ def resolve_checkpoint(config: Config, model_path: str | Path | None = None,
     return path
 
 
+def fetch_hub(repo_id: str) -> Path:
+    """The local folder of the diffusers model ``repo_id`` on the Hugging Face Hub: its
+    ``config.json`` and one weights file, fetched into huggingface_hub's cache (``$HF_HOME``) or
+    found there. Raises UserError when the package is missing, the Hub unreachable, or the
+    repository holds no diffusers model."""
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise UserError(f"'{HUB_PREFIX}{repo_id}' is not a Hub id; expected {HUB_PREFIX}<owner>/<name>, "
+                        f"e.g. {HUB_PREFIX}google/ddpm-ema-celebahq-256")
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+    except ImportError:
+        raise UserError(f"{HUB_PREFIX}{repo_id} needs the huggingface_hub package (pip install huggingface_hub "
+                        f"safetensors); or pass --model_path with a local copy of the model folder") from None
+
+    def download(filename: str) -> Path | None:
+        """The cached file, or None when the repository has no such file."""
+        try:
+            return Path(hf_hub_download(repo_id, filename))
+        except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no network) and not cached
+            raise UserError(f"cannot reach the Hugging Face Hub for {HUB_PREFIX}{repo_id} and it is not in the local "
+                            "cache; connect once, or pass --model_path with a local copy of the model folder") from None
+        except EntryNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # unknown or gated repository, HTTP errors
+            raise UserError(f"cannot fetch {HUB_PREFIX}{repo_id} from the Hugging Face Hub: {_first_line(exc)}") from None
+
+    for sub in DIFFUSERS_SUBFOLDERS:
+        prefix = f"{sub}/" if sub else ""
+        config_file = download(prefix + "config.json")
+        if config_file is None:
+            continue
+        for name in _readable_weight_names():
+            if download(prefix + name) is not None:
+                return config_file.parent
+    raise UserError(f"{HUB_PREFIX}{repo_id} holds no diffusers model (config.json with "
+                    f"{' or '.join(_readable_weight_names())}, at top level or under unet/)")
+
+
+def _readable_weight_names() -> tuple[str, ...]:
+    """The diffusers weight files this installation can read, preferred first."""
+    return DIFFUSERS_WEIGHTS if _have_safetensors() else DIFFUSERS_WEIGHTS[1:]
+
+
+def _have_safetensors() -> bool:
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """What a checkpoint consists of: the weights file, and for a diffusers folder its
+    ``config.json`` (path and parsed content); ``diffusers_config`` is None for a plain file."""
+    weights: Path
+    config_file: Path | None = None
+    diffusers_config: Mapping | None = None
+
+
+def locate_weights(path: str | Path) -> CheckpointFiles:
+    """The files of the checkpoint at ``path``: a weights file, or a diffusers model folder (files at
+    top level or under ``unet/``; ``.safetensors`` preferred to ``.bin`` when both are present)."""
+    path = Path(path)
+    if path.is_file():
+        return CheckpointFiles(weights=path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} does not exist")
+    for folder in (path / sub if sub else path for sub in DIFFUSERS_SUBFOLDERS):
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            continue
+        present = [folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()]
+        if not present:
+            sharded = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
+            raise UserError(f"diffusers folder {folder} has config.json but no {' or '.join(DIFFUSERS_WEIGHTS)}"
+                            + (f" (found {', '.join(sharded[:3])}; sharded or variant files are not supported)"
+                               if sharded else ""))
+        readable = [p for p in present if p.suffix != ".safetensors" or _have_safetensors()]
+        weights = readable[0] if readable else present[0]  # an unreadable .safetensors fails with its own message
+        try:
+            diffusers_config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{config_file} is not valid JSON: {exc}") from None
+        if not isinstance(diffusers_config, dict):
+            raise UserError(f"{config_file} is not a JSON object")
+        return CheckpointFiles(weights=weights, config_file=config_file, diffusers_config=diffusers_config)
+    raise UserError(f"checkpoint folder {path} is not a diffusers model folder (no config.json at top level "
+                    "or under unet/); pass a weights file or the model folder")
+
+
 def _check_hash(path: Path, expected: str) -> None:
     if expected and sha256_file(path) != expected.lower():
         raise UserError(f"checkpoint {path} has SHA-256 {sha256_file(path)[:16]}..., expected {expected[:16]}...; "
                         "delete it to download again, or pass --model_path")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``path`` (plain, or wrapped in {'state_dict': ...} / {'model': ...};
-    DataParallel's 'module.' prefix removed), loaded without unpickling arbitrary objects."""
+def read_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from the file ``path``: ``.safetensors``, or a torch file (plain, or wrapped in
+    {'state_dict': ...} / {'model': ...} / {'ema': ...}; DataParallel's 'module.' prefix removed),
+    loaded without unpickling arbitrary objects. ``mmap``: map the file instead of reading it
+    (torch zip files and safetensors; older torch files are read whole)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load fails on damaged or unsafe files with many error types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {path} cannot be loaded safely (corrupt or not a state dict): {first[:200]}") from None
+    if path.suffix == ".safetensors":
+        obj = _read_safetensors(path)
+    else:
+        obj = _torch_load(path, mmap)
     for key in ("state_dict", "model", "ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -121,9 +240,43 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load ``path`` into ``model`` strictly; a mismatch names the first differing keys."""
-    state = read_state_dict(path)
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _torch_load(path: Path, mmap: bool):
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not mmap or "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # a pre-zip torch file
+    except Exception as exc:  # torch.load fails on damaged or unsafe files with many error types
+        raise UserError(f"checkpoint {path} cannot be loaded safely (corrupt or not a state dict): "
+                        f"{_first_line(exc)}") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f"reading {path.name} needs the safetensors package (pip install safetensors); "
+                        "or pass a .bin / .pt copy of the weights") from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as exc:  # safetensors raises its own error types on damaged headers or data
+        raise UserError(f"checkpoint {path} is not a readable safetensors file: {_first_line(exc)}") from None
+
+
+def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor], assign: bool = False,
+                 label: str | Path | None = None) -> None:
+    """Load ``source`` (a weights file, or a state dict already read) into ``model`` strictly; a
+    mismatch names the first differing keys (``label`` names the checkpoint in that message).
+    ``assign``: take the tensors themselves instead of copying into the model's (a model built on
+    the meta device has nothing to copy into)."""
+    state = source if isinstance(source, Mapping) else read_state_dict(source)
+    label = label if label is not None else ("the state dict" if isinstance(source, Mapping) else source)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -131,8 +284,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
                  if k in state and tuple(state[k].shape) != expected[k]]
     if missing or unexpected or misshaped:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if keys:
-                parts.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
-        raise UserError(f"checkpoint {path} does not fit this config's architecture: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
+                parts.append(f"{len(keys)} {name} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+        raise UserError(f"checkpoint {label} does not fit this config's architecture: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True, assign=assign)

@@ -71,6 +71,7 @@ class CheckpointConfig:
     urls: tuple[str, ...] = ()
     sha256: str = ""
     path: str = ""  # a file shipped with the repository, relative to the repository root
+    hub: str = ""   # one more mirror: a Hugging Face Hub repository in diffusers format, e.g. google/ddpm-ema-church-256
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,15 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def latent_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Shapes without batch of the two latents (docs/algorithm.md section 3): z = x_{t_0} and h, the
+    middle-block output, e.g. {'z': (3, 256, 256), 'h': (512, 8, 8)} for the 256-px models."""
+    config = parse_config(config)
+    size, m = config.data.image_size, config.model
+    side = size // 2 ** (len(m.ch_mult) - 1)
+    return {"z": (m.in_channels, size, size), "h": (m.ch * m.ch_mult[-1], side, side)}
 
 
 def _build(cls, section: str, raw: Any, ignored: set[str] = frozenset()):
