@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) is None:
                 setattr(args, name, default_batch_size(device, config.data.image_size))
         runner = BoundaryDiffusion(args, config, device)
-        getattr(runner, args.mode)()
+        runner.run()
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
