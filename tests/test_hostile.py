@@ -31,10 +31,10 @@ import utils.io
 from tests.conftest import REPO
 from utils.boundary_files import find_boundaries, load_boundary
 from utils.config import parse_config
-from utils.diffusion import NonFiniteError, ddim_trajectory, make_alphas_cumprod
+from utils.diffusion import ddim_trajectory, make_alphas_cumprod
 from utils.errors import UserError
 from utils.images import load_image
-from utils.io import RunFolder, write_json
+from utils.io import write_json
 
 SUBENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -257,7 +257,7 @@ def test_two_concurrent_edits_keep_both_results(env, tmp_path):
 def test_two_concurrent_boundary_searches_keep_both_results(env, tmp_path):
     exp, bd = tmp_path / "exp", tmp_path / "bd"
     procs = [subprocess.Popen([sys.executable, str(REPO / "main.py"),
-                               *_search_argv(env, exp, bd, "--cache_dir", str(tmp_path / f"cache{i}"))],
+                               *_search_argv(env, exp, bd, "--cache_dir", str(tmp_path / "cache"))],
                               env=SUBENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     for proc in procs:
@@ -270,6 +270,8 @@ def test_two_concurrent_boundary_searches_keep_both_results(env, tmp_path):
     assert len(written) == 2
     for path in bd.iterdir():
         load_boundary(path)
+    # the shared cache holds one complete entry per image, and nothing half-written
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 12 and not list((tmp_path / "cache").rglob("*.tmp"))
 
 
 def test_numbered_names_are_taken_atomically(tmp_path):
@@ -288,6 +290,8 @@ def test_numbered_names_are_taken_atomically(tmp_path):
 def test_run_folder_names_are_reserved_atomically(tmp_path):
     """Concurrent commits never share a final name, even where one exists as an empty folder."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from utils.io import RunFolder
 
     (tmp_path / "edit").mkdir()  # an empty folder: os.rename would silently take it
 
@@ -362,7 +366,7 @@ def test_a_non_finite_network_output_names_the_step():
         return out, torch.zeros(x.shape[0], 1, 1, 1)
 
     ac = make_alphas_cumprod(0.0001, 0.02, 20)
-    with pytest.raises(NonFiniteError, match="timestep 6"):
+    with pytest.raises(ValueError, match="timestep 6"):
         list(ddim_trajectory(net, torch.zeros(1, 1, 2, 2), ac, [(9, 6), (6, 3), (3, 0)]))
 
 
