@@ -234,7 +234,7 @@ class BoundaryDiffusion:
                    "n_train": len(train_idx), "n_test": len(test_idx), "invert_seconds": invert_seconds,
                    "train_images": [str(data.paths[i]) for i in train_idx],
                    "test_images": [str(data.paths[i]) for i in test_idx], **self._identity(), "spaces": {}}
-        records, accuracies = {}, {}
+        records = {}
         for space in ("h", "z"):
             flat = getattr(latents, space).reshape(len(latents.z), -1).double().numpy()
             boundary = fit_boundary(flat[:len(train_idx)], y_train, flat[len(train_idx):], y_test)

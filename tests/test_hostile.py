@@ -238,30 +238,35 @@ def test_hidden_folders_of_dead_runs_are_removed_and_live_ones_kept(env, tmp_pat
 
 # --------------------------------------------------------------------------- 3. concurrency
 
-def test_two_concurrent_edits_keep_both_results(env, tmp_path):
-    exp = tmp_path / "exp"
-    procs = [subprocess.Popen([sys.executable, str(REPO / "main.py"), *_edit_argv(env, exp, "--seed", seed,
-                                                                                    "--no_cache")],
-                              env=SUBENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for seed in ("1", "2")]
+def _overlapping(first: list[str], second: list[str], exp: Path) -> list[subprocess.Popen]:
+    """Start ``first``; once it has made its run folder (and while it still runs) start ``second``."""
+    procs = [subprocess.Popen([sys.executable, str(REPO / "main.py"), *first], env=SUBENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
+    _wait_for(lambda: exp.is_dir() and any(exp.iterdir()), procs[0])
+    assert procs[0].poll() is None, "the first run ended before the second started"
+    procs.append(subprocess.Popen([sys.executable, str(REPO / "main.py"), *second], env=SUBENV,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for proc in procs:
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return procs
+
+
+def test_two_concurrent_edits_keep_both_results(env, tmp_path):
+    exp = tmp_path / "exp"
+    _overlapping(_edit_argv(env, exp, "--seed", "1", "--no_cache", "--edit_img_number", "60", "--n_test_step", "12"),
+                 _edit_argv(env, exp, "--seed", "2", "--no_cache"), exp)
     folders = sorted(p.name for p in exp.iterdir())
     assert folders == ["edit", "edit-1"], folders
-    seeds = {json.loads((exp / f / "summary.json").read_text())["arguments"]["seed"] for f in folders}
-    assert seeds == {1, 2}
-    for f in folders:
-        assert len(list((exp / f).glob("edit_*.png"))) == 3
+    by_seed = {json.loads((exp / f / "summary.json").read_text())["arguments"]["seed"]: f for f in folders}
+    assert sorted(by_seed) == [1, 2]
+    assert len(list((exp / by_seed[1]).glob("edit_*.png"))) == 60
+    assert len(list((exp / by_seed[2]).glob("edit_*.png"))) == 3
 
 
 def test_two_concurrent_boundary_searches_keep_both_results(env, tmp_path):
     exp, bd = tmp_path / "exp", tmp_path / "bd"
-    procs = [subprocess.Popen([sys.executable, str(REPO / "main.py"),
-                               *_search_argv(env, exp, bd, "--cache_dir", str(tmp_path / "cache"))],
-                              env=SUBENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    for proc in procs:
-        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    argv = _search_argv(env, exp, bd, "--cache_dir", str(tmp_path / "cache"))
+    _overlapping([*argv, "--bs_train", "1"], argv, exp)
     assert sorted(p.name for p in exp.iterdir()) == ["boundary_search", "boundary_search-1"]
     names = sorted(p.name for p in bd.iterdir())
     assert names == sorted(f"tiny_rel_bright_left_t300_{s}{n}.npz" for s in "hz" for n in ("", "-1")), names
