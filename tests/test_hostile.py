@@ -238,28 +238,32 @@ def test_hidden_folders_of_dead_runs_are_removed_and_live_ones_kept(env, tmp_pat
 
 # --------------------------------------------------------------------------- 3. concurrency
 
-def _overlapping(first: list[str], second: list[str], exp: Path) -> list[subprocess.Popen]:
-    """Start ``first``; once it has made its run folder (and while it still runs) start ``second``."""
-    procs = [subprocess.Popen([sys.executable, str(REPO / "main.py"), *first], env=SUBENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
-    _wait_for(lambda: exp.is_dir() and any(exp.iterdir()), procs[0])
-    assert procs[0].poll() is None, "the first run ended before the second started"
-    procs.append(subprocess.Popen([sys.executable, str(REPO / "main.py"), *second], env=SUBENV,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    for proc in procs:
-        assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    return procs
+def _overlapping(first: list[str], second: list[str], exp: Path) -> None:
+    """Run ``second`` from start to end while ``first`` is stopped (SIGSTOP) in the middle of its
+    run, after it has made its run folder; then let ``first`` finish. Both must succeed."""
+    one = subprocess.Popen([sys.executable, str(REPO / "main.py"), *first], env=SUBENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: exp.is_dir() and any(exp.iterdir()), one, seconds=120)
+        one.send_signal(signal.SIGSTOP)
+        assert one.poll() is None, "the first run ended before the second started"
+        two = subprocess.run([sys.executable, str(REPO / "main.py"), *second], env=SUBENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+        assert two.returncode == 0, two.stderr
+    finally:
+        one.send_signal(signal.SIGCONT)
+    assert one.wait(timeout=300) == 0, one.stderr.read()
 
 
 def test_two_concurrent_edits_keep_both_results(env, tmp_path):
     exp = tmp_path / "exp"
-    _overlapping(_edit_argv(env, exp, "--seed", "1", "--no_cache", "--edit_img_number", "60", "--n_test_step", "12"),
+    _overlapping(_edit_argv(env, exp, "--seed", "1", "--no_cache", "--n_inv_step", "100", "--edit_img_number", "4"),
                  _edit_argv(env, exp, "--seed", "2", "--no_cache"), exp)
     folders = sorted(p.name for p in exp.iterdir())
     assert folders == ["edit", "edit-1"], folders
     by_seed = {json.loads((exp / f / "summary.json").read_text())["arguments"]["seed"]: f for f in folders}
     assert sorted(by_seed) == [1, 2]
-    assert len(list((exp / by_seed[1]).glob("edit_*.png"))) == 60
+    assert len(list((exp / by_seed[1]).glob("edit_*.png"))) == 4
     assert len(list((exp / by_seed[2]).glob("edit_*.png"))) == 3
 
 
