@@ -179,6 +179,13 @@ _RANGES: dict[str, tuple[float, float]] = {
 }
 _OPEN_BELOW = {"diffusion.beta_start", "diffusion.beta_end"}     # 0 excluded
 _OPEN_ABOVE = {"model.dropout", "diffusion.beta_start", "diffusion.beta_end"}  # 1 excluded
+
+
+class ConfigError(UserError, ValueError):
+    """A config value of the wrong type, out of range or inconsistent with another (also a
+    ValueError, as the model builders raise for a bad architecture)."""
+
+
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -201,41 +208,41 @@ def _check_value(key: str, value: Any, kind: str) -> None:
     names = {"int": "an integer", "float": "a number", "str": "text", "bool": "true or false",
              "tuple[int, ...]": "a list of integers", "tuple[str, ...]": "a list of text"}
     if not _type_ok(value, kind):
-        raise UserError(f"config key '{key}' must be {names.get(kind, kind)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"config key '{key}' must be {names.get(kind, kind)}, got {value!r} ({type(value).__name__})")
     for v in value if isinstance(value, tuple) else (value,):
         if isinstance(v, float) and not math.isfinite(v):
-            raise UserError(f"config key '{key}' must be finite, got {v}")
+            raise ConfigError(f"config key '{key}' must be finite, got {v}")
         if key in _RANGES:
             low, high = _RANGES[key]
             if not low <= v <= high or (key in _OPEN_BELOW and v == low) or (key in _OPEN_ABOVE and v == high):
                 interval = f"{'(' if key in _OPEN_BELOW else '['}{low:g}, {high:g}{')' if key in _OPEN_ABOVE else ']'}"
-                raise UserError(f"config key '{key}' must be in {interval}, got {v}")
+                raise ConfigError(f"config key '{key}' must be in {interval}, got {v}")
 
 
 def _validated(config: Config) -> Config:
     """``config`` if every value is of its type, finite and in range, and the values agree."""
     if not isinstance(config.name, str) or not _SAFE_NAME.match(config.name):
-        raise UserError(f"config key 'name' must be a plain name (letters, digits, _ . -), got {config.name!r}")
+        raise ConfigError(f"config key 'name' must be a plain name (letters, digits, _ . -), got {config.name!r}")
     for section in ("data", "model", "diffusion", "checkpoint", "edit"):
         part = getattr(config, section)
         for f in dataclasses.fields(part):
             _check_value(f"{section}.{f.name}", getattr(part, f.name), str(f.type))
     d, m, diff, e = config.data, config.model, config.diffusion, config.edit
     if m.in_channels != d.channels:
-        raise UserError(f"config key 'data.channels' is {d.channels}, but the model takes {m.in_channels} "
+        raise ConfigError(f"config key 'data.channels' is {d.channels}, but the model takes {m.in_channels} "
                         "(model.in_channels)")
     if m.out_ch not in (m.in_channels, 2 * m.in_channels):
-        raise UserError(f"config key 'model.out_ch' must be {m.in_channels} or {2 * m.in_channels}, got {m.out_ch}")
+        raise ConfigError(f"config key 'model.out_ch' must be {m.in_channels} or {2 * m.in_channels}, got {m.out_ch}")
     if not m.ch_mult:
-        raise UserError("config key 'model.ch_mult' must not be empty")
+        raise ConfigError("config key 'model.ch_mult' must not be empty")
     if d.image_size % 2 ** (len(m.ch_mult) - 1):
-        raise UserError(f"config key 'data.image_size' must be divisible by {2 ** (len(m.ch_mult) - 1)} "
+        raise ConfigError(f"config key 'data.image_size' must be divisible by {2 ** (len(m.ch_mult) - 1)} "
                         f"(one halving per model.ch_mult entry after the first), got {d.image_size}")
     if diff.beta_start > diff.beta_end:
-        raise UserError(f"config key 'diffusion.beta_start' ({diff.beta_start}) must not exceed "
+        raise ConfigError(f"config key 'diffusion.beta_start' ({diff.beta_start}) must not exceed "
                         f"'diffusion.beta_end' ({diff.beta_end})")
     if e.t_0 > diff.num_diffusion_timesteps - 1:
-        raise UserError(f"config key 'edit.t_0' must be in [1, {diff.num_diffusion_timesteps - 1}], got {e.t_0}")
+        raise ConfigError(f"config key 'edit.t_0' must be in [1, {diff.num_diffusion_timesteps - 1}], got {e.t_0}")
     return config
 
 
@@ -248,7 +255,7 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     if candidate.is_file():
         return candidate
     shipped = sorted(p.name for p in CONFIG_DIR.glob("*.yml"))
-    raise UserError(f"config '{name_or_path}' not found (neither a file nor one of configs/: {', '.join(shipped)})")
+    raise ConfigError(f"config '{name_or_path}' not found (neither a file nor one of configs/: {', '.join(shipped)})")
 
 
 def load_config(name_or_path: str | Path) -> Config:
@@ -256,5 +263,5 @@ def load_config(name_or_path: str | Path) -> Config:
     try:
         raw = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     return parse_config(raw, name=path.stem)
