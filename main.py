@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -21,6 +22,13 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _seed(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -65,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--config", default="digits.yml", help="a file in configs/ or a path")
     run.add_argument("--exp", type=Path, default=Path("runs/test"), help="run folder; each mode writes a subfolder")
-    run.add_argument("--seed", type=_int, default=1234, help="seed of the data split, the sampled noise and the edit noise")
+    run.add_argument("--seed", type=_seed, default=1234, help="seed of the data split, the sampled noise and the edit noise")
     run.add_argument("--model_path", default=None,
                      help="weights instead of the config's checkpoint: a state-dict file (.pt/.pth/.ckpt), a .safetensors "
                           "file, a diffusers model folder, or a Hugging Face Hub id hf:<owner>/<name>")
@@ -128,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace, config) -> argparse.Namespace:
     """Fill run-level defaults from the config (and from the boundary file for t_0); check ranges."""
+    from models import latent_shapes
     from utils.boundary_files import find_boundaries, load_boundary
     from utils.errors import UserError
 
@@ -135,9 +144,10 @@ def resolve_args(args: argparse.Namespace, config) -> argparse.Namespace:
     if args.mode in ("edit_image_boundary", "unconditional") and args.boundary_h is None and args.boundary_z is None:
         # As in the original README's unconditional command: no boundary named, use the newest fitted ones.
         # Prefer boundaries fitted at the run's t_0 (the config's default unless --t_0 is given).
-        found = find_boundaries(args.boundary_dir, config.name, args.edit_attr, args.t_0 or config.edit.t_0)
+        shapes = latent_shapes(config)  # files for another model are passed over from their headers
+        found = find_boundaries(args.boundary_dir, config.name, args.edit_attr, args.t_0 or config.edit.t_0, shapes)
         if not found and args.t_0 is None:
-            found = find_boundaries(args.boundary_dir, config.name, args.edit_attr)
+            found = find_boundaries(args.boundary_dir, config.name, args.edit_attr, shapes=shapes)
         if not found:
             raise UserError(f"no --boundary_h/--boundary_z given and no boundary for config {config.name}"
                             f"{' and ' + args.edit_attr if args.edit_attr else ''} in {args.boundary_dir}; "
@@ -148,7 +158,7 @@ def resolve_args(args: argparse.Namespace, config) -> argparse.Namespace:
             args.edit_space = next(iter(found))
     if args.t_0 is None:
         given = [p for p in (args.boundary_z, args.boundary_h) if p is not None]
-        args.t_0 = load_boundary(given[0]).t_0 if given and args.mode in ("edit_image_boundary", "unconditional") \
+        args.t_0 = load_boundary(given[0], latent_shapes(config)).t_0 if given and args.mode in ("edit_image_boundary", "unconditional") \
             else config.edit.t_0
     for name in ("n_inv_step", "n_test_step", "start_distance", "end_distance", "edit_img_number"):
         if getattr(args, name) is None:
@@ -162,7 +172,31 @@ def resolve_args(args: argparse.Namespace, config) -> argparse.Namespace:
             raise UserError(f"--{name} must be in [2, {limit}], got {getattr(args, name)}")
     if args.mode == "edit_image_boundary" and args.img_path is None:
         raise UserError("--edit_image_boundary needs --img_path")
+    if not math.isfinite(args.end_distance - args.start_distance):
+        raise UserError(f"--start_distance {args.start_distance} and --end_distance {args.end_distance} "
+                        "lie too far apart to be spaced in float64")
     return args
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread so that the run folder is cleaned up on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _install_signal_handlers() -> dict:
+    """SIGINT and SIGTERM become ``Interrupted``; returns the previous handlers (main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def pick_device(name: str):
@@ -192,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.errors import UserError
 
     retain_freed_memory()  # large activations are reused, not page-faulted in again at every call
+    previous = _install_signal_handlers()
     try:
         config = load_config(args.config)
         args = resolve_args(args, config)
@@ -200,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) is None:
                 setattr(args, name, default_batch_size(device, config.data.image_size))
         runner = BoundaryDiffusion(args, config, device)
-        getattr(runner, args.mode)()
-    except KeyboardInterrupt:
+        runner.run()
+    except KeyboardInterrupt as exc:  # the run folder has been removed on the way here
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     except Exception as exc:  # one line for the user; the traceback with --verbose debug
         if args.verbose == "debug":
             traceback.print_exc()
@@ -212,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             message = f"internal error: {type(exc).__name__}: {message} (rerun with --verbose debug for the traceback)"
         print(f"error: {message}", file=sys.stderr)
         return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
     return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from models.loading import load_model
 from models.runtime import InferenceNet
 from utils.boundary import fit_boundary, latent_distance, split_indices
-from utils.boundary_files import BoundaryRecord, load_boundary, save_boundary
+from utils.boundary_files import BoundaryRecord, boundary_path, load_boundary, save_boundary
 from utils.checkpoints import default_cache_dir
 from utils.config import Config
 from utils.datasets import check_two_classes, from_attr_file, from_folders
@@ -23,7 +24,7 @@ from utils.diffusion import Inversion, invert, sample_latents, sampling_pairs, t
 from utils.editing import batch_slices, edit_sequence, item_seed, pair_lone, reconstruct
 from utils.errors import UserError
 from utils.images import list_images, load_image, save_grid, save_image
-from utils.io import atomic_path, free_path, prepare_run_dir, write_json
+from utils.io import RunFolder, atomic_path, check_writable_dir, write_json
 from utils.latent_cache import LatentCache
 from utils.mixing import radius_curves
 
@@ -77,8 +78,27 @@ class BoundaryDiffusion:
         return {"config_name": self.config.name, "checkpoint": str(self.checkpoint),
                 "checkpoint_sha256": self.checkpoint_sha256}
 
+    def run(self) -> dict:
+        """Run ``args.mode``; its run folder appears under its final name only if the mode succeeds
+        (utils.io.RunFolder), else it and the files the run wrote outside it are removed."""
+        with contextlib.ExitStack() as stack:
+            self._stack, self._folder = stack, None
+            result = getattr(self, self.args.mode)()
+        if self._folder is not None:
+            print(f"results in {self._folder.final}")
+        return result
+
+    def _inputs(self) -> list[Path]:
+        """Every path the run reads (or writes outside its folder): none may be replaced by it."""
+        args = self.args
+        paths = [getattr(args, name, None) for name in ("img_path", "data_dir", "attr_file", "pos_dir", "neg_dir",
+                                                        "boundary_h", "boundary_z", "boundary_dir")]
+        return [Path(p) for p in [*paths, self.checkpoint, self.cache.root if self.cache else None] if p]
+
     def _run_dir(self, mode: str) -> Path:
-        run_dir = prepare_run_dir(Path(self.args.exp) / mode, overwrite=self.args.ni)
+        """The hidden folder this run writes into, renamed to ``<exp>/<mode>[-N]`` when ``run`` succeeds."""
+        self._folder = RunFolder(self.args.exp, mode, overwrite=self.args.ni, inputs=self._inputs())
+        run_dir = self._stack.enter_context(self._folder)
         log.info("writing into %s", run_dir)
         return run_dir
 
@@ -197,31 +217,35 @@ class BoundaryDiffusion:
         n_test = min(args.n_test_img, len(data) - n_train)
         train_idx, test_idx = split_indices(len(data), n_train, n_test, np.random.default_rng(args.seed))
         check_two_classes(data.labels[train_idx], "training split", minimum=1)
+        paths = [data.paths[i] for i in np.concatenate([train_idx, test_idx])]
+        boundary_dir = Path(args.boundary_dir)
         run_dir = self._run_dir("boundary_search")
+        # Before the long inversion (which reads every image first): the boundaries can be written.
+        self._folder.created_dirs(check_writable_dir(boundary_dir))
         start = time.perf_counter()
-        latents = self._invert_images([data.paths[i] for i in np.concatenate([train_idx, test_idx])],
-                                      args.bs_train, "inverting")
+        latents = self._invert_images(paths, args.bs_train, "inverting")
         invert_seconds = time.perf_counter() - start
         y_train, y_test = data.labels[train_idx], data.labels[test_idx]
         summary = {"mode": "boundary_search", "attribute": attribute, "arguments": _plain_args(args),
                    "n_train": len(train_idx), "n_test": len(test_idx), "invert_seconds": invert_seconds,
                    "train_images": [str(data.paths[i]) for i in train_idx],
                    "test_images": [str(data.paths[i]) for i in test_idx], **self._identity(), "spaces": {}}
-        boundary_dir = Path(args.boundary_dir) if args.boundary_dir else run_dir
+        records = {}
         for space in ("h", "z"):
             flat = getattr(latents, space).reshape(len(latents.z), -1).double().numpy()
             boundary = fit_boundary(flat[:len(train_idx)], y_train, flat[len(train_idx):], y_test)
-            record = BoundaryRecord.from_boundary(
+            records[space] = BoundaryRecord.from_boundary(
                 boundary, shape=self.shapes[space], space=space, t_0=args.t_0, n_inv_step=args.n_inv_step,
                 attribute=attribute, n_train=len(train_idx), n_test=len(test_idx),
                 n_pos=int(data.labels[np.concatenate([train_idx, test_idx])].sum()),
                 n_neg=int((data.labels[np.concatenate([train_idx, test_idx])] == 0).sum()),
                 config_name=self.config.name, checkpoint_sha256=self.checkpoint_sha256)
+        for space, record in records.items():  # written last, and removed again if the run fails after all
             name = f"{self.config.name}_{_slug(attribute)}_t{args.t_0}_{space}"
-            target = boundary_dir / f"{name}.npz"
-            path = save_boundary(target if args.ni else free_path(target), record)
-            summary["spaces"][space] = {"path": str(path), "train_acc": boundary.train_acc, "test_acc": boundary.test_acc}
-            print(f"boundary {space}: {path}  train acc {boundary.train_acc:.3f}  test acc {boundary.test_acc:.3f}")
+            path = save_boundary(boundary_path(boundary_dir, name), record, overwrite=args.ni)
+            self._folder.undo(path)
+            summary["spaces"][space] = {"path": str(path), "train_acc": record.train_acc, "test_acc": record.test_acc}
+            print(f"boundary {space}: {path}  train acc {record.train_acc:.3f}  test acc {record.test_acc:.3f}")
         write_json(run_dir / "summary.json", summary)
         return summary
 

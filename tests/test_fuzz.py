@@ -1,14 +1,16 @@
-"""Property-based fuzzing of the command line, boundary files and image files: every input either
+"""Property-based fuzzing of the command line, config files, boundary files and image files: every input either
 succeeds or fails with one anticipated line and exit status 1; never a traceback, and never a
 change to files the tool did not create. Bounded: a few dozen examples per property."""
 from __future__ import annotations
 
 import io
+import math
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -105,6 +107,75 @@ def test_fuzz_boundary_files(env, data):
             return
         assert record.normal.shape == (int(np.prod(record.shape)),)
         assert abs(float(np.linalg.norm(record.normal)) - 1) < 1e-3 and record.space in ("h", "z")
+
+
+HOSTILE_VALUES = st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e309, -1, 0, 2.0, 1e12, 10 ** 30,
+                                   "16", "", "x", None, True, [], [1, "x"], {"a": 1}, 0.5, 3])
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_config_files(env, data):
+    """Config files with hostile values and types: a Config whose numbers all make sense, or one
+    UserError line that names the key. A config that parses also runs (or fails in one line)."""
+    import yaml
+
+    from models import latent_shapes
+    from utils.config import load_config
+    from utils.diffusion import make_alphas_cumprod
+
+    config = yaml.safe_load((env["root"] / "tiny.yml").read_text())
+    keys = [(section, key) for section in ("data", "model", "diffusion", "edit") for key in config[section]]
+    changes = data.draw(st.lists(st.tuples(st.sampled_from(keys), HOSTILE_VALUES), min_size=1, max_size=3))
+    for (section, key), value in changes:
+        config[section][key] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.yml"
+        path.write_text(yaml.safe_dump(config))
+        try:
+            parsed = load_config(path)
+        except UserError as exc:
+            message = str(exc)
+            assert "\n" not in message and any(f"{s}.{k}" in message for (s, k), _ in changes), message
+            return
+        ac = make_alphas_cumprod(parsed.diffusion.beta_start, parsed.diffusion.beta_end,
+                                 parsed.diffusion.num_diffusion_timesteps)
+        assert torch.isfinite(ac).all() and (ac > 0).all()
+        assert all(math.isfinite(v) for v in (parsed.edit.start_distance, parsed.edit.end_distance))
+        assert parsed.edit.edit_img_number >= 1 and 1 <= parsed.edit.t_0 < parsed.diffusion.num_diffusion_timesteps
+        assert all(n > 0 for shape in latent_shapes(parsed).values() for n in shape)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_boundary_fields(env, data):
+    """Well-formed .npz files whose fields hold hostile values and types, and normals that declare
+    huge sizes: each loads as a consistent boundary of the model, or fails with one UserError."""
+    from models import latent_shapes
+    from utils.config import load_config
+
+    shapes = latent_shapes(load_config(env["root"] / "tiny.yml"))
+    arrays = {k: np.asarray(v) for k, v in np.load(env["h"], allow_pickle=False).items()}
+    hostile = st.sampled_from([np.asarray("300"), np.asarray(5), np.asarray(2.5), np.asarray(np.nan),
+                               np.asarray(True), np.asarray([1, 2]), np.asarray("z"), np.asarray("h"),
+                               np.asarray([32, 8, 8]), np.asarray([3, 16, 16]), np.asarray([-1, 8, 8]),
+                               np.asarray("x" * 5000), np.zeros(0, np.float32), np.full(2048, np.inf, np.float32),
+                               np.asarray(["a", "b"]), np.asarray(2 ** 40)])
+    for key in data.draw(st.lists(st.sampled_from(sorted(arrays)), min_size=1, max_size=3)):
+        arrays[key] = data.draw(hostile)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "b.npz"
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+        try:
+            record = load_boundary(path, shapes)
+        except UserError as exc:
+            assert "\n" not in str(exc)
+            return
+        assert record.space in ("h", "z") and tuple(record.shape) == shapes[record.space]
+        assert isinstance(record.t_0, int) and isinstance(record.attribute, str)
+        assert record.normal.shape == (int(np.prod(record.shape)),) and np.isfinite(record.normal).all()
+        assert abs(float(np.linalg.norm(record.normal)) - 1) < 1e-3
 
 
 def _image_bytes(data) -> bytes:

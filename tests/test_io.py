@@ -21,7 +21,6 @@ from utils.config import CONFIG_DIR, Config, load_config, parse_config, resolve_
 from utils.datasets import from_attr_file, read_attr_file
 from utils.errors import UserError
 from utils.images import load_image, save_image
-from utils.io import prepare_run_dir
 from utils.latent_cache import LatentCache
 
 # --------------------------------------------------------------------------- config
@@ -525,14 +524,4 @@ def test_latent_cache_corrupt_entry_reads_as_none(tmp_path, content):
 
 # --------------------------------------------------------------------------- run folders
 
-def test_prepare_run_dir_avoids_finished_runs(tmp_path):
-    run = tmp_path / "edit"
-    assert prepare_run_dir(run, overwrite=False) == run and run.is_dir()
-    assert prepare_run_dir(run, overwrite=False) == run  # unfinished: reused
-    (run / "summary.json").write_text("{}")
-    first = prepare_run_dir(run, overwrite=False)
-    assert first == tmp_path / "edit-1" and first.is_dir(), f"got {first}"
-    (first / "summary.json").write_text("{}")
-    assert prepare_run_dir(run, overwrite=False) == tmp_path / "edit-2"
-    assert prepare_run_dir(run, overwrite=True) == run
-    assert not [p for p in run.iterdir() if p.name.startswith(".write-test-")], "the write probe was left behind"
+# (run folders: tests/test_hostile.py)

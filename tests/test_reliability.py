@@ -40,13 +40,16 @@ def test_boundary_search_resumes_after_sigkill(env, tmp_path):
     proc.wait()
     done = len(list(cache.glob("latents/*/*.pt")))
     assert 3 <= done < 12, f"the kill did not land mid-inversion ({done} of 12 cached)"
-    assert not (tmp_path / "bd").exists(), "boundaries were written before the search finished"
+    assert not list((tmp_path / "bd").glob("*.npz")), "boundaries were written before the search finished"
+    assert [p.name for p in (tmp_path / "run").iterdir()][0].startswith(".partial-boundary_search-")
 
     resumed = subprocess.run(_search_cmd(env, cache, tmp_path / "bd", tmp_path / "run"), env=subenv,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     reused = int(resumed.stderr.split(" from the cache")[0].rsplit(", ", 1)[1])
     assert reused >= done, resumed.stderr  # what was inverted before the kill is not inverted again
+    # the killed run's hidden folder was removed by the later run, which left only its finished one
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["boundary_search"]
 
     fresh = subprocess.run(_search_cmd(env, tmp_path / "cache2", tmp_path / "bd2", tmp_path / "run2"), env=subenv,
                            capture_output=True, text=True)

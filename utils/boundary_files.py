@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+import logging
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from utils.boundary import Boundary
 from utils.errors import UserError
-from utils.io import atomic_path
+from utils.io import write_new_file
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SPACES = ("h", "z")
@@ -50,8 +54,26 @@ class BoundaryRecord:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("normal", "coef")}
 
 
-def save_boundary(path: str | Path, record: BoundaryRecord) -> Path:
-    """Write ``record`` to ``path`` (``.npz`` appended if missing), atomically."""
+# What each field may hold: its numpy kind ('f' float, 'i' integer, 'U' text) and how many values.
+_SCALAR_KINDS = {"intercept": "fi", "t_0": "i", "n_inv_step": "i", "train_acc": "fi", "test_acc": "fi",
+                 "n_train": "i", "n_test": "i", "n_pos": "i", "n_neg": "i", "format_version": "i",
+                 "space": "U", "attribute": "U", "config_name": "U", "checkpoint_sha256": "U"}
+_MAX_TEXT = 1024          # characters of a text field
+_MAX_DIMS = 8             # entries of ``shape``
+MAX_VALUES = 1 << 24      # entries of a normal when the model is not known (64 MiB as float32)
+
+
+def boundary_path(folder: str | Path, name: str) -> Path:
+    """``<folder>/<name>.npz``; UserError if ``name`` would leave ``folder`` or be hidden."""
+    if not name or Path(name).name != name or name.startswith(".") or "/" in name or "\\" in name:
+        raise UserError(f"boundary name '{name}' is not a plain file name")
+    return Path(folder) / f"{name}.npz"
+
+
+def save_boundary(path: str | Path, record: BoundaryRecord, overwrite: bool = True) -> Path:
+    """Write ``record`` to ``path`` (``.npz`` appended if missing), atomically. Unless
+    ``overwrite``, an existing file is kept and the first free ``<stem>-1.npz``, ... is taken
+    (atomically: concurrent writers never take the same name). Returns the path written."""
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
@@ -64,14 +86,61 @@ def save_boundary(path: str | Path, record: BoundaryRecord) -> Path:
     arrays["normal"] = arrays["normal"].astype(np.float32).reshape(-1)
     arrays["coef"] = arrays["coef"].astype(np.float32).reshape(-1)
     arrays["format_version"] = np.asarray(FORMAT_VERSION)
-    with atomic_path(path) as tmp:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-    return path
+    return write_new_file(path, write, overwrite)
 
 
-def load_boundary(path: str | Path) -> BoundaryRecord:
-    """Read a boundary file; UserError if it is missing, corrupt or inconsistent."""
+def _headers(zf: zipfile.ZipFile) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every ``<field>.npy`` member, read from its header only (no data)."""
+    headers = {}
+    for member in zf.namelist():
+        if not member.endswith(".npy"):
+            continue
+        with zf.open(member) as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+        headers[member[:-4]] = (tuple(shape), dtype)
+    return headers
+
+
+def _check_headers(path: Path, headers: dict) -> None:
+    """Every field's kind and size, before any data is read (a small file may declare gigabytes)."""
+    for name in ("normal", "shape", "space", "t_0", "n_inv_step"):
+        if name not in headers:
+            raise UserError(f"boundary file {path} lacks the field '{name}'")
+    for name, (shape, dtype) in headers.items():
+        size = int(np.prod(shape))
+        if dtype.hasobject:
+            raise UserError(f"boundary file {path}: field '{name}' holds Python objects")
+        if name in _SCALAR_KINDS:
+            kinds = _SCALAR_KINDS[name]
+            wanted = {"f": "a number", "i": "an integer", "U": "text"}[kinds[-1] if kinds != "fi" else "f"]
+            if dtype.kind not in kinds or size != 1 or (dtype.kind == "U" and dtype.itemsize > 4 * _MAX_TEXT):
+                raise UserError(f"boundary file {path}: field '{name}' must be {wanted}, "
+                                f"got {dtype.name} of shape {shape}")
+        elif name == "shape" and (dtype.kind not in "iu" or not 1 <= size <= _MAX_DIMS or len(shape) != 1):
+            raise UserError(f"boundary file {path}: field 'shape' must be a list of at most {_MAX_DIMS} integers")
+        elif name in ("normal", "coef") and (dtype.kind != "f" or size > MAX_VALUES):
+            raise UserError(f"boundary file {path}: field '{name}' must hold at most {MAX_VALUES} floats, "
+                            f"got {dtype.name} of shape {shape}")
+    if "coef" in headers and int(np.prod(headers["coef"][0])) != int(np.prod(headers["normal"][0])):
+        raise UserError(f"boundary file {path}: 'coef' and 'normal' differ in size")
+
+
+def _read(zf: zipfile.ZipFile, name: str) -> np.ndarray:
+    with zf.open(f"{name}.npy") as fh:
+        return np.lib.format.read_array(fh, allow_pickle=False)
+
+
+def load_boundary(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None) -> BoundaryRecord:
+    """Read a boundary file; UserError if it is missing, corrupt or inconsistent.
+
+    shapes: the model's latent shapes {'z': ..., 'h': ...}; the normal's size is checked against
+    them from its header, before its data is read. Memory is bounded by the header checks either way.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"boundary file {path} does not exist")
@@ -79,48 +148,55 @@ def load_boundary(path: str | Path) -> BoundaryRecord:
         raise UserError(f"{path} is a pickled boundary of the original code; convert it first "
                         "with python -m utils.boundary_tools import-sav (it is never unpickled here)")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            fields = {f.name: f for f in dataclasses.fields(BoundaryRecord)}
-            missing = [n for n in ("normal", "shape", "space", "t_0", "n_inv_step") if n not in data.files]
-            if missing:
-                raise UserError(f"boundary file {path} lacks the field '{missing[0]}'")
+        with zipfile.ZipFile(path) as zf:
+            headers = _headers(zf)
+            _check_headers(path, headers)
             values = {}
-            for name, f in fields.items():
-                if name not in data.files:
+            for name in dataclasses.fields(BoundaryRecord):
+                name = name.name
+                if name not in headers or name in ("normal", "coef"):
                     continue
-                arr = data[name]
-                if name in ("normal", "coef"):
-                    values[name] = arr.astype(np.float32).reshape(-1)
-                elif name == "shape":
-                    values[name] = tuple(int(v) for v in arr.reshape(-1))
-                else:
-                    values[name] = arr.item()
-            values.setdefault("coef", values["normal"])
-            values.setdefault("intercept", 0.0)
+                arr = _read(zf, name)
+                values[name] = tuple(int(v) for v in arr.reshape(-1)) if name == "shape" else arr.item()
+            if values["space"] not in SPACES:
+                raise UserError(f"boundary file {path} has unknown space '{values['space']}' (choices: h, z)")
+            size = int(np.prod(headers["normal"][0]))
+            if size != int(np.prod(values["shape"])) or min(values["shape"]) < 1:
+                raise UserError(f"boundary file {path} is corrupt: its normal has {size} values for shape "
+                                f"{values['shape']}")
+            if shapes is not None and values["space"] in shapes and tuple(values["shape"]) != tuple(shapes[values["space"]]):
+                raise UserError(f"{path} is a boundary for {values['space']} latents of shape {values['shape']}, "
+                                f"but this model's are {tuple(shapes[values['space']])}")
+            for name in ("normal", "coef"):
+                if name in headers:
+                    values[name] = _read(zf, name).astype(np.float32).reshape(-1)
     except UserError:
         raise
-    except Exception as exc:  # numpy's parsers fail on damaged files with many error types
+    except Exception as exc:  # zipfile's and numpy's parsers fail on damaged files with many error types
         raise UserError(f"boundary file {path} is corrupt or not a boundary file ({type(exc).__name__})") from None
+    values.setdefault("coef", values["normal"])
+    values.setdefault("intercept", 0.0)
     record = BoundaryRecord(**values)
-    if record.space not in SPACES:
-        raise UserError(f"boundary file {path} has unknown space '{record.space}' (choices: h, z)")
     norm = float(np.linalg.norm(record.normal))
-    if record.normal.size != int(np.prod(record.shape)) or not np.isfinite(norm) or abs(norm - 1) > 1e-3:
-        raise UserError(f"boundary file {path} is corrupt: its normal is not a unit vector of shape {record.shape}")
+    if not np.isfinite(norm) or abs(norm - 1) > 1e-3 or not np.isfinite(record.coef).all() \
+            or not np.isfinite(record.intercept):
+        raise UserError(f"boundary file {path} is corrupt: its normal is not a finite unit vector of shape {record.shape}")
     return record
 
 
 def matching_boundaries(folder: str | Path, config_name: str, attribute: str | None = None, t_0: int | None = None,
-                        checkpoint_sha256: str | None = None) -> dict[str, list[tuple[Path, BoundaryRecord]]]:
+                        checkpoint_sha256: str | None = None, shapes: dict[str, tuple[int, ...]] | None = None
+                        ) -> dict[str, list[tuple[Path, BoundaryRecord]]]:
     """Every readable boundary file in ``folder`` fitted for ``config_name`` (and for ``attribute``,
-    ``t_0`` and the checkpoint with ``checkpoint_sha256`` when given), as {space: [(path, record)]}
-    in path order. A record without a checkpoint hash matches any checkpoint; unreadable files are
-    passed over."""
+    ``t_0``, the checkpoint with ``checkpoint_sha256`` and latents of ``shapes`` when given), as
+    {space: [(path, record)]} in path order. A record without a checkpoint hash matches any
+    checkpoint; a file that does not load as such a boundary is passed over (a debug-level note)."""
     found: dict[str, list[tuple[Path, BoundaryRecord]]] = {}
     for path in sorted(Path(folder).glob("*.npz")) if Path(folder).is_dir() else []:
         try:
-            record = load_boundary(path)
-        except UserError:
+            record = load_boundary(path, shapes)
+        except (UserError, OSError) as exc:
+            log.debug("passing over %s: %s", path, exc)
             continue
         if record.config_name != config_name or (attribute and record.attribute.lower() != attribute.lower()) \
                 or (t_0 is not None and record.t_0 != t_0) \
@@ -131,7 +207,7 @@ def matching_boundaries(folder: str | Path, config_name: str, attribute: str | N
 
 
 def find_boundaries(folder: str | Path, config_name: str, attribute: str | None = None,
-                    t_0: int | None = None) -> dict[str, Path]:
+                    t_0: int | None = None, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Path]:
     """The newest boundary file of each space among ``matching_boundaries``."""
     return {space: max(hits, key=lambda hit: hit[0].stat().st_mtime)[0]
-            for space, hits in matching_boundaries(folder, config_name, attribute, t_0).items()}
+            for space, hits in matching_boundaries(folder, config_name, attribute, t_0, shapes=shapes).items()}

@@ -8,6 +8,8 @@ are an error that names the key. The original's unused keys (``logit_transform``
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -164,14 +166,94 @@ def parse_config(raw: Any, name: str = "config") -> Config:
     diffusion = _build(DiffusionConfig, "diffusion", raw["diffusion"])
     if diffusion.beta_schedule != "linear":
         raise UserError(f"diffusion.beta_schedule '{diffusion.beta_schedule}' is not supported (choices: linear)")
-    return Config(
-        name=str(raw.get("name", name)),
+    return _validated(Config(
+        name=raw.get("name", name),
         data=_build(DataConfig, "data", raw["data"], _IGNORED_DATA_KEYS),
         model=model,
         diffusion=diffusion,
         checkpoint=_build(CheckpointConfig, "checkpoint", raw.get("checkpoint")),
         edit=edit,
-    )
+    ))
+
+
+# --------------------------------------------------------------------------- validation
+# Every value is checked for its type (from the dataclass annotations), then for its range and
+# finiteness here, with one line that names the key. Keys without a rule get the type check only.
+_RANGES: dict[str, tuple[float, float]] = {
+    "data.image_size": (1, 4096), "data.channels": (1, 4), "model.in_channels": (1, 4), "model.out_ch": (1, 8),
+    "model.ch": (1, 4096), "model.num_res_blocks": (0, 64), "model.dropout": (0, 1), "model.num_groups": (1, 4096),
+    "model.num_head_channels": (-1, 4096), "model.ch_mult": (1, 64), "model.attn_resolutions": (1, 4096),
+    "diffusion.beta_start": (0, 1), "diffusion.beta_end": (0, 1), "diffusion.num_diffusion_timesteps": (2, 100_000),
+    "edit.t_0": (1, 100_000), "edit.n_inv_step": (2, 100_000), "edit.n_test_step": (2, 100_000),
+    "edit.edit_img_number": (1, 100_000), "edit.start_distance": (-1e12, 1e12), "edit.end_distance": (-1e12, 1e12),
+}
+_OPEN_BELOW = {"diffusion.beta_start", "diffusion.beta_end"}     # 0 excluded
+_OPEN_ABOVE = {"model.dropout", "diffusion.beta_start", "diffusion.beta_end"}  # 1 excluded
+
+
+class ConfigError(UserError, ValueError):
+    """A config value of the wrong type, out of range or inconsistent with another (also a
+    ValueError, as the model builders raise for a bad architecture)."""
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind.startswith("tuple["):
+        inner = kind[len("tuple["):].split(",")[0].strip()
+        return isinstance(value, tuple) and all(_type_ok(v, inner) for v in value)
+    return True
+
+
+def _check_value(key: str, value: Any, kind: str) -> None:
+    names = {"int": "an integer", "float": "a number", "str": "text", "bool": "true or false",
+             "tuple[int, ...]": "a list of integers", "tuple[str, ...]": "a list of text"}
+    if not _type_ok(value, kind):
+        raise ConfigError(f"config key '{key}' must be {names.get(kind, kind)}, got {value!r} ({type(value).__name__})")
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config key '{key}' must be finite, got {v}")
+        if key in _RANGES:
+            low, high = _RANGES[key]
+            if not low <= v <= high or (key in _OPEN_BELOW and v == low) or (key in _OPEN_ABOVE and v == high):
+                interval = f"{'(' if key in _OPEN_BELOW else '['}{low:g}, {high:g}{')' if key in _OPEN_ABOVE else ']'}"
+                raise ConfigError(f"config key '{key}' must be in {interval}, got {v}")
+
+
+def _validated(config: Config) -> Config:
+    """``config`` if every value is of its type, finite and in range, and the values agree."""
+    if not isinstance(config.name, str) or not _SAFE_NAME.match(config.name):
+        raise ConfigError(f"config key 'name' must be a plain name (letters, digits, _ . -), got {config.name!r}")
+    for section in ("data", "model", "diffusion", "checkpoint", "edit"):
+        part = getattr(config, section)
+        for f in dataclasses.fields(part):
+            _check_value(f"{section}.{f.name}", getattr(part, f.name), str(f.type))
+    d, m, diff, e = config.data, config.model, config.diffusion, config.edit
+    if m.in_channels != d.channels:
+        raise ConfigError(f"config key 'data.channels' is {d.channels}, but the model takes {m.in_channels} "
+                        "(model.in_channels)")
+    if m.out_ch not in (m.in_channels, 2 * m.in_channels):
+        raise ConfigError(f"config key 'model.out_ch' must be {m.in_channels} or {2 * m.in_channels}, got {m.out_ch}")
+    if not m.ch_mult:
+        raise ConfigError("config key 'model.ch_mult' must not be empty")
+    if d.image_size % 2 ** (len(m.ch_mult) - 1):
+        raise ConfigError(f"config key 'data.image_size' must be divisible by {2 ** (len(m.ch_mult) - 1)} "
+                        f"(one halving per model.ch_mult entry after the first), got {d.image_size}")
+    if diff.beta_start > diff.beta_end:
+        raise ConfigError(f"config key 'diffusion.beta_start' ({diff.beta_start}) must not exceed "
+                        f"'diffusion.beta_end' ({diff.beta_end})")
+    if e.t_0 > diff.num_diffusion_timesteps - 1:
+        raise ConfigError(f"config key 'edit.t_0' must be in [1, {diff.num_diffusion_timesteps - 1}], got {e.t_0}")
+    return config
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -183,7 +265,7 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     if candidate.is_file():
         return candidate
     shipped = sorted(p.name for p in CONFIG_DIR.glob("*.yml"))
-    raise UserError(f"config '{name_or_path}' not found (neither a file nor one of configs/: {', '.join(shipped)})")
+    raise ConfigError(f"config '{name_or_path}' not found (neither a file nor one of configs/: {', '.join(shipped)})")
 
 
 def load_config(name_or_path: str | Path) -> Config:
@@ -191,5 +273,5 @@ def load_config(name_or_path: str | Path) -> Config:
     try:
         raw = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     return parse_config(raw, name=path.stem)

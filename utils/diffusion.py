@@ -30,7 +30,11 @@ H_POLICIES = ("lagged", "once")
 def make_alphas_cumprod(beta_start: float, beta_end: float, num_timesteps: int) -> Tensor:
     """a_t for a linear beta schedule: (T,) float64 (docs/algorithm.md section 2; cast only at use)."""
     betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
-    return torch.cumprod(1.0 - betas, dim=0)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    if not (torch.isfinite(alphas_cumprod).all() and (alphas_cumprod > 0).all() and (betas >= 0).all()):
+        raise ValueError(f"the beta schedule {beta_start}..{beta_end} over {num_timesteps} steps is not a valid "
+                         "schedule (betas must lie in [0, 1), the cumulative product above 0)")
+    return alphas_cumprod
 
 
 def alpha_bar(alphas_cumprod: Tensor, t: int) -> Tensor:
@@ -112,6 +116,16 @@ def _noise_like(x: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
     return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32) for g in generators]).to(x.device)
 
 
+class NonFiniteError(ValueError):
+    """A NaN or an infinity where the arithmetic needs finite numbers."""
+
+
+def _check_finite(x: Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"{what} is not finite (NaN or infinity); the input or the weights are broken "
+                             "or a distance is too large")
+
+
 @dataclass(frozen=True)
 class Step:
     """State after one move: the timestep reached, x there, and the bottleneck of the call that made it."""
@@ -138,9 +152,11 @@ def ddim_trajectory(net: Net, x: Tensor, alphas_cumprod: Tensor, pairs: Sequence
     override = h_edit
     for t, t_next in pairs:
         out, h = net(x, t, h_override=override)
+        _check_finite(out, f"the network's output at timestep {t}")
         eps = out[:, : x.shape[1]]  # learned-variance models: the rest are variance channels
         noise = _noise_like(x, generators) if eta > 0 else None
         x = ddim_step(x, eps, alpha_bar(alphas_cumprod, t), alpha_bar(alphas_cumprod, t_next), eta, noise)
+        _check_finite(x, f"the DDIM step from timestep {t} to {t_next}")
         override = h if (h_edit is not None and h_policy == "lagged") else None
         yield Step(t_next, x, h)
 

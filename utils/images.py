@@ -1,16 +1,76 @@
 """Image files <-> tensors in [-1, 1]."""
 from __future__ import annotations
 
+import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from utils.errors import UserError
 from utils.io import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+MAX_PIXELS_ENV = "BOUNDARYDIFFUSION_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels: about 0.5 GB while decoding and converting
+
+
+def max_pixels() -> int:
+    """The largest image (width x height) read: $BOUNDARYDIFFUSION_MAX_PIXELS, else 40 megapixels."""
+    text = os.environ.get(MAX_PIXELS_ENV, "")
+    try:
+        value = int(text) if text else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise UserError(f"{MAX_PIXELS_ENV} must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise UserError(f"{MAX_PIXELS_ENV} must be a positive integer, got {text!r}")
+    return value
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+
+
+def _png_rows_bytes(width: int, height: int, depth: int, colour: int, interlaced: bool) -> int:
+    """Bytes of decompressed PNG image data that a header declares (filter bytes included)."""
+    bits = depth * _PNG_CHANNELS.get(colour, 4)
+    passes = [((height - y0 + dy - 1) // dy, (width - x0 + dx - 1) // dx)
+              for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4),
+                                     (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))] if interlaced else [(height, width)]
+    return sum(rows * (1 + (cols * bits + 7) // 8) for rows, cols in passes if rows > 0 and cols > 0)
+
+
+def _check_png_complete(path: Path) -> None:
+    """A PNG whose image data holds fewer rows than its header declares is an error (Pillow fills
+    the missing rows with black when the compressed stream itself is complete). Streams the data
+    through zlib without keeping it."""
+    with open(path, "rb") as fh:
+        if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+            return
+        inflate, produced, declared = zlib.decompressobj(), 0, None
+        while True:
+            head = fh.read(8)
+            if len(head) < 8:
+                break
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IHDR":
+                width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", fh.read(13))
+                declared = _png_rows_bytes(width, height, depth, colour, bool(interlace))
+                fh.seek(length - 13 + 4, 1)
+            elif kind == b"IDAT":
+                chunk = fh.read(length)
+                fh.seek(4, 1)
+                while chunk and produced <= (declared or 0):
+                    produced += len(inflate.decompress(chunk, 1 << 20))
+                    chunk = inflate.unconsumed_tail
+            elif kind == b"IEND":
+                break
+            else:
+                fh.seek(length + 4, 1)
+    if declared is not None and produced < declared:
+        raise UserError(f"image {path} is truncated: its data holds fewer rows than its header declares")
 
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
@@ -43,13 +103,21 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
         raise UserError(f"image {path} does not exist")
     if path.stat().st_size == 0:
         raise UserError(f"image {path} is empty (0 bytes)")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never black rows
+    limit = max_pixels()
     try:
         with Image.open(path) as img:
+            if img.size[0] * img.size[1] > limit:
+                raise UserError(f"image {path} has {img.size[0]} x {img.size[1]} pixels, more than the limit of "
+                                f"{limit} (raise it with {MAX_PIXELS_ENV})")
             img.load()
             img = ImageOps.exif_transpose(img)
             img = _to_mode(img, channels)
+    except UserError:
+        raise
     except Exception as exc:  # Pillow's decoders fail on damaged files with many error types
         raise UserError(f"image {path} cannot be read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    _check_png_complete(path)
     side = min(img.size)
     img = ImageOps.fit(img, (side, side), method=Image.Resampling.BICUBIC) if img.size[0] != img.size[1] else img
     if img.size != (size, size):

@@ -1,34 +1,79 @@
-"""Writing files so that a crash never leaves half a file or destroys an earlier result.
+"""Writing files and run folders so that a crash never leaves half a result or destroys an earlier one.
 
-Every writer goes through ``atomic_path``: the content is written to a temporary name in the
+Every file writer goes through ``atomic_path``: the content is written to a temporary name in the
 target's folder and renamed over the target only once complete (a rename within one file system
-is atomic on POSIX).
+is atomic on POSIX). A run writes its whole folder the same way (``RunFolder``): into a fresh
+hidden folder inside ``--exp``, renamed to its final name only when the run has succeeded.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
+import math
 import os
+import re
+import secrets
+import shutil
+import signal
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Hidden folders of unfinished runs: .partial-<name>-<pid>-<process start time>-<random>
+PARTIAL_PREFIX = ".partial-"
+_PARTIAL = re.compile(r"^\.partial-(?P<name>.+)-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]+$")
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc allows (no window for threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _temp_beside(target: Path) -> Iterator[Path]:
+    """A fresh temporary file in ``target``'s folder, with the permissions the umask gives (as
+    ``open`` would, not mkstemp's 0600); removed on exit unless renamed away."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it to ``target`` if the block succeeds."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
+    with _temp_beside(target) as tmp:
         yield tmp
         os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def write_new_file(target: str | Path, write: Callable[[Path], None], overwrite: bool) -> Path:
+    """``write(tmp)`` a temporary file, then move it to ``target`` (``overwrite``) or to the first
+    free numbered name (``publish_file``). Returns the name taken."""
+    target = Path(target)
+    with _temp_beside(target) as tmp:
+        write(tmp)
+        return publish_file(tmp, target, overwrite)
 
 
 def write_bytes(target: str | Path, data: bytes) -> None:
@@ -37,12 +82,24 @@ def write_bytes(target: str | Path, data: bytes) -> None:
 
 
 def write_json(target: str | Path, obj: Any) -> None:
-    write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n").encode())
+    """Strict JSON (RFC 8259): non-finite floats are written as null, never as NaN or Infinity."""
+    text = json.dumps(_strict(obj), indent=2, sort_keys=True, default=_jsonable, allow_nan=False)
+    write_bytes(target, (text + "\n").encode())
+
+
+def _strict(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return _strict(obj.tolist())
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
@@ -57,17 +114,204 @@ def free_path(path: Path, taken: Callable[[Path], bool] = Path.exists) -> Path:
     return candidate
 
 
-def prepare_run_dir(path: Path, overwrite: bool) -> Path:
-    """The folder a run writes into, never one that holds a finished run unless ``overwrite``.
+def _numbered(path: Path) -> Iterator[Path]:
+    yield path
+    n = 0
+    while True:
+        n += 1
+        yield path.with_name(f"{path.stem}-{n}{path.suffix}")
 
-    A folder that holds ``summary.json`` is finished; without ``overwrite`` the run goes to the
-    first free ``<path>-1``, ``<path>-2``, ... instead. Checks that the folder is writable.
-    """
-    candidate = path if overwrite else free_path(path, lambda p: (p / "summary.json").exists())
+
+def publish_file(tmp: Path, target: Path, overwrite: bool) -> Path:
+    """Move the complete file ``tmp`` to ``target`` (``overwrite``) or to the first free numbered
+    name ``<stem>-1<suffix>``, ... . The name is taken atomically (a hard link fails if the name
+    exists), so concurrent writers never take the same one. Returns the name taken."""
+    if overwrite:
+        os.replace(tmp, target)
+        return target
+    for candidate in _numbered(target):
+        try:
+            os.link(tmp, candidate)
+        except FileExistsError:
+            continue
+        except OSError as exc:  # a file system without hard links: reserve the name, then replace
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            try:
+                os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            except FileExistsError:
+                continue
+            os.replace(tmp, candidate)
+            return candidate
+        tmp.unlink()
+        return candidate
+    raise AssertionError("unreachable")
+
+
+def is_within(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (symbolic links resolved)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot (0 where /proc does not say)."""
     try:
-        candidate.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=candidate, prefix=".write-test-", delete=True)
-        probe.close()
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _alive(pid: int, start: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start == 0 or _start_time(pid) in (0, start)  # a reused pid is another process
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove the hidden folders of runs whose process is gone (killed with SIGKILL, a power cut)."""
+    removed = []
+    for entry in folder.glob(PARTIAL_PREFIX + "*") if folder.is_dir() else []:
+        match = _PARTIAL.match(entry.name)
+        if match and entry.is_dir() and not _alive(int(match["pid"]), int(match["start"])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+            log.info("removed %s, left by an interrupted run", entry)
+    return removed
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (outermost first)."""
+    missing = []
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        try:
+            p.mkdir()
+        except FileExistsError:
+            pass
+    return list(reversed(missing))
+
+
+def check_writable_dir(path: Path) -> list[Path]:
+    """Create ``path`` if missing and prove it writable with a probe file; returns the folders it
+    created (so that a failed run can remove them again). UserError names the folder."""
+    try:
+        created = _make_dirs(path)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
     except OSError as exc:
-        raise UserError(f"output folder {candidate} is not writable ({exc.strerror or exc})") from None
-    return candidate
+        raise UserError(f"folder {path} is not writable ({exc.strerror or exc})") from None
+    return created
+
+
+class RunFolder:
+    """The folder of one run, written atomically (use as a context manager).
+
+    ``__enter__`` creates a fresh hidden folder ``<exp>/.partial-<name>-<pid>-...`` and returns
+    it; a run writes everything there. If the block succeeds, the folder is renamed to ``<exp>/
+    <name>``, or (unless ``overwrite``) to the first of ``<name>-1``, ``<name>-2``, ... that does
+    not exist: the name is reserved with ``mkdir``, which fails if it exists, so two concurrent
+    runs never take the same one. With ``overwrite`` a finished folder is replaced as a whole. If
+    the block fails (an exception, SIGINT, SIGTERM turned into an exception) the hidden folder,
+    the files registered with ``undo`` and the folders this run created are removed. ``inputs``:
+    paths the run reads; one inside the folder that would be replaced is refused.
+    """
+
+    def __init__(self, exp: str | Path, name: str, overwrite: bool = False, inputs: Iterable[str | Path] = ()):
+        self.exp, self.name, self.overwrite = Path(exp), name, overwrite
+        self.inputs = [Path(p) for p in inputs if p]
+        self.partial: Path | None = None
+        self.final: Path | None = None
+        self._undo: list[Path] = []
+        self._created: list[Path] = []
+
+    def undo(self, path: Path) -> None:
+        """Remove ``path`` (a file this run wrote outside its folder) if the run fails."""
+        self._undo.append(Path(path))
+
+    def created_dirs(self, folders: Iterable[Path]) -> None:
+        """Remove these folders (created by this run) if the run fails and they are empty."""
+        self._created.extend(folders)
+
+    def __enter__(self) -> Path:
+        if self.overwrite:
+            for path in self.inputs:
+                if is_within(path, self.exp / self.name):
+                    raise UserError(f"{path} lies inside {self.exp / self.name}, which --ni would replace; "
+                                    "move it or choose another --exp")
+        try:
+            self._created = _make_dirs(self.exp)
+            remove_stale_partials(self.exp)
+            pid = os.getpid()
+            partial = self.exp / f"{PARTIAL_PREFIX}{self.name}-{pid}-{_start_time(pid)}-{secrets.token_hex(4)}"
+            partial.mkdir(mode=0o777)
+            self.partial = partial
+        except OSError as exc:
+            self._remove_created()
+            raise UserError(f"output folder {self.exp} is not writable ({exc.strerror or exc})") from None
+        return self.partial
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # No second SIGINT/SIGTERM may cut the commit or the cleanup in half.
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            if exc_type is None:
+                try:
+                    self.final = self._commit()
+                    return
+                except BaseException:
+                    self._discard()
+                    raise
+            self._discard()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _commit(self) -> Path:
+        target = self.exp / self.name
+        if self.overwrite:
+            for _ in range(100):  # another run may take the name between our two renames
+                old = self.exp / f"{PARTIAL_PREFIX}{self.name}-old-{os.getpid()}-0-{secrets.token_hex(4)}"
+                try:
+                    os.rename(target, old)
+                except FileNotFoundError:
+                    old = None
+                try:
+                    os.rename(self.partial, target)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    continue
+                finally:
+                    if old is not None:
+                        shutil.rmtree(old, ignore_errors=True)
+                return target
+            raise UserError(f"could not replace {target}: other runs keep writing it")
+        for candidate in _numbered(target):
+            try:
+                candidate.mkdir()  # reserve the name: fails if it exists
+            except FileExistsError:
+                continue
+            os.rename(self.partial, candidate)  # onto our own empty folder
+            return candidate
+        raise AssertionError("unreachable")
+
+    def _discard(self) -> None:
+        if self.partial is not None:
+            shutil.rmtree(self.partial, ignore_errors=True)
+        for path in self._undo:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in reversed(self._created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty

@@ -21,10 +21,15 @@ log = logging.getLogger(__name__)
 
 
 class LatentCache:
+    """A broken cache never stops a run: an unreadable, malformed or non-finite entry counts as
+    missing (and is recomputed); if an entry cannot be written (a read-only folder, a path that is
+    a file, a full disk) the cache warns once and the run goes on without writing it."""
+
     def __init__(self, root: str | Path, identity: dict):
         """identity: everything besides the image that decides the latents (JSON-serialisable)."""
         self.root = Path(root)
         self._prefix = json.dumps(identity, sort_keys=True).encode()
+        self.writable = True
 
     def key(self, image: torch.Tensor) -> str:
         """image: (C, H, W) float32 pixels in [-1, 1]."""
@@ -40,15 +45,28 @@ class LatentCache:
         """The cached latents (z (C, H, W), h (C_mid, H_mid, W_mid)), or None; an unreadable entry
         counts as missing (and is recomputed)."""
         path = self._path(key)
-        if not path.is_file():
-            return None
         try:
+            if not path.is_file():
+                return None
             entry = torch.load(path, map_location="cpu", weights_only=True)
-            return Inversion(z=entry["z"], h=entry["h"])
-        except Exception:  # a damaged entry (e.g. from a full disk) is recomputed, whatever the error
-            log.warning("ignoring unreadable cache entry %s", path)
+            z, h = entry["z"], entry["h"]
+            if not all(isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 3 for v in (z, h)):
+                raise ValueError("not a pair of (C, H, W) float tensors")
+            if not (torch.isfinite(z).all() and torch.isfinite(h).all()):
+                raise ValueError("not finite")
+            return Inversion(z=z, h=h)
+        except Exception as exc:  # a damaged entry (e.g. from a full disk) is recomputed, whatever the error
+            log.warning("ignoring unreadable cache entry %s (%s)", path, type(exc).__name__)
             return None
 
     def put(self, key: str, z: torch.Tensor, h: torch.Tensor) -> None:
-        with atomic_path(self._path(key)) as tmp:
-            torch.save({"z": z.detach().cpu().clone(), "h": h.detach().cpu().clone()}, tmp)
+        """Write an entry; on the first failure warn once and write nothing more."""
+        if not self.writable:
+            return
+        try:
+            with atomic_path(self._path(key)) as tmp:
+                torch.save({"z": z.detach().cpu().clone(), "h": h.detach().cpu().clone()}, tmp)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+            self.writable = False
+            reason = " ".join(str(exc).split())[:200]
+            log.warning("the latent cache %s cannot be written (%s); going on without it", self.root, reason)
