@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--align_face", type=_int, default=0, help="accepted for compatibility; face alignment is not built in")
 
     edit = parser.add_argument_group("editing")
-    edit.add_argument("--img_path", type=Path, default=None, help="image to edit")
+    edit.add_argument("--img_path", type=Path, default=None,
+                      help="image to edit: a file, a folder or a glob (quoted, e.g. 'imgs/*.png'); a folder or "
+                           "glob writes <exp>/edit/<image stem>/ per image")
     edit.add_argument("--boundary_h", type=Path, default=None, help="boundary file of the h space (.npz)")
     edit.add_argument("--boundary_z", type=Path, default=None, help="boundary file of the z space (.npz)")
     edit.add_argument("--edit_space", default="both", choices=("both", "z", "h"), help="latents to move")
@@ -198,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) is None:
                 setattr(args, name, default_batch_size(device, config.data.image_size))
         runner = BoundaryDiffusion(args, config, device)
-        getattr(runner, args.mode)()
+        result = getattr(runner, args.mode)()
+        if isinstance(result, dict) and result.get("failed"):  # a folder run keeps the others' results
+            names = ", ".join(Path(p).name for p in result["failed"])
+            print(f"error: {len(result['failed'])} image(s) could not be edited: {names}", file=sys.stderr)
+            return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

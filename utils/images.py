@@ -98,3 +98,24 @@ def list_images(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist")
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def expand_image_paths(spec: str | Path) -> tuple[list[Path], bool]:
+    """The images ``--img_path`` names: (paths, is_collection). A file is itself (not a
+    collection); a folder gives its images (``list_images``); anything else is read as a glob
+    pattern (``imgs/*.png``) and gives the matching image files, sorted. Raises UserError when
+    nothing matches."""
+    path = Path(spec)
+    if path.is_file():
+        return [path], False
+    if path.is_dir():
+        paths = list_images(path)
+    elif any(c in str(spec) for c in "*?["):
+        anchor = Path(path.anchor) if path.is_absolute() else Path(".")
+        pattern = str(path.relative_to(anchor)) if path.is_absolute() else str(spec)
+        paths = sorted(p for p in anchor.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        raise UserError(f"image {path} does not exist")
+    if not paths:
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) match {spec}")
+    return paths, True
