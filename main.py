@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "glob writes <exp>/edit/<image stem>/ per image")
     edit.add_argument("--boundary_h", type=Path, default=None, help="boundary file of the h space (.npz)")
     edit.add_argument("--boundary_z", type=Path, default=None, help="boundary file of the z space (.npz)")
+    edit.add_argument("--condition_attr", default=None,
+                      help="attributes to hold fixed, A[,B...]: their boundaries (found in --boundary_dir like "
+                           "--edit_attr's) are projected out of the edit direction")
+    edit.add_argument("--condition_z", type=Path, nargs="+", default=None, help="z boundary files to hold fixed")
+    edit.add_argument("--condition_h", type=Path, nargs="+", default=None, help="h boundary files to hold fixed")
     edit.add_argument("--edit_space", default="both", choices=("both", "z", "h"), help="latents to move")
     edit.add_argument("--h_policy", default="lagged", choices=("lagged", "once"),
                       help="h override after the first call: lagged (reference code) or once (paper)")
@@ -150,6 +155,14 @@ def resolve_args(args: argparse.Namespace, config) -> argparse.Namespace:
         given = [p for p in (args.boundary_z, args.boundary_h) if p is not None]
         args.t_0 = load_boundary(given[0]).t_0 if given and args.mode in ("edit_image_boundary", "unconditional") \
             else config.edit.t_0
+    if args.condition_attr:
+        for attribute in [a.strip() for a in args.condition_attr.split(",") if a.strip()]:
+            found = find_boundaries(args.boundary_dir, config.name, attribute, args.t_0)
+            if not found:
+                raise UserError(f"--condition_attr {attribute}: no boundary for config {config.name} at t_0 "
+                                f"{args.t_0} in {args.boundary_dir}")
+            for space, path in found.items():
+                setattr(args, f"condition_{space}", [*(getattr(args, f"condition_{space}") or []), path])
     for name in ("n_inv_step", "n_test_step", "start_distance", "end_distance", "edit_img_number"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(config.edit, name))

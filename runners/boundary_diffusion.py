@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from utils.checkpoints import default_cache_dir, load_weights, resolve_checkpoin
 from utils.config import Config
 from utils.datasets import check_two_classes, from_attr_file, from_folders
 from utils.diffusion import Inversion, invert, make_alphas_cumprod, sample_latents, sampling_pairs, timestep_grid
-from utils.editing import batch_slices, image_key, item_seed, iter_edits, pair_lone, reconstruct
+from utils.editing import batch_slices, condition_normal, image_key, item_seed, iter_edits, pair_lone, reconstruct
 from utils.errors import UserError
 from utils.images import expand_image_paths, list_images, load_image, save_grid, save_image
 from utils.io import atomic_path, free_path, prepare_run_dir, write_json
@@ -110,9 +111,11 @@ class BoundaryDiffusion:
         return Inversion(z=torch.stack([f.z for f in found]), h=torch.stack([f.h for f in found]))
 
     def _boundaries(self) -> dict[str, BoundaryRecord | None]:
-        """The boundaries the edit uses, checked against this model, t_0 and --edit_space."""
+        """The boundaries the edit uses, checked against this model, t_0 and --edit_space. With
+        conditions (--condition_z/--condition_h), a space's normal is the primary one projected
+        orthogonal to that space's condition normals; ``self.conditions`` then describes them."""
         args, wanted = self.args, {"both": ("z", "h"), "z": ("z",), "h": ("h",)}[self.args.edit_space]
-        records = {}
+        records, self.conditions = {}, {}
         for space in ("z", "h"):
             path = getattr(args, f"boundary_{space}")
             if space not in wanted:
@@ -120,20 +123,38 @@ class BoundaryDiffusion:
                 continue
             if path is None:
                 raise UserError(f"--edit_space {args.edit_space} needs --boundary_{space}")
-            record = load_boundary(path)
-            if record.space != space:
-                raise UserError(f"{path} is a boundary of the {record.space} space, given as --boundary_{space}")
-            if tuple(record.shape) != self.shapes[space]:
-                raise UserError(f"{path} is a boundary for {space} latents of shape {tuple(record.shape)}, "
-                                f"but this model's are {self.shapes[space]}")
-            if record.checkpoint_sha256 and record.checkpoint_sha256 != self.checkpoint_sha256 and not args.force:
-                raise UserError(f"{path} was fitted on another checkpoint (sha256 {record.checkpoint_sha256[:12]}...); "
-                                "pass --force to use it anyway")
-            if record.t_0 != args.t_0 and not args.force:
-                raise UserError(f"{path} was fitted at t_0 {record.t_0}, this run uses t_0 {args.t_0}; "
-                                "pass --force to use it anyway")
-            records[space] = record
+            records[space] = self._check_boundary(path, space, f"--boundary_{space}")
+            condition_paths = getattr(args, f"condition_{space}", None) or []
+            if condition_paths:
+                held = [self._check_boundary(p, space, f"--condition_{space}") for p in condition_paths]
+                try:
+                    normal, angles = condition_normal(records[space].normal, [c.normal for c in held])
+                except ValueError as exc:
+                    raise UserError(f"cannot condition the {space} edit: {exc}") from None
+                records[space] = dataclasses.replace(records[space], normal=normal)
+                self.conditions[space] = [{"path": str(p), "attribute": c.attribute, "angle_degrees": a}
+                                          for p, c, a in zip(condition_paths, held, angles)]
+                log.info("%s edit held orthogonal to %s (angles %s degrees)", space,
+                         ", ".join(c.attribute or str(p) for p, c in zip(condition_paths, held)),
+                         ", ".join(f"{a:.1f}" for a in angles))
         return records
+
+    def _check_boundary(self, path: Path, space: str, flag: str) -> BoundaryRecord:
+        """A boundary file of ``space`` that fits this model, checkpoint and t_0 (or --force)."""
+        args = self.args
+        record = load_boundary(path)
+        if record.space != space:
+            raise UserError(f"{path} is a boundary of the {record.space} space, given as {flag}")
+        if tuple(record.shape) != self.shapes[space]:
+            raise UserError(f"{path} is a boundary for {space} latents of shape {tuple(record.shape)}, "
+                            f"but this model's are {self.shapes[space]}")
+        if record.checkpoint_sha256 and record.checkpoint_sha256 != self.checkpoint_sha256 and not args.force:
+            raise UserError(f"{path} was fitted on another checkpoint (sha256 {record.checkpoint_sha256[:12]}...); "
+                            "pass --force to use it anyway")
+        if record.t_0 != args.t_0 and not args.force:
+            raise UserError(f"{path} was fitted at t_0 {record.t_0}, this run uses t_0 {args.t_0}; "
+                            "pass --force to use it anyway")
+        return record
 
     def _edit_and_write(self, out_dirs: Sequence[Path], inversion: Inversion, records: dict, extras: Sequence[dict],
                         first_images: Sequence[dict[str, Tensor]], seed_keys: Sequence[tuple[int, ...]],
@@ -200,7 +221,7 @@ class BoundaryDiffusion:
                        **self._identity(),
                        "boundaries": {s: None if r is None else {"path": str(getattr(args, f"boundary_{s}")),
                                                                  **r.describe()} for s, r in records.items()},
-                       **extras[b]}
+                       "conditions": getattr(self, "conditions", {}), **extras[b]}
             write_json(out_dir / "summary.json", summary)
             summaries.append(summary)
         return summaries

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.boundary import edit_latents
+from utils.boundary import edit_latents, project_boundary
 from utils.diffusion import HPolicy, Inversion, Net, generate
 
 
@@ -128,3 +128,22 @@ def pair_lone(x: Tensor, batch_size: int) -> Tensor:
     """x (1, ...) twice along the batch when it is a lone remainder of batches of ``batch_size`` > 1
     (see ``batch_slices``); otherwise x unchanged. Callers keep the first ``len(x)`` results."""
     return x.repeat(2, *[1] * (x.ndim - 1)) if len(x) == 1 and batch_size > 1 else x
+
+
+def condition_normal(primary: Tensor | np.ndarray, conditions: Sequence[Tensor | np.ndarray]) -> tuple[np.ndarray, list[float]]:
+    """The direction of a conditional edit: the primary unit normal projected orthogonal to every
+    condition normal and renormalised (``utils.boundary.project_boundary``), so that moving along
+    it leaves each condition's projection unchanged (docs/algorithm.md section 9).
+
+    primary, conditions: (D,) each. Returns (normal (D,) float32 unit, the angle in degrees between
+    the primary and each condition normal, in the conditions' order).
+    """
+    p = np.asarray(primary, dtype=np.float64).reshape(-1)
+    angles = []
+    for c in conditions:
+        c = np.asarray(c, dtype=np.float64).reshape(-1)
+        if c.shape != p.shape:
+            raise ValueError(f"condition normal of {c.shape[0]} values does not fit a primary of {p.shape[0]}")
+        cos = float(p @ c / (np.linalg.norm(p) * np.linalg.norm(c)))
+        angles.append(float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))))
+    return project_boundary(p, *[np.asarray(c).reshape(-1) for c in conditions]), angles
