@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--edit_batch_size", type=_positive_int, default=None,
                       help="edits denoised per batch (default: 1 for 256-px models on the CPU, else 8)")
     edit.add_argument("--n_samples", type=_positive_int, default=1, help="--unconditional: sampled latents to edit")
-    edit.add_argument("--save_tensors", action="store_true", help="also write tensors.pt (z, h, recon, edits, distances)")
+    edit.add_argument("--gif", action="store_true", help="also write edits.gif: the edits forward and back, looping")
+    edit.add_argument("--save_tensors", action="store_true", help="also write tensors.pt (z, h, recon, edits, edited_z, edited_h, distances)")
 
     mix = parser.add_argument_group("mixing step")
     mix.add_argument("--radius_step", type=_positive_int, default=50, help="spacing of candidate timesteps")

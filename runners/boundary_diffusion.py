@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from models import build_model, latent_shapes
 from models.runtime import InferenceNet
-from utils.boundary import fit_boundary, latent_distance, split_indices
+from utils.boundary import fit_boundary, hyperplane_distances, latent_distance, split_indices
 from utils.boundary_files import BoundaryRecord, load_boundary, save_boundary
 from utils.checkpoints import default_cache_dir, load_weights, resolve_checkpoint, sha256_file
 from utils.config import Config
@@ -23,10 +23,11 @@ from utils.datasets import check_two_classes, from_attr_file, from_folders
 from utils.diffusion import Inversion, invert, make_alphas_cumprod, sample_latents, sampling_pairs, timestep_grid
 from utils.editing import batch_slices, condition_normal, image_key, item_seed, iter_edits, pair_lone, reconstruct
 from utils.errors import UserError
-from utils.images import expand_image_paths, list_images, load_image, save_grid, save_image
+from utils.images import expand_image_paths, list_images, load_image, save_image
 from utils.io import atomic_path, free_path, prepare_run_dir, write_json
 from utils.latent_cache import LatentCache
 from utils.mixing import radius_curves
+from utils.plots import back_and_forth_gif, boundary_report, labelled_grid, radius_plot
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ class BoundaryDiffusion:
             for name, image in named.items():
                 save_image(image, out_dir / f"{name}.png")
         n_images = len(out_dirs)
+        column_labels = [*first_images[0], *(f"d={d:+.2f}" for d in distances.tolist())]
         kept = [{"edits": [], "z": [], "h": []} for _ in range(n_images)]  # only with --save_tensors
         seeds_used, timings = [[] for _ in range(n_images)], []
         device_inversion = Inversion(inversion.z.to(self.device), inversion.h.to(self.device))
@@ -191,7 +193,9 @@ class BoundaryDiffusion:
                     for k, (d, image) in enumerate(zip(distances.tolist(), edits)):
                         save_image(image, out_dir / f"{prefix}edit_{k:02d}_d{d:+.2f}.png")
                     row = torch.cat([*(v[None].cpu() for v in first_images[b].values()), edits])
-                    save_grid(row, out_dir / f"{prefix}grid.png")
+                    labelled_grid(row, out_dir / f"{prefix}grid.png", column_labels)
+                    if args.gif:
+                        back_and_forth_gif(edits, out_dir / f"{prefix}edits.gif")
                     if thumbnails is not None and it == 0:
                         thumbnails.append(row)
                     if args.save_tensors:
@@ -257,9 +261,13 @@ class BoundaryDiffusion:
                    "train_images": [str(data.paths[i]) for i in train_idx],
                    "test_images": [str(data.paths[i]) for i in test_idx], **self._identity(), "spaces": {}}
         boundary_dir = Path(args.boundary_dir) if args.boundary_dir else run_dir
+        report = {}
         for space in ("h", "z"):
             flat = getattr(latents, space).reshape(len(latents.z), -1).double().numpy()
             boundary = fit_boundary(flat[:len(train_idx)], y_train, flat[len(train_idx):], y_test)
+            distances = hyperplane_distances(flat, boundary)
+            report[space] = {"train": (distances[:len(train_idx)], y_train), "test": (distances[len(train_idx):], y_test),
+                             "train_acc": boundary.train_acc, "test_acc": boundary.test_acc}
             record = BoundaryRecord.from_boundary(
                 boundary, shape=self.shapes[space], space=space, t_0=args.t_0, n_inv_step=args.n_inv_step,
                 attribute=attribute, n_train=len(train_idx), n_test=len(test_idx),
@@ -271,6 +279,7 @@ class BoundaryDiffusion:
             path = save_boundary(target if args.ni else free_path(target), record)
             summary["spaces"][space] = {"path": str(path), "train_acc": boundary.train_acc, "test_acc": boundary.test_acc}
             print(f"boundary {space}: {path}  train acc {boundary.train_acc:.3f}  test acc {boundary.test_acc:.3f}")
+        boundary_report(report, run_dir / "report.png", title=f"{self.config.name}: {attribute} at t_0 {args.t_0}")
         write_json(run_dir / "summary.json", summary)
         return summary
 
@@ -314,7 +323,9 @@ class BoundaryDiffusion:
         if not collection:
             print(f"wrote {len(summaries[0]['distances']) * args.n_iter} edits and {run_dir / 'grid.png'}")
             return summaries[0]
-        save_grid(torch.cat(rows), run_dir / "contact_sheet.png", ncol=len(rows[0]))
+        labelled_grid(torch.cat(rows), run_dir / "contact_sheet.png", ncol=len(rows[0]),
+                      column_labels=["original", "reconstruction", *(f"d={d:+.2f}" for d in summaries[0]["distances"])],
+                      row_labels=[p.stem for p in good])
         summary = {"mode": args.mode, "arguments": _plain_args(args), "invert_seconds": invert_seconds,
                    "edit_seconds": summaries[0]["edit_seconds"], **self._identity(),
                    "images": [{"image": str(p), "folder": str(d), **{k: s[k] for k in ("reconstruction_mse",
@@ -391,6 +402,7 @@ class BoundaryDiffusion:
             tmp.write_text("\n".join(rows) + "\n")
         write_json(run_dir / "summary.json", {"mode": "radius", "t_m": result["t_m"], "epsilon": args.radius_eps,
                                               "arguments": _plain_args(args), **self._identity()})
+        radius_plot(result, args.radius_eps, run_dir / "radius.png")
         print("\n".join(rows))
         print(f"mixing step t_m = {result['t_m']} (largest t with relative radius difference <= {args.radius_eps})")
         return result

@@ -22,6 +22,7 @@ def make_edit_setup(root: Path, attributes=("bright", "slanted"), n_images: int 
     Returns {"common": CLI args naming model, weights and boundary dir, "images": folder,
     "boundaries": {attr: {space: path}}, "config": Config}."""
     config = tiny_config("ddpm", name="tiny_ed")
+    root.mkdir(parents=True, exist_ok=True)
     (root / "tiny.yml").write_text(yaml.safe_dump(config))
     torch.save(random_model(config, seed=3).state_dict(), root / "w.pt")
     rng = np.random.default_rng(0)
