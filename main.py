@@ -101,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--bs_train", type=_positive_int, default=None, help="inversion batch size (default: 1 for 256-px models on the CPU, else 8)")
     data.add_argument("--bs_test", type=_positive_int, default=None, help="batch size of the radius analysis (default: 1 for 256-px models on the CPU, else 8)")
     data.add_argument("--boundary_dir", type=Path, default=Path("boundary"), help="where boundary files are written")
-    data.add_argument("--align_face", type=_int, default=0, help="accepted for compatibility; face alignment is not built in")
+    data.add_argument("--align_face", type=_int, default=None, choices=(0, 1),
+                      help="--edit_image_boundary: 1 aligns the largest face the FFHQ way (dlib landmarks; "
+                           "pip install -r requirements-face.txt) and edits that crop, 0 does not "
+                           "(default: the config's data.align_face, true for celeba.yml)")
 
     edit = parser.add_argument_group("editing")
     edit.add_argument("--img_path", type=Path, default=None,

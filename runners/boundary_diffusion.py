@@ -23,6 +23,7 @@ from utils.datasets import check_two_classes, from_attr_file, from_folders
 from utils.diffusion import Inversion, invert, make_alphas_cumprod, sample_latents, sampling_pairs, timestep_grid
 from utils.editing import batch_slices, condition_normal, image_key, item_seed, iter_edits, pair_lone, reconstruct
 from utils.errors import UserError
+from utils.face_align import INSTALL as FACE_INSTALL, FaceAligner, FaceExtraMissing
 from utils.images import expand_image_paths, list_images, load_image, save_image
 from utils.io import atomic_path, free_path, prepare_run_dir, write_json
 from utils.latent_cache import LatentCache
@@ -58,6 +59,7 @@ class CallCounter:
 
 
 class BoundaryDiffusion:
+    aligner: FaceAligner | None = None  # set by --edit_image_boundary when faces are aligned
     def __init__(self, args: argparse.Namespace, config: Config, device: torch.device):
         self.args, self.config, self.device = args, config, device
         self.checkpoint = resolve_checkpoint(config, args.model_path, args.cache_dir)
@@ -89,7 +91,24 @@ class BoundaryDiffusion:
         return run_dir
 
     def _load(self, path: Path) -> Tensor:
+        if self.aligner is not None:
+            return self.aligner.load(path, self.config.data.image_size, self.config.data.channels)
         return load_image(path, self.config.data.image_size, self.config.data.channels)
+
+    def _face_aligner(self) -> FaceAligner | None:
+        """The face aligner when alignment is on: --align_face 1 (the extra must be installed), or
+        the config's data.align_face (without the extra: a warning and the unaligned image)."""
+        flag = self.args.align_face
+        if not (flag if flag is not None else self.config.data.align_face):
+            return None
+        try:
+            return FaceAligner()
+        except FaceExtraMissing:
+            if flag:
+                raise
+            log.warning("config %s aligns faces, but the face extra is not installed (%s); editing the "
+                        "unaligned image", self.config.name, FACE_INSTALL)
+            return None
 
     def _invert_images(self, paths: Sequence[Path], batch_size: int, desc: str) -> Inversion:
         """Latents of every image, (N, ...) each: from the cache where present, else inverted in
@@ -289,6 +308,7 @@ class BoundaryDiffusion:
         (results in ``<exp>/edit/<image stem>/``, plus a summary and a contact sheet of all)."""
         args = self.args
         records = self._boundaries()
+        self.aligner = self._face_aligner()
         paths, collection = expand_image_paths(args.img_path)
         stems = [p.stem for p in paths]
         if len(set(stems)) < len(stems):

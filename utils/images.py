@@ -38,6 +38,12 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
     Non-square images are centre-cropped, then resized with a Lanczos filter. Raises UserError
     for a missing, empty, truncated or unreadable file.
     """
+    return image_to_tensor(open_image(path, channels), size)
+
+
+def open_image(path: str | Path, channels: int) -> Image.Image:
+    """Decode an image file as an 'RGB' (channels 3) or 'L' image, EXIF orientation applied.
+    Raises UserError for a missing, empty, truncated or unreadable file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image {path} does not exist")
@@ -50,6 +56,12 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
             img = _to_mode(img, channels)
     except Exception as exc:  # Pillow's decoders fail on damaged files with many error types
         raise UserError(f"image {path} cannot be read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return img
+
+
+def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """An 'RGB' or 'L' image as (1, C, size, size) float32 in [-1, 1]: centre-cropped to a square
+    if it is not one, then resized with a Lanczos filter."""
     side = min(img.size)
     img = ImageOps.fit(img, (side, side), method=Image.Resampling.BICUBIC) if img.size[0] != img.size[1] else img
     if img.size != (size, size):
