@@ -330,7 +330,9 @@ class BoundaryDiffusion:
         good = list(images)
         run_dir = self._run_dir("edit")
         start = time.perf_counter()
-        inversion = self._invert_images(good, args.bs_train if collection else 1, "inverting")
+        # A lone image is inverted as a pair when --bs_train > 1 (utils.editing.pair_lone), so its latents
+        # equal, bit for bit, those it gets in a folder run.
+        inversion = self._invert_images(good, args.bs_train, "inverting")
         invert_seconds = time.perf_counter() - start
         recon = self._reconstruct(inversion, inject_h=records["h"] is not None)
         out_dirs = [run_dir / p.stem if collection else run_dir for p in good]
