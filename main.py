@@ -111,12 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--bs_train", type=_positive_int, default=None, help="inversion batch size (default: 1 for 256-px models on the CPU, else 8)")
     data.add_argument("--bs_test", type=_positive_int, default=None, help="batch size of the radius analysis (default: 1 for 256-px models on the CPU, else 8)")
     data.add_argument("--boundary_dir", type=Path, default=Path("boundary"), help="where boundary files are written")
-    data.add_argument("--align_face", type=_int, default=0, help="accepted for compatibility; face alignment is not built in")
+    data.add_argument("--align_face", type=_int, default=None, choices=(0, 1),
+                      help="--edit_image_boundary: 1 aligns the largest face the FFHQ way (dlib landmarks; "
+                           "pip install -r requirements-face.txt) and edits that crop, 0 does not "
+                           "(default: the config's data.align_face, true for celeba.yml)")
 
     edit = parser.add_argument_group("editing")
-    edit.add_argument("--img_path", type=Path, default=None, help="image to edit")
+    edit.add_argument("--img_path", type=Path, default=None,
+                      help="image to edit: a file, a folder or a glob (quoted, e.g. 'imgs/*.png'); a folder or "
+                           "glob writes <exp>/edit/<image stem>/ per image")
     edit.add_argument("--boundary_h", type=Path, default=None, help="boundary file of the h space (.npz)")
     edit.add_argument("--boundary_z", type=Path, default=None, help="boundary file of the z space (.npz)")
+    edit.add_argument("--condition_attr", default=None,
+                      help="attributes to hold fixed, A[,B...]: their boundaries (found in --boundary_dir like "
+                           "--edit_attr's) are projected out of the edit direction")
+    edit.add_argument("--condition_z", type=Path, nargs="+", default=None, help="z boundary files to hold fixed")
+    edit.add_argument("--condition_h", type=Path, nargs="+", default=None, help="h boundary files to hold fixed")
     edit.add_argument("--edit_space", default="both", choices=("both", "z", "h"), help="latents to move")
     edit.add_argument("--h_policy", default="lagged", choices=("lagged", "once"),
                       help="h override after the first call: lagged (reference code) or once (paper)")
@@ -126,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--edit_batch_size", type=_positive_int, default=None,
                       help="edits denoised per batch (default: 1 for 256-px models on the CPU, else 8)")
     edit.add_argument("--n_samples", type=_positive_int, default=1, help="--unconditional: sampled latents to edit")
-    edit.add_argument("--save_tensors", action="store_true", help="also write tensors.pt (z, h, recon, edits, distances)")
+    edit.add_argument("--gif", action="store_true", help="also write edits.gif: the edits forward and back, looping")
+    edit.add_argument("--save_tensors", action="store_true", help="also write tensors.pt (z, h, recon, edits, edited_z, edited_h, distances)")
 
     mix = parser.add_argument_group("mixing step")
     mix.add_argument("--radius_step", type=_positive_int, default=50, help="spacing of candidate timesteps")
@@ -160,6 +171,14 @@ def resolve_args(args: argparse.Namespace, config) -> argparse.Namespace:
         given = [p for p in (args.boundary_z, args.boundary_h) if p is not None]
         args.t_0 = load_boundary(given[0], latent_shapes(config)).t_0 if given and args.mode in ("edit_image_boundary", "unconditional") \
             else config.edit.t_0
+    if args.condition_attr:
+        for attribute in [a.strip() for a in args.condition_attr.split(",") if a.strip()]:
+            found = find_boundaries(args.boundary_dir, config.name, attribute, args.t_0)
+            if not found:
+                raise UserError(f"--condition_attr {attribute}: no boundary for config {config.name} at t_0 "
+                                f"{args.t_0} in {args.boundary_dir}")
+            for space, path in found.items():
+                setattr(args, f"condition_{space}", [*(getattr(args, f"condition_{space}") or []), path])
     for name in ("n_inv_step", "n_test_step", "start_distance", "end_distance", "edit_img_number"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(config.edit, name))
@@ -235,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) is None:
                 setattr(args, name, default_batch_size(device, config.data.image_size))
         runner = BoundaryDiffusion(args, config, device)
-        runner.run()
+        result = runner.run()
+        if isinstance(result, dict) and result.get("failed"):  # a folder run keeps the others' results
+            names = ", ".join(Path(p).name for p in result["failed"])
+            print(f"error: {len(result['failed'])} image(s) could not be edited: {names}", file=sys.stderr)
+            return 1
     except KeyboardInterrupt as exc:  # the run folder has been removed on the way here
         print("error: interrupted", file=sys.stderr)
         return 128 + getattr(exc, "signum", signal.SIGINT)

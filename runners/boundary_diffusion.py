@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -15,18 +16,20 @@ from tqdm import tqdm
 
 from models.loading import load_model
 from models.runtime import InferenceNet
-from utils.boundary import fit_boundary, latent_distance, split_indices
+from utils.boundary import fit_boundary, hyperplane_distances, latent_distance, split_indices
 from utils.boundary_files import BoundaryRecord, boundary_path, load_boundary, save_boundary
 from utils.checkpoints import default_cache_dir
 from utils.config import Config
 from utils.datasets import check_two_classes, from_attr_file, from_folders
 from utils.diffusion import Inversion, invert, sample_latents, sampling_pairs, timestep_grid
-from utils.editing import batch_slices, edit_sequence, item_seed, pair_lone, reconstruct
+from utils.editing import batch_slices, condition_normal, image_key, item_seed, iter_edits, pair_lone, reconstruct
 from utils.errors import UserError
-from utils.images import list_images, load_image, save_grid, save_image
+from utils.face_align import INSTALL as FACE_INSTALL, FaceAligner, FaceExtraMissing
+from utils.images import expand_image_paths, list_images, load_image, save_image
 from utils.io import RunFolder, atomic_path, check_writable_dir, write_json
 from utils.latent_cache import LatentCache
 from utils.mixing import radius_curves
+from utils.plots import back_and_forth_gif, boundary_report, labelled_grid, radius_plot
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class CallCounter:
 
 
 class BoundaryDiffusion:
+    aligner: FaceAligner | None = None  # set by --edit_image_boundary when faces are aligned
     def __init__(self, args: argparse.Namespace, config: Config, device: torch.device):
         self.args, self.config, self.device = args, config, device
         loaded = load_model(config, args.model_path, args.cache_dir, device, args.precision)
@@ -103,7 +107,24 @@ class BoundaryDiffusion:
         return run_dir
 
     def _load(self, path: Path) -> Tensor:
+        if self.aligner is not None:
+            return self.aligner.load(path, self.config.data.image_size, self.config.data.channels)
         return load_image(path, self.config.data.image_size, self.config.data.channels)
+
+    def _face_aligner(self) -> FaceAligner | None:
+        """The face aligner when alignment is on: --align_face 1 (the extra must be installed), or
+        the config's data.align_face (without the extra: a warning and the unaligned image)."""
+        flag = self.args.align_face
+        if not (flag if flag is not None else self.config.data.align_face):
+            return None
+        try:
+            return FaceAligner()
+        except FaceExtraMissing:
+            if flag:
+                raise
+            log.warning("config %s aligns faces, but the face extra is not installed (%s); editing the "
+                        "unaligned image", self.config.name, FACE_INSTALL)
+            return None
 
     def _invert_images(self, paths: Sequence[Path], batch_size: int, desc: str) -> Inversion:
         """Latents of every image, (N, ...) each: from the cache where present, else inverted in
@@ -126,9 +147,11 @@ class BoundaryDiffusion:
         return Inversion(z=torch.stack([f.z for f in found]), h=torch.stack([f.h for f in found]))
 
     def _boundaries(self) -> dict[str, BoundaryRecord | None]:
-        """The boundaries the edit uses, checked against this model, t_0 and --edit_space."""
+        """The boundaries the edit uses, checked against this model, t_0 and --edit_space. With
+        conditions (--condition_z/--condition_h), a space's normal is the primary one projected
+        orthogonal to that space's condition normals; ``self.conditions`` then describes them."""
         args, wanted = self.args, {"both": ("z", "h"), "z": ("z",), "h": ("h",)}[self.args.edit_space]
-        records = {}
+        records, self.conditions = {}, {}
         for space in ("z", "h"):
             path = getattr(args, f"boundary_{space}")
             if space not in wanted:
@@ -136,66 +159,111 @@ class BoundaryDiffusion:
                 continue
             if path is None:
                 raise UserError(f"--edit_space {args.edit_space} needs --boundary_{space}")
-            record = load_boundary(path)
-            if record.space != space:
-                raise UserError(f"{path} is a boundary of the {record.space} space, given as --boundary_{space}")
-            if tuple(record.shape) != self.shapes[space]:
-                raise UserError(f"{path} is a boundary for {space} latents of shape {tuple(record.shape)}, "
-                                f"but this model's are {self.shapes[space]}")
-            if record.checkpoint_sha256 and record.checkpoint_sha256 != self.checkpoint_sha256 and not args.force:
-                raise UserError(f"{path} was fitted on another checkpoint (sha256 {record.checkpoint_sha256[:12]}...); "
-                                "pass --force to use it anyway")
-            if record.t_0 != args.t_0 and not args.force:
-                raise UserError(f"{path} was fitted at t_0 {record.t_0}, this run uses t_0 {args.t_0}; "
-                                "pass --force to use it anyway")
-            records[space] = record
+            records[space] = self._check_boundary(path, space, f"--boundary_{space}")
+            condition_paths = getattr(args, f"condition_{space}", None) or []
+            if condition_paths:
+                held = [self._check_boundary(p, space, f"--condition_{space}") for p in condition_paths]
+                try:
+                    normal, angles = condition_normal(records[space].normal, [c.normal for c in held])
+                except ValueError as exc:
+                    raise UserError(f"cannot condition the {space} edit: {exc}") from None
+                records[space] = dataclasses.replace(records[space], normal=normal)
+                self.conditions[space] = [{"path": str(p), "attribute": c.attribute, "angle_degrees": a}
+                                          for p, c, a in zip(condition_paths, held, angles)]
+                log.info("%s edit held orthogonal to %s (angles %s degrees)", space,
+                         ", ".join(c.attribute or str(p) for p, c in zip(condition_paths, held)),
+                         ", ".join(f"{a:.1f}" for a in angles))
         return records
 
-    def _edit_and_write(self, out_dir: Path, inversion: Inversion, records: dict, extra: dict,
-                        first_images: dict[str, Tensor]) -> dict:
-        """Edit one latent pair to every distance (n_iter times) and write images, grid, tensors.
+    def _check_boundary(self, path: Path, space: str, flag: str) -> BoundaryRecord:
+        """A boundary file of ``space`` that fits this model, checkpoint and t_0 (or --force)."""
+        args = self.args
+        record = load_boundary(path)
+        if record.space != space:
+            raise UserError(f"{path} is a boundary of the {record.space} space, given as {flag}")
+        if tuple(record.shape) != self.shapes[space]:
+            raise UserError(f"{path} is a boundary for {space} latents of shape {tuple(record.shape)}, "
+                            f"but this model's are {self.shapes[space]}")
+        if record.checkpoint_sha256 and record.checkpoint_sha256 != self.checkpoint_sha256 and not args.force:
+            raise UserError(f"{path} was fitted on another checkpoint (sha256 {record.checkpoint_sha256[:12]}...); "
+                            "pass --force to use it anyway")
+        if record.t_0 != args.t_0 and not args.force:
+            raise UserError(f"{path} was fitted at t_0 {record.t_0}, this run uses t_0 {args.t_0}; "
+                            "pass --force to use it anyway")
+        return record
 
-        first_images: named images shown before the edits in the grid (original, reconstruction).
+    def _edit_and_write(self, out_dirs: Sequence[Path], inversion: Inversion, records: dict, extras: Sequence[dict],
+                        first_images: Sequence[dict[str, Tensor]], seed_keys: Sequence[tuple[int, ...]],
+                        thumbnails: list | None = None) -> list[dict]:
+        """Edit B latent pairs to every distance (n_iter times), batched across images and
+        distances, and write each image's edits, grid and tensors into its folder as soon as its
+        last edit is denoised.
+
+        out_dirs, extras (summary fields), first_images (named images shown before the edits in
+        the grid: original, reconstruction) and seed_keys (edit k of iteration i of image b uses
+        ``item_seed(--seed, *seed_keys[b], i, k)``): one per image. thumbnails: when given, gets
+        each image's first-iteration row (first images, then edits) for a contact sheet.
         """
         args = self.args
         distances = torch.linspace(args.start_distance, args.end_distance, args.edit_img_number, dtype=torch.float64)
         normals = {s: None if r is None else torch.from_numpy(r.normal) for s, r in records.items()}
-        for name, image in first_images.items():
-            save_image(image, out_dir / f"{name}.png")
-        all_edits, seeds_used, timings = [], [], []
+        for out_dir, named in zip(out_dirs, first_images):
+            for name, image in named.items():
+                save_image(image, out_dir / f"{name}.png")
+        n_images = len(out_dirs)
+        column_labels = [*first_images[0], *(f"d={d:+.2f}" for d in distances.tolist())]
+        kept = [{"edits": [], "z": [], "h": []} for _ in range(n_images)]  # only with --save_tensors
+        seeds_used, timings = [[] for _ in range(n_images)], []
+        device_inversion = Inversion(inversion.z.to(self.device), inversion.h.to(self.device))
         for it in range(args.n_iter):
-            seeds = [item_seed(args.seed, it, k) for k in range(len(distances))]
+            seeds = [[item_seed(args.seed, *key, it, k) for k in range(len(distances))] for key in seed_keys]
             start = time.perf_counter()
-            calls = -(-len(distances) // args.edit_batch_size) * len(self.test_grid)
-            with self.net.progress(calls, f"edit {it + 1}/{args.n_iter}"):
-                edits = edit_sequence(self.net, Inversion(inversion.z.to(self.device), inversion.h.to(self.device)),
-                                      self.alphas_cumprod, self.test_grid, distances, normals["z"], normals["h"],
-                                      seeds, eta=args.eta, h_policy=args.h_policy,
-                                      batch_size=args.edit_batch_size)
-            timings.append(time.perf_counter() - start)
+            calls = -(-n_images * len(distances) // args.edit_batch_size) * len(self.test_grid)
             prefix = "" if args.n_iter == 1 else f"iter{it}_"
-            for k, (d, image) in enumerate(zip(distances.tolist(), edits)):
-                save_image(image, out_dir / f"{prefix}edit_{k:02d}_d{d:+.2f}.png")
-            save_grid(torch.cat([*(v[None].cpu() for v in first_images.values()), edits.cpu()]),
-                      out_dir / f"{prefix}grid.png")
-            all_edits.append(edits.cpu())
-            seeds_used.append(seeds)
-        if args.save_tensors:
-            # Images clipped to [-1, 1] as written, before quantisation to 8 bits.
-            tensors = {"z": inversion.z.cpu(), "h": inversion.h.cpu(), "edits": torch.cat(all_edits).clamp(-1, 1),
-                       "distances": distances.repeat(args.n_iter)}
-            if "reconstruction" in first_images:
-                tensors["recon"] = first_images["reconstruction"][None].cpu().clamp(-1, 1)
-            with atomic_path(out_dir / "tensors.pt") as tmp:
-                torch.save(tensors, tmp)
-        own = {s: float(latent_distance(getattr(inversion, s), n)[0]) for s, n in normals.items() if n is not None}
-        summary = {"mode": args.mode, "arguments": _plain_args(args), "distances": distances.tolist(),
-                   "source_distances": own,  # where the unedited latents sit along each normal
-                   "seeds": seeds_used, "edit_seconds": timings, **self._identity(),
-                   "boundaries": {s: None if r is None else {"path": str(getattr(args, f"boundary_{s}")), **r.describe()}
-                                  for s, r in records.items()}, **extra}
-        write_json(out_dir / "summary.json", summary)
-        return summary
+            with self.net.progress(calls, f"edit {it + 1}/{args.n_iter}"):
+                for done in iter_edits(self.net, device_inversion, self.alphas_cumprod, self.test_grid, distances,
+                                       normals["z"], normals["h"], seeds, eta=args.eta, h_policy=args.h_policy,
+                                       batch_size=args.edit_batch_size):
+                    b, edits, out_dir = done.index, done.images.cpu(), out_dirs[done.index]
+                    for k, (d, image) in enumerate(zip(distances.tolist(), edits)):
+                        save_image(image, out_dir / f"{prefix}edit_{k:02d}_d{d:+.2f}.png")
+                    row = torch.cat([*(v[None].cpu() for v in first_images[b].values()), edits])
+                    labelled_grid(row, out_dir / f"{prefix}grid.png", column_labels)
+                    if args.gif:
+                        back_and_forth_gif(edits, out_dir / f"{prefix}edits.gif")
+                    if thumbnails is not None and it == 0:
+                        thumbnails.append(row)
+                    if args.save_tensors:
+                        kept[b]["edits"].append(edits.clamp(-1, 1))
+                        kept[b]["z"].append(done.z.cpu())
+                        kept[b]["h"].append(None if done.h is None else done.h.cpu())
+            timings.append(time.perf_counter() - start)
+            for b in range(n_images):
+                seeds_used[b].append(seeds[b])
+        summaries = []
+        for b, out_dir in enumerate(out_dirs):
+            z, h = inversion.z[b:b + 1], inversion.h[b:b + 1]
+            if args.save_tensors:
+                # Images clipped to [-1, 1] as written, before quantisation to 8 bits.
+                tensors = {"z": z.cpu(), "h": h.cpu(), "edits": torch.cat(kept[b]["edits"]),
+                           "distances": distances.repeat(args.n_iter), "edited_z": torch.cat(kept[b]["z"])}
+                if kept[b]["h"][0] is not None:
+                    tensors["edited_h"] = torch.cat(kept[b]["h"])
+                if "reconstruction" in first_images[b]:
+                    tensors["recon"] = first_images[b]["reconstruction"][None].cpu().clamp(-1, 1)
+                with atomic_path(out_dir / "tensors.pt") as tmp:
+                    torch.save(tensors, tmp)
+            own = {s: float(latent_distance({"z": z, "h": h}[s], n)[0]) for s, n in normals.items() if n is not None}
+            summary = {"mode": args.mode, "arguments": _plain_args(args), "distances": distances.tolist(),
+                       "source_distances": own,  # where the unedited latents sit along each normal
+                       "seeds": seeds_used[b], "edit_seconds": timings, "images_edited_together": n_images,
+                       **self._identity(),
+                       "boundaries": {s: None if r is None else {"path": str(getattr(args, f"boundary_{s}")),
+                                                                 **r.describe()} for s, r in records.items()},
+                       "conditions": getattr(self, "conditions", {}), **extras[b]}
+            write_json(out_dir / "summary.json", summary)
+            summaries.append(summary)
+        return summaries
 
     # ------------------------------------------------------------------ modes
     def boundary_search(self) -> dict:
@@ -230,10 +298,13 @@ class BoundaryDiffusion:
                    "n_train": len(train_idx), "n_test": len(test_idx), "invert_seconds": invert_seconds,
                    "train_images": [str(data.paths[i]) for i in train_idx],
                    "test_images": [str(data.paths[i]) for i in test_idx], **self._identity(), "spaces": {}}
-        records = {}
+        records, report = {}, {}
         for space in ("h", "z"):
             flat = getattr(latents, space).reshape(len(latents.z), -1).double().numpy()
             boundary = fit_boundary(flat[:len(train_idx)], y_train, flat[len(train_idx):], y_test)
+            distances = hyperplane_distances(flat, boundary)
+            report[space] = {"train": (distances[:len(train_idx)], y_train), "test": (distances[len(train_idx):], y_test),
+                             "train_acc": boundary.train_acc, "test_acc": boundary.test_acc}
             records[space] = BoundaryRecord.from_boundary(
                 boundary, shape=self.shapes[space], space=space, t_0=args.t_0, n_inv_step=args.n_inv_step,
                 attribute=attribute, n_train=len(train_idx), n_test=len(test_idx),
@@ -246,25 +317,79 @@ class BoundaryDiffusion:
             self._folder.undo(path)
             summary["spaces"][space] = {"path": str(path), "train_acc": record.train_acc, "test_acc": record.test_acc}
             print(f"boundary {space}: {path}  train acc {record.train_acc:.3f}  test acc {record.test_acc:.3f}")
+        boundary_report(report, run_dir / "report.png", title=f"{self.config.name}: {attribute} at t_0 {args.t_0}")
         write_json(run_dir / "summary.json", summary)
         return summary
 
     def edit_image_boundary(self) -> dict:
-        """Invert one real image, edit it across the boundaries to K distances (docs/algorithm.md section 5)."""
+        """Invert real images, edit each across the boundaries to K distances (docs/algorithm.md
+        section 5). ``--img_path`` is a file (results in ``<exp>/edit/``) or a folder or glob
+        (results in ``<exp>/edit/<image stem>/``, plus a summary and a contact sheet of all)."""
         args = self.args
         records = self._boundaries()
-        image = self._load(Path(args.img_path))
+        self.aligner = self._face_aligner()
+        paths, collection = expand_image_paths(args.img_path)
+        stems = [p.stem for p in paths]
+        if len(set(stems)) < len(stems):
+            twice = sorted({s for s in stems if stems.count(s) > 1})
+            raise UserError(f"--img_path holds several images named {twice[0]} (e.g. .png and .jpg); "
+                            "each image needs its own stem for its folder <exp>/edit/<stem>/")
+        images, failed = {}, {}
+        for path in paths:
+            try:
+                images[path] = self._load(path)[0]
+            except UserError as exc:
+                if not collection:
+                    raise
+                failed[str(path)] = str(exc)
+                log.error("skipping %s: %s", path, exc)
+        if not images:
+            raise UserError(f"none of the {len(paths)} images in {args.img_path} can be read (first: "
+                            f"{next(iter(failed.values()))})")
+        good = list(images)
         run_dir = self._run_dir("edit")
-        inversion = self._invert_images([Path(args.img_path)], 1, "inverting")
-        with self.net.progress(len(self.test_grid), "reconstructing"):
-            recon = reconstruct(self.net, Inversion(inversion.z.to(self.device), inversion.h.to(self.device)),
-                                self.alphas_cumprod, self.test_grid, inject_h=records["h"] is not None,
-                                h_policy=args.h_policy)[0].cpu()
-        fidelity = {"reconstruction_mse": float(((recon.clamp(-1, 1) - image[0]) ** 2).mean())}
-        summary = self._edit_and_write(run_dir, inversion, records, {"image": str(args.img_path), **fidelity},
-                                       {"original": image[0], "reconstruction": recon})
-        print(f"wrote {len(summary['distances']) * args.n_iter} edits and {run_dir / 'grid.png'}")
+        start = time.perf_counter()
+        # A lone image is inverted as a pair when --bs_train > 1 (utils.editing.pair_lone), so its latents
+        # equal, bit for bit, those it gets in a folder run.
+        inversion = self._invert_images(good, args.bs_train, "inverting")
+        invert_seconds = time.perf_counter() - start
+        recon = self._reconstruct(inversion, inject_h=records["h"] is not None)
+        out_dirs = [run_dir / p.stem if collection else run_dir for p in good]
+        extras = [{"image": str(p), "reconstruction_mse": float(((recon[b].clamp(-1, 1) - images[p]) ** 2).mean())}
+                  for b, p in enumerate(good)]
+        rows: list[Tensor] = []
+        summaries = self._edit_and_write(out_dirs, inversion, records, extras,
+                                         [{"original": images[p], "reconstruction": recon[b]} for b, p in enumerate(good)],
+                                         [(image_key(images[p]),) for p in good], thumbnails=rows)
+        if not collection:
+            print(f"wrote {len(summaries[0]['distances']) * args.n_iter} edits and grid.png")
+            return summaries[0]
+        labelled_grid(torch.cat(rows), run_dir / "contact_sheet.png", ncol=len(rows[0]),
+                      column_labels=["original", "reconstruction", *(f"d={d:+.2f}" for d in summaries[0]["distances"])],
+                      row_labels=[p.stem for p in good])
+        summary = {"mode": args.mode, "arguments": _plain_args(args), "invert_seconds": invert_seconds,
+                   "edit_seconds": summaries[0]["edit_seconds"], **self._identity(),
+                   "images": [{"image": str(p), "folder": d.name, **{k: s[k] for k in ("reconstruction_mse",
+                                                                                          "source_distances")}}
+                              for p, d, s in zip(good, out_dirs, summaries)],
+                   "failed": failed}
+        write_json(run_dir / "summary.json", summary)
+        print(f"edited {len(good)} images into <image stem>/ folders and wrote contact_sheet.png"
+              + (f"; {len(failed)} failed: {', '.join(Path(f).name for f in failed)}" if failed else ""))
         return summary
+
+    def _reconstruct(self, inversion: Inversion, inject_h: bool) -> Tensor:
+        """Each latent pair regenerated without edit, (B, C, H, W), in batches of --edit_batch_size."""
+        n = len(inversion.z)
+        batch_size = min(self.args.edit_batch_size, n)
+        parts = []
+        with self.net.progress(-(-n // batch_size) * len(self.test_grid), "reconstructing"):
+            for chunk in batch_slices(n, batch_size):
+                part = Inversion(pair_lone(inversion.z[chunk], batch_size).to(self.device),
+                                 pair_lone(inversion.h[chunk], batch_size).to(self.device))
+                parts.append(reconstruct(self.net, part, self.alphas_cumprod, self.test_grid, inject_h=inject_h,
+                                         h_policy=self.args.h_policy)[:chunk.stop - chunk.start].cpu())
+        return torch.cat(parts)
 
     def unconditional(self) -> dict:
         """Sample latents at t_0 from noise, then the same edit (docs/algorithm.md section 6)."""
@@ -279,11 +404,11 @@ class BoundaryDiffusion:
             with self.net.progress(len(pairs), f"sampling {i + 1}/{args.n_samples}"):
                 latent = sample_latents(self.net, x_T, self.alphas_cumprod, pairs)
             out_dir = run_dir if args.n_samples == 1 else run_dir / f"sample_{i:02d}"
-            summaries.append(self._edit_and_write(out_dir, Inversion(latent.z.cpu(), latent.h.cpu()), records,
-                                                  {"sample_index": i, "sampling_steps": len(pairs)}, {}))
+            summaries += self._edit_and_write([out_dir], Inversion(latent.z.cpu(), latent.h.cpu()), records,
+                                              [{"sample_index": i, "sampling_steps": len(pairs)}], [{}], [()])
         if args.n_samples > 1:
             write_json(run_dir / "summary.json", {"mode": "unconditional", "samples": summaries})
-        print(f"wrote {args.n_samples} edit sequence(s) into {run_dir}")
+        print(f"wrote {args.n_samples} edit sequence(s)")
         return summaries[0]
 
     def radius(self) -> dict:
@@ -318,6 +443,7 @@ class BoundaryDiffusion:
             tmp.write_text("\n".join(rows) + "\n")
         write_json(run_dir / "summary.json", {"mode": "radius", "t_m": result["t_m"], "epsilon": args.radius_eps,
                                               "arguments": _plain_args(args), **self._identity()})
+        radius_plot(result, args.radius_eps, run_dir / "radius.png")
         print("\n".join(rows))
         print(f"mixing step t_m = {result['t_m']} (largest t with relative radius difference <= {args.radius_eps})")
         return result

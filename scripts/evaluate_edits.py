@@ -40,11 +40,10 @@ from sklearn.linear_model import LogisticRegression
 
 from models.loading import load_model
 from models.runtime import PRECISIONS, retain_freed_memory
-from utils.boundary import edit_latents
 from utils.boundary_files import BoundaryRecord, matching_boundaries
 from utils.config import load_config
 from utils.diffusion import Inversion, generate, invert, timestep_grid
-from utils.editing import item_seed, reconstruct
+from utils.editing import edit_sequence, item_seed, reconstruct
 from utils.images import load_image, save_grid
 from utils.io import write_bytes, write_json
 
@@ -172,21 +171,12 @@ class Evaluator:
         grid = timestep_grid(setting.t_0, self.n_test_step)
         spaces = SPACES[setting.space]
         distances = torch.linspace(setting.start, setting.end, setting.k, dtype=torch.float64)
-        n, k = len(images), setting.k
-        z = edit_latents(inv.z, normals["z"], distances) if "z" in spaces else inv.z[:, None].expand(n, k, *inv.z.shape[1:])
-        h = edit_latents(inv.h, normals["h"], distances) if "h" in spaces else None
-        z = z.reshape(n * k, *inv.z.shape[1:])
-        h = None if h is None else h.reshape(n * k, *inv.h.shape[1:])
-        seeds = [item_seed(self.seed, i, j) for i in range(n) for j in range(k)]
-        out = []
-        for s in range(0, n * k, self.batch_size):
-            chunk = slice(s, min(s + self.batch_size, n * k))
-            gens = [torch.Generator().manual_seed(sd) for sd in seeds[chunk]] if setting.eta > 0 else None
-            out.append(generate(self.net, z[chunk], self.alphas_cumprod, grid, h_edit=None if h is None else h[chunk],
-                                h_policy=setting.h_policy, eta=setting.eta, generators=gens))
-        edits = torch.cat(out).reshape(n, k, *inv.z.shape[1:])
+        seeds = [[item_seed(self.seed, i, j) for j in range(setting.k)] for i in range(len(images))]
+        edits = edit_sequence(self.net, inv, self.alphas_cumprod, grid, distances,
+                              normals["z"] if "z" in spaces else None, normals["h"] if "h" in spaces else None,
+                              seeds, eta=setting.eta, h_policy=setting.h_policy, batch_size=self.batch_size)
         refs = []
-        for s in range(0, n, self.batch_size):
+        for s in range(0, len(images), self.batch_size):
             part = Inversion(inv.z[s:s + self.batch_size], inv.h[s:s + self.batch_size])
             refs.append(reconstruct(self.net, part, self.alphas_cumprod, grid, inject_h="h" in spaces, h_policy=setting.h_policy))
         return torch.cat(refs), edits, distances

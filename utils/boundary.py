@@ -134,3 +134,11 @@ def project_boundary(primary: np.ndarray, *conditions: np.ndarray) -> np.ndarray
     if norm < 1e-8 * np.linalg.norm(p):
         raise ValueError("the primary boundary lies in the span of the condition boundaries")
     return (residual / norm).astype(np.float32)
+
+
+def hyperplane_distances(latents: np.ndarray, boundary: Boundary) -> np.ndarray:
+    """Signed distances (w.x + b) / ||w|| of latents (N, D) or (N, ...) to the SVM's hyperplane,
+    (N,) float64: positive on the positive class's side (what the boundary report shows)."""
+    x = np.asarray(latents, dtype=np.float64).reshape(len(latents), -1)
+    w = np.asarray(boundary.coef, dtype=np.float64).reshape(-1)
+    return (x @ w + boundary.intercept) / np.linalg.norm(w)

@@ -36,6 +36,7 @@ class DataConfig:
     category: str = ""
     data_dir: str = ""   # default --data_dir (relative to the working directory)
     attr_file: str = ""  # default --attr_file
+    align_face: bool = False  # default --align_face of --edit_image_boundary (FFHQ alignment, faces only)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
-"""Edit sequences: move z and h across the boundaries to K distances and denoise (docs/algorithm.md section 5)."""
+"""Edit sequences: move z and h of B images across the boundaries to K distances and denoise
+(docs/algorithm.md section 5)."""
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from utils.boundary import edit_latents
+from utils.boundary import edit_latents, project_boundary
 from utils.diffusion import HPolicy, Inversion, Net, generate
 
 
@@ -30,35 +33,85 @@ def reconstruct(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Se
                     h_policy=h_policy)
 
 
-def edit_sequence(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int],
-                  distances: Tensor, normal_z: Tensor | None, normal_h: Tensor | None,
-                  seeds: Sequence[int], eta: float = 1.0, h_policy: HPolicy = "lagged",
-                  batch_size: int = 8) -> Tensor:
-    """The K edited images of one latent pair.
+def image_key(image: Tensor) -> int:
+    """A 63-bit integer naming an image by its pixels, (C, H, W) float: the per-image part of its edit
+    seeds, so that an image gets the same noise alone, in any folder, batch or shard."""
+    digest = hashlib.sha256(image.detach().cpu().float().contiguous().numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
-    inversion: z (1, C, H, W), h (1, C_mid, H_mid, W_mid); distances: (K,); normal_z: (C*H*W,) or
-    None (z left as is); normal_h: (C_mid*H_mid*W_mid,) or None (no h override); seeds: K seeds,
-    edit k draws its noise from its own generator seeded with seeds[k], so the result does not
-    depend on ``batch_size``. Returns (K, C, H, W) in [-1, 1] (not clipped).
+
+@dataclass(frozen=True)
+class ImageEdits:
+    """The K edits of image ``index``: images (K, C, H, W) in [-1, 1] (not clipped) and the edited
+    latents before denoising, z (K, C, H, W) and h (K, C_mid, H_mid, W_mid) or None (h not moved)."""
+    index: int
+    images: Tensor
+    z: Tensor
+    h: Tensor | None
+
+
+def iter_edits(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int], distances: Tensor,
+               normal_z: Tensor | None, normal_h: Tensor | None, seeds: Sequence[Sequence[int]],
+               eta: float = 1.0, h_policy: HPolicy = "lagged", batch_size: int = 8) -> Iterator[ImageEdits]:
+    """Edit B latent pairs to K distances each, denoising the B x K edits in batches that mix images
+    and distances, and yield each image's ``ImageEdits`` as soon as its last edit is denoised (in
+    image order), so callers can write results while later images are still being denoised.
+
+    inversion: z (B, C, H, W), h (B, C_mid, H_mid, W_mid); distances: (K,); normal_z: (C*H*W,) or
+    None (z left as is); normal_h: (C_mid*H_mid*W_mid,) or None (no h override); seeds: B rows of K
+    seeds; edit (b, k) draws its noise from its own generator seeded with seeds[b][k], so results do
+    not depend on ``batch_size`` nor on which other images share the run. Memory: the edited
+    latents of at most two images and one batch of outputs are held at a time.
     """
-    k_total = len(distances)
-    if len(seeds) != k_total:
-        raise ValueError(f"{len(seeds)} seeds for {k_total} distances")
-    z_all = edit_latents(inversion.z, normal_z, distances)[0] if normal_z is not None \
-        else inversion.z.expand(k_total, *inversion.z.shape[1:])
-    h_all = edit_latents(inversion.h, normal_h, distances)[0] if normal_h is not None else None
-    images = []
-    batch_size = min(batch_size, k_total)  # a single edit runs alone, like the reconstruction
-    for chunk in batch_slices(k_total, batch_size):
-        n = chunk.stop - chunk.start
-        z = pair_lone(z_all[chunk], batch_size)
-        h = None if h_all is None else pair_lone(h_all[chunk], batch_size)
-        generators = [torch.Generator().manual_seed(s) for s in seeds[chunk]] if eta > 0 else None
+    n_images, k_total = len(inversion.z), len(distances)
+    if len(seeds) != n_images or any(len(row) != k_total for row in seeds):
+        raise ValueError(f"seeds must be {n_images} rows of {k_total}, got {[len(r) for r in seeds]}")
+    batch_size = min(batch_size, n_images * k_total)  # a single edit runs alone, like the reconstruction
+    latents: dict[int, tuple[Tensor, Tensor | None]] = {}
+    done: list[Tensor] = []  # the finished edits of the image in progress
+
+    def edited(b: int) -> tuple[Tensor, Tensor | None]:
+        # One image's K edited latents, computed from that image alone: as a single-image run does.
+        if b not in latents:
+            z, h = inversion.z[b:b + 1], inversion.h[b:b + 1]
+            latents[b] = (edit_latents(z, normal_z, distances)[0] if normal_z is not None
+                          else z.expand(k_total, *z.shape[1:]),
+                          edit_latents(h, normal_h, distances)[0] if normal_h is not None else None)
+        return latents[b]
+
+    for chunk in batch_slices(n_images * k_total, batch_size):
+        items = [divmod(i, k_total) for i in range(chunk.start, chunk.stop)]
+        n = len(items)
+        z = pair_lone(torch.stack([edited(b)[0][k] for b, k in items]), batch_size)
+        h = None if normal_h is None else pair_lone(torch.stack([edited(b)[1][k] for b, k in items]), batch_size)
+        generators = [torch.Generator().manual_seed(int(seeds[b][k])) for b, k in items] if eta > 0 else None
         if generators is not None and len(z) > n:  # the duplicate draws from a throwaway generator
             generators.append(torch.Generator().manual_seed(0))
-        images.append(generate(net, z, alphas_cumprod, grid, h_edit=h, h_policy=h_policy, eta=eta,
-                               generators=generators)[:n])
-    return torch.cat(images)
+        out = generate(net, z, alphas_cumprod, grid, h_edit=h, h_policy=h_policy, eta=eta, generators=generators)[:n]
+        for (b, k), image in zip(items, out):
+            done.append(image)
+            if k == k_total - 1:
+                z_b, h_b = latents.pop(b)
+                yield ImageEdits(b, torch.stack(done), z_b, h_b)
+                done = []
+
+
+def edit_sequence(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int],
+                  distances: Tensor, normal_z: Tensor | None, normal_h: Tensor | None,
+                  seeds: Sequence[Sequence[int]] | Sequence[int], eta: float = 1.0, h_policy: HPolicy = "lagged",
+                  batch_size: int = 8) -> Tensor:
+    """The K edited images of each of B latent pairs, (B, K, C, H, W) in [-1, 1] (not clipped).
+
+    Arguments as in ``iter_edits``. For one image, ``seeds`` may also be a flat list of K seeds;
+    the result is then (K, C, H, W).
+    """
+    flat = len(seeds) > 0 and not isinstance(seeds[0], (list, tuple))
+    if flat and len(inversion.z) != 1:
+        raise ValueError(f"a flat list of seeds serves one image, got {len(inversion.z)}")
+    rows = [list(seeds)] if flat else seeds
+    edits = torch.stack([e.images for e in iter_edits(net, inversion, alphas_cumprod, grid, distances, normal_z,
+                                                      normal_h, rows, eta, h_policy, batch_size)])
+    return edits[0] if flat else edits
 
 
 def batch_slices(n: int, batch_size: int) -> list[slice]:
@@ -75,3 +128,22 @@ def pair_lone(x: Tensor, batch_size: int) -> Tensor:
     """x (1, ...) twice along the batch when it is a lone remainder of batches of ``batch_size`` > 1
     (see ``batch_slices``); otherwise x unchanged. Callers keep the first ``len(x)`` results."""
     return x.repeat(2, *[1] * (x.ndim - 1)) if len(x) == 1 and batch_size > 1 else x
+
+
+def condition_normal(primary: Tensor | np.ndarray, conditions: Sequence[Tensor | np.ndarray]) -> tuple[np.ndarray, list[float]]:
+    """The direction of a conditional edit: the primary unit normal projected orthogonal to every
+    condition normal and renormalised (``utils.boundary.project_boundary``), so that moving along
+    it leaves each condition's projection unchanged (docs/algorithm.md section 9).
+
+    primary, conditions: (D,) each. Returns (normal (D,) float32 unit, the angle in degrees between
+    the primary and each condition normal, in the conditions' order).
+    """
+    p = np.asarray(primary, dtype=np.float64).reshape(-1)
+    angles = []
+    for c in conditions:
+        c = np.asarray(c, dtype=np.float64).reshape(-1)
+        if c.shape != p.shape:
+            raise ValueError(f"condition normal of {c.shape[0]} values does not fit a primary of {p.shape[0]}")
+        cos = float(p @ c / (np.linalg.norm(p) * np.linalg.norm(c)))
+        angles.append(float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))))
+    return project_boundary(p, *[np.asarray(c).reshape(-1) for c in conditions]), angles

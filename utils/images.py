@@ -98,6 +98,12 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
     Non-square images are centre-cropped, then resized with a Lanczos filter. Raises UserError
     for a missing, empty, truncated or unreadable file.
     """
+    return image_to_tensor(open_image(path, channels), size)
+
+
+def open_image(path: str | Path, channels: int) -> Image.Image:
+    """Decode an image file as an 'RGB' (channels 3) or 'L' image, EXIF orientation applied.
+    Raises UserError for a missing, empty, truncated or unreadable file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image {path} does not exist")
@@ -118,6 +124,12 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
     except Exception as exc:  # Pillow's decoders fail on damaged files with many error types
         raise UserError(f"image {path} cannot be read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     _check_png_complete(path)
+    return img
+
+
+def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """An 'RGB' or 'L' image as (1, C, size, size) float32 in [-1, 1]: centre-cropped to a square
+    if it is not one, then resized with a Lanczos filter."""
     side = min(img.size)
     img = ImageOps.fit(img, (side, side), method=Image.Resampling.BICUBIC) if img.size[0] != img.size[1] else img
     if img.size != (size, size):
@@ -166,3 +178,24 @@ def list_images(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist")
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def expand_image_paths(spec: str | Path) -> tuple[list[Path], bool]:
+    """The images ``--img_path`` names: (paths, is_collection). A file is itself (not a
+    collection); a folder gives its images (``list_images``); anything else is read as a glob
+    pattern (``imgs/*.png``) and gives the matching image files, sorted. Raises UserError when
+    nothing matches."""
+    path = Path(spec)
+    if path.is_file():
+        return [path], False
+    if path.is_dir():
+        paths = list_images(path)
+    elif any(c in str(spec) for c in "*?["):
+        anchor = Path(path.anchor) if path.is_absolute() else Path(".")
+        pattern = str(path.relative_to(anchor)) if path.is_absolute() else str(spec)
+        paths = sorted(p for p in anchor.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        raise UserError(f"image {path} does not exist")
+    if not paths:
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) match {spec}")
+    return paths, True

@@ -1,0 +1,118 @@
+"""Folder editing: --img_path takes a file, a folder or a glob; the B x K edits of all images are
+denoised in mixed batches, and each image's results equal those of a single-image run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import main as cli
+from tests.conftest import random_model, tiny_config
+from tests.editing_setup import make_edit_setup
+from utils.diffusion import invert, make_alphas_cumprod, timestep_grid
+from utils.editing import edit_sequence, item_seed, iter_edits
+from utils.errors import UserError
+from utils.images import expand_image_paths
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_edit_setup(tmp_path_factory.mktemp("folder"), attributes=("bright",))
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir() if p.is_file())
+
+
+def test_folder_run_equals_single_image_runs(setup, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in sorted(setup["images"].iterdir())[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    # 3 readable images x 3 distances = 9 edits in batches of 4: batches mix images and distances.
+    code = cli.main([*setup["common"], "--edit_image_boundary", "--img_path", str(folder), "--exp", str(tmp_path / "f"),
+                     "--bs_train", "2", "--edit_batch_size", "4", "--save_tensors"])
+    err = capsys.readouterr().err
+    assert code == 1, "a failed image makes the run exit 1"
+    assert "broken.png" in err.strip().splitlines()[-1]
+    run_dir = tmp_path / "f" / "edit"
+    top = json.loads((run_dir / "summary.json").read_text())
+    assert list(top["failed"]) == [str(folder / "broken.png")]
+    assert [i["folder"] for i in top["images"]] == [f"img{i}" for i in range(3)]  # relative to the run folder
+    assert (run_dir / "contact_sheet.png").is_file()
+    for i in range(3):
+        single = tmp_path / f"s{i}"
+        assert cli.main([*setup["common"], "--edit_image_boundary", "--img_path", str(folder / f"img{i}.png"),
+                         "--exp", str(single), "--edit_batch_size", "2", "--save_tensors"]) == 0
+        mine, alone = run_dir / f"img{i}", single / "edit"
+        assert _files(mine) == _files(alone)
+        a = torch.load(mine / "tensors.pt", weights_only=True)
+        b = torch.load(alone / "tensors.pt", weights_only=True)
+        assert set(a) == set(b)
+        for key in a:
+            assert torch.allclose(a[key].double(), b[key].double(), atol=1e-5, rtol=0), \
+                f"img{i} {key}: {(a[key].double() - b[key].double()).abs().max()}"
+        assert json.loads((mine / "summary.json").read_text())["seeds"] == \
+            json.loads((alone / "summary.json").read_text())["seeds"]
+
+
+def test_glob_selects_images(setup, tmp_path, capsys):
+    pattern = str(setup["images"] / "img[01].png")
+    assert cli.main([*setup["common"], "--edit_image_boundary", "--img_path", pattern, "--exp", str(tmp_path)]) == 0
+    assert sorted(p.name for p in (tmp_path / "edit").iterdir() if p.is_dir()) == ["img0", "img1"]
+
+
+def test_expand_image_paths(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("x")
+    assert expand_image_paths(tmp_path / "a.png") == ([tmp_path / "a.png"], False)
+    assert expand_image_paths(tmp_path) == ([tmp_path / "a.png", tmp_path / "b.jpg"], True)
+    assert expand_image_paths(str(tmp_path / "*.jpg")) == ([tmp_path / "b.jpg"], True)
+    with pytest.raises(UserError, match="no images"):
+        expand_image_paths(str(tmp_path / "*.gif"))
+    with pytest.raises(UserError, match="does not exist"):
+        expand_image_paths(tmp_path / "missing.png")
+
+
+def test_duplicate_stems_are_refused(setup, tmp_path, capsys):
+    (tmp_path / "x.png").write_bytes((setup["images"] / "img0.png").read_bytes())
+    (tmp_path / "x.jpg").write_bytes((setup["images"] / "img0.png").read_bytes())
+    assert cli.main([*setup["common"], "--edit_image_boundary", "--img_path", str(tmp_path),
+                     "--exp", str(tmp_path / "out")]) == 1
+    assert "named x" in capsys.readouterr().err
+
+
+def _tiny_net():
+    model = random_model(tiny_config("ddpm"), seed=4)
+
+    def net(x, t, h_override=None):
+        with torch.no_grad():
+            return model(x, t, h_override=h_override)
+    return net
+
+
+def test_b_by_k_edits_equal_each_image_alone():
+    eta = 1.0
+    net, ac, grid = _tiny_net(), make_alphas_cumprod(0.0001, 0.02, 1000), timestep_grid(300, 4)
+    x0 = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    inv = invert(net, x0, ac, grid)
+    gen = torch.Generator().manual_seed(9)
+    n_z, n_h = torch.randn(3 * 16 * 16, generator=gen), torch.randn(32 * 8 * 8, generator=gen)
+    n_z, n_h = n_z / n_z.norm(), n_h / n_h.norm()
+    distances = torch.linspace(-10, 10, 3, dtype=torch.float64)
+    seeds = [[item_seed(7, b, k) for k in range(3)] for b in range(2)]
+    together = edit_sequence(net, inv, ac, grid, distances, n_z, n_h, seeds, eta=eta, batch_size=4)
+    assert together.shape == (2, 3, 3, 16, 16)
+    for b in range(2):
+        one = type(inv)(inv.z[b:b + 1], inv.h[b:b + 1])
+        alone = edit_sequence(net, one, ac, grid, distances, n_z, n_h, seeds[b], eta=eta, batch_size=2)
+        assert torch.allclose(together[b], alone, atol=1e-5, rtol=0), (together[b] - alone).abs().max()
+    # Images come out in order, each with its K edited latents (z moved to the distances).
+    done = list(iter_edits(net, inv, ac, grid, distances, n_z, None, seeds, eta=eta, batch_size=3))
+    assert [d.index for d in done] == [0, 1] and done[0].h is None
+    assert torch.allclose(done[1].z.reshape(3, -1).double() @ n_z.double(), distances, atol=1e-4)
+    with pytest.raises(ValueError, match="seeds"):
+        list(iter_edits(net, inv, ac, grid, distances, n_z, n_h, seeds[:1], eta=eta))
