@@ -8,7 +8,7 @@ touches ``torch.distributed``.
 The work is split with ``shard`` (rank r takes items r, r + W, r + 2W, ...: balanced within one
 item, also when a resumed run finds part of the items cached) and put back into the original order
 on rank 0 with ``gather_to_main`` + ``unshard``. Collectives wait at most the process group's
-timeout; a lost peer or a timeout becomes a ``ConnectionError`` naming the rank, which ``main.py``
+timeout; a lost peer or a timeout becomes a ``ConnectionError`` (an ``OSError``) naming the rank, which ``main.py``
 prints as one line.
 """
 from __future__ import annotations
@@ -187,7 +187,8 @@ def _collective(process: ProcessContext, what: str) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, ValueError) as exc:  # gloo/nccl report a lost peer and a timeout as RuntimeError subclasses
-        raise ConnectionError(f"rank {process.rank} of {process.world_size} lost the other processes while {what} "
+        raise ConnectionError(f"rank {process.rank} of {process.world_size} lost the other processes (one died, or waited past "
+                              f"--dist_timeout) while {what} "
                               f"({_first_line(exc)}); rerun the same command to resume from the latent cache") from None
 
 
