@@ -147,7 +147,8 @@ def process_group(process: ProcessContext, device: torch.device, timeout: timede
              process.local_rank, device, backend, f", {torch.get_num_threads()} threads" if backend == "gloo" else "")
     try:
         yield process
-        barrier(process)
+        # No closing barrier: ranks > 0 are done once rank 0 has their results, and a failure of
+        # rank 0 after that (fitting, writing) is then reported once, by rank 0.
         dist.destroy_process_group()
     finally:
         # From here on this process only prints its line and exits; a late SIGTERM must not add a second one.
@@ -171,15 +172,6 @@ def gather_to_main(obj: Any, process: ProcessContext) -> list[Any] | None:
     with _collective(process, "gathering the results"):
         dist.gather_object(obj, out, dst=0)
     return out
-
-
-def barrier(process: ProcessContext) -> None:
-    """Wait for every rank (no-op for a single process)."""
-    if process.launched:
-        import torch.distributed as dist
-
-        with _collective(process, "waiting for the other processes"):
-            dist.barrier()
 
 
 @contextlib.contextmanager
