@@ -3,15 +3,18 @@
 Modes: --boundary_search (fit SVM boundaries on inverted latents), --edit_image_boundary (edit a
 real image across them), --unconditional (edit sampled latents), --radius (mixing-step analysis).
 Defaults marked "config" come from the config's edit section. Errors print one line and exit 1.
+Under torchrun, --boundary_search shards its images across the processes (README, "Several processes").
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import math
+import os
 import signal
 import sys
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 MODES = ("boundary_search", "edit_image_boundary", "unconditional", "radius")
@@ -87,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no interaction: overwrite a finished run folder and existing boundary files "
                           "(default: write to a new numbered folder / file name)")
     run.add_argument("--force", action="store_true", help="use boundaries fitted at another t_0 or on another checkpoint")
+    run.add_argument("--dist_timeout", type=_positive_int, default=1800,
+                     help="under torchrun: seconds a process waits for the others (start-up, gathering the results)")
     run.add_argument("--verbose", default="info", choices=("info", "debug", "warning"),
                      help="log level; debug also shows tracebacks")
 
@@ -241,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.verbose.upper(), format="%(levelname)s %(name)s: %(message)s", force=True)
     from models.runtime import default_batch_size, retain_freed_memory
     from runners import BoundaryDiffusion
+    from utils import distributed
     from utils.config import load_config
     from utils.errors import UserError
 
@@ -249,12 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         args = resolve_args(args, config)
-        device = pick_device(args.device)
+        # torchrun (RANK, WORLD_SIZE, ... set): one process group, one device per local rank. Else SINGLE, no group.
+        process = distributed.context_from_env(os.environ)
+        if process.world_size > 1 and args.mode not in BoundaryDiffusion.SHARDED_MODES:
+            raise UserError(f"--{args.mode} does not run across processes; start it with python main.py, not torchrun "
+                            f"(modes that do: {', '.join('--' + m for m in BoundaryDiffusion.SHARDED_MODES)})")
+        device = distributed.local_device(pick_device(args.device), process)
         for name in ("bs_train", "bs_test", "edit_batch_size"):
             if getattr(args, name) is None:
                 setattr(args, name, default_batch_size(device, config.data.image_size))
-        runner = BoundaryDiffusion(args, config, device)
-        result = runner.run()
+        with distributed.process_group(process, device, timedelta(seconds=args.dist_timeout)):
+            runner = BoundaryDiffusion(args, config, device, process)
+            result = runner.run()
         if isinstance(result, dict) and result.get("failed"):  # a folder run keeps the others' results
             names = ", ".join(Path(p).name for p in result["failed"])
             print(f"error: {len(result['failed'])} image(s) could not be edited: {names}", file=sys.stderr)

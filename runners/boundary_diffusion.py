@@ -21,6 +21,7 @@ from utils.boundary_files import BoundaryRecord, boundary_path, load_boundary, s
 from utils.checkpoints import default_cache_dir
 from utils.config import Config
 from utils.datasets import check_two_classes, from_attr_file, from_folders
+from utils.distributed import SINGLE, ProcessContext, gather_to_main, shard, unshard_rows
 from utils.diffusion import Inversion, invert, sample_latents, sampling_pairs, timestep_grid
 from utils.editing import batch_slices, condition_normal, image_key, item_seed, iter_edits, pair_lone, reconstruct
 from utils.errors import UserError
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 class CallCounter:
     """Wraps the network so that a tqdm bar advances with every call (observation only)."""
 
-    def __init__(self, net: InferenceNet):
-        self.net, self.bar = net, None
+    def __init__(self, net: InferenceNet, show: bool = True):
+        self.net, self.bar, self.show = net, None, show
 
     def __call__(self, x: Tensor, t, h_override: Tensor | None = None):
         out = self.net(x, t, h_override=h_override)
@@ -47,7 +48,7 @@ class CallCounter:
         return out
 
     def progress(self, total: int, desc: str) -> "CallCounter":
-        self.bar = tqdm(total=total, desc=desc, unit="call", leave=False, dynamic_ncols=True)
+        self.bar = tqdm(total=total, desc=desc, unit="call", leave=False, dynamic_ncols=True, disable=not self.show)
         return self
 
     def __enter__(self):
@@ -61,11 +62,16 @@ class CallCounter:
 
 class BoundaryDiffusion:
     aligner: FaceAligner | None = None  # set by --edit_image_boundary when faces are aligned
-    def __init__(self, args: argparse.Namespace, config: Config, device: torch.device):
-        self.args, self.config, self.device = args, config, device
+    #: Modes that split their images across the processes of a torchrun job (utils/distributed.py).
+    SHARDED_MODES = ("boundary_search",)
+
+    def __init__(self, args: argparse.Namespace, config: Config, device: torch.device,
+                 process: ProcessContext = SINGLE):
+        """process: this process among those of a torchrun job; rank 0 alone writes run folders and results."""
+        self.args, self.config, self.device, self.process = args, config, device, process
         loaded = load_model(config, args.model_path, args.cache_dir, device, args.precision)
         self.checkpoint, self.checkpoint_sha256 = loaded.checkpoint, loaded.checkpoint_sha256
-        self.net = CallCounter(loaded.net)
+        self.net = CallCounter(loaded.net, show=process.is_main)
         self.shapes, self.alphas_cumprod = loaded.shapes, loaded.alphas_cumprod
         self.grid = timestep_grid(args.t_0, args.n_inv_step)
         self.test_grid = timestep_grid(args.t_0, args.n_test_step)
@@ -129,6 +135,10 @@ class BoundaryDiffusion:
     def _invert_images(self, paths: Sequence[Path], batch_size: int, desc: str) -> Inversion:
         """Latents of every image, (N, ...) each: from the cache where present, else inverted in
         batches and cached image by image (so an interrupted run resumes)."""
+        return self._invert_counted(paths, batch_size, desc)[0]
+
+    def _invert_counted(self, paths: Sequence[Path], batch_size: int, desc: str) -> tuple[Inversion, int]:
+        """``_invert_images`` and how many of the images came from the cache."""
         images = [self._load(p)[0] for p in paths]
         keys = [self.cache.key(img) for img in images] if self.cache else [None] * len(images)
         found = [self.cache.get(k) if self.cache else None for k in keys]
@@ -144,7 +154,28 @@ class BoundaryDiffusion:
                     found[i] = Inversion(z=inv.z[j].cpu(), h=inv.h[j].cpu())
                     if self.cache:
                         self.cache.put(keys[i], found[i].z, found[i].h)
-        return Inversion(z=torch.stack([f.z for f in found]), h=torch.stack([f.h for f in found]))
+        return Inversion(z=torch.stack([f.z for f in found]), h=torch.stack([f.h for f in found])), \
+            len(images) - len(todo)
+
+    def _invert_sharded(self, paths: Sequence[Path], batch_size: int, desc: str) -> tuple[Inversion | None, dict]:
+        """``_invert_images`` split across the job's processes: each rank inverts (and caches) its
+        shard; rank 0 gets every latent in the order of ``paths``, the other ranks None.
+
+        Returns (latents, {"world_size", "images_per_rank", "cache_hits_per_rank"}); the counts
+        are complete on rank 0 only."""
+        rank, world_size = self.process.rank, self.process.world_size
+        share = shard(paths, rank, world_size)
+        if share:
+            mine, hits = self._invert_counted(share, batch_size,
+                                              desc if world_size == 1 else f"{desc} (rank {rank}/{world_size})")
+        else:  # fewer images than processes
+            mine, hits = Inversion(z=torch.empty((0, *self.shapes["z"])), h=torch.empty((0, *self.shapes["h"]))), 0
+        parts = gather_to_main((mine, hits), self.process)
+        if parts is None:
+            return None, {}
+        latents = Inversion(z=unshard_rows([p[0].z for p in parts]), h=unshard_rows([p[0].h for p in parts]))
+        return latents, {"world_size": world_size, "images_per_rank": [len(p[0].z) for p in parts],
+                         "cache_hits_per_rank": [p[1] for p in parts]}
 
     def _boundaries(self) -> dict[str, BoundaryRecord | None]:
         """The boundaries the edit uses, checked against this model, t_0 and --edit_space. With
@@ -287,15 +318,19 @@ class BoundaryDiffusion:
         check_two_classes(data.labels[train_idx], "training split", minimum=1)
         paths = [data.paths[i] for i in np.concatenate([train_idx, test_idx])]
         boundary_dir = Path(args.boundary_dir)
-        run_dir = self._run_dir("boundary_search")
-        # Before the long inversion (which reads every image first): the boundaries can be written.
-        self._folder.created_dirs(check_writable_dir(boundary_dir))
+        run_dir = None
+        if self.process.is_main:
+            run_dir = self._run_dir("boundary_search")
+            # Before the long inversion (which reads every image first): the boundaries can be written.
+            self._folder.created_dirs(check_writable_dir(boundary_dir))
         start = time.perf_counter()
-        latents = self._invert_images(paths, args.bs_train, "inverting")
+        latents, sharding = self._invert_sharded(paths, args.bs_train, "inverting")
         invert_seconds = time.perf_counter() - start
+        if not self.process.is_main:  # rank 0 fits and writes everything
+            return {}
         y_train, y_test = data.labels[train_idx], data.labels[test_idx]
         summary = {"mode": "boundary_search", "attribute": attribute, "arguments": _plain_args(args),
-                   "n_train": len(train_idx), "n_test": len(test_idx), "invert_seconds": invert_seconds,
+                   "n_train": len(train_idx), "n_test": len(test_idx), "invert_seconds": invert_seconds, **sharding,
                    "train_images": [str(data.paths[i]) for i in train_idx],
                    "test_images": [str(data.paths[i]) for i in test_idx], **self._identity(), "spaces": {}}
         records, report = {}, {}
