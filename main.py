@@ -3,7 +3,8 @@
 Modes: --boundary_search (fit SVM boundaries on inverted latents), --edit_image_boundary (edit a
 real image across them), --unconditional (edit sampled latents), --radius (mixing-step analysis).
 Defaults marked "config" come from the config's edit section. Errors print one line and exit 1.
-Under torchrun, --boundary_search shards its images across the processes (README, "Several processes").
+Under torchrun, --boundary_search and folder edits shard their images across the processes (README,
+"Several processes").
 """
 from __future__ import annotations
 

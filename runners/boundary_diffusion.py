@@ -21,12 +21,12 @@ from utils.boundary_files import BoundaryRecord, boundary_path, load_boundary, s
 from utils.checkpoints import default_cache_dir
 from utils.config import Config
 from utils.datasets import check_two_classes, from_attr_file, from_folders
-from utils.distributed import SINGLE, ProcessContext, gather_to_main, shard, unshard_rows
+from utils.distributed import SINGLE, ProcessContext, broadcast_from_main, gather_to_main, shard, unshard, unshard_rows
 from utils.diffusion import Inversion, invert, sample_latents, sampling_pairs, timestep_grid
 from utils.editing import batch_slices, condition_normal, image_key, item_seed, iter_edits, pair_lone, reconstruct
 from utils.errors import UserError
 from utils.face_align import INSTALL as FACE_INSTALL, FaceAligner, FaceExtraMissing
-from utils.images import expand_image_paths, list_images, load_image, save_image
+from utils.images import dequantize, expand_image_paths, list_images, load_image, quantize, save_image
 from utils.io import RunFolder, atomic_path, check_writable_dir, write_json
 from utils.latent_cache import LatentCache
 from utils.mixing import radius_curves
@@ -63,7 +63,7 @@ class CallCounter:
 class BoundaryDiffusion:
     aligner: FaceAligner | None = None  # set by --edit_image_boundary when faces are aligned
     #: Modes that split their images across the processes of a torchrun job (utils/distributed.py).
-    SHARDED_MODES = ("boundary_search",)
+    SHARDED_MODES = ("boundary_search", "edit_image_boundary")
 
     def __init__(self, args: argparse.Namespace, config: Config, device: torch.device,
                  process: ProcessContext = SINGLE):
@@ -110,6 +110,15 @@ class BoundaryDiffusion:
         self._folder = RunFolder(self.args.exp, mode, overwrite=self.args.ni, inputs=self._inputs())
         run_dir = self._stack.enter_context(self._folder)
         log.info("writing into %s", run_dir)
+        return run_dir
+
+    def _shared_run_dir(self, mode: str) -> Path:
+        """``_run_dir`` made by rank 0 and handed to every rank of a torchrun job, which all write
+        into it (so several machines need ``--exp`` on a shared file system)."""
+        run_dir = broadcast_from_main(self._run_dir(mode) if self.process.is_main else None, self.process)
+        if not run_dir.is_dir():
+            raise UserError(f"rank {self.process.rank} cannot see the run folder {run_dir} that rank 0 made: "
+                            "editing across machines needs --exp on a file system all machines share")
         return run_dir
 
     def _load(self, path: Path) -> Tensor:
@@ -369,47 +378,64 @@ class BoundaryDiffusion:
             twice = sorted({s for s in stems if stems.count(s) > 1})
             raise UserError(f"--img_path holds several images named {twice[0]} (e.g. .png and .jpg); "
                             "each image needs its own stem for its folder <exp>/edit/<stem>/")
-        images, failed = {}, {}
-        for path in paths:
+        # Under torchrun each rank edits its shard of the images into the run folder rank 0 made;
+        # seeds depend on the pixels alone (image_key), so sharding changes no result.
+        rank, world_size = self.process.rank, self.process.world_size
+        run_dir = self._shared_run_dir("edit")
+        mine = shard(paths, rank, world_size)
+        images, errors = {}, {}
+        for path in mine:
             try:
                 images[path] = self._load(path)[0]
             except UserError as exc:
                 if not collection:
                     raise
-                failed[str(path)] = str(exc)
+                errors[path] = str(exc)
                 log.error("skipping %s: %s", path, exc)
-        if not images:
+        good = list(images)
+        summaries, rows, invert_seconds = [], [], 0.0
+        if good:
+            start = time.perf_counter()
+            # A lone image is inverted as a pair when --bs_train > 1 (utils.editing.pair_lone), so its latents
+            # equal, bit for bit, those it gets in a folder run.
+            inversion = self._invert_images(good, args.bs_train, "inverting")
+            invert_seconds = time.perf_counter() - start
+            recon = self._reconstruct(inversion, inject_h=records["h"] is not None)
+            out_dirs = [run_dir / p.stem if collection else run_dir for p in good]
+            extras = [{"image": str(p), "reconstruction_mse": float(((recon[b].clamp(-1, 1) - images[p]) ** 2).mean())}
+                      for b, p in enumerate(good)]
+            summaries = self._edit_and_write(out_dirs, inversion, records, extras,
+                                             [{"original": images[p], "reconstruction": recon[b]}
+                                              for b, p in enumerate(good)],
+                                             [(image_key(images[p]),) for p in good], thumbnails=rows)
+        # One entry per image of this shard, in shard order: (summary, contact-sheet row as uint8) or the error.
+        done = dict(zip(good, zip(summaries, (quantize(r) for r in rows))))
+        parts = gather_to_main([done.get(p, errors.get(p)) for p in mine], self.process)
+        if parts is None:  # not rank 0: its images are written, rank 0 writes the rest
+            return {}
+        results = dict(zip(paths, unshard(parts)))
+        failed = {str(p): r for p, r in results.items() if isinstance(r, str)}
+        edited = {p: r for p, r in results.items() if not isinstance(r, str)}
+        if not edited:
             raise UserError(f"none of the {len(paths)} images in {args.img_path} can be read (first: "
                             f"{next(iter(failed.values()))})")
-        good = list(images)
-        run_dir = self._run_dir("edit")
-        start = time.perf_counter()
-        # A lone image is inverted as a pair when --bs_train > 1 (utils.editing.pair_lone), so its latents
-        # equal, bit for bit, those it gets in a folder run.
-        inversion = self._invert_images(good, args.bs_train, "inverting")
-        invert_seconds = time.perf_counter() - start
-        recon = self._reconstruct(inversion, inject_h=records["h"] is not None)
-        out_dirs = [run_dir / p.stem if collection else run_dir for p in good]
-        extras = [{"image": str(p), "reconstruction_mse": float(((recon[b].clamp(-1, 1) - images[p]) ** 2).mean())}
-                  for b, p in enumerate(good)]
-        rows: list[Tensor] = []
-        summaries = self._edit_and_write(out_dirs, inversion, records, extras,
-                                         [{"original": images[p], "reconstruction": recon[b]} for b, p in enumerate(good)],
-                                         [(image_key(images[p]),) for p in good], thumbnails=rows)
+        first = next(iter(edited.values()))[0]
         if not collection:
-            print(f"wrote {len(summaries[0]['distances']) * args.n_iter} edits and grid.png")
-            return summaries[0]
-        labelled_grid(torch.cat(rows), run_dir / "contact_sheet.png", ncol=len(rows[0]),
-                      column_labels=["original", "reconstruction", *(f"d={d:+.2f}" for d in summaries[0]["distances"])],
-                      row_labels=[p.stem for p in good])
+            print(f"wrote {len(first['distances']) * args.n_iter} edits and grid.png")
+            return first
+        labelled_grid(torch.cat([dequantize(row) for _, row in edited.values()]),
+                      run_dir / "contact_sheet.png", ncol=len(next(iter(edited.values()))[1]),
+                      column_labels=["original", "reconstruction", *(f"d={d:+.2f}" for d in first["distances"])],
+                      row_labels=[p.stem for p in edited])
         summary = {"mode": args.mode, "arguments": _plain_args(args), "invert_seconds": invert_seconds,
-                   "edit_seconds": summaries[0]["edit_seconds"], **self._identity(),
-                   "images": [{"image": str(p), "folder": d.name, **{k: s[k] for k in ("reconstruction_mse",
-                                                                                          "source_distances")}}
-                              for p, d, s in zip(good, out_dirs, summaries)],
-                   "failed": failed}
+                   "edit_seconds": first["edit_seconds"], **self._identity(),
+                   "images": [{"image": str(p), "folder": p.stem,
+                               **{k: s[k] for k in ("reconstruction_mse", "source_distances")}}
+                              for p, (s, _) in edited.items()],
+                   "failed": failed, "world_size": world_size,
+                   "images_per_rank": [len(part) for part in parts]}
         write_json(run_dir / "summary.json", summary)
-        print(f"edited {len(good)} images into <image stem>/ folders and wrote contact_sheet.png"
+        print(f"edited {len(edited)} images into <image stem>/ folders and wrote contact_sheet.png"
               + (f"; {len(failed)} failed: {', '.join(Path(f).name for f in failed)}" if failed else ""))
         return summary
 

@@ -172,3 +172,37 @@ def test_processes_on_one_machine_share_its_cores():
     assert dist_utils.cpu_threads(process, cores=16) == 8
     assert dist_utils.cpu_threads(process, cores=1) == 1
     assert dist_utils.local_device(torch.device("cpu"), process) == torch.device("cpu")
+
+
+def test_two_processes_edit_a_folder_as_one_process_does(search, tmp_path):
+    """A folder edit sharded over 2 processes writes the files a single process writes, with the
+    same edits (seeds are per image and per edit; network batches differ, so within 1e-5)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    digits = sorted(Path(search[0][search[0].index("--data_dir") + 1]).glob("*.png"))[:5]  # 5: shards of 3 and 2
+    for path in digits:
+        (folder / path.name).write_bytes(path.read_bytes())
+    args = ["--edit_image_boundary", "--config", "digits.yml", "--img_path", str(folder),
+            "--boundary_z", str(REPO / "boundary" / "digits_thick_t200_z.npz"),
+            "--boundary_h", str(REPO / "boundary" / "digits_thick_t200_h.npz"), "--n_inv_step", "10",
+            "--n_test_step", "10", "--edit_img_number", "3", "--bs_train", "2", "--edit_batch_size", "4",
+            "--save_tensors", "--verbose", "warning"]
+    single = tmp_path / "single"
+    assert cli.main([*args, "--exp", str(single), "--cache_dir", str(tmp_path / "single_cache")]) == 0
+    proc, _ = torchrun(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = single / "edit", tmp_path / "run" / "edit"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["images_per_rank"] == [3, 2] and summary["failed"] == {}
+    assert [i["folder"] for i in summary["images"]] == [p.stem for p in digits]
+    for path in digits:
+        files = sorted(p.name for p in (one / path.stem).iterdir())
+        assert sorted(p.name for p in (two / path.stem).iterdir()) == files
+        want = torch.load(one / path.stem / "tensors.pt", weights_only=True)
+        got = torch.load(two / path.stem / "tensors.pt", weights_only=True)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5, msg=f"{path.stem} {key}")
+        assert json.loads((two / path.stem / "summary.json").read_text())["seeds"] == \
+            json.loads((one / path.stem / "summary.json").read_text())["seeds"]

@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 import main as cli
-from tests.conftest import REPO, random_model, tiny_config, write_labelled_set
+from tests.conftest import REPO, float_tolerance, random_model, tiny_config, write_labelled_set
 from utils.boundary_files import BoundaryRecord, load_boundary, save_boundary
 
 
@@ -57,8 +57,10 @@ def test_boundary_search_resumes_after_sigkill(env, tmp_path):
     for space in ("h", "z"):
         a = load_boundary(tmp_path / "bd" / f"tiny_rel_bright_left_t300_{space}.npz")
         b = load_boundary(tmp_path / "bd2" / f"tiny_rel_bright_left_t300_{space}.npz")
-        np.testing.assert_array_equal(a.normal, b.normal)
-        assert a.intercept == b.intercept
+        # The resumed run inverted its images in other batches than the fresh one, and a convolution
+        # kernel may depend on the batch size: equal to float32 rounding, not bit for bit.
+        np.testing.assert_allclose(a.normal, b.normal, rtol=0, atol=1e-5)
+        assert a.intercept == pytest.approx(b.intercept, abs=1e-4)
 
 
 def test_same_command_gives_bit_identical_outputs(env, tmp_path):
@@ -212,7 +214,9 @@ def test_single_class_and_too_few_images(env, tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "bd").exists()
 
 
-def test_batch_sizes_of_two_or_more_give_bit_identical_results(env, tmp_path):
+def test_batch_sizes_change_results_by_float_rounding_only(env, tmp_path):
+    """Per-edit seeds make batching irrelevant to the maths; which convolution kernel runs may still
+    depend on the batch size (on some CPUs), so the results agree to float32 rounding."""
     tensors, normals = [], []
     for bs in (2, 3, 5):
         argv = ["--edit_image_boundary", *env["common"], "--exp", str(tmp_path / f"e{bs}"), "--img_path",
@@ -226,7 +230,8 @@ def test_batch_sizes_of_two_or_more_give_bit_identical_results(env, tmp_path):
                 "--no_cache"]
         assert cli.main(argv) == 0
         normals.append(load_boundary(tmp_path / f"bd{bs}" / "tiny_rel_bright_left_t300_h.npz").normal)
+    tolerance = float_tolerance(torch.float32, float(tensors[0].abs().max()), ulps=100)
     for other in tensors[1:]:
-        assert torch.equal(tensors[0], other), (tensors[0] - other).abs().max()
+        torch.testing.assert_close(other, tensors[0], rtol=0, atol=tolerance)
     for other in normals[1:]:
-        np.testing.assert_array_equal(normals[0], other)
+        np.testing.assert_allclose(other, normals[0], rtol=0, atol=1e-5)

@@ -174,6 +174,18 @@ def gather_to_main(obj: Any, process: ProcessContext) -> list[Any] | None:
     return out
 
 
+def broadcast_from_main(obj: Any, process: ProcessContext) -> Any:
+    """Rank 0's ``obj`` (picklable) on every rank, e.g. the run folder all ranks write into; ``obj`` alone."""
+    if not process.launched:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if process.is_main else None]
+    with _collective(process, "receiving the run folder"):
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @contextlib.contextmanager
 def _collective(process: ProcessContext, what: str) -> Iterator[None]:
     try:

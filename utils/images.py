@@ -139,9 +139,19 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(arr * 2.0 - 1.0)[None]
 
 
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] (any shape) -> uint8 of the same shape, clipped and rounded as written to files."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def dequantize(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``quantize``: uint8 -> float32 in [-1, 1]; ``quantize(dequantize(u))`` is ``u``."""
+    return x.float() / 127.5 - 1.0
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(C, H, W) in [-1, 1] -> (H, W, C) or (H, W) uint8, clipped and rounded."""
-    arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    arr = quantize(x).numpy()
     return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
 
 
