@@ -236,8 +236,9 @@ class BoundaryDiffusion:
                         first_images: Sequence[dict[str, Tensor]], seed_keys: Sequence[tuple[int, ...]],
                         thumbnails: list | None = None) -> list[dict]:
         """Edit B latent pairs to every distance (n_iter times), batched across images and
-        distances, and write each image's edits, grid and tensors into its folder as soon as its
-        last edit is denoised.
+        distances; write each edit as soon as its batch is denoised, and each image's grid (and
+        GIF) as soon as its last edit is, so memory does not grow with the number of edits
+        (except the floats --save_tensors keeps for tensors.pt).
 
         out_dirs, extras (summary fields), first_images (named images shown before the edits in
         the grid: original, reconstruction) and seed_keys (edit k of iteration i of image b uses
@@ -250,33 +251,41 @@ class BoundaryDiffusion:
         for out_dir, named in zip(out_dirs, first_images):
             for name, image in named.items():
                 save_image(image, out_dir / f"{name}.png")
-        n_images = len(out_dirs)
+        n_images, k_total = len(out_dirs), len(distances)
         column_labels = [*first_images[0], *(f"d={d:+.2f}" for d in distances.tolist())]
-        kept = [{"edits": [], "z": [], "h": []} for _ in range(n_images)]  # only with --save_tensors
+        # Each edit is written as its batch completes. Until an image's sequence is complete only its
+        # written 8-bit pixels are kept (for the grid and GIF), and floats only with --save_tensors.
+        shown = [[] for _ in range(n_images)]
+        kept = [{"edits": [], "z": [], "h": []} for _ in range(n_images)]
         seeds_used, timings = [[] for _ in range(n_images)], []
         device_inversion = Inversion(inversion.z.to(self.device), inversion.h.to(self.device))
         for it in range(args.n_iter):
-            seeds = [[item_seed(args.seed, *key, it, k) for k in range(len(distances))] for key in seed_keys]
+            seeds = [[item_seed(args.seed, *key, it, k) for k in range(k_total)] for key in seed_keys]
             start = time.perf_counter()
-            calls = -(-n_images * len(distances) // args.edit_batch_size) * len(self.test_grid)
+            calls = -(-n_images * k_total // args.edit_batch_size) * len(self.test_grid)
             prefix = "" if args.n_iter == 1 else f"iter{it}_"
             with self.net.progress(calls, f"edit {it + 1}/{args.n_iter}"):
-                for done in iter_edits(self.net, device_inversion, self.alphas_cumprod, self.test_grid, distances,
-                                       normals["z"], normals["h"], seeds, eta=args.eta, h_policy=args.h_policy,
-                                       batch_size=args.edit_batch_size):
-                    b, edits, out_dir = done.index, done.images.cpu(), out_dirs[done.index]
-                    for k, (d, image) in enumerate(zip(distances.tolist(), edits)):
-                        save_image(image, out_dir / f"{prefix}edit_{k:02d}_d{d:+.2f}.png")
-                    row = torch.cat([*(v[None].cpu() for v in first_images[b].values()), edits])
-                    labelled_grid(row, out_dir / f"{prefix}grid.png", column_labels)
-                    if args.gif:
-                        back_and_forth_gif(edits, out_dir / f"{prefix}edits.gif")
-                    if thumbnails is not None and it == 0:
-                        thumbnails.append(row)
-                    if args.save_tensors:
-                        kept[b]["edits"].append(edits.clamp(-1, 1))
-                        kept[b]["z"].append(done.z.cpu())
-                        kept[b]["h"].append(None if done.h is None else done.h.cpu())
+                for batch in iter_edits(self.net, device_inversion, self.alphas_cumprod, self.test_grid, distances,
+                                        normals["z"], normals["h"], seeds, eta=args.eta, h_policy=args.h_policy,
+                                        batch_size=args.edit_batch_size):
+                    images = batch.images.cpu()
+                    for j, (b, k) in enumerate(batch.items):
+                        save_image(images[j], out_dirs[b] / f"{prefix}edit_{k:02d}_d{distances[k].item():+.2f}.png")
+                        shown[b].append(quantize(images[j]))
+                        if args.save_tensors:
+                            kept[b]["edits"].append(images[j].clamp(-1, 1))
+                            kept[b]["z"].append(batch.z[j].cpu())
+                            kept[b]["h"].append(None if batch.h is None else batch.h[j].cpu())
+                        if k == k_total - 1:  # image b's sequence is complete
+                            edits = dequantize(torch.stack(shown[b]))
+                            shown[b] = []
+                            row = torch.cat([*(dequantize(quantize(v))[None] for v in first_images[b].values()),
+                                             edits])
+                            labelled_grid(row, out_dirs[b] / f"{prefix}grid.png", column_labels)
+                            if args.gif:
+                                back_and_forth_gif(edits, out_dirs[b] / f"{prefix}edits.gif")
+                            if thumbnails is not None and it == 0:
+                                thumbnails.append(row)
             timings.append(time.perf_counter() - start)
             for b in range(n_images):
                 seeds_used[b].append(seeds[b])
@@ -285,10 +294,10 @@ class BoundaryDiffusion:
             z, h = inversion.z[b:b + 1], inversion.h[b:b + 1]
             if args.save_tensors:
                 # Images clipped to [-1, 1] as written, before quantisation to 8 bits.
-                tensors = {"z": z.cpu(), "h": h.cpu(), "edits": torch.cat(kept[b]["edits"]),
-                           "distances": distances.repeat(args.n_iter), "edited_z": torch.cat(kept[b]["z"])}
+                tensors = {"z": z.cpu(), "h": h.cpu(), "edits": torch.stack(kept[b]["edits"]),
+                           "distances": distances.repeat(args.n_iter), "edited_z": torch.stack(kept[b]["z"])}
                 if kept[b]["h"][0] is not None:
-                    tensors["edited_h"] = torch.cat(kept[b]["h"])
+                    tensors["edited_h"] = torch.stack(kept[b]["h"])
                 if "reconstruction" in first_images[b]:
                     tensors["recon"] = first_images[b]["reconstruction"][None].cpu().clamp(-1, 1)
                 with atomic_path(out_dir / "tensors.pt") as tmp:

@@ -110,9 +110,38 @@ def test_b_by_k_edits_equal_each_image_alone():
         one = type(inv)(inv.z[b:b + 1], inv.h[b:b + 1])
         alone = edit_sequence(net, one, ac, grid, distances, n_z, n_h, seeds[b], eta=eta, batch_size=2)
         assert torch.allclose(together[b], alone, atol=1e-5, rtol=0), (together[b] - alone).abs().max()
-    # Images come out in order, each with its K edited latents (z moved to the distances).
-    done = list(iter_edits(net, inv, ac, grid, distances, n_z, None, seeds, eta=eta, batch_size=3))
-    assert [d.index for d in done] == [0, 1] and done[0].h is None
-    assert torch.allclose(done[1].z.reshape(3, -1).double() @ n_z.double(), distances, atol=1e-4)
+    # Batches come out image-major, each with its edited latents (z moved to the distances).
+    batches = list(iter_edits(net, inv, ac, grid, distances, n_z, None, seeds, eta=eta, batch_size=4))
+    assert [b.items for b in batches] == [[(0, 0), (0, 1), (0, 2), (1, 0)], [(1, 1), (1, 2)]]
+    assert all(b.h is None for b in batches)
+    z = torch.cat([b.z for b in batches]).reshape(6, -1).double()
+    assert torch.allclose(z @ n_z.double(), distances.repeat(2), atol=1e-4)
+    torch.testing.assert_close(torch.cat([b.images for b in batches]).reshape(2, 3, 3, 16, 16),
+                               edit_sequence(net, inv, ac, grid, distances, n_z, None, seeds, eta=eta, batch_size=4),
+                               rtol=0, atol=0)  # the same batches and inputs: the same kernels
     with pytest.raises(ValueError, match="seeds"):
         list(iter_edits(net, inv, ac, grid, distances, n_z, n_h, seeds[:1], eta=eta))
+
+
+def test_edited_latents_are_made_per_batch_not_for_all_distances_at_once(monkeypatch):
+    """Memory does not grow with K: each batch moves only its own latents (issue: 100,000 edits
+    used to build all edited latents before the first denoising call)."""
+    import utils.editing as editing
+
+    calls = []
+    real = editing.edit_latents
+
+    def recording(v, normal, distances):
+        calls.append(len(distances))
+        return real(v, normal, distances)
+
+    monkeypatch.setattr(editing, "edit_latents", recording)
+    net = _tiny_net()
+    ac = make_alphas_cumprod(1e-4, 2e-2, 1000)
+    grid = timestep_grid(40, 3)
+    inv = invert(net, torch.zeros(1, 3, 16, 16), ac, grid)
+    normal = torch.ones(3 * 16 * 16) / (3 * 16 * 16) ** 0.5
+    distances = torch.linspace(-1, 1, 10, dtype=torch.float64)
+    batches = list(iter_edits(net, inv, ac, grid, distances, normal, None, [list(range(10))], eta=0.0, batch_size=3))
+    assert [len(b.items) for b in batches] == [3, 3, 3, 1]
+    assert max(calls) <= 3, calls

@@ -41,10 +41,11 @@ def image_key(image: Tensor) -> int:
 
 
 @dataclass(frozen=True)
-class ImageEdits:
-    """The K edits of image ``index``: images (K, C, H, W) in [-1, 1] (not clipped) and the edited
-    latents before denoising, z (K, C, H, W) and h (K, C_mid, H_mid, W_mid) or None (h not moved)."""
-    index: int
+class EditBatch:
+    """One denoised batch of edits: edit k of image b for each (b, k) in ``items`` (n of them), as
+    images (n, C, H, W) in [-1, 1] (not clipped) and the edited latents before denoising, z
+    (n, C, H, W) and h (n, C_mid, H_mid, W_mid) or None (h not moved)."""
+    items: list[tuple[int, int]]
     images: Tensor
     z: Tensor
     h: Tensor | None
@@ -52,48 +53,45 @@ class ImageEdits:
 
 def iter_edits(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int], distances: Tensor,
                normal_z: Tensor | None, normal_h: Tensor | None, seeds: Sequence[Sequence[int]],
-               eta: float = 1.0, h_policy: HPolicy = "lagged", batch_size: int = 8) -> Iterator[ImageEdits]:
+               eta: float = 1.0, h_policy: HPolicy = "lagged", batch_size: int = 8) -> Iterator[EditBatch]:
     """Edit B latent pairs to K distances each, denoising the B x K edits in batches that mix images
-    and distances, and yield each image's ``ImageEdits`` as soon as its last edit is denoised (in
-    image order), so callers can write results while later images are still being denoised.
+    and distances (image-major: all of image 0's edits, then image 1's, ...), and yield each batch
+    as soon as it is denoised, so that callers write results while later edits are denoised.
 
     inversion: z (B, C, H, W), h (B, C_mid, H_mid, W_mid); distances: (K,); normal_z: (C*H*W,) or
     None (z left as is); normal_h: (C_mid*H_mid*W_mid,) or None (no h override); seeds: B rows of K
     seeds; edit (b, k) draws its noise from its own generator seeded with seeds[b][k], so results do
-    not depend on ``batch_size`` nor on which other images share the run. Memory: the edited
-    latents of at most two images and one batch of outputs are held at a time.
+    not depend on ``batch_size`` nor on which other images share the run. Memory: one batch of
+    edited latents and outputs at a time, whatever K is (the edited latents are computed per batch;
+    ``edit_latents`` treats each distance alone, so this changes no value).
     """
     n_images, k_total = len(inversion.z), len(distances)
     if len(seeds) != n_images or any(len(row) != k_total for row in seeds):
         raise ValueError(f"seeds must be {n_images} rows of {k_total}, got {[len(r) for r in seeds]}")
     batch_size = min(batch_size, n_images * k_total)  # a single edit runs alone, like the reconstruction
-    latents: dict[int, tuple[Tensor, Tensor | None]] = {}
-    done: list[Tensor] = []  # the finished edits of the image in progress
 
-    def edited(b: int) -> tuple[Tensor, Tensor | None]:
-        # One image's K edited latents, computed from that image alone: as a single-image run does.
-        if b not in latents:
-            z, h = inversion.z[b:b + 1], inversion.h[b:b + 1]
-            latents[b] = (edit_latents(z, normal_z, distances)[0] if normal_z is not None
-                          else z.expand(k_total, *z.shape[1:]),
-                          edit_latents(h, normal_h, distances)[0] if normal_h is not None else None)
-        return latents[b]
+    def edited(latent: Tensor, normal: Tensor | None, items: list[tuple[int, int]]) -> Tensor:
+        # The chunk's edited latents, image by image: as a single-image run computes them.
+        if normal is None:
+            return torch.stack([latent[b] for b, _ in items])
+        parts = []
+        for b in dict.fromkeys(b for b, _ in items):
+            ks = [k for i, k in items if i == b]
+            parts.append(edit_latents(latent[b:b + 1], normal, distances[ks])[0])
+        return torch.cat(parts)
 
     for chunk in batch_slices(n_images * k_total, batch_size):
         items = [divmod(i, k_total) for i in range(chunk.start, chunk.stop)]
         n = len(items)
-        z = pair_lone(torch.stack([edited(b)[0][k] for b, k in items]), batch_size)
-        h = None if normal_h is None else pair_lone(torch.stack([edited(b)[1][k] for b, k in items]), batch_size)
+        z_edit = edited(inversion.z, normal_z, items)
+        h_edit = None if normal_h is None else edited(inversion.h, normal_h, items)
+        z = pair_lone(z_edit, batch_size)
+        h = None if h_edit is None else pair_lone(h_edit, batch_size)
         generators = [torch.Generator().manual_seed(int(seeds[b][k])) for b, k in items] if eta > 0 else None
         if generators is not None and len(z) > n:  # the duplicate draws from a throwaway generator
             generators.append(torch.Generator().manual_seed(0))
         out = generate(net, z, alphas_cumprod, grid, h_edit=h, h_policy=h_policy, eta=eta, generators=generators)[:n]
-        for (b, k), image in zip(items, out):
-            done.append(image)
-            if k == k_total - 1:
-                z_b, h_b = latents.pop(b)
-                yield ImageEdits(b, torch.stack(done), z_b, h_b)
-                done = []
+        yield EditBatch(items, out, z_edit, h_edit)
 
 
 def edit_sequence(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int],
@@ -109,8 +107,9 @@ def edit_sequence(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: 
     if flat and len(inversion.z) != 1:
         raise ValueError(f"a flat list of seeds serves one image, got {len(inversion.z)}")
     rows = [list(seeds)] if flat else seeds
-    edits = torch.stack([e.images for e in iter_edits(net, inversion, alphas_cumprod, grid, distances, normal_z,
-                                                      normal_h, rows, eta, h_policy, batch_size)])
+    edits = torch.cat([e.images for e in iter_edits(net, inversion, alphas_cumprod, grid, distances, normal_z,
+                                                    normal_h, rows, eta, h_policy, batch_size)])
+    edits = edits.reshape(len(rows), len(distances), *edits.shape[1:])
     return edits[0] if flat else edits
 
 
