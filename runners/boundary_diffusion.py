@@ -218,7 +218,7 @@ class BoundaryDiffusion:
     def _check_boundary(self, path: Path, space: str, flag: str) -> BoundaryRecord:
         """A boundary file of ``space`` that fits this model, checkpoint and t_0 (or --force)."""
         args = self.args
-        record = load_boundary(path)
+        record = load_boundary(path, self.shapes)  # the normal's size checked from its header first
         if record.space != space:
             raise UserError(f"{path} is a boundary of the {record.space} space, given as {flag}")
         if tuple(record.shape) != self.shapes[space]:
