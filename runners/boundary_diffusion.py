@@ -243,7 +243,8 @@ class BoundaryDiffusion:
         out_dirs, extras (summary fields), first_images (named images shown before the edits in
         the grid: original, reconstruction) and seed_keys (edit k of iteration i of image b uses
         ``item_seed(--seed, *seed_keys[b], i, k)``): one per image. thumbnails: when given, gets
-        each image's first-iteration row (first images, then edits) for a contact sheet.
+        each image's first-iteration row (first images, then edits) for a contact sheet, as uint8
+        (``utils.images.quantize``).
         """
         args = self.args
         distances = torch.linspace(args.start_distance, args.end_distance, args.edit_img_number, dtype=torch.float64)
@@ -285,7 +286,7 @@ class BoundaryDiffusion:
                             if args.gif:
                                 back_and_forth_gif(edits, out_dirs[b] / f"{prefix}edits.gif")
                             if thumbnails is not None and it == 0:
-                                thumbnails.append(row)
+                                thumbnails.append(quantize(row))  # 8-bit, as the sheet shows it
             timings.append(time.perf_counter() - start)
             for b in range(n_images):
                 seeds_used[b].append(seeds[b])
@@ -418,7 +419,7 @@ class BoundaryDiffusion:
                                               for b, p in enumerate(good)],
                                              [(image_key(images[p]),) for p in good], thumbnails=rows)
         # One entry per image of this shard, in shard order: (summary, contact-sheet row as uint8) or the error.
-        done = dict(zip(good, zip(summaries, (quantize(r) for r in rows))))
+        done = dict(zip(good, zip(summaries, rows)))
         parts = gather_to_main([done.get(p, errors.get(p)) for p in mine], self.process)
         if parts is None:  # not rank 0: its images are written, rank 0 writes the rest
             return {}
