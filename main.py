@@ -153,15 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace, config) -> argparse.Namespace:
     """Fill run-level defaults from the config (and from the boundary file for t_0); check ranges."""
-    from models import latent_shapes
     from utils.boundary_files import find_boundaries, load_boundary
+    from utils.config import latent_shapes
     from utils.errors import UserError
 
     args.mode = next(m for m in MODES if getattr(args, m))
+    shapes = latent_shapes(config)  # boundary files for another model are passed over from their headers
     if args.mode in ("edit_image_boundary", "unconditional") and args.boundary_h is None and args.boundary_z is None:
         # As in the original README's unconditional command: no boundary named, use the newest fitted ones.
         # Prefer boundaries fitted at the run's t_0 (the config's default unless --t_0 is given).
-        shapes = latent_shapes(config)  # files for another model are passed over from their headers
         found = find_boundaries(args.boundary_dir, config.name, args.edit_attr, args.t_0 or config.edit.t_0, shapes)
         if not found and args.t_0 is None:
             found = find_boundaries(args.boundary_dir, config.name, args.edit_attr, shapes=shapes)
@@ -175,11 +175,11 @@ def resolve_args(args: argparse.Namespace, config) -> argparse.Namespace:
             args.edit_space = next(iter(found))
     if args.t_0 is None:
         given = [p for p in (args.boundary_z, args.boundary_h) if p is not None]
-        args.t_0 = load_boundary(given[0], latent_shapes(config)).t_0 if given and args.mode in ("edit_image_boundary", "unconditional") \
+        args.t_0 = load_boundary(given[0], shapes).t_0 if given and args.mode in ("edit_image_boundary", "unconditional") \
             else config.edit.t_0
     if args.condition_attr:
         for attribute in [a.strip() for a in args.condition_attr.split(",") if a.strip()]:
-            found = find_boundaries(args.boundary_dir, config.name, attribute, args.t_0)
+            found = find_boundaries(args.boundary_dir, config.name, attribute, args.t_0, shapes)
             if not found:
                 raise UserError(f"--condition_attr {attribute}: no boundary for config {config.name} at t_0 "
                                 f"{args.t_0} in {args.boundary_dir}")

@@ -277,16 +277,15 @@ class BoundaryDiffusion:
                             kept[b]["edits"].append(images[j].clamp(-1, 1))
                             kept[b]["z"].append(batch.z[j].cpu())
                             kept[b]["h"].append(None if batch.h is None else batch.h[j].cpu())
-                        if k == k_total - 1:  # image b's sequence is complete
-                            edits = dequantize(torch.stack(shown[b]))
+                        if k == k_total - 1:  # image b's sequence is complete; its row in 8 bits, as shown
+                            row = torch.stack([*(quantize(v) for v in first_images[b].values()), *shown[b]])
                             shown[b] = []
-                            row = torch.cat([*(dequantize(quantize(v))[None] for v in first_images[b].values()),
-                                             edits])
-                            labelled_grid(row, out_dirs[b] / f"{prefix}grid.png", column_labels)
+                            labelled_grid(dequantize(row), out_dirs[b] / f"{prefix}grid.png", column_labels)
                             if args.gif:
-                                back_and_forth_gif(edits, out_dirs[b] / f"{prefix}edits.gif")
+                                back_and_forth_gif(dequantize(row[len(first_images[b]):]),
+                                                   out_dirs[b] / f"{prefix}edits.gif")
                             if thumbnails is not None and it == 0:
-                                thumbnails.append(quantize(row))  # 8-bit, as the sheet shows it
+                                thumbnails.append(row)
             timings.append(time.perf_counter() - start)
             for b in range(n_images):
                 seeds_used[b].append(seeds[b])
