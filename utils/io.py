@@ -105,16 +105,8 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def free_path(path: Path, taken: Callable[[Path], bool] = Path.exists) -> Path:
-    """``path``, or the first of ``<stem>-1<suffix>``, ``<stem>-2<suffix>``, ... that is not ``taken``."""
-    candidate, n = path, 0
-    while taken(candidate):
-        n += 1
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-    return candidate
-
-
 def _numbered(path: Path) -> Iterator[Path]:
+    """``path``, then ``<stem>-1<suffix>``, ``<stem>-2<suffix>``, ...: the names a new result may take."""
     yield path
     n = 0
     while True:
