@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace, config) -> argparse.Namespace:
     """Fill run-level defaults from the config (and from the boundary file for t_0); check ranges."""
-    from utils.boundary_files import find_boundaries, load_boundary
+    from utils.io.boundary_files import find_boundaries, load_boundary
     from utils.config import latent_shapes
     from utils.errors import UserError
 

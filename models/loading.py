@@ -1,6 +1,6 @@
 """One way to load a frozen model: ``load_model(config, model_path, ...)``.
 
-It resolves the checkpoint (``utils.checkpoints``: a file, a diffusers folder, ``hf:<id>``, or the
+It resolves the checkpoint (``models.checkpoints``: a file, a diffusers folder, ``hf:<id>``, or the
 config's mirrors), hashes the weights file, reads it memory-mapped where the format allows,
 renames diffusers keys (``models.diffusers_map``), builds the network on the meta device (no
 random initialisation: 1.4 s of every run for the 256-px DDPM), takes the loaded tensors as its
@@ -20,9 +20,9 @@ from torch import Tensor
 from models import build_model
 from models.diffusers_map import check_diffusers_config, diffusers_to_ddpm
 from models.runtime import InferenceNet
-from utils.checkpoints import load_weights, locate_weights, read_state_dict, resolve_checkpoint, sha256_file
+from models.checkpoints import load_weights, locate_weights, read_state_dict, resolve_checkpoint, sha256_file
 from utils.config import Config, latent_shapes, load_config, parse_config
-from utils.diffusion import make_alphas_cumprod
+from utils.core.diffusion import make_alphas_cumprod
 
 
 @dataclass(frozen=True)

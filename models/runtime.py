@@ -2,7 +2,7 @@
 
 ``InferenceNet(model, precision)`` has the common call ``out, h = net(x, t, h_override=None)``
 and keeps the outside float32: inputs are cast to the compute dtype, outputs back to float32, so
-the DDIM arithmetic (float64 in ``utils.diffusion``) and the stored latents do not change type.
+the DDIM arithmetic (float64 in ``utils.core.diffusion``) and the stored latents do not change type.
 """
 from __future__ import annotations
 

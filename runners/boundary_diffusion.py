@@ -16,21 +16,21 @@ from tqdm import tqdm
 
 from models.loading import load_model
 from models.runtime import InferenceNet
-from utils.boundary import fit_boundary, hyperplane_distances, latent_distance, split_indices
-from utils.boundary_files import BoundaryRecord, boundary_path, load_boundary, save_boundary
-from utils.checkpoints import default_cache_dir
+from utils.core.boundary import fit_boundary, hyperplane_distances, latent_distance, split_indices
+from utils.io.boundary_files import BoundaryRecord, boundary_path, load_boundary, save_boundary
+from models.checkpoints import default_cache_dir
 from utils.config import Config
-from utils.datasets import check_two_classes, from_attr_file, from_folders
+from utils.io.datasets import check_two_classes, from_attr_file, from_folders
 from utils.distributed import SINGLE, ProcessContext, broadcast_from_main, gather_to_main, shard, unshard, unshard_rows
-from utils.diffusion import Inversion, invert, sample_latents, sampling_pairs, timestep_grid
-from utils.editing import batch_slices, condition_normal, image_key, item_seed, iter_edits, pair_lone, reconstruct
+from utils.core.diffusion import Inversion, invert, sample_latents, sampling_pairs, timestep_grid
+from utils.core.editing import batch_slices, condition_normal, image_key, item_seed, iter_edits, pair_lone, reconstruct
 from utils.errors import UserError
-from utils.face_align import INSTALL as FACE_INSTALL, FaceAligner, FaceExtraMissing
-from utils.images import dequantize, expand_image_paths, list_images, load_image, quantize, save_image
-from utils.io import RunFolder, atomic_path, check_writable_dir, write_json
-from utils.latent_cache import LatentCache
-from utils.mixing import radius_curves
-from utils.plots import back_and_forth_gif, boundary_report, labelled_grid, radius_plot
+from utils.io.face_align import INSTALL as FACE_INSTALL, FaceAligner, FaceExtraMissing
+from utils.io.images import dequantize, expand_image_paths, list_images, load_image, quantize, save_image
+from utils.io.files import RunFolder, atomic_path, check_writable_dir, write_json
+from utils.io.latent_cache import LatentCache
+from utils.core.mixing import radius_curves
+from utils.io.plots import back_and_forth_gif, boundary_report, labelled_grid, radius_plot
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class BoundaryDiffusion:
 
     def run(self) -> dict:
         """Run ``args.mode``; its run folder appears under its final name only if the mode succeeds
-        (utils.io.RunFolder), else it and the files the run wrote outside it are removed."""
+        (utils.io.files.RunFolder), else it and the files the run wrote outside it are removed."""
         with contextlib.ExitStack() as stack:
             self._stack, self._folder = stack, None
             result = getattr(self, self.args.mode)()
@@ -244,7 +244,7 @@ class BoundaryDiffusion:
         the grid: original, reconstruction) and seed_keys (edit k of iteration i of image b uses
         ``item_seed(--seed, *seed_keys[b], i, k)``): one per image. thumbnails: when given, gets
         each image's first-iteration row (first images, then edits) for a contact sheet, as uint8
-        (``utils.images.quantize``).
+        (``utils.io.images.quantize``).
         """
         args = self.args
         distances = torch.linspace(args.start_distance, args.end_distance, args.edit_img_number, dtype=torch.float64)
@@ -405,7 +405,7 @@ class BoundaryDiffusion:
         summaries, rows, invert_seconds = [], [], 0.0
         if good:
             start = time.perf_counter()
-            # A lone image is inverted as a pair when --bs_train > 1 (utils.editing.pair_lone), so its latents
+            # A lone image is inverted as a pair when --bs_train > 1 (utils.core.editing.pair_lone), so its latents
             # equal, bit for bit, those it gets in a folder run.
             inversion = self._invert_images(good, args.bs_train, "inverting")
             invert_seconds = time.perf_counter() - start

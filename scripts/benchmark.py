@@ -37,8 +37,8 @@ from models import build_model, latent_shapes
 from models.loading import load_model
 from models.runtime import PRECISIONS, InferenceNet, cpu_flags, default_batch_size, retain_freed_memory
 from utils.config import load_config
-from utils.diffusion import generate, invert, make_alphas_cumprod, timestep_grid
-from utils.editing import edit_sequence, item_seed
+from utils.core.diffusion import generate, invert, make_alphas_cumprod, timestep_grid
+from utils.core.editing import edit_sequence, item_seed
 
 CONFIGS = {"ddpm": "celeba.yml", "adm": "afhq.yml"}
 # CPU features that decide which convolution kernels run: matrix units, bf16 and vector widths.

@@ -34,7 +34,7 @@ def child(method: str, config_name: str, weights: str) -> float:
     from models import build_model
     from models.loading import load_model
     from models.runtime import InferenceNet
-    from utils.checkpoints import load_weights, resolve_checkpoint, sha256_file
+    from models.checkpoints import load_weights, resolve_checkpoint, sha256_file
     from utils.config import load_config
     config = load_config(config_name)
     start = time.perf_counter()

@@ -40,12 +40,12 @@ from sklearn.linear_model import LogisticRegression
 
 from models.loading import load_model
 from models.runtime import PRECISIONS, retain_freed_memory
-from utils.boundary_files import BoundaryRecord, matching_boundaries
+from utils.io.boundary_files import BoundaryRecord, matching_boundaries
 from utils.config import load_config
-from utils.diffusion import Inversion, generate, invert, timestep_grid
-from utils.editing import edit_sequence, item_seed, reconstruct
-from utils.images import load_image, save_grid
-from utils.io import write_bytes, write_json
+from utils.core.diffusion import Inversion, generate, invert, timestep_grid
+from utils.core.editing import edit_sequence, item_seed, reconstruct
+from utils.io.images import load_image, save_grid
+from utils.io.files import write_bytes, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ class Evaluator:
     def edits(self, images: torch.Tensor, setting: Setting, normals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(reference reconstruction (N, C, H, W), edits (N, K, C, H, W), distances (K,)).
 
-        The reference goes through the same h injection as the edits (utils.editing.reconstruct)."""
+        The reference goes through the same h injection as the edits (utils.core.editing.reconstruct)."""
         inv = self.inversion(images, setting.t_0)
         grid = timestep_grid(setting.t_0, self.n_test_step)
         spaces = SPACES[setting.space]

@@ -30,7 +30,7 @@ from PIL import Image
 
 from models import build_model
 from utils.config import load_config
-from utils.diffusion import make_alphas_cumprod
+from utils.core.diffusion import make_alphas_cumprod
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from models import latent_shapes
 from tests.conftest import random_model, tiny_config
-from utils.boundary_files import BoundaryRecord, save_boundary
+from utils.io.boundary_files import BoundaryRecord, save_boundary
 from utils.config import parse_config
 
 

@@ -1,4 +1,4 @@
-"""utils/boundary.py (fit, edit, project; docs/algorithm.md sections 4, 5, 9) and utils/boundary_files.py
+"""utils/core/boundary.py (fit, edit, project; docs/algorithm.md sections 4, 5, 9) and utils/io/boundary_files.py
 (the safe on-disk format)."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from utils.boundary import Boundary, edit_latents, latent_distance, fit_boundary, project_boundary, split_indices
-from utils.boundary_files import BoundaryRecord, find_boundaries, load_boundary, matching_boundaries, save_boundary
+from utils.core.boundary import Boundary, edit_latents, latent_distance, fit_boundary, project_boundary, split_indices
+from utils.io.boundary_files import BoundaryRecord, find_boundaries, load_boundary, matching_boundaries, save_boundary
 from utils.errors import UserError
 
 

@@ -14,9 +14,9 @@ from PIL import Image
 
 import main as cli
 from tests.conftest import REPO, write_labelled_set
-from utils.boundary_files import BoundaryRecord, save_boundary
-from utils.diffusion import make_alphas_cumprod
-from utils.images import load_image
+from utils.io.boundary_files import BoundaryRecord, save_boundary
+from utils.core.diffusion import make_alphas_cumprod
+from utils.io.images import load_image
 
 
 def run(argv, capsys):

@@ -10,9 +10,9 @@ import torch
 
 import main as cli
 from tests.editing_setup import make_edit_setup
-from utils.boundary import latent_distance
-from utils.boundary_files import load_boundary
-from utils.editing import condition_normal
+from utils.core.boundary import latent_distance
+from utils.io.boundary_files import load_boundary
+from utils.core.editing import condition_normal
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,11 @@ import main as cli
 from models.diffusers_map import diffusers_to_ddpm
 from models.loading import load_model
 from tests.conftest import REPO
-from utils.boundary_files import BoundaryRecord, save_boundary
+from utils.io.boundary_files import BoundaryRecord, save_boundary
 from utils.config import latent_shapes, parse_config
-from utils.diffusion import invert, make_alphas_cumprod, timestep_grid
+from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
 from utils.errors import UserError
-from utils.images import load_image
+from utils.io.images import load_image
 
 SIZE = 64
 # google/ddpm-ema-*-256: block_out_channels [128, 128, 256, 256, 512, 512], 32 groups; here a quarter of that.

@@ -1,4 +1,4 @@
-"""Pins the numerical conventions of utils/diffusion.py (docs/algorithm.md section 2) with goldens on tiny inputs,
+"""Pins the numerical conventions of utils/core/diffusion.py (docs/algorithm.md section 2) with goldens on tiny inputs,
 a recording stand-in network, and exactness / batch-independence properties."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.conftest import max_abs
-from utils.diffusion import (alpha_bar, ddim_step, ddim_trajectory, generate, generation_pairs, invert,
+from utils.core.diffusion import (alpha_bar, ddim_step, ddim_trajectory, generate, generation_pairs, invert,
                              inversion_pairs, make_alphas_cumprod, sampling_pairs, timestep_grid)
-from utils.mixing import radius_curves
+from utils.core.mixing import radius_curves
 
 BETA_START, BETA_END, T = 0.0001, 0.02, 1000
 
@@ -366,7 +366,7 @@ def test_trajectory_wrong_number_of_generators_raises(ac):
                              generators=_gens([1])))
 
 
-# --------------------------------------------------------------------------- mixing step (utils/mixing.py)
+# --------------------------------------------------------------------------- mixing step (utils/core/mixing.py)
 
 class LinearEpsNet:
     """eps = k x: every DDIM move (eta 0) from t to t' scales x by the scalar

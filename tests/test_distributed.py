@@ -76,7 +76,7 @@ def test_two_processes_fit_the_single_process_boundaries(search, tmp_path):
 
 DYING_MAIN = """\
 import os, signal, sys
-from utils.latent_cache import LatentCache
+from utils.io.latent_cache import LatentCache
 import main
 
 put = LatentCache.put

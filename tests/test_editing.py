@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tests.conftest import float_tolerance, max_abs, random_model, tiny_config
-from utils.diffusion import invert, make_alphas_cumprod, timestep_grid
-from utils.boundary import latent_distance
-from utils.editing import edit_sequence, item_seed, reconstruct
+from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
+from utils.core.boundary import latent_distance
+from utils.core.editing import edit_sequence, item_seed, reconstruct
 
 
 def _net(model):

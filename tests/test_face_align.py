@@ -13,8 +13,8 @@ from PIL import Image
 import main as cli
 from tests.editing_setup import make_edit_setup
 from utils.errors import UserError
-from utils.face_align import FaceAligner, FaceExtraMissing, crop_quad, ffhq_quad
-from utils.images import image_to_tensor, load_image
+from utils.io.face_align import FaceAligner, FaceExtraMissing, crop_quad, ffhq_quad
+from utils.io.images import image_to_tensor, load_image
 
 
 def _synthetic_landmarks(angle_deg: float, eye_distance: float = 40.0, centre=(100.0, 90.0)) -> np.ndarray:

@@ -10,10 +10,10 @@ import torch
 import main as cli
 from tests.conftest import random_model, tiny_config
 from tests.editing_setup import make_edit_setup
-from utils.diffusion import invert, make_alphas_cumprod, timestep_grid
-from utils.editing import edit_sequence, item_seed, iter_edits
+from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
+from utils.core.editing import edit_sequence, item_seed, iter_edits
 from utils.errors import UserError
-from utils.images import expand_image_paths
+from utils.io.images import expand_image_paths
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_b_by_k_edits_equal_each_image_alone():
 def test_edited_latents_are_made_per_batch_not_for_all_distances_at_once(monkeypatch):
     """Memory does not grow with K: each batch moves only its own latents (issue: 100,000 edits
     used to build all edited latents before the first denoising call)."""
-    import utils.editing as editing
+    import utils.core.editing as editing
 
     calls = []
     real = editing.edit_latents

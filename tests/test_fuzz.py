@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import main as cli
-from utils.boundary_files import load_boundary
+from utils.io.boundary_files import load_boundary
 from utils.errors import UserError
-from utils.images import load_image
+from utils.io.images import load_image
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow], derandomize=True)
@@ -122,7 +122,7 @@ def test_fuzz_config_files(env, data):
 
     from models import latent_shapes
     from utils.config import load_config
-    from utils.diffusion import make_alphas_cumprod
+    from utils.core.diffusion import make_alphas_cumprod
 
     config = yaml.safe_load((env["root"] / "tiny.yml").read_text())
     keys = [(section, key) for section in ("data", "model", "diffusion", "edit") for key in config[section]]

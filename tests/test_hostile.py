@@ -26,13 +26,13 @@ import yaml
 from PIL import Image
 
 import main as cli
-import utils.io
+import utils.io.files
 from tests.conftest import REPO
-from utils.boundary_files import find_boundaries, load_boundary
-from utils.diffusion import ddim_trajectory, make_alphas_cumprod
+from utils.io.boundary_files import find_boundaries, load_boundary
+from utils.core.diffusion import ddim_trajectory, make_alphas_cumprod
 from utils.errors import UserError
-from utils.images import load_image
-from utils.io import write_json
+from utils.io.images import load_image
+from utils.io.files import write_json
 
 SUBENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -179,7 +179,7 @@ def _full_disk(tmp_path: Path, monkeypatch):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
         return replace(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(utils.io.os, "replace", replace_until_full)
+    monkeypatch.setattr(utils.io.files.os, "replace", replace_until_full)
     yield mount
 
 
@@ -294,7 +294,7 @@ def test_numbered_names_are_taken_atomically(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     def publish(i: int) -> Path:
-        return utils.io.write_new_file(tmp_path / "b.npz", lambda p: p.write_text(str(i)), overwrite=False)
+        return utils.io.files.write_new_file(tmp_path / "b.npz", lambda p: p.write_text(str(i)), overwrite=False)
 
     with ThreadPoolExecutor(8) as pool:
         paths = list(pool.map(publish, range(24)))
@@ -306,7 +306,7 @@ def test_run_folder_names_are_reserved_atomically(tmp_path):
     """Concurrent commits never share a final name, even where one exists as an empty folder."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from utils.io import RunFolder
+    from utils.io.files import RunFolder
 
     (tmp_path / "edit").mkdir()  # an empty folder: os.rename would silently take it
 
@@ -508,14 +508,14 @@ def _cache_cases(tmp_path: Path, monkeypatch) -> dict[str, Path]:
     if not _mount_tmpfs(read_only, "ro,size=16k"):
         read_only.chmod(0o555)  # holds for users other than root
         if os.geteuid() == 0:  # root writes anyway: the file system's refusal is injected
-            mkstemp = utils.io.tempfile.mkstemp
+            mkstemp = utils.io.files.tempfile.mkstemp
 
             def read_only_mkstemp(*args, dir=None, **kwargs):
                 if dir is not None and str(dir).startswith(str(read_only)):
                     raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
                 return mkstemp(*args, dir=dir, **kwargs)
 
-            monkeypatch.setattr(utils.io.tempfile, "mkstemp", read_only_mkstemp)
+            monkeypatch.setattr(utils.io.files.tempfile, "mkstemp", read_only_mkstemp)
     return {"a path that is a file": file_cache, "a read-only folder": read_only}
 
 

@@ -16,12 +16,12 @@ import torch
 import yaml
 from PIL import Image
 
-from utils.checkpoints import load_weights, read_state_dict, resolve_checkpoint
+from models.checkpoints import load_weights, read_state_dict, resolve_checkpoint
 from utils.config import CONFIG_DIR, Config, load_config, parse_config, resolve_config_path
-from utils.datasets import from_attr_file, read_attr_file
+from utils.io.datasets import from_attr_file, read_attr_file
 from utils.errors import UserError
-from utils.images import load_image, save_image
-from utils.latent_cache import LatentCache
+from utils.io.images import load_image, save_image
+from utils.io.latent_cache import LatentCache
 
 # --------------------------------------------------------------------------- config
 

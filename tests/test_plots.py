@@ -13,7 +13,7 @@ from PIL import Image
 import main as cli
 from tests.conftest import write_labelled_set
 from tests.editing_setup import make_edit_setup
-from utils.plots import back_and_forth_gif, boundary_report, labelled_grid, radius_plot
+from utils.io.plots import back_and_forth_gif, boundary_report, labelled_grid, radius_plot
 
 RADIUS = {"t": [0, 250, 500, 750, 999], "radius_sampled": [30.0, 28.0, 27.5, 27.7, 27.7],
           "radius_inverted": [25.0, 26.5, 27.4, 27.7, 27.7], "radius_analytic": [25.0, 26.0, 27.0, 27.6, 27.7],

@@ -17,7 +17,7 @@ from PIL import Image
 
 import main as cli
 from tests.conftest import REPO, float_tolerance, random_model, tiny_config, write_labelled_set
-from utils.boundary_files import BoundaryRecord, load_boundary, save_boundary
+from utils.io.boundary_files import BoundaryRecord, load_boundary, save_boundary
 
 
 def _search_cmd(env, cache: Path, bd: Path, exp: Path, steps: int = 60) -> list[str]:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn.svm import SVC
 
-from utils.boundary_tools import main as tools_main
+from scripts.boundary_tools import main as tools_main
 from utils.errors import UserError
-from utils.sav_import import read_sav
+from utils.io.sav_import import read_sav
 
 
 class _Payload:

@@ -4,7 +4,7 @@ mixing-step analysis and the boundary report.
 Grids and GIFs are drawn with Pillow. The two plots use matplotlib where it is installed (an
 optional extra) and otherwise a small Pillow renderer of the same content (lines, step
 histograms, vertical markers, titles, legends), so the pictures never depend on it. Every file is
-written atomically through ``utils.io.atomic_path``.
+written atomically through ``utils.io.files.atomic_path``.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.images import to_uint8
-from utils.io import atomic_path, write_bytes
+from utils.io.images import to_uint8
+from utils.io.files import atomic_path, write_bytes
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd")
 

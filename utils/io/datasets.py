@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import UserError
-from utils.images import list_images
+from utils.io.images import list_images
 
 
 @dataclass(frozen=True)

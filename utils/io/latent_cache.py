@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from utils.diffusion import Inversion
-from utils.io import atomic_path
+from utils.core.diffusion import Inversion
+from utils.io.files import atomic_path
 
 log = logging.getLogger(__name__)
 

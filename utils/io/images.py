@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from utils.errors import UserError
-from utils.io import atomic_path
+from utils.io.files import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MAX_PIXELS_ENV = "BOUNDARYDIFFUSION_MAX_PIXELS"

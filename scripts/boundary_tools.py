@@ -1,9 +1,9 @@
 """Convert boundaries: ``import-sav`` (the original's pickled SVC -> this project's .npz) and
 ``export-npy`` (.npz -> an InterFaceGAN-style (1, D) unit normal).
 
-    python -m utils.boundary_tools import-sav smile_z.sav --space z --config celeba.yml --t_0 500 \\
+    python -m scripts.boundary_tools import-sav smile_z.sav --space z --config celeba.yml --t_0 500 \\
         --n_inv_step 40 --attribute smiling --out boundary/celeba_smiling_t500_z.npz
-    python -m utils.boundary_tools export-npy boundary/celeba_smiling_t500_z.npz smiling_z.npy
+    python -m scripts.boundary_tools export-npy boundary/celeba_smiling_t500_z.npz smiling_z.npy
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from utils.errors import UserError
 
 
 def import_sav(args: argparse.Namespace) -> Path:
-    from utils.boundary import Boundary
-    from utils.boundary_files import BoundaryRecord, save_boundary
+    from utils.core.boundary import Boundary
+    from utils.io.boundary_files import BoundaryRecord, save_boundary
     from utils.config import latent_shapes, load_config
-    from utils.sav_import import read_sav
+    from utils.io.sav_import import read_sav
 
     coef, intercept = read_sav(args.sav)
     config = load_config(args.config)
@@ -38,8 +38,8 @@ def import_sav(args: argparse.Namespace) -> Path:
 
 
 def export_npy(args: argparse.Namespace) -> Path:
-    from utils.boundary_files import load_boundary
-    from utils.io import atomic_path
+    from utils.io.boundary_files import load_boundary
+    from utils.io.files import atomic_path
 
     record = load_boundary(args.npz)
     out = args.out if args.out.suffix == ".npy" else args.out.with_name(args.out.name + ".npy")

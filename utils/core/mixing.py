@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from utils.diffusion import Net, alpha_bar, ddim_trajectory
+from utils.core.diffusion import Net, alpha_bar, ddim_trajectory
 
 
 def _radii_along(net: Net, x: Tensor, alphas_cumprod: Tensor, pairs: list[tuple[int, int]], batch_size: int) -> dict[int, Tensor]:

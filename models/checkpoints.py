@@ -28,7 +28,7 @@ from torch import nn
 
 from utils.config import Config
 from utils.errors import UserError
-from utils.io import atomic_path, write_bytes
+from utils.io.files import atomic_path, write_bytes
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.boundary import Boundary
+from utils.core.boundary import Boundary
 from utils.errors import UserError
-from utils.io import write_new_file
+from utils.io.files import write_new_file
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def load_boundary(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = 
         raise UserError(f"boundary file {path} does not exist")
     if path.suffix == ".sav":
         raise UserError(f"{path} is a pickled boundary of the original code; convert it first "
-                        "with python -m utils.boundary_tools import-sav (it is never unpickled here)")
+                        "with python -m scripts.boundary_tools import-sav (it is never unpickled here)")
     try:
         with zipfile.ZipFile(path) as zf:
             headers = _headers(zf)

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.boundary import edit_latents, project_boundary
-from utils.diffusion import HPolicy, Inversion, Net, generate
+from utils.core.boundary import edit_latents, project_boundary
+from utils.core.diffusion import HPolicy, Inversion, Net, generate
 
 
 def item_seed(*keys: int) -> int:
@@ -131,7 +131,7 @@ def pair_lone(x: Tensor, batch_size: int) -> Tensor:
 
 def condition_normal(primary: Tensor | np.ndarray, conditions: Sequence[Tensor | np.ndarray]) -> tuple[np.ndarray, list[float]]:
     """The direction of a conditional edit: the primary unit normal projected orthogonal to every
-    condition normal and renormalised (``utils.boundary.project_boundary``), so that moving along
+    condition normal and renormalised (``utils.core.boundary.project_boundary``), so that moving along
     it leaves each condition's projection unchanged (docs/algorithm.md section 9).
 
     primary, conditions: (D,) each. Returns (normal (D,) float32 unit, the angle in degrees between

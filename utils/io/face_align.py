@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from utils.errors import UserError
-from utils.images import image_to_tensor, open_image
+from utils.io.images import image_to_tensor, open_image
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class FaceAligner:
         return crop_quad(img, ffhq_quad(self.landmarks(img)), size)
 
     def load(self, path: str | Path, size: int, channels: int) -> torch.Tensor:
-        """Like ``utils.images.load_image``, but the image is the aligned face crop: (1, C, size, size)."""
+        """Like ``utils.io.images.load_image``, but the image is the aligned face crop: (1, C, size, size)."""
         rgb = open_image(path, 3)
         try:
             aligned = self.align(rgb, size)
