@@ -18,9 +18,6 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
-MODES = ("boundary_search", "edit_image_boundary", "unconditional", "radius")
-
-
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -70,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--boundary_search", action="store_true", help="invert labelled images to t_0 and fit boundaries")
-    mode.add_argument("--edit_image_boundary", action="store_true", help="edit one real image across the boundaries")
+    mode.add_argument("--edit_image_boundary", action="store_true", help="edit real images (a file, a folder or a glob) across the boundaries")
     mode.add_argument("--unconditional", action="store_true", help="edit latents sampled from noise")
     mode.add_argument("--radius", action="store_true", help="mixing-step analysis: radius of sampled vs inverted latents")
 
@@ -151,58 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_args(args: argparse.Namespace, config) -> argparse.Namespace:
-    """Fill run-level defaults from the config (and from the boundary file for t_0); check ranges."""
-    from utils.io.boundary_files import find_boundaries, load_boundary
-    from utils.config import latent_shapes
-    from utils.errors import UserError
-
-    args.mode = next(m for m in MODES if getattr(args, m))
-    shapes = latent_shapes(config)  # boundary files for another model are passed over from their headers
-    if args.mode in ("edit_image_boundary", "unconditional") and args.boundary_h is None and args.boundary_z is None:
-        # As in the original README's unconditional command: no boundary named, use the newest fitted ones.
-        # Prefer boundaries fitted at the run's t_0 (the config's default unless --t_0 is given).
-        found = find_boundaries(args.boundary_dir, config.name, args.edit_attr, args.t_0 or config.edit.t_0, shapes)
-        if not found and args.t_0 is None:
-            found = find_boundaries(args.boundary_dir, config.name, args.edit_attr, shapes=shapes)
-        if not found:
-            raise UserError(f"no --boundary_h/--boundary_z given and no boundary for config {config.name}"
-                            f"{' and ' + args.edit_attr if args.edit_attr else ''} in {args.boundary_dir}; "
-                            "run --boundary_search first or pass the files")
-        args.boundary_h, args.boundary_z = found.get("h"), found.get("z")
-        logging.getLogger(__name__).info("using boundaries %s", ", ".join(str(p) for p in found.values()))
-        if args.edit_space == "both" and len(found) == 1:
-            args.edit_space = next(iter(found))
-    if args.t_0 is None:
-        given = [p for p in (args.boundary_z, args.boundary_h) if p is not None]
-        args.t_0 = load_boundary(given[0], shapes).t_0 if given and args.mode in ("edit_image_boundary", "unconditional") \
-            else config.edit.t_0
-    if args.condition_attr:
-        for attribute in [a.strip() for a in args.condition_attr.split(",") if a.strip()]:
-            found = find_boundaries(args.boundary_dir, config.name, attribute, args.t_0, shapes)
-            if not found:
-                raise UserError(f"--condition_attr {attribute}: no boundary for config {config.name} at t_0 "
-                                f"{args.t_0} in {args.boundary_dir}")
-            for space, path in found.items():
-                setattr(args, f"condition_{space}", [*(getattr(args, f"condition_{space}") or []), path])
-    for name in ("n_inv_step", "n_test_step", "start_distance", "end_distance", "edit_img_number"):
-        if getattr(args, name) is None:
-            setattr(args, name, getattr(config.edit, name))
-    T = config.diffusion.num_diffusion_timesteps
-    if not 1 <= args.t_0 <= T - 1:
-        raise UserError(f"--t_0 must be in [1, {T - 1}], got {args.t_0}")
-    for name in ("n_inv_step", "n_test_step"):
-        limit = T - args.t_0 if (args.mode == "unconditional" and name == "n_inv_step") else args.t_0 + 1
-        if not 2 <= getattr(args, name) <= limit:
-            raise UserError(f"--{name} must be in [2, {limit}], got {getattr(args, name)}")
-    if args.mode == "edit_image_boundary" and args.img_path is None:
-        raise UserError("--edit_image_boundary needs --img_path")
-    if not math.isfinite(args.end_distance - args.start_distance):
-        raise UserError(f"--start_distance {args.start_distance} and --end_distance {args.end_distance} "
-                        "lie too far apart to be spaced in float64")
-    return args
-
-
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM, raised in the main thread so that the run folder is cleaned up on the way out."""
 
@@ -245,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a bad flag (1, already reported in one line)
         return int(exc.code or 0)
     logging.basicConfig(level=args.verbose.upper(), format="%(levelname)s %(name)s: %(message)s", force=True)
+    from models.loading import load_model
     from models.runtime import default_batch_size, retain_freed_memory
     from runners import BoundaryDiffusion
+    from runners.settings import resolve_settings
     from utils import distributed
     from utils.config import load_config
     from utils.errors import UserError
@@ -255,19 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     previous = _install_signal_handlers()
     try:
         config = load_config(args.config)
-        args = resolve_args(args, config)
+        settings = resolve_settings(args, config)
         # torchrun (RANK, WORLD_SIZE, ... set): one process group, one device per local rank. Else SINGLE, no group.
         process = distributed.context_from_env(os.environ)
-        if process.world_size > 1 and args.mode not in BoundaryDiffusion.SHARDED_MODES:
-            raise UserError(f"--{args.mode} does not run across processes; start it with python main.py, not torchrun "
-                            f"(modes that do: {', '.join('--' + m for m in BoundaryDiffusion.SHARDED_MODES)})")
-        device = distributed.local_device(pick_device(args.device), process)
-        for name in ("bs_train", "bs_test", "edit_batch_size"):
-            if getattr(args, name) is None:
-                setattr(args, name, default_batch_size(device, config.data.image_size))
-        with distributed.process_group(process, device, timedelta(seconds=args.dist_timeout)):
-            runner = BoundaryDiffusion(args, config, device, process)
-            result = runner.run()
+        if process.world_size > 1 and settings.mode not in BoundaryDiffusion.SHARDED_MODES:
+            raise UserError(f"--{settings.mode} does not run across processes; start it with python main.py, not "
+                            f"torchrun (modes that do: {', '.join('--' + m for m in BoundaryDiffusion.SHARDED_MODES)})")
+        device = distributed.local_device(pick_device(settings.device), process)
+        settings = settings.with_batch_sizes(default_batch_size(device, config.data.image_size))
+        with distributed.process_group(process, device, timedelta(seconds=settings.dist_timeout)):
+            model = load_model(config, settings.model_path, settings.cache_dir, device, settings.precision)
+            result = BoundaryDiffusion(settings, model, process).run()
         if isinstance(result, dict) and result.get("failed"):  # a folder run keeps the others' results
             names = ", ".join(Path(p).name for p in result["failed"])
             print(f"error: {len(result['failed'])} image(s) could not be edited: {names}", file=sys.stderr)

@@ -60,8 +60,10 @@ def run_all(tree: Path, out: Path, inputs: dict[str, Path]) -> Path:
         exp = out / name
         fields = {**{k: str(v) for k, v in inputs.items()}, "exp": str(exp)}
         argv = [a.format(**fields) for a in command]
-        subprocess.run([sys.executable, "main.py", *argv, "--exp", str(exp), "--cache_dir", str(out / "cache"),
-                        "--verbose", "warning"], cwd=tree, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, "main.py", *argv, "--exp", str(exp), "--cache_dir", str(out / "cache"),
+                               "--verbose", "warning"], cwd=tree, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{name} failed in {tree}: {done.stderr.strip().splitlines()[-1:]}")
     return out
 
 

@@ -15,7 +15,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from utils.core.boundary import Boundary, edit_latents, latent_distance, fit_boundary, project_boundary, split_indices
-from utils.io.boundary_files import BoundaryRecord, find_boundaries, load_boundary, matching_boundaries, save_boundary
+from utils.errors import UserError
+from utils.io.boundary_files import (BoundaryRecord, discover_boundaries, load_boundary, matching_boundaries,
+                                      save_boundary)
 from utils.errors import UserError
 
 
@@ -234,6 +236,9 @@ def test_project_boundary_repeated_condition_changes_nothing():
 
 # --------------------------------------------------------------------------- boundary files
 
+SHAPES = {"z": (3, 2, 2), "h": (3, 2, 2)}
+
+
 def _record(**kw) -> BoundaryRecord:
     rng = np.random.default_rng(5)
     coef = rng.normal(size=12).astype(np.float32)
@@ -268,7 +273,7 @@ def test_save_load_round_trip_every_field(tmp_path):
             assert a == b and type(b) is type(a), f"{f.name}: {b!r} ({type(b).__name__}) vs {a!r} ({type(a).__name__})"
 
 
-def test_matching_boundaries_filters_and_find_boundaries_takes_the_newest(tmp_path):
+def test_matching_boundaries_filters_by_config_attribute_t0_and_checkpoint(tmp_path):
     other_sha = "cd" * 32
     files = {
         "h_old": _record(), "h_new": _record(), "z": _record(space="z"), "no_sha": _record(space="z", checkpoint_sha256=""),
@@ -289,8 +294,29 @@ def test_matching_boundaries_filters_and_find_boundaries_takes_the_newest(tmp_pa
         "h": ["other_ckpt"], "z": ["no_sha"]}
     assert names(matching_boundaries(tmp_path, "celeba"))["h"] == ["h_new", "h_old", "other_attr", "other_ckpt", "other_t0"]
     assert matching_boundaries(tmp_path / "missing", "celeba") == {}
-    newest = find_boundaries(tmp_path, "celeba", "smiling", 500)
-    assert {s: p.stem for s, p in newest.items()} == {"h": "other_ckpt", "z": "no_sha"}
+
+
+def test_discovery_takes_the_newest_by_save_number_not_by_file_time(tmp_path):
+    for i, name in enumerate(["b_z", "b_h", "b_z-1", "b_h-1", "b_h-2"]):
+        path = save_boundary(tmp_path / name, _record(space=name[2]))
+        os.utime(path, (2_000_000 - i, 2_000_000 - i))  # a checkout's times, older for later saves
+    found = discover_boundaries(tmp_path, "celeba", SHAPES, "smiling", 500)
+    assert (found.attribute, found.t_0) == ("Smiling", 500)
+    assert {s: p.name for s, p in found.paths.items()} == {"z": "b_z-1.npz", "h": "b_h-2.npz"}
+    assert discover_boundaries(tmp_path, "celeba", SHAPES, "eyeglasses", 500) is None
+
+
+@pytest.mark.parametrize("other, words", [
+    ({"attribute": "Eyeglasses"}, "several attributes for config celeba: eyeglasses, smiling; choose one with --edit_attr"),
+    ({"t_0": 300}, "several t_0 values for config celeba: 300, 500; choose one with --t_0"),
+    ({"checkpoint_sha256": "cd" * 32}, "several checkpoints"),
+])
+def test_discovery_never_pairs_boundaries_of_different_fits(tmp_path, other, words):
+    """A z boundary of one attribute (t_0, checkpoint) is never paired with an h of another."""
+    save_boundary(tmp_path / "a_z", _record(space="z"))
+    save_boundary(tmp_path / "b_h", _record(space="h", **other))
+    with pytest.raises(UserError, match=re.escape(words)):
+        discover_boundaries(tmp_path, "celeba", SHAPES)
 
 
 def test_saved_file_loads_without_pickle(tmp_path):

@@ -8,7 +8,8 @@ import torch
 from tests.conftest import float_tolerance, max_abs, random_model, tiny_config
 from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
 from utils.core.boundary import latent_distance
-from utils.core.editing import edit_sequence, item_seed, reconstruct
+from utils.core.editing import edit_sequence, reconstruct
+from utils.core.seeds import item_seed
 
 
 def _net(model):

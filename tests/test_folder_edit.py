@@ -11,7 +11,8 @@ import main as cli
 from tests.conftest import random_model, tiny_config
 from tests.editing_setup import make_edit_setup
 from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
-from utils.core.editing import edit_sequence, item_seed, iter_edits
+from utils.core.editing import edit_sequence, iter_edits
+from utils.core.seeds import item_seed
 from utils.errors import UserError
 from utils.io.images import expand_image_paths
 

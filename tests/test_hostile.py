@@ -28,7 +28,7 @@ from PIL import Image
 import main as cli
 import utils.io.files
 from tests.conftest import REPO
-from utils.io.boundary_files import find_boundaries, load_boundary
+from utils.io.boundary_files import discover_boundaries, load_boundary
 from utils.core.diffusion import ddim_trajectory, make_alphas_cumprod
 from utils.errors import UserError
 from utils.io.images import load_image
@@ -461,7 +461,7 @@ def test_discovery_passes_over_bombs_odd_types_and_other_models(env, tmp_path, c
     np.savez(bd / "zz_numeric_attribute.npz", **arrays)
     tracemalloc.start()
     try:
-        found = find_boundaries(bd, "tiny_rel", "bright_left", 300, {"z": (3, 16, 16), "h": (32, 8, 8)})
+        found = discover_boundaries(bd, "tiny_rel", {"z": (3, 16, 16), "h": (32, 8, 8)}, "bright_left", 300).paths
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

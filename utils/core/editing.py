@@ -2,7 +2,6 @@
 (docs/algorithm.md section 5)."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -11,12 +10,8 @@ import torch
 from torch import Tensor
 
 from utils.core.boundary import edit_latents, project_boundary
+from utils.core.batching import batch_slices, pair_lone
 from utils.core.diffusion import HPolicy, Inversion, Net, generate
-
-
-def item_seed(*keys: int) -> int:
-    """A 63-bit seed derived from integer keys, e.g. (seed, k): independent streams per edit."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def reconstruct(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int], inject_h: bool,
@@ -31,13 +26,6 @@ def reconstruct(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Se
     """
     return generate(net, inversion.z, alphas_cumprod, grid, h_edit=inversion.h if inject_h else None,
                     h_policy=h_policy)
-
-
-def image_key(image: Tensor) -> int:
-    """A 63-bit integer naming an image by its pixels, (C, H, W) float: the per-image part of its edit
-    seeds, so that an image gets the same noise alone, in any folder, batch or shard."""
-    digest = hashlib.sha256(image.detach().cpu().float().contiguous().numpy().tobytes()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass(frozen=True)
@@ -111,22 +99,6 @@ def edit_sequence(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: 
                                                     normal_h, rows, eta, h_policy, batch_size)])
     edits = edits.reshape(len(rows), len(distances), *edits.shape[1:])
     return edits[0] if flat else edits
-
-
-def batch_slices(n: int, batch_size: int) -> list[slice]:
-    """Consecutive slices of at most ``batch_size`` items covering range(n).
-
-    NOTE: for a batch of exactly one, oneDNN picks other convolution kernels for some shapes, whose
-    rounding differs from larger batches; callers run a lone remainder of a larger batch size as a
-    pair (the item twice) so that every batch size of 2 or more gives bit-identical results.
-    """
-    return [slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
-
-
-def pair_lone(x: Tensor, batch_size: int) -> Tensor:
-    """x (1, ...) twice along the batch when it is a lone remainder of batches of ``batch_size`` > 1
-    (see ``batch_slices``); otherwise x unchanged. Callers keep the first ``len(x)`` results."""
-    return x.repeat(2, *[1] * (x.ndim - 1)) if len(x) == 1 and batch_size > 1 else x
 
 
 def condition_normal(primary: Tensor | np.ndarray, conditions: Sequence[Tensor | np.ndarray]) -> tuple[np.ndarray, list[float]]:

@@ -206,8 +206,44 @@ def matching_boundaries(folder: str | Path, config_name: str, attribute: str | N
     return found
 
 
-def find_boundaries(folder: str | Path, config_name: str, attribute: str | None = None,
-                    t_0: int | None = None, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Path]:
-    """The newest boundary file of each space among ``matching_boundaries``."""
-    return {space: max(hits, key=lambda hit: hit[0].stat().st_mtime)[0]
-            for space, hits in matching_boundaries(folder, config_name, attribute, t_0, shapes=shapes).items()}
+@dataclass(frozen=True)
+class Discovered:
+    """The boundary files of one attribute at one t_0 fitted on one checkpoint: {space: path}."""
+    attribute: str
+    t_0: int
+    paths: dict[str, Path]
+
+
+def _save_number(path: Path) -> int:
+    """N of a file saved as ``<name>-N.npz`` (``save_boundary`` takes the first free N, so a larger N
+    was written later), 0 for ``<name>.npz``: an order that no checkout or copy can change."""
+    stem, _, number = path.stem.rpartition("-")
+    return int(number) if stem and number.isdigit() else 0
+
+
+def discover_boundaries(folder: str | Path, config_name: str, shapes: dict[str, tuple[int, ...]],
+                        attribute: str | None = None, t_0: int | None = None) -> Discovered | None:
+    """The boundaries an edit uses when none is named: those of ``matching_boundaries`` (for
+    ``attribute`` and ``t_0`` when given), or None when there are none.
+
+    A z and an h boundary are only paired when they share attribute, t_0 and checkpoint; several
+    attributes, t_0 values or checkpoints among the candidates is a UserError that lists them, never
+    a silent pick. Of several files of one space the newest by save number is taken (``-2`` after
+    ``-1`` after none), not by file time, which a checkout or a copy sets.
+    """
+    found = matching_boundaries(folder, config_name, attribute, t_0, shapes=shapes)
+    hits = [(path, record) for space_hits in found.values() for path, record in space_hits]
+    if not hits:
+        return None
+    for what, key, hint in (("attributes", lambda r: r.attribute.lower(), "choose one with --edit_attr"),
+                            ("t_0 values", lambda r: str(r.t_0), "choose one with --t_0"),
+                            ("checkpoints", lambda r: r.checkpoint_sha256[:12] or "unknown",
+                             "name the files with --boundary_z / --boundary_h")):
+        values = sorted({key(r) for _, r in hits})
+        if len(values) > 1:
+            raise UserError(f"{folder} holds boundaries of several {what} for config {config_name}"
+                            f"{' and ' + attribute if attribute else ''}: {', '.join(values)}; {hint}")
+    newest = {space: max(space_hits, key=lambda hit: (_save_number(hit[0]), hit[0].name))[0]
+              for space, space_hits in found.items()}
+    first = hits[0][1]
+    return Discovered(first.attribute, first.t_0, newest)

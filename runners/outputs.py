@@ -1,0 +1,127 @@
+"""What an edit run writes: each edit as its batch is denoised, each sequence's grid and GIF as soon as
+it is complete, tensors, summaries, and a folder run's contact sheet. Memory stays bounded: a
+sequence keeps its 8-bit pixels only until its grid is written, and the contact sheet keeps rows
+of at most ``THUMBNAIL`` pixels a side, whatever the number of images."""
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from utils.core.diffusion import Inversion
+from utils.core.editing import EditBatch
+from utils.io.files import atomic_path, write_json
+from utils.io.images import dequantize, quantize, save_image
+from utils.io.plots import back_and_forth_gif, labelled_grid
+
+#: Names a folder run writes beside the images' folders; no image folder may take them.
+RUN_OUTPUTS = ("summary.json", "contact_sheet.png")
+THUMBNAIL = 64  # largest side of a contact-sheet tile (the grid of each image keeps full size)
+_MAX_NAME = 100
+
+
+def folder_names(paths: Sequence[Path]) -> list[str]:
+    """A folder name for each image of a folder run, derived from its file name but the tool's own:
+    no path separators, control or format characters, no leading dot (so never ``.`` or ``..``
+    nor hidden), at most 100 characters, no name of the run's own outputs, and unique ignoring
+    case (a clash takes ``-2``, ``-3``, ...). Deterministic: the same paths give the same names."""
+    taken = {name.lower() for name in RUN_OUTPUTS}
+    names = []
+    for path in paths:
+        stem = "".join("_" if unicodedata.category(c)[0] in "CZ" and c != " " else c for c in path.stem)
+        stem = re.sub(r"[/\\:]", "_", stem).strip(" .")[:_MAX_NAME] or "image"
+        name, n = stem, 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name.lower())
+        names.append(name)
+    return names
+
+
+def thumbnail(row: Tensor, size: int = THUMBNAIL) -> Tensor:
+    """8-bit images (N, C, H, W) scaled down (area average) to at most ``size`` pixels a side."""
+    if max(row.shape[-2:]) <= size:
+        return row
+    scale = size / max(row.shape[-2:])
+    small = F.interpolate(dequantize(row), scale_factor=scale, mode="area")
+    return quantize(small)
+
+
+class SequenceWriter:
+    """Writes the edit sequences of B images (or sampled latents), one folder each, as
+    ``Editor.edits`` yields them.
+
+    folders: B output folders; first_images: B dicts of named images (N, C, H, W) shown before the
+    edits in each grid (e.g. original, reconstruction); distances: the K target distances.
+    """
+
+    def __init__(self, folders: Sequence[Path], first_images: Sequence[dict[str, Tensor]],
+                 distances: Sequence[float], n_iter: int = 1, gif: bool = False, save_tensors: bool = False):
+        self.folders, self.first_images, self.distances = list(folders), list(first_images), list(distances)
+        self.n_iter, self.gif, self.save_tensors = n_iter, gif, save_tensors
+        self.column_labels = [*self.first_images[0], *(f"d={d:+.2f}" for d in self.distances)]
+        self._shown: list[list[Tensor]] = [[] for _ in self.folders]  # 8-bit edits of the open sequence
+        self._kept = [{"edits": [], "z": [], "h": []} for _ in self.folders]  # floats, --save_tensors only
+        #: each image's first sequence as a contact-sheet row (``thumbnail``), filled as sequences end
+        self.rows: list[Tensor | None] = [None] * len(self.folders)
+        for folder, named in zip(self.folders, self.first_images):
+            for name, image in named.items():
+                save_image(image, folder / f"{name}.png")
+
+    def add(self, batch: EditBatch, iteration: int) -> None:
+        """Write the edits of one denoised batch; a sequence's grid (and GIF) once its last edit is in."""
+        prefix = "" if self.n_iter == 1 else f"iter{iteration}_"
+        k_last = len(self.distances) - 1
+        for j, (b, k) in enumerate(batch.items):
+            image = batch.images[j]
+            save_image(image, self.folders[b] / f"{prefix}edit_{k:02d}_d{self.distances[k]:+.2f}.png")
+            self._shown[b].append(quantize(image))
+            if self.save_tensors:
+                self._kept[b]["edits"].append(image.clamp(-1, 1))
+                self._kept[b]["z"].append(batch.z[j])
+                self._kept[b]["h"].append(None if batch.h is None else batch.h[j])
+            if k == k_last:
+                self._close_sequence(b, prefix, iteration)
+
+    def _close_sequence(self, b: int, prefix: str, iteration: int) -> None:
+        firsts = [quantize(v) for v in self.first_images[b].values()]
+        row = torch.stack([*firsts, *self._shown[b]])
+        self._shown[b] = []
+        labelled_grid(dequantize(row), self.folders[b] / f"{prefix}grid.png", self.column_labels)
+        if self.gif:
+            back_and_forth_gif(dequantize(row[len(firsts):]), self.folders[b] / f"{prefix}edits.gif")
+        if iteration == 0:
+            self.rows[b] = thumbnail(row)
+
+    def write_tensors(self, b: int, latents: Inversion) -> None:
+        """tensors.pt of image b (with --save_tensors): its latents (1, ...), the edits clipped to
+        [-1, 1] as written, the edited latents, the distances (repeated per iteration) and the
+        reconstruction when there is one."""
+        kept = self._kept[b]
+        tensors = {"z": latents.z[b:b + 1], "h": latents.h[b:b + 1], "edits": torch.stack(kept["edits"]),
+                   "distances": torch.tensor(self.distances, dtype=torch.float64).repeat(self.n_iter),
+                   "edited_z": torch.stack(kept["z"])}
+        if kept["h"][0] is not None:
+            tensors["edited_h"] = torch.stack(kept["h"])
+        if "reconstruction" in self.first_images[b]:
+            tensors["recon"] = self.first_images[b]["reconstruction"][None].clamp(-1, 1)
+        with atomic_path(self.folders[b] / "tensors.pt") as tmp:
+            torch.save(tensors, tmp)
+        self._kept[b] = {"edits": [], "z": [], "h": []}
+
+
+def write_contact_sheet(rows: Sequence[Tensor], labels: Sequence[str], column_labels: Sequence[str],
+                        path: Path) -> None:
+    """One row per image: 8-bit thumbnails (N, C, H, W) each, labelled with the image's folder."""
+    labelled_grid(dequantize(torch.cat(list(rows))), path, ncol=len(rows[0]), column_labels=column_labels,
+                  row_labels=labels)
+
+
+def write_summary(folder: Path, summary: dict) -> None:
+    write_json(folder / "summary.json", summary)
