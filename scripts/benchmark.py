@@ -19,6 +19,7 @@ figure from one machine can be read against another's hardware limit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -34,11 +35,11 @@ from pathlib import Path
 import torch
 
 from models import build_model, latent_shapes
-from models.loading import load_model
+from models.loading import LoadedModel, load_model
 from models.runtime import PRECISIONS, InferenceNet, cpu_flags, default_batch_size, retain_freed_memory
+from runners.editor import Directions, EditPlan, Editor
 from utils.config import load_config
-from utils.core.diffusion import generate, invert, make_alphas_cumprod, timestep_grid
-from utils.core.editing import edit_sequence, item_seed
+from utils.io.boundary_files import BoundaryRecord
 
 CONFIGS = {"ddpm": "celeba.yml", "adm": "afhq.yml"}
 # CPU features that decide which convolution kernels run: matrix units, bf16 and vector widths.
@@ -173,24 +174,33 @@ def time_calls(calls: dict, x, t, repeats) -> dict[str, tuple[float, torch.Tenso
     return {name: (statistics.median(times[name]), outs[name]) for name in calls}
 
 
-def edit_job(net, x0, ac, grid, normals, k, batch_size, device) -> tuple[float, int]:
-    """Invert one image, reconstruct it, and make k edits: the README's edit command."""
+def edit_job(model: LoadedModel, x0, normals, steps, k, batch_size, device) -> tuple[float, int]:
+    """Invert one image, reconstruct it, and make k edits, through the editing engine: the README's
+    edit command (t_0 500, ``steps`` grid points both ways)."""
+    editor = Editor(model, 500, steps, show_progress=False)
+    directions = Directions({s: _record(s, n, model.shapes[s]) for s, n in normals.items()}, {"z": None, "h": None})
+    plan = EditPlan(EditPlan.spaced(-150, 150, k), steps, eta=1.0, batch_size=batch_size)
     _sync(device)
     start = time.perf_counter()
-    inv = invert(net, x0, ac, grid)
-    generate(net, inv.z, ac, grid)
-    edit_sequence(net, inv, ac, grid, torch.linspace(-150, 150, k), normals["z"], normals["h"],
-                  [item_seed(0, i) for i in range(k)], eta=1.0, batch_size=batch_size)
+    latents, _ = editor.invert(x0, batch_size)
+    editor.reconstruct(latents, plan)
+    editor.edit_all(latents, directions, plan, [(0,)])
     _sync(device)
     return time.perf_counter() - start, 1 + k
 
 
-def search_job(net, images, ac, grid, batch_size, device) -> float:
-    """Invert N images to t_0 (the network part of boundary search)."""
+def _record(space: str, normal: torch.Tensor, shape) -> BoundaryRecord:
+    """A boundary record of a (random) unit normal, as a boundary file would give it."""
+    return BoundaryRecord(normal=normal.numpy(), coef=normal.numpy(), intercept=0.0, shape=tuple(shape), space=space,
+                          t_0=500, n_inv_step=0)
+
+
+def search_job(model: LoadedModel, images, steps, batch_size, device) -> float:
+    """Invert N images to t_0 500 (the network part of boundary search), through the editing engine."""
+    editor = Editor(model, 500, steps, show_progress=False)
     _sync(device)
     start = time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        invert(net, images[i:i + batch_size], ac, grid)
+    editor.invert(images, batch_size)
     _sync(device)
     return time.perf_counter() - start
 
@@ -214,11 +224,13 @@ def _serve(conn, variant: Variant, config_name: str, weights: str, device: str, 
     torch.set_num_threads(threads)
     device = torch.device(device)
     # Plain float32 NCHW, as the naive reference wants it; the variant then sets precision and layout.
-    model = load_model(config_name, weights, device=device, channels_last=False).net.model
-    net = variant.build(model)
-    del model
+    loaded = load_model(config_name, weights, device=device, channels_last=False)
+    net = variant.build(loaded.net.model)
+    model = dataclasses.replace(loaded, net=net)  # the engine runs the variant's network
+    del loaded
     peak_memory(net, device)  # measure from here: loading the float32 weights is not the variant's cost
-    tasks = {"call": timed_call, "edit": edit_job, "search": search_job, "peak_memory": peak_memory}
+    tasks = {"call": lambda *a: timed_call(net, *a), "edit": lambda *a: edit_job(model, *a),
+             "search": lambda *a: search_job(model, *a), "peak_memory": lambda *a: peak_memory(net, *a)}
 
     def to_device(arg):  # the parent sends CPU tensors (and dicts of them)
         if isinstance(arg, dict):
@@ -226,7 +238,7 @@ def _serve(conn, variant: Variant, config_name: str, weights: str, device: str, 
         return arg.to(device) if isinstance(arg, torch.Tensor) else arg
 
     for task, args in iter(conn.recv, None):
-        conn.send(tasks[task](net, *map(to_device, args)))
+        conn.send(tasks[task](*map(to_device, args)))
 
 
 class VariantProcess:
@@ -280,9 +292,6 @@ def run_model(kind: str, config, procs: dict, precisions: list[str], batch_sizes
         print(f"{name:28s} {seconds:8.3f} {base / seconds:9.2f} {err:12.2e} {peaks[name]:8.0f} "
               f"{achieved or float('nan'):8.1f} {fraction or float('nan'):8.2f}")
     if not args.skip_jobs:
-        ac = make_alphas_cumprod(config.diffusion.beta_start, config.diffusion.beta_end,
-                                 config.diffusion.num_diffusion_timesteps)
-        grid = timestep_grid(500, args.steps)
         gen = torch.Generator().manual_seed(2)
         normals = {s: torch.randn(int(torch.tensor(shapes[s]).prod()), generator=gen) for s in ("z", "h")}
         normals = {s: n / n.norm() for s, n in normals.items()}
@@ -302,9 +311,9 @@ def run_model(kind: str, config, procs: dict, precisions: list[str], batch_sizes
         jobs, base_seconds = {}, {}
         for name, proc, job, bs in runs:
             if job == "edit":
-                seconds, n_img = proc.run("edit", x, ac, grid, normals, args.edits, bs, device)
+                seconds, n_img = proc.run("edit", x, normals, args.steps, args.edits, bs, device)
             else:
-                seconds, n_img = proc.run("search", images, ac, grid, bs, device), args.images
+                seconds, n_img = proc.run("search", images, args.steps, bs, device), args.images
             base_seconds.setdefault(job, seconds)  # each job's first run is the naive one
             jobs[name] = {"seconds": seconds, "images_per_s": n_img / seconds, "speedup": base_seconds[job] / seconds,
                           "peak_mb": proc.run("peak_memory", device)}

@@ -21,8 +21,9 @@ along the boundaries of ``--attribute`` found in ``--boundary_dir`` (files writt
 policy, the other eta (0 / 1), other t_0 values (``--ablate_t0``; boundaries for them must exist;
 the range is shifted with the z hyperplane's offset -b/||w||) and wider or narrower ranges
 (``--ablate_scale``, about the range's centre). ``--quality`` also samples digits from noise and checks that
-the classifier recognises them. Edit k of digit i draws its noise from a generator seeded with
-(seed, i, k), so results do not depend on batch size or order.
+the classifier recognises them. Every digit goes through the editing engine (runners/editor.py)
+exactly as ``main.py --edit_image_boundary`` edits it: edit k of a digit draws its noise by the CLI's
+rule, ``item_seed(seed, image_key(digit), 0, k)``, so results depend on neither batch size nor order.
 """
 from __future__ import annotations
 
@@ -38,19 +39,18 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.linear_model import LogisticRegression
 
-from models.loading import load_model
+from models.loading import LoadedModel, load_model
 from models.runtime import PRECISIONS, retain_freed_memory
-from utils.io.boundary_files import BoundaryRecord, matching_boundaries
+from runners.editor import MOVED, BoundaryChoice, EditPlan, Editor, restrict
 from utils.config import load_config
-from utils.core.diffusion import Inversion, generate, invert, timestep_grid
-from utils.core.editing import edit_sequence, item_seed, reconstruct
-from utils.io.images import load_image, save_grid
+from utils.core.diffusion import Inversion
+from utils.core.seeds import image_key, item_seed
+from utils.io.boundary_files import BoundaryRecord, matching_boundaries
+from utils.io.images import load_image
+from utils.io.plots import labelled_grid
 from utils.io.files import write_bytes, write_json
 
 REPO = Path(__file__).resolve().parents[1]
-
-SPACES = {"both": ("z", "h"), "z": ("z",), "h": ("h",)}
-
 
 @dataclass(frozen=True)
 class Setting:
@@ -140,46 +140,50 @@ def z_offset(boundary_dir: Path, config_name: str, attribute: str, t_0: int, sha
 # --- one run ------------------------------------------------------------------------------------
 
 class Evaluator:
-    def __init__(self, net, alphas_cumprod: torch.Tensor, n_inv_step: int, n_test_step: int, batch_size: int, seed: int):
-        self.net, self.alphas_cumprod = net, alphas_cumprod
+    """The test digits through the editing engine (``runners.editor``), one ``Editor`` per t_0: each
+    digit is inverted once per t_0, and edit k of digit b draws its noise by the CLI's rule,
+    ``item_seed(seed, image_key(digit), 0, k)``."""
+
+    def __init__(self, model: LoadedModel, images: torch.Tensor, n_inv_step: int, n_test_step: int, batch_size: int,
+                 seed: int):
+        self.model, self.images = model, images
         self.n_inv_step, self.n_test_step, self.batch_size, self.seed = n_inv_step, n_test_step, batch_size, seed
+        self.seed_keys = [(image_key(image),) for image in images]
+        self._editors: dict[int, Editor] = {}
         self._inversions: dict[int, Inversion] = {}
         self._plain_recon: dict[int, torch.Tensor] = {}
 
-    def inversion(self, images: torch.Tensor, t_0: int) -> Inversion:
-        """Latents of ``images`` at t_0 (computed once per t_0)."""
+    def editor(self, t_0: int) -> Editor:
+        if t_0 not in self._editors:
+            self._editors[t_0] = Editor(self.model, t_0, self.n_inv_step)
+        return self._editors[t_0]
+
+    def plan(self, setting: Setting | None = None) -> EditPlan:
+        if setting is None:  # the fidelity measurement: no edit, eta 0
+            return EditPlan((), self.n_test_step, batch_size=self.batch_size)
+        return EditPlan(EditPlan.spaced(setting.start, setting.end, setting.k), self.n_test_step, setting.eta,
+                        setting.h_policy, self.seed, self.batch_size)
+
+    def inversion(self, t_0: int) -> Inversion:
+        """Latents of the digits at t_0 (computed once per t_0)."""
         if t_0 not in self._inversions:
-            grid = timestep_grid(t_0, self.n_inv_step)
-            parts = [invert(self.net, images[s:s + self.batch_size], self.alphas_cumprod, grid)
-                     for s in range(0, len(images), self.batch_size)]
-            self._inversions[t_0] = Inversion(torch.cat([p.z for p in parts]), torch.cat([p.h for p in parts]))
+            self._inversions[t_0] = self.editor(t_0).invert(self.images, self.batch_size)[0]
         return self._inversions[t_0]
 
-    def plain_reconstruction(self, images: torch.Tensor, t_0: int) -> torch.Tensor:
+    def plain_reconstruction(self, t_0: int) -> torch.Tensor:
         """Invert + regenerate with eta 0 and no h injection: the fidelity measurement (c)."""
         if t_0 not in self._plain_recon:
-            inv, grid = self.inversion(images, t_0), timestep_grid(t_0, self.n_test_step)
-            self._plain_recon[t_0] = torch.cat([generate(self.net, inv.z[s:s + self.batch_size], self.alphas_cumprod, grid)
-                                                for s in range(0, len(images), self.batch_size)])
+            self._plain_recon[t_0] = self.editor(t_0).reconstruct(self.inversion(t_0), self.plan())
         return self._plain_recon[t_0]
 
-    def edits(self, images: torch.Tensor, setting: Setting, normals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def edits(self, setting: Setting, paths: dict[str, Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(reference reconstruction (N, C, H, W), edits (N, K, C, H, W), distances (K,)).
 
-        The reference goes through the same h injection as the edits (utils.core.editing.reconstruct)."""
-        inv = self.inversion(images, setting.t_0)
-        grid = timestep_grid(setting.t_0, self.n_test_step)
-        spaces = SPACES[setting.space]
-        distances = torch.linspace(setting.start, setting.end, setting.k, dtype=torch.float64)
-        seeds = [[item_seed(self.seed, i, j) for j in range(setting.k)] for i in range(len(images))]
-        edits = edit_sequence(self.net, inv, self.alphas_cumprod, grid, distances,
-                              normals["z"] if "z" in spaces else None, normals["h"] if "h" in spaces else None,
-                              seeds, eta=setting.eta, h_policy=setting.h_policy, batch_size=self.batch_size)
-        refs = []
-        for s in range(0, len(images), self.batch_size):
-            part = Inversion(inv.z[s:s + self.batch_size], inv.h[s:s + self.batch_size])
-            refs.append(reconstruct(self.net, part, self.alphas_cumprod, grid, inject_h="h" in spaces, h_policy=setting.h_policy))
-        return torch.cat(refs), edits, distances
+        The reference goes through the same h injection as the edits (``Editor.reconstruct``)."""
+        editor, latents, plan = self.editor(setting.t_0), self.inversion(setting.t_0), self.plan(setting)
+        directions = editor.directions(restrict(BoundaryChoice(z=paths["z"], h=paths["h"]), setting.space))
+        reference = editor.reconstruct(latents, plan, directions)
+        return reference, editor.edit_all(latents, directions, plan, self.seed_keys), plan.distance_tensor()
 
 
 def measure(reference: torch.Tensor, edits: torch.Tensor, distances: torch.Tensor, classes: np.ndarray,
@@ -217,15 +221,14 @@ def measure(reference: torch.Tensor, edits: torch.Tensor, distances: torch.Tenso
 
 # --- sample quality ------------------------------------------------------------------------------
 
-def sample_quality(net, alphas_cumprod: torch.Tensor, classifier: LogisticRegression, test_images: torch.Tensor,
-                   n: int, steps: int, seed: int, batch_size: int, grid_path: Path | None) -> dict:
+def sample_quality(editor: Editor, classifier: LogisticRegression, test_images: torch.Tensor, n: int, steps: int,
+                   seed: int, batch_size: int, grid_path: Path | None) -> dict:
     """DDIM (eta 0) samples from x_T ~ N(0, I): the classifier's confidence on them vs on real test digits."""
     gen = torch.Generator().manual_seed(item_seed(seed, 30_000))
     x_T = torch.randn((n, *test_images.shape[1:]), generator=gen)
-    grid = timestep_grid(len(alphas_cumprod) - 1, steps)
-    samples = torch.cat([generate(net, x_T[s:s + batch_size], alphas_cumprod, grid) for s in range(0, n, batch_size)])
+    samples = editor.sample_images(x_T, steps, batch_size)
     if grid_path is not None:
-        save_grid(samples[:100].clamp(-1, 1), grid_path, ncol=10)
+        labelled_grid(samples[:100].clamp(-1, 1), grid_path, ncol=10)
     p_samples = classifier.predict_proba(features_8x8(samples))
     p_real = classifier.predict_proba(features_8x8(test_images))
     counts = np.bincount(p_samples.argmax(1), minlength=10)
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start_distance", type=float, default=None, help="default: config edit.start_distance")
     parser.add_argument("--end_distance", type=float, default=None, help="default: config edit.end_distance")
     parser.add_argument("--k", type=int, default=None, help="distances per edit (default: config edit.edit_img_number)")
-    parser.add_argument("--space", choices=sorted(SPACES), default="both", help="latents to move in the default run")
+    parser.add_argument("--space", choices=sorted(MOVED), default="both", help="latents to move in the default run")
     parser.add_argument("--h_policy", choices=("lagged", "once"), default="lagged", help="h injection of the default run")
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta of the edits in the default run")
     parser.add_argument("--n_test", type=int, default=100, help="test digits to edit (per class: n/10); 0 = all")
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
     parser.add_argument("--table", type=Path, default=None, help="write the markdown table here")
     parser.add_argument("--batch_size", type=int, default=256, help="images per network call")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the edit and sampling noise")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the edit and sampling noise (the CLI's default)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="network precision")
     args = parser.parse_args(argv)
@@ -302,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     start_time = time.perf_counter()
     config = load_config(args.config)
     loaded = load_model(config, args.model_path, precision=args.precision)
-    ckpt, sha, net, alphas_cumprod = loaded.checkpoint, loaded.checkpoint_sha256, loaded.net, loaded.alphas_cumprod
+    ckpt, sha = loaded.checkpoint, loaded.checkpoint_sha256
     size, channels = config.data.image_size, config.data.channels
     _, train_images, train_classes = load_split(args.data_dir, "train", size, channels)
     test_paths, test_images, test_classes = load_split(args.data_dir, "test", size, channels)
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         settings += [dataclasses.replace(default, name=f"range x{m:g}", start=center - m * half, end=center + m * half)
                      for m in args.ablate_scale]
 
-    evaluator = Evaluator(net, alphas_cumprod, edit.n_inv_step, edit.n_test_step, args.batch_size, args.seed)
+    evaluator = Evaluator(loaded, images, edit.n_inv_step, edit.n_test_step, args.batch_size, args.seed)
     runs, fidelity, boundary_info = [], {}, {}
     with torch.inference_mode():
         for setting in settings:
@@ -347,16 +350,16 @@ def main(argv: list[str] | None = None) -> int:
             boundary_info[setting.t_0] = {s: {"path": str(p), "train_acc": r.train_acc, "test_acc": r.test_acc,
                                               "n_train": r.n_train, "n_test": r.n_test} for s, (p, r) in found.items()}
             normals = {s: torch.from_numpy(r.normal) for s, (_, r) in found.items()}
-            inv = evaluator.inversion(images, setting.t_0)
+            inv = evaluator.inversion(setting.t_0)
             for s, n in normals.items():  # where the test latents sit along each normal: guides the distances
                 proj = getattr(inv, s).flatten(1).double() @ n.double()
                 boundary_info[setting.t_0][s]["projection_mean_std"] = [float(proj.mean()), float(proj.std())]
                 boundary_info[setting.t_0][s]["latent_norm_mean"] = float(getattr(inv, s).flatten(1).norm(dim=1).mean())
-            reference, edits, distances = evaluator.edits(images, setting, normals)
+            reference, edits, distances = evaluator.edits(setting, {s: p for s, (p, _) in found.items()})
             result = {"setting": dataclasses.asdict(setting), **measure(reference, edits, distances, classes, classifier,
                                                                         tuple(args.flip) if args.flip else None)}
             if setting.t_0 not in fidelity:
-                recon = evaluator.plain_reconstruction(images, setting.t_0)
+                recon = evaluator.plain_reconstruction(setting.t_0)
                 mse = float(((to_unit(recon) - to_unit(images)) ** 2).mean())
                 fidelity[setting.t_0] = {"mse": mse, "psnr": psnr(mse),
                                          "max_abs": float((to_unit(recon) - to_unit(images)).abs().max()),
@@ -370,10 +373,11 @@ def main(argv: list[str] | None = None) -> int:
             if setting is default and args.grid is not None:
                 rows = subset_per_class(classes, 10)[:10]
                 cells = torch.cat([images[rows][:, None], reference[rows][:, None], edits[rows]], dim=1)
-                save_grid(cells.reshape(-1, *cells.shape[2:]).clamp(-1, 1), args.grid, ncol=cells.shape[1])
+                labelled_grid(cells.reshape(-1, *cells.shape[2:]).clamp(-1, 1), args.grid, ncol=cells.shape[1],
+                              column_labels=["original", "reconstruction", *(f"d={d:+.2f}" for d in distances.tolist())])
         quality = None
         if args.quality:
-            quality = sample_quality(net, alphas_cumprod, classifier, test_images, args.n_samples, 100, args.seed,
+            quality = sample_quality(evaluator.editor(default.t_0), classifier, test_images, args.n_samples, 100, args.seed,
                                      args.batch_size, args.samples_png)
             print(f"samples: {quality['confident_samples']:.1%} classified with p >= 0.9 "
                   f"(real test digits: {quality['confident_real_test']:.1%}); classes {quality['class_histogram_samples']}")

@@ -3,6 +3,7 @@ denoised in mixed batches, and each image's results equal those of a single-imag
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
 from utils.core.editing import edit_sequence, iter_edits
 from utils.core.seeds import item_seed
 from utils.errors import UserError
-from utils.io.images import expand_image_paths
+from utils.io.images import expand_image_paths, quantize
+from runners.outputs import THUMBNAIL, folder_names, thumbnail
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +80,49 @@ def test_expand_image_paths(tmp_path):
         expand_image_paths(tmp_path / "missing.png")
 
 
-def test_duplicate_stems_are_refused(setup, tmp_path, capsys):
-    (tmp_path / "x.png").write_bytes((setup["images"] / "img0.png").read_bytes())
-    (tmp_path / "x.jpg").write_bytes((setup["images"] / "img0.png").read_bytes())
-    assert cli.main([*setup["common"], "--edit_image_boundary", "--img_path", str(tmp_path),
-                     "--exp", str(tmp_path / "out")]) == 1
-    assert "named x" in capsys.readouterr().err
+HOSTILE_NAMES = ["..png", "...png", "summary.json.png", "contact_sheet.png.png", "a\nb.png", "x.png", "x.jpg",
+                 "X.png", ".hidden.png", "tab\tname.png"]
+
+
+def test_folder_names_are_the_tools_own():
+    names = folder_names([Path("in") / n for n in HOSTILE_NAMES])
+    assert names == ["image", "image-2", "summary.json-2", "contact_sheet.png-2", "a_b", "x", "x-2", "X-3",
+                     "hidden", "tab_name"]
+    assert len({n.lower() for n in names} | {"summary.json", "contact_sheet.png"}) == len(names) + 2
+    assert all(n and not n.startswith(".") and "/" not in n and n.isprintable() for n in names)
+
+
+def test_hostile_file_names_write_inside_their_own_folders(setup, tmp_path, capsys):
+    """Dots, output names, control characters and clashes: every image edited into a folder of its
+    own inside the run folder, the summary naming each folder's original file, nothing beside."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in HOSTILE_NAMES:
+        (folder / name).write_bytes((setup["images"] / "img0.png").read_bytes())
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "summary.json").write_text("the user's own")
+    code = cli.main([*setup["common"], "--edit_image_boundary", "--img_path", str(folder), "--exp", str(exp)])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in exp.iterdir()) == ["edit", "summary.json"]
+    assert (exp / "summary.json").read_text() == "the user's own"
+    run_dir = exp / "edit"
+    top = json.loads((run_dir / "summary.json").read_text())
+    assert {i["folder"]: Path(i["image"]).name for i in top["images"]} == \
+        dict(zip(folder_names([folder / n for n in sorted(HOSTILE_NAMES)]), sorted(HOSTILE_NAMES)))
+    for entry in top["images"]:
+        assert (run_dir / entry["folder"] / "grid.png").is_file()
+        assert json.loads((run_dir / entry["folder"] / "summary.json").read_text())["image"] == entry["image"]
+    assert (run_dir / "contact_sheet.png").is_file()
+
+
+def test_contact_sheet_rows_are_thumbnails():
+    row = quantize(torch.rand(3, 3, 256, 256) * 2 - 1)
+    small = thumbnail(row)
+    assert small.shape == (3, 3, THUMBNAIL, THUMBNAIL) and small.dtype == torch.uint8
+    assert thumbnail(row[..., :64, :64]) is not None and torch.equal(thumbnail(row[..., :64, :64]), row[..., :64, :64])
+    # area averaging: a tile's mean brightness is kept to within rounding
+    assert (small.float().mean((2, 3)) - row.float().mean((2, 3))).abs().max() < 1.0
 
 
 def _tiny_net():

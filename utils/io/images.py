@@ -161,27 +161,6 @@ def save_image(x: torch.Tensor, path: str | Path) -> None:
         Image.fromarray(to_uint8(x)).save(tmp, format="PNG")
 
 
-def save_grid(images: torch.Tensor, path: str | Path, ncol: int | None = None, pad: int = 2,
-              min_tile: int = 64) -> None:
-    """Write (N, C, H, W) images in [-1, 1] as one PNG grid, row-major, ``ncol`` per row.
-
-    Tiles smaller than ``min_tile`` pixels are enlarged by an integer factor (nearest neighbour),
-    so a grid of 16-px digits can be looked at; the single images keep their size.
-    """
-    factor = max(1, -(-min_tile // images.shape[-1]))
-    if factor > 1:
-        images = torch.nn.functional.interpolate(images.detach().float().cpu(), scale_factor=factor, mode="nearest")
-    n, c, height, width = images.shape
-    ncol = ncol or n
-    nrow = -(-n // ncol)
-    canvas = torch.ones(c, nrow * (height + pad) + pad, ncol * (width + pad) + pad)
-    for i in range(n):
-        r, col = divmod(i, ncol)
-        top, left = pad + r * (height + pad), pad + col * (width + pad)
-        canvas[:, top:top + height, left:left + width] = images[i].detach().float().cpu()
-    save_image(canvas, path)
-
-
 def list_images(folder: str | Path) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name."""
     folder = Path(folder)
