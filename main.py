@@ -1,10 +1,10 @@
 """BoundaryDiffusion: learning-free semantic editing with a frozen DDPM / improved-DDPM.
 
-Modes: --boundary_search (fit SVM boundaries on inverted latents), --edit_image_boundary (edit a
-real image across them), --unconditional (edit sampled latents), --radius (mixing-step analysis).
-Defaults marked "config" come from the config's edit section. Errors print one line and exit 1.
-Under torchrun, --boundary_search and folder edits shard their images across the processes (README,
-"Several processes").
+Modes: --boundary_search (fit SVM boundaries on inverted latents), --edit_image_boundary (edit real
+images -- a file, a folder or a glob -- across them), --unconditional (edit sampled latents),
+--radius (mixing-step analysis). Defaults marked "config" come from the config's edit section.
+Errors print one line and exit 1. Under torchrun, --boundary_search and folder edits shard their
+images across the processes (docs/distributed.md).
 """
 from __future__ import annotations
 

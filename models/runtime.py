@@ -44,7 +44,7 @@ def warn_if_bf16_is_emulated() -> bool:
     if not flags or flags & NATIVE_BF16_FLAGS:
         return False
     log.warning("--precision bf16: this CPU has neither AMX nor avx512_bf16, so bfloat16 is emulated and "
-                "may be slower than fp32 (see the README's performance section)")
+                "may be slower than fp32 (see docs/performance.md)")
     return True
 
 
@@ -52,7 +52,7 @@ class InferenceNet:
     def __init__(self, model: nn.Module, precision: str = "fp32", channels_last: bool = True):
         """model: a network of ``models``, already on its device. precision: fp32, bf16 or fp16
         (fp16 on CUDA only). channels_last: NHWC layout for the convolutions (faster on the CPU in
-        every precision, see the README's benchmark; CPU matrix units and tensor cores want it)."""
+        every precision, see docs/performance.md; CPU matrix units and tensor cores want it)."""
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}' (choices: {', '.join(PRECISIONS)})")
         device = next(model.parameters()).device
