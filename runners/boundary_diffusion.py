@@ -20,7 +20,6 @@ from runners.outputs import SequenceWriter, folder_names, write_contact_sheet, w
 from runners.settings import Settings
 from utils.core.boundary import fit_boundary, hyperplane_distances, split_indices
 from utils.core.diffusion import Inversion, sampling_pairs
-from utils.core.mixing import radius_curves
 from utils.core.seeds import image_key, item_seed
 from utils.distributed import SINGLE, ProcessContext, broadcast_from_main, gather_to_main, shard, unshard, unshard_rows
 from utils.errors import UserError
@@ -271,14 +270,12 @@ class BoundaryDiffusion:
         if not paths:
             raise UserError(f"no images in {data_dir}")
         reader = ImageReader.for_config(s.config, align_face=False)
-        real = torch.stack([reader.read(p) for p in paths]).to(editor.device)
+        real = torch.stack([reader.read(p) for p in paths])
         generator = torch.Generator().manual_seed(item_seed(s.seed, 20_000))
-        noise = torch.randn((s.n_test_img, *editor.shapes["z"]), generator=generator).to(editor.device)
+        noise = torch.randn((s.n_test_img, *editor.shapes["z"]), generator=generator)
         T = s.config.diffusion.num_diffusion_timesteps
-        candidates = sorted(set(range(0, T, s.radius_step)) | {T - 1})
-        calls = 2 * (len(candidates) - 1) * -(-max(len(real), len(noise)) // s.bs_test)
-        with editor.net.progress(calls, "radius"):
-            result = radius_curves(editor.net, real, noise, editor.alphas_cumprod, candidates, s.radius_eps, s.bs_test)
+        result = editor.radius_curves(real, noise, sorted(set(range(0, T, s.radius_step)) | {T - 1}), s.radius_eps,
+                                      s.bs_test)
         write_json(run_dir / "radius.json", {**result, "n_real": len(real), "n_sampled": len(noise),
                                              "images": [str(p) for p in paths], **editor.identity()})
         rows = ["t,radius_sampled,radius_inverted,radius_analytic,relative_difference"]

@@ -33,6 +33,7 @@ from utils.core.batching import batch_slices, pair_lone
 from utils.core.boundary import latent_distance
 from utils.core.diffusion import HPolicy, Inversion, generate, invert, sample_latents, sampling_pairs, timestep_grid
 from utils.core.editing import EditBatch, condition_normal, iter_edits, reconstruct
+from utils.core.mixing import radius_curves
 from utils.core.seeds import item_seed
 from utils.errors import UserError
 from utils.io.boundary_files import BoundaryRecord, load_boundary
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 Space = Literal["z", "h"]
 EditSpace = Literal["both", "z", "h"]
-SPACES: tuple[Space, ...] = ("z", "h")
 MOVED: dict[str, tuple[Space, ...]] = {"both": ("z", "h"), "z": ("z",), "h": ("h",)}  # --edit_space -> spaces
 
 
@@ -236,6 +236,15 @@ class Editor:
                 parts.append(generate(self.net, x, self.alphas_cumprod, grid)[:chunk.stop - chunk.start].cpu())
         return torch.cat(parts)
 
+    def radius_curves(self, images: Tensor, noise: Tensor, candidates: Sequence[int], epsilon: float,
+                      batch_size: int = 8) -> dict:
+        """The mixing-step analysis (``utils.core.mixing.radius_curves``) on this model: real images
+        (N, C, H, W) in [-1, 1] inverted and noise (M, C, H, W) sampled along ``candidates``."""
+        calls = 2 * (len(candidates) - 1) * -(-max(len(images), len(noise)) // batch_size)
+        with self.net.progress(calls, "radius"):
+            return radius_curves(self.net, images.to(self.device), noise.to(self.device), self.alphas_cumprod,
+                                 candidates, epsilon, batch_size)
+
     # ------------------------------------------------------------------ boundaries
     def check_boundary(self, path: Path, space: Space, label: str, force: bool = False) -> BoundaryRecord:
         """A boundary file of ``space`` that fits this model's latents, checkpoint and t_0 (the last
@@ -256,7 +265,7 @@ class Editor:
         """The checked edit directions of ``choice``; a space's normal held orthogonal to the
         normals of that space's conditions (docs/algorithm.md section 9)."""
         records, conditions = {}, {}
-        for space in SPACES:
+        for space in MOVED["both"]:
             path = choice.primary(space)
             records[space] = None if path is None else self.check_boundary(path, space, f"--boundary_{space}", force)
             held_paths = choice.conditions(space)
@@ -275,13 +284,13 @@ class Editor:
                      ", ".join(f"{a:.1f}" for a in angles))
         if all(r is None for r in records.values()):
             raise UserError("no boundary to edit along")
-        return Directions(records, {s: choice.primary(s) for s in SPACES}, conditions)
+        return Directions(records, {s: choice.primary(s) for s in MOVED["both"]}, conditions)
 
     @staticmethod
     def source_distances(latents: Inversion, directions: Directions) -> list[dict[str, float]]:
         """Where each unedited latent sits along each moved normal: B dicts {space: v.n}."""
         per_space = {s: latent_distance(getattr(latents, s), directions.normal(s)).tolist()
-                     for s in SPACES if directions.records[s] is not None}
+                     for s in MOVED["both"] if directions.records[s] is not None}
         return [{s: v[b] for s, v in per_space.items()} for b in range(len(latents.z))]
 
     # ------------------------------------------------------------------ generation

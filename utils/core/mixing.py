@@ -13,14 +13,15 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from utils.core.batching import batch_slices
 from utils.core.diffusion import Net, alpha_bar, ddim_trajectory
 
 
 def _radii_along(net: Net, x: Tensor, alphas_cumprod: Tensor, pairs: list[tuple[int, int]], batch_size: int) -> dict[int, Tensor]:
     """{t: (N,) radii of x_t} for the start of ``pairs`` and every timestep they reach."""
     per_t: dict[int, list[Tensor]] = {pairs[0][0]: [], **{t_next: [] for _, t_next in pairs}}
-    for start in range(0, len(x), batch_size):
-        batch = x[start:start + batch_size]
+    for chunk in batch_slices(len(x), batch_size):
+        batch = x[chunk]
         per_t[pairs[0][0]].append(batch.flatten(1).double().norm(dim=1).cpu())
         for step in ddim_trajectory(net, batch, alphas_cumprod, pairs):
             per_t[step.t].append(step.x.flatten(1).double().norm(dim=1).cpu())
