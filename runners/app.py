@@ -5,8 +5,6 @@ distance slider denoises that one edit from t_0; 'Sweep' renders K distances as 
 labelled strip and GIF. The pixels equal the command line's for the same settings (same engine, seeds
 and writer). Named endpoints for ``gradio_client``: ``/edit`` and ``/sweep`` (docs/app.md).
 """
-from __future__ import annotations
-
 import argparse
 import logging
 import os
@@ -41,6 +39,14 @@ def slider_range(directions: Directions | None, config: Config) -> tuple[float, 
     file records where its two classes lie, that will set the range instead."""
     lo, hi = sorted((float(config.edit.start_distance), float(config.edit.end_distance)))
     return (lo - 1.0, hi + 1.0) if lo == hi else (lo, hi)
+
+
+def exposure_warning(host: str) -> str | None:
+    """What to tell the user who binds the app to ``host``: None for the loopback interface."""
+    if host in LOOPBACK:
+        return None
+    return (f"warning: serving on {host}: the app has no authentication; anyone who can reach this address "
+            "can use it (and this machine's CPU or GPU)")
 
 
 def _gradio():
@@ -124,7 +130,7 @@ class WebApp:
         config, table = self.config, self.table
         default = table.default(self.default_t_0, self.attribute)
         lo, hi = slider_range(None, config)
-        t_max = table.get(default).t_0 + 1
+        t_max = max(a.t_0 for a in table.entries.values()) + 1  # each attribute's own limit is checked
 
         class UploadedImage(gr.Image):
             """gr.Image whose upload reaches the app as Gradio's stored copy, undecoded: the app
@@ -211,14 +217,12 @@ class WebApp:
                 return (str(result.grid), str(result.gif), self._caption(result), result.info, [str(p) for p in shown])
 
             def attribute_changed(attribute):
-                """The slider's and the sweep's range and the steps' limit for the chosen attribute."""
+                """The slider's and the sweep's range for the chosen attribute."""
                 try:
-                    entry = table.get(attribute)
                     new_lo, new_hi = slider_range(self.service.directions_for(attribute), config)
                 except UserError as exc:
                     raise gr.Error(str(exc), print_exception=False) from None
-                return (gr.Slider(minimum=new_lo, maximum=new_hi), gr.Number(new_lo), gr.Number(new_hi),
-                        gr.Slider(maximum=entry.t_0 + 1))
+                return gr.Slider(minimum=new_lo, maximum=new_hi), gr.Number(new_lo), gr.Number(new_hi)
 
             def stop(request: gr.Request = None):
                 if request is not None:
@@ -236,7 +240,7 @@ class WebApp:
                                              api_visibility="private", trigger_mode="always_last", **work)
             sweep_event = sweep_button.click(sweep, [image, attribute, k, start, end, *settings],
                                              [grid, gif, caption, details, files], api_name="sweep", **work)
-            attribute.change(attribute_changed, [attribute], [distance, start, end, steps], api_visibility="private")
+            attribute.change(attribute_changed, [attribute], [distance, start, end], api_visibility="private")
             stop_button.click(stop, None, None, cancels=[edit_event, release_event, sweep_event], queue=False,
                               api_name="stop")
             blocks.unload(unload)
@@ -245,9 +249,9 @@ class WebApp:
 
     # ---------------------------------------------------------------- life cycle
     def launch(self, host: str = "127.0.0.1", port: int = 7860, quiet: bool = True) -> str:
-        if host not in LOOPBACK:
-            print(f"warning: serving on {host}: the app has no authentication; anyone who can reach this "
-                  "address can use it (and this machine's CPU or GPU)", file=sys.stderr)
+        warning = exposure_warning(host)
+        if warning:
+            print(warning, file=sys.stderr)
         self.blocks.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=quiet,
                            max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], css=CSS, ssr_mode=False,
                            show_error=False, inbrowser=False)
@@ -277,6 +281,8 @@ def serve(args: argparse.Namespace, config: Config, device) -> int:
     from models.runtime import default_batch_size
 
     _gradio()  # before the model: a missing extra is said at once
+    for name in ("httpx", "gradio_client"):  # no log line per request Gradio makes to itself
+        logging.getLogger(name).setLevel(logging.WARNING)
     start = time.perf_counter()
     model = load_model(config, args.model_path, args.cache_dir, device, args.precision)
     default = default_batch_size(device, config.data.image_size)
@@ -288,8 +294,8 @@ def serve(args: argparse.Namespace, config: Config, device) -> int:
     try:
         url = app.launch(args.host, args.port)
         log.info("temporary files in %s", app.root)
-        print(f"serving {config.name} ({len(app.table)} attribute(s)) on {url} after "
-              f"{time.perf_counter() - start:.1f} s; Ctrl-C stops", flush=True)
+        print(f"serving {config.name} ({len(app.table)} attribute(s)) on {url} (model and app ready in "
+              f"{time.perf_counter() - start:.1f} s); Ctrl-C stops", flush=True)
         while True:
             time.sleep(0.5)
     except KeyboardInterrupt:
