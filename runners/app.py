@@ -30,7 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "imgs"
 MAX_UPLOAD = "50mb"          # larger uploads are refused by Gradio with a message
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-CSS = "#original img, #reconstruction img, #edit img, #grid img, #gif img, #upload img {image-rendering: pixelated}"
+# Small images (the digits are 16 px) are drawn large and sharp; the pixels served are the files'.
+CSS = ("#original img, #reconstruction img, #edit img, #gif img, #upload img "
+       "{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated} "
+       "#grid img {width: 100%; object-fit: contain}")
 
 
 def slider_range(directions: Directions | None, config: Config) -> tuple[float, float]:
@@ -183,10 +186,15 @@ class WebApp:
                                                   elem_id="reconstruction", height=220)
                         edited = gr.Image(label="Edit", type="filepath", interactive=False, elem_id="edit", height=220)
                     caption = gr.Markdown(label="Caption", elem_id="caption")
-                    grid = gr.Image(label="Sweep: labelled strip", type="filepath", interactive=False, elem_id="grid")
-                    gif = gr.Image(label="Sweep: GIF", type="filepath", interactive=False, elem_id="gif", height=160)
-                    files = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="files")
-                    details = gr.JSON(label="Details", open=False)
+                    with gr.Row():
+                        grid = gr.Image(label="Sweep: labelled strip", show_label=False, type="filepath",
+                                        interactive=False, elem_id="grid", scale=4)
+                        gif = gr.Image(label="Sweep: GIF", type="filepath", interactive=False, elem_id="gif",
+                                       height=160, scale=1, min_width=120)
+                    files = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="files",
+                                    height=180)
+                    with gr.Accordion("Details", open=False):
+                        details = gr.JSON(label="Details", show_label=False)
 
             settings = [space, hold, steps, seed, eta, align]
 

@@ -126,14 +126,15 @@ def test_100_megapixel_upload_is_refused_with_a_message(client, tmp_path):
 def test_two_sessions_edit_at_once(app, client, tmp_path):
     """Two clients (two sessions, like two browser tabs) send edits at the same moment: both are
     answered, each with its own distance's pixels, and a bad upload in one does not disturb the other."""
-    reference = {d: pixels(client.predict(handle_file(str(DIGIT)), "thick@200", d, api_name="/edit")[0])
+    quick = ("both", [], 10)  # space, held, steps
+    reference = {d: pixels(client.predict(handle_file(str(DIGIT)), "thick@200", d, *quick, api_name="/edit")[0])
                  for d in (-4.0, 0.0)}
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff" + b"\0" * 64)
     first, second = Client(app.url, verbose=False), Client(app.url, verbose=False)
-    jobs = [first.submit(handle_file(str(DIGIT)), "thick@200", -4.0, api_name="/edit"),
-            second.submit(handle_file(str(DIGIT)), "thick@200", 0.0, api_name="/edit"),
-            second.submit(handle_file(str(bad)), "thick@200", 0.0, api_name="/edit")]
+    jobs = [first.submit(handle_file(str(DIGIT)), "thick@200", -4.0, *quick, api_name="/edit"),
+            second.submit(handle_file(str(DIGIT)), "thick@200", 0.0, *quick, api_name="/edit"),
+            second.submit(handle_file(str(bad)), "thick@200", 0.0, *quick, api_name="/edit")]
     np.testing.assert_array_equal(pixels(jobs[0].result(timeout=60)[0]), reference[-4.0])
     np.testing.assert_array_equal(pixels(jobs[1].result(timeout=60)[0]), reference[0.0])
     with pytest.raises(AppError, match="cannot be read"):
