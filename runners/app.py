@@ -8,13 +8,12 @@ and writer). Named endpoints for ``gradio_client``: ``/edit`` and ``/sweep`` (do
 import argparse
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from models.checkpoints import default_cache_dir
 from models.loading import LoadedModel
@@ -112,8 +111,9 @@ class WebApp:
             return self.service.run(session, image, request, distances, report, sweep=sweep)
         except Cancelled:
             raise gr.Error("Stopped.", print_exception=False) from None
-        except (UserError, ValueError, OSError) as exc:
-            raise gr.Error(" ".join(str(exc).split()) or type(exc).__name__, print_exception=False) from None
+        except (UserError, ValueError, OSError) as exc:  # the server's folders are not named to the client
+            message = re.sub(re.escape(str(self.root)) + r"\S*/", "", " ".join(str(exc).split()))
+            raise gr.Error(message or type(exc).__name__, print_exception=False) from None
         except Exception as exc:  # the server keeps serving; the traceback goes to the log
             log.exception("edit failed")
             raise gr.Error(f"internal error: {type(exc).__name__}: {exc}", print_exception=False) from None

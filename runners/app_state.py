@@ -11,7 +11,6 @@ of steps.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import itertools
 import logging
@@ -33,7 +32,6 @@ from utils.core.diffusion import Inversion
 from utils.core.seeds import image_key
 from utils.errors import UserError
 from utils.io.boundary_files import discover_boundaries, matching_boundaries
-from utils.io.images import save_image
 
 log = logging.getLogger(__name__)
 

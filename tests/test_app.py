@@ -4,7 +4,6 @@ line's; a bad upload, a 100-megapixel upload and two sessions at once each end w
 result while the server keeps serving; an image is inverted once per session."""
 from __future__ import annotations
 
-import concurrent.futures
 import socket
 import sys
 import threading
@@ -107,8 +106,9 @@ def test_a_slider_move_denoises_only_its_edit(client, app):
 def test_bad_upload_is_a_message_and_the_server_keeps_serving(client, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 10)
-    with pytest.raises(AppError, match="cannot be read"):
+    with pytest.raises(AppError, match="cannot be read") as raised:
         client.predict(handle_file(str(bad)), "thick@200", -3.0, api_name="/edit")
+    assert "bad.png" in str(raised.value) and "boundarydiffusion-app" not in str(raised.value)  # no server path
     with pytest.raises(AppError, match="not in the list of choices"):  # refused before the app sees it
         client.predict(handle_file(str(DIGIT)), "../../etc/passwd", -3.0, api_name="/edit")
     edit = client.predict(handle_file(str(DIGIT)), "thick@200", -3.0, api_name="/edit")[0]
