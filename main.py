@@ -1,7 +1,8 @@
 """BoundaryDiffusion: learning-free semantic editing with a frozen DDPM / improved-DDPM.
 
 Modes: --boundary_search (fit SVM boundaries on inverted latents), --edit_image_boundary (edit a
-real image across them), --unconditional (edit sampled latents), --radius (mixing-step analysis).
+real image across them), --unconditional (edit sampled latents), --radius (mixing-step analysis),
+--serve (the web app: edit in the browser, docs/app.md).
 Defaults marked "config" come from the config's edit section. Errors print one line and exit 1.
 Under torchrun, --boundary_search and folder edits shard their images across the processes (README,
 "Several processes").
