@@ -2,9 +2,10 @@
 
 Modes: --boundary_search (fit SVM boundaries on inverted latents), --edit_image_boundary (edit real
 images -- a file, a folder or a glob -- across them), --unconditional (edit sampled latents),
---radius (mixing-step analysis). Defaults marked "config" come from the config's edit section.
-Errors print one line and exit 1. Under torchrun, --boundary_search and folder edits shard their
-images across the processes (docs/distributed.md).
+--radius (mixing-step analysis), --serve (the web app: edit in the browser, docs/app.md).
+Defaults marked "config" come from the config's edit section. Errors print one line and exit 1.
+Under torchrun, --boundary_search and folder edits shard their images across the processes
+(docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--edit_image_boundary", action="store_true", help="edit real images (a file, a folder or a glob) across the boundaries")
     mode.add_argument("--unconditional", action="store_true", help="edit latents sampled from noise")
     mode.add_argument("--radius", action="store_true", help="mixing-step analysis: radius of sampled vs inverted latents")
+    mode.add_argument("--serve", action="store_true",
+                      help="web app: edit in the browser with a distance slider (pip install -r requirements-ui.txt)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--config", default="digits.yml", help="a file in configs/ or a path")
@@ -145,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     mix = parser.add_argument_group("mixing step")
     mix.add_argument("--radius_step", type=_positive_int, default=50, help="spacing of candidate timesteps")
     mix.add_argument("--radius_eps", type=_non_negative_float, default=0.01, help="relative radius difference counted as mixed")
+    app = parser.add_argument_group("web app (--serve)")
+    app.add_argument("--host", default="127.0.0.1", help="address to bind; any other than loopback is reachable "
+                                                          "by others, and the app has no authentication")
+    app.add_argument("--port", type=_positive_int, default=7860, help="port to serve on")
+    app.add_argument("--concurrency", type=_positive_int, default=1,
+                     help="jobs run at once (others wait in a queue); 1 suits a CPU")
     return parser
 
 
@@ -202,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = _install_signal_handlers()
     try:
         config = load_config(args.config)
+        if args.serve:  # no run folder and no boundary on the command line: the page chooses
+            from runners.app import serve
+            return serve(args, config, pick_device(args.device))
         settings = resolve_settings(args, config)
         # torchrun (RANK, WORLD_SIZE, ... set): one process group, one device per local rank. Else SINGLE, no group.
         process = distributed.context_from_env(os.environ)

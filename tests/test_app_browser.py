@@ -1,0 +1,151 @@
+"""The web app in a real browser: ``python main.py --serve`` on a free port, headless Chromium (from
+the system's packages, driven by Playwright) uploads the example digit, sets the distance, and the
+edit the page shows -- its pixels read back from the page -- equals the command line's edit at that
+distance. It also takes the screenshot the README shows.
+
+Without Chromium or Playwright the test is skipped, saying how to install them; with
+BOUNDARYDIFFUSION_REQUIRE_BROWSER=1 (set by .ci/run) that is a failure instead.
+BOUNDARYDIFFUSION_SCREENSHOT=path keeps the screenshot there (docs/app_screenshot.png)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import main as cli
+from tests.conftest import REPO
+
+DIGIT = REPO / "imgs" / "digit_example.png"
+DISTANCE = -3.0
+INSTALL = ("install a browser and its driver: apt-get install chromium && pip install -r requirements-test.txt "
+           "(or point BOUNDARYDIFFUSION_CHROMIUM at a Chromium binary)")
+
+# Draws an <img> at its natural size onto a canvas and reads the pixels back (RGBA, row-major).
+READ_PIXELS = """async (selector) => {
+    const img = document.querySelector(selector);
+    if (!img.complete) { await new Promise(r => img.addEventListener('load', r, {once: true})); }
+    const canvas = document.createElement('canvas');
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    const ctx = canvas.getContext('2d');
+    ctx.drawImage(img, 0, 0);
+    return {width: canvas.width, height: canvas.height,
+            data: Array.from(ctx.getImageData(0, 0, canvas.width, canvas.height).data)};
+}"""
+
+
+def _browser() -> tuple[object, str]:
+    """(playwright.sync_api, the Chromium binary), or a skip (a failure when the browser is required)."""
+    chromium = os.environ.get("BOUNDARYDIFFUSION_CHROMIUM") or shutil.which("chromium") \
+        or shutil.which("chromium-browser")
+    problem = "Playwright is not installed" if importlib.util.find_spec("playwright") is None else \
+        "no Chromium found" if chromium is None else \
+        "Gradio is not installed" if importlib.util.find_spec("gradio") is None else None
+    if problem is not None:
+        message = f"{problem}: {INSTALL}"
+        if os.environ.get("BOUNDARYDIFFUSION_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright import sync_api
+    return sync_api, chromium
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(tmp_path):
+    """``python main.py --serve`` starting in its own process: (url, its output file, the process)."""
+    _browser()
+    port = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "main.py", "--serve", "--port", str(port), "--no_cache",
+                                 "--edit_attr", "thick"], cwd=REPO, stdout=err, stderr=subprocess.STDOUT)
+    yield f"http://127.0.0.1:{port}/", log, proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_until_served(url: str, log: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
+
+
+def test_edit_in_a_real_browser_equals_the_command_line(server, tmp_path):
+    sync_api, chromium = _browser()
+    url, log, proc = server
+    run = tmp_path / "cli"  # the command line's edit, while the server starts
+    assert cli.main(["--edit_image_boundary", "--edit_attr", "thick", "--img_path", str(DIGIT), "--exp", str(run),
+                     "--no_cache", "--start_distance", str(DISTANCE), "--end_distance", str(DISTANCE),
+                     "--edit_img_number", "1"]) == 0
+    with Image.open(run / "edit" / f"edit_00_d{DISTANCE:+.2f}.png") as img:
+        expected = np.asarray(img.convert("RGB"))
+    wait_until_served(url, log, proc)
+
+    screenshot = Path(os.environ.get("BOUNDARYDIFFUSION_SCREENSHOT") or tmp_path / "app_screenshot.png")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            page.locator("#upload input[type=file]").set_input_files(str(DIGIT))
+            page.locator("#upload img").wait_for(timeout=30_000)  # the upload's preview
+            number = page.locator("#distance input[type=number]")
+            number.fill(f"{DISTANCE}")
+            number.press("Tab")  # leaving the box releases the slider: the edit starts
+            edit = page.locator("#edit img")
+            edit.wait_for(timeout=60_000)
+            page.locator("#caption").get_by_text("edit(s)").wait_for(timeout=60_000)
+            shown = page.evaluate(READ_PIXELS, "#edit img")
+            rgba = np.array(shown["data"], dtype=np.uint8).reshape(shown["height"], shown["width"], 4)
+            assert rgba.shape[:2] == expected.shape[:2] == (16, 16)
+            assert (rgba[..., 3] == 255).all()
+            np.testing.assert_array_equal(rgba[..., :3], expected)
+            assert "edit_00_d-3.00" in page.locator("#files").inner_text()  # offered for download
+            # the sweep: the command line's labelled strip and GIF, for the screenshot
+            page.get_by_text("Sweep", exact=True).first.click()
+            page.locator("#sweep-button").click()
+            page.locator("#grid img").wait_for(timeout=60_000)
+            page.locator("#gif img").wait_for(timeout=60_000)
+            page.wait_for_timeout(300)
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
+
+    # the server stops on SIGTERM and removes its temporary files
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    found = re.search(r"temporary files in (\S+)", log.read_text())
+    assert found, log.read_text()[-2000:]
+    assert not Path(found.group(1)).exists()
