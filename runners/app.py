@@ -135,22 +135,17 @@ class WebApp:
         lo, hi = slider_range(None, config)
         t_max = max(a.t_0 for a in table.entries.values()) + 1  # each attribute's own limit is checked
 
-        class UploadedImage(gr.Image):
-            """gr.Image whose upload reaches the app as Gradio's stored copy, undecoded: the app
-            decodes it itself with the command line's checks (pixel cap, decoding, modes)."""
-            is_template = True
-
-            def preprocess(self, payload):
-                return None if payload is None else payload.path
-
         with gr.Blocks(title="BoundaryDiffusion", delete_cache=(600, 1800)) as blocks:
             gr.Markdown(f"## BoundaryDiffusion: edit along a boundary\nModel **{config.name}**. Upload an image "
                         "(or pick an example), choose an attribute, move the distance slider. Each image is "
                         "inverted once; a slider move denoises only that edit.")
             with gr.Row():
                 with gr.Column(scale=1, min_width=260):
-                    image = UploadedImage(label="Image", type="filepath", sources=["upload"], elem_id="upload",
-                                          height=220)
+                    image = gr.Image(label="Image", type="filepath", sources=["upload"], elem_id="upload", height=220)
+                    # The upload reaches the app as Gradio's stored copy, undecoded: the app decodes it
+                    # itself with the command line's checks (pixel cap, decoding, modes). (An instance
+                    # attribute, not a subclass: Gradio writes a .pyi stub beside any Image subclass.)
+                    image.preprocess = lambda payload: None if payload is None else payload.path
                     examples = sorted(p for p in EXAMPLES.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
                     if examples:
                         gr.Examples([[str(p)] for p in examples], inputs=[image], label="Examples")
