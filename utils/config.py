@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -86,6 +87,11 @@ class EditConfig:
     start_distance: float = -150.0
     end_distance: float = 150.0
     edit_img_number: int = 20
+
+
+#: The most distances (--edit_img_number, edit.edit_img_number) one run may ask for: every edit of
+#: every image is held in memory until it is written, so a mistyped 100000000 would exhaust it.
+MAX_EDIT_IMG_NUMBER = 1000
 
 
 @dataclass(frozen=True)
@@ -186,7 +192,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "model.num_head_channels": (-1, 4096), "model.ch_mult": (1, 64), "model.attn_resolutions": (1, 4096),
     "diffusion.beta_start": (0, 1), "diffusion.beta_end": (0, 1), "diffusion.num_diffusion_timesteps": (2, 100_000),
     "edit.t_0": (1, 100_000), "edit.n_inv_step": (2, 100_000), "edit.n_test_step": (2, 100_000),
-    "edit.edit_img_number": (1, 100_000), "edit.start_distance": (-1e12, 1e12), "edit.end_distance": (-1e12, 1e12),
+    "edit.edit_img_number": (1, MAX_EDIT_IMG_NUMBER), "edit.start_distance": (-1e12, 1e12), "edit.end_distance": (-1e12, 1e12),
 }
 _OPEN_BELOW = {"diffusion.beta_start", "diffusion.beta_end"}     # 0 excluded
 _OPEN_ABOVE = {"model.dropout", "diffusion.beta_start", "diffusion.beta_end"}  # 1 excluded
@@ -198,6 +204,32 @@ class ConfigError(UserError, ValueError):
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# A checkpoint's file name in the cache folder: a plain name (no folder part, not hidden: the
+# cache's temporary files are hidden), so a download can only land inside the cache.
+_CACHE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}$")
+_GDRIVE_ID = re.compile(r"^[A-Za-z0-9_-]{10,200}$")
+#: Schemes a checkpoint mirror may use: https, and http for a mirror without TLS (the SHA-256 and
+#: the state-dict check guard what arrives). file:, data:, ftp: and the like are refused.
+MIRROR_SCHEMES = ("https", "http")
+
+
+def mirror_problem(url: str) -> str:
+    """Why ``url`` cannot be a checkpoint mirror ('' when it can): https:// or http:// with a host,
+    or ``gdrive:<file id>`` (fetched over https by gdown)."""
+    if url.startswith("gdrive:"):
+        return "" if _GDRIVE_ID.match(url[len("gdrive:"):]) else "a gdrive: mirror needs a Google Drive file id"
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        return "it contains white space or control characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError as exc:
+        return f"it is not a URL ({exc})"
+    if parts.scheme.lower() not in MIRROR_SCHEMES:
+        return f"scheme '{parts.scheme or '(none)'}' is not allowed (only {', '.join(MIRROR_SCHEMES)} or gdrive:<id>)"
+    if not parts.hostname:
+        return "it names no host"
+    return ""
 
 
 def _type_ok(value: Any, kind: str) -> bool:
@@ -238,6 +270,14 @@ def _validated(config: Config) -> Config:
         part = getattr(config, section)
         for f in dataclasses.fields(part):
             _check_value(f"{section}.{f.name}", getattr(part, f.name), str(f.type))
+    ck = config.checkpoint
+    if ck.filename and (not _CACHE_FILE_NAME.match(ck.filename) or ck.filename.endswith(".sha256")):
+        raise ConfigError(f"config key 'checkpoint.filename' must be a plain file name inside the cache folder "
+                          f"(letters, digits, _ . + -; no folder part), got {ck.filename!r}")
+    for url in ck.urls:
+        problem = mirror_problem(url)
+        if problem:
+            raise ConfigError(f"config key 'checkpoint.urls' has a mirror that is refused: {url[:200]!r}: {problem}")
     d, m, diff, e = config.data, config.model, config.diffusion, config.edit
     if m.in_channels != d.channels:
         raise ConfigError(f"config key 'data.channels' is {d.channels}, but the model takes {m.in_channels} "
@@ -270,9 +310,15 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 
 def load_config(name_or_path: str | Path) -> Config:
+    """The config file ``name_or_path``; a bad value is a ConfigError naming the key and the file."""
     path = resolve_config_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_config(raw, name=path.stem)
+    try:
+        return parse_config(raw, name=path.stem)
+    except UserError as exc:
+        if str(path) in str(exc):
+            raise
+        raise type(exc)(f"{exc} (in {path})") from None
