@@ -16,7 +16,6 @@ keys into this project's layout is ``models.diffusers_map``'s job.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import pickle
@@ -34,7 +33,7 @@ from torch import nn
 
 from utils.config import MIRROR_SCHEMES, Config, mirror_problem
 from utils.errors import UserError
-from utils.io.files import atomic_path, write_bytes
+from utils.io.files import atomic_path, read_json, write_bytes
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -238,8 +237,11 @@ def locate_weights(path: str | Path) -> CheckpointFiles:
         raise UserError(f"checkpoint {path} does not exist")
     for folder in (path / sub if sub else path for sub in DIFFUSERS_SUBFOLDERS):
         config_file = folder / "config.json"
+        _refuse_broken_link(config_file)
         if not config_file.is_file():
             continue
+        for name in DIFFUSERS_WEIGHTS:
+            _refuse_broken_link(folder / name)
         present = [folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()]
         if not present:
             sharded = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
@@ -248,15 +250,19 @@ def locate_weights(path: str | Path) -> CheckpointFiles:
                                if sharded else ""))
         readable = [p for p in present if p.suffix != ".safetensors" or _have_safetensors()]
         weights = readable[0] if readable else present[0]  # an unreadable .safetensors fails with its own message
-        try:
-            diffusers_config = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{config_file} is not valid JSON: {exc}") from None
+        diffusers_config = read_json(config_file, what="diffusers config")
         if not isinstance(diffusers_config, dict):
             raise UserError(f"{config_file} is not a JSON object")
         return CheckpointFiles(weights=weights, config_file=config_file, diffusers_config=diffusers_config)
     raise UserError(f"checkpoint folder {path} is not a diffusers model folder (no config.json at top level "
                     "or under unet/); pass a weights file or the model folder")
+
+
+def _refuse_broken_link(path: Path) -> None:
+    """UserError naming ``path`` when it is a symbolic link to nothing (a moved or deleted target)."""
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist "
+                        "(moved or deleted?); fix the link or pass the real files")
 
 
 def _check_hash(path: Path, expected: str) -> None:
@@ -372,6 +378,12 @@ def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
     unexpected = [k for k in state if k not in expected]
     misshaped = [f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in expected
                  if k in state and tuple(state[k].shape) != expected[k]]
+    kinds = {k: v.dtype for k, v in model.state_dict().items()}
+    if not (missing or unexpected or misshaped):
+        for k, dtype in kinds.items():
+            if dtype.is_floating_point and not state[k].dtype.is_floating_point:
+                raise UserError(f"checkpoint {label} holds {str(state[k].dtype).replace('torch.', '')} values under "
+                                f"'{k}', where the network has floating-point weights; not a checkpoint of this model")
     if missing or unexpected or misshaped:
         parts = []
         for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):

@@ -206,3 +206,153 @@ def test_an_unloadable_checkpoint_never_advises_weights_only_false(kind, tmp_pat
                      "--exp", str(tmp_path / "exp"), "--cache_dir", str(tmp_path / "cache")]) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert "weights_only" not in line and str(path) in line, line
+
+
+# --------------------------------------------------------------------------- B. sizes
+
+def test_a_huge_edit_count_is_refused_before_anything_loads(tmp_path, capsys, monkeypatch):
+    import models.loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models.loading, "load_model", never)
+    config = tmp_path / "tiny.yml"
+    config.write_text(yaml.safe_dump(tiny_config("ddpm")))
+    for count in ("100000000", "1001", "1" + "0" * 40):
+        argv = ["--unconditional", "--config", str(config), "--edit_img_number", count, "--exp", str(tmp_path / "exp")]
+        assert cli.main(argv) == 1
+        line = _one_error_line(capsys.readouterr().err)
+        assert "--edit_img_number" in line and "at most 1000" in line, line
+    assert cli.build_parser().parse_args(["--radius", "--edit_img_number", "1000"]).edit_img_number == 1000
+    assert not (tmp_path / "exp").exists()
+
+
+def test_a_config_edit_count_above_the_cap_is_refused_naming_key_and_file(tmp_path):
+    raw = tiny_config("ddpm")
+    raw["edit"]["edit_img_number"] = 5000
+    (tmp_path / "big.yml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match=r"'edit\.edit_img_number' must be in \[1, 1000\].*big\.yml"):
+        load_config(tmp_path / "big.yml")
+
+
+def _diffusers_folder(root: Path, config_text: str | bytes) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_bytes(config_text.encode() if isinstance(config_text, str) else config_text)
+    torch.save({"w": torch.zeros(1)}, root / "diffusion_pytorch_model.bin")
+    return root
+
+
+def test_an_oversized_config_json_is_refused_without_being_read_whole(tmp_path, monkeypatch):
+    import tracemalloc
+
+    folder = _diffusers_folder(tmp_path / "model", "")
+    with open(folder / "config.json", "wb") as fh:  # 64 MiB, sparse: a 1 GiB file behaves the same
+        fh.write(b'{"sample_size": 256, "pad": "')
+        fh.truncate(64 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match=r"config.json is larger than 1024 KiB.*not read"):
+            locate_weights(folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak} bytes allocated to refuse the file"
+
+
+def test_an_oversized_yaml_config_is_refused(tmp_path):
+    path = tmp_path / "big.yml"
+    path.write_text(yaml.safe_dump(tiny_config("ddpm")) + "#" * (2 << 20) + "\n")
+    with pytest.raises(UserError, match=r"big\.yml is larger than 1024 KiB"):
+        load_config(path)
+
+
+# --------------------------------------------------------------------------- D. messages name the file and the field
+
+@pytest.mark.parametrize("depth", [2_000, 100_000])
+def test_deeply_nested_config_json_names_file_and_field(depth, tmp_path, capsys):
+    text = '{"_class_name": "UNet2DModel", "sample_size": 16, "block_out_channels": ' + "[" * depth + "]" * depth + "}"
+    folder = _diffusers_folder(tmp_path / "model", text)
+    with pytest.raises(UserError, match=r"config.json: field 'block_out_channels\[0\]\[0\]\.\.\.' is nested too deeply"):
+        locate_weights(folder)
+    config = tmp_path / "tiny.yml"
+    config.write_text(yaml.safe_dump(tiny_config("ddpm")))
+    assert cli.main(["--radius", "--config", str(config), "--model_path", str(folder), "--device", "cpu",
+                     "--exp", str(tmp_path / "exp"), "--cache_dir", str(tmp_path / "cache")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(folder / "config.json") in line and "block_out_channels" in line and "Recursion" not in line, line
+
+
+@pytest.mark.parametrize("text, field", [
+    ('{"sample_size": ' + "9" * 5000 + "}", "sample_size"),
+    ('{"a": 1, "block_out_channels": [32, -' + "1" * 4400 + "]}", r"block_out_channels\[1\]"),
+    ('{"nested": {"layers_per_block": ' + "7" * 1001 + "}}", r"nested\.layers_per_block"),
+])
+def test_an_integer_of_thousands_of_digits_in_json_names_file_and_field(text, field, tmp_path):
+    folder = _diffusers_folder(tmp_path / "model", text)
+    with pytest.raises(UserError, match=rf"config.json: field '{field}' is an integer of \d+ digits"):
+        locate_weights(folder)
+
+
+@pytest.mark.parametrize("tail, key", [
+    ("  ch: " + "9" * 5000, r"model\.ch"),
+    ("  ch_mult: [1, " + "2" * 4400 + "]", r"model\.ch_mult\[1\]"),
+    ("  attn_resolutions: " + "[" * 3000 + "]" * 3000, r"model\.attn_resolutions\[0\]"),
+])
+def test_yaml_config_with_a_huge_integer_or_deep_nesting_names_file_and_key(tail, key, tmp_path, capsys):
+    raw = tiny_config("ddpm")
+    del raw["model"][tail.split(":")[0].strip()]
+    path = tmp_path / "hostile.yml"
+    text = yaml.safe_dump({k: v for k, v in raw.items() if k != "model"})
+    text += "model:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in raw["model"].items()) + tail + "\n"
+    path.write_text(text)
+    with pytest.raises(UserError, match=rf"hostile\.yml: key '{key}"):
+        load_config(path)
+    assert cli.main(["--radius", "--config", str(path), "--exp", str(tmp_path / "exp")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(path) in line and "Exceeds the limit" not in line and "Recursion" not in line, line
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8, torch.complex64])
+def test_integer_or_boolean_weights_of_the_right_shapes_are_one_line(dtype, tmp_path, capsys):
+    from tests.conftest import random_model
+
+    raw = tiny_config("ddpm")
+    state = random_model(raw).state_dict()
+    bad = {k: (v != 0 if dtype == torch.bool else v.to(dtype)) for k, v in state.items()}
+    path = tmp_path / "ints.pt"
+    torch.save(bad, path)
+    config = tmp_path / "tiny.yml"
+    config.write_text(yaml.safe_dump(raw))
+    assert cli.main(["--radius", "--config", str(config), "--model_path", str(path), "--device", "cpu",
+                     "--exp", str(tmp_path / "exp"), "--cache_dir", str(tmp_path / "cache")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    dtype_name = str(dtype).replace("torch.", "")
+    assert str(path) in line and f"holds {dtype_name} values under '" in line, line
+    assert not (tmp_path / "exp").exists()
+
+
+def test_float64_and_half_weights_still_load(tmp_path):
+    from models.loading import load_model
+    from tests.conftest import random_model
+
+    raw = tiny_config("ddpm")
+    for dtype in (torch.float64, torch.float16):
+        path = tmp_path / f"{dtype}.pt"
+        torch.save({k: v.to(dtype) for k, v in random_model(raw).state_dict().items()}, path)
+        assert load_model(raw, model_path=path).checkpoint == path
+
+
+@pytest.mark.parametrize("name", ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "config.json"])
+def test_a_dangling_symlink_in_a_diffusers_folder_is_named_as_such(name, tmp_path, capsys):
+    folder = _diffusers_folder(tmp_path / "model", '{"sample_size": 16}')
+    (folder / "diffusion_pytorch_model.bin").unlink()
+    if name == "config.json":
+        (folder / "diffusion_pytorch_model.bin").write_bytes(b"x")
+        (folder / "config.json").unlink()
+    (folder / name).symlink_to(tmp_path / "blobs" / "gone")
+    with pytest.raises(UserError) as info:
+        locate_weights(folder)
+    message = str(info.value)
+    assert f"{folder / name} is a symbolic link to {tmp_path / 'blobs' / 'gone'}, which does not exist" in message
+    assert "found" not in message and "sharded" not in message, message

@@ -309,11 +309,79 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config '{name_or_path}' not found (neither a file nor one of configs/: {', '.join(shipped)})")
 
 
+#: The largest config file read (the shipped ones are about 1 KiB).
+MAX_CONFIG_BYTES = 1 << 20
+_MAX_CONFIG_DEPTH = 16       # a config is sections of keys (and short lists): 3 levels
+_MAX_CONFIG_DIGITS = 1000    # Python refuses to convert integers past 4300 digits
+
+
+def _yaml_problem(text: str) -> str:
+    """What makes ``text`` unfit to be composed (nesting deeper than any config's, which would
+    exhaust Python's recursion, or an integer of more digits than Python converts), naming the
+    field; '' if nothing does. Reads the event stream, which keeps no recursion of its own."""
+    stack: list[list] = []  # per open collection: [kind, label, index or expecting-a-key, pending key]
+
+    def label_of_next() -> str:
+        if not stack:
+            return ""
+        top = stack[-1]
+        if top[0] == "seq":
+            top[2] += 1
+            return f"{top[1]}[{top[2] - 1}]"
+        if top[2]:  # a key
+            return ""
+        return f"{top[1]}.{top[3]}" if top[1] else str(top[3])
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            stack.pop()
+            if stack and stack[-1][0] == "map":
+                stack[-1][2] = True
+            continue
+        if not isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            continue
+        is_key = bool(stack) and stack[-1][0] == "map" and stack[-1][2]
+        label = label_of_next()
+        if isinstance(event, yaml.ScalarEvent):
+            if is_key:
+                stack[-1][3], stack[-1][2] = event.value[:100], False
+                continue
+            digits = event.value.lstrip("+-").replace("_", "")
+            if not event.style and len(digits) > _MAX_CONFIG_DIGITS and digits.isdigit():
+                return f"key '{label or '(top level)'}' is an integer of {len(digits)} digits"
+        elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            if is_key:
+                return "a key is a list or mapping"
+            if len(stack) >= _MAX_CONFIG_DEPTH:
+                return f"key '{label}' is nested more than {_MAX_CONFIG_DEPTH} levels deep"
+            stack.append(["map" if isinstance(event, yaml.MappingStartEvent) else "seq", label, True, ""])
+            if stack[-1][0] == "seq":
+                stack[-1][2] = 0
+            continue
+        if stack and stack[-1][0] == "map" and not is_key:
+            stack[-1][2] = True
+    return ""
+
+
 def load_config(name_or_path: str | Path) -> Config:
     """The config file ``name_or_path``; a bad value is a ConfigError naming the key and the file."""
     path = resolve_config_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config {path} cannot be read ({exc.strerror or exc})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES >> 10} KiB, far more than a config "
+                          "holds; not read")
+    try:
+        text = data.decode("utf-8")
+        problem = _yaml_problem(text)
+        if len(problem) > 200:
+            problem = problem[:100] + "..." + problem[-60:]
+        if problem:
+            raise ConfigError(f"config {path}: {problem}")
+        raw = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     try:
