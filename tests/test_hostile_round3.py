@@ -356,3 +356,56 @@ def test_a_dangling_symlink_in_a_diffusers_folder_is_named_as_such(name, tmp_pat
     message = str(info.value)
     assert f"{folder / name} is a symbolic link to {tmp_path / 'blobs' / 'gone'}, which does not exist" in message
     assert "found" not in message and "sharded" not in message, message
+
+
+# --------------------------------------------------------------------------- E. files the tool does not own
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
+def test_a_users_folder_named_like_a_partial_run_is_never_removed(tmp_path):
+    from utils.io.files import PARTIAL_MARKER, RunFolder
+
+    exp = tmp_path / "exp"
+    dead = _dead_pid()
+    lookalikes = {
+        f".partial-notes-{dead}-0-ab": "the name from the report",
+        f".partial-edit-{dead}-0-0a0b0c0d": "the exact pattern, no marker",
+        f".partial-edit-{dead}-0-1a1b1c1d": "a marker naming another folder",
+        f".partial-edit-{dead}-0-2a2b2c2d": "a marker that is a link",
+        f".partial-edit-old-{dead}-0-3a3b3c3d": "a finished folder set aside by --ni (marker removed at commit)",
+    }
+    for name in lookalikes:
+        (exp / name).mkdir(parents=True)
+        (exp / name / "notes.txt").write_text("mine")
+    (exp / f".partial-edit-{dead}-0-1a1b1c1d" / PARTIAL_MARKER).write_text(f".partial-edit-{dead}-0-0a0b0c0d")
+    (exp / "elsewhere").write_text(f".partial-edit-{dead}-0-2a2b2c2d")
+    (exp / f".partial-edit-{dead}-0-2a2b2c2d" / PARTIAL_MARKER).symlink_to(exp / "elsewhere")
+    # a link named like a dead run's folder, pointing at the user's data
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("mine")
+    (tmp_path / "data" / PARTIAL_MARKER).write_text(f".partial-edit-{dead}-0-4a4b4c4d")
+    (exp / f".partial-edit-{dead}-0-4a4b4c4d").symlink_to(tmp_path / "data")
+    folder = RunFolder(exp, "edit")
+    with folder as partial:
+        (partial / "result.txt").write_text("new")
+    for name, why in lookalikes.items():
+        assert (exp / name / "notes.txt").read_text() == "mine", why
+    assert (tmp_path / "data" / "keep.txt").exists()
+    assert sorted(p.name for p in folder.final.iterdir()) == ["result.txt"]  # the marker is not part of a result
+
+
+def test_a_killed_runs_own_folder_is_still_cleaned_up(tmp_path):
+    exp = tmp_path / "exp"
+    code = ("import os, sys; from utils.io.files import RunFolder; p = RunFolder(sys.argv[1], 'edit').__enter__(); "
+            "(p / 'half.png').write_bytes(b'x'); print(p.name); os._exit(0)")
+    made = subprocess.run([sys.executable, "-c", code, str(exp)], capture_output=True, text=True, cwd=REPO, env=SUBENV)
+    left = exp / made.stdout.strip()
+    assert made.returncode == 0 and left.is_dir(), made.stderr
+    from utils.io.files import RunFolder
+
+    with RunFolder(exp, "edit") as partial:
+        (partial / "result.txt").write_text("new")
+    assert not left.exists() and sorted(p.name for p in exp.iterdir()) == ["edit"]

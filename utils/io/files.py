@@ -25,9 +25,12 @@ from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Hidden folders of unfinished runs: .partial-<name>-<pid>-<process start time>-<random>
+# Hidden folders of unfinished runs: .partial-<name>-<pid>-<process start time>-<random>, each
+# holding the marker file PARTIAL_MARKER whose content is the folder's own name: only a folder with
+# both was made by this tool, and only such a folder is ever removed by another run.
 PARTIAL_PREFIX = ".partial-"
-_PARTIAL = re.compile(r"^\.partial-(?P<name>.+)-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]+$")
+PARTIAL_MARKER = ".boundarydiffusion-partial"
+_PARTIAL = re.compile(r"^\.partial-(?P<name>.+)-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}$")
 
 
 def _umask() -> int:
@@ -269,12 +272,28 @@ def _alive(pid: int, start: int) -> bool:
     return start == 0 or _start_time(pid) in (0, start)  # a reused pid is another process
 
 
+def _made_by_a_run(entry: Path) -> bool:
+    """Whether ``entry`` is a hidden run folder this tool made: a real folder (not a link) named
+    like one, holding the marker file with the folder's own name. A user's folder that merely
+    looks like one (or a run folder copied or renamed elsewhere) is not."""
+    marker = entry / PARTIAL_MARKER
+    try:
+        if entry.is_symlink() or not entry.is_dir() or marker.is_symlink() or not marker.is_file():
+            return False
+        if marker.stat().st_size > 4096:
+            return False
+        return marker.read_text(encoding="utf-8", errors="replace").strip() == entry.name
+    except OSError:
+        return False
+
+
 def remove_stale_partials(folder: Path) -> list[Path]:
-    """Remove the hidden folders of runs whose process is gone (killed with SIGKILL, a power cut)."""
+    """Remove the hidden folders of runs whose process is gone (killed with SIGKILL, a power cut):
+    only folders this tool made (``_made_by_a_run``); anything else is left alone."""
     removed = []
     for entry in folder.glob(PARTIAL_PREFIX + "*") if folder.is_dir() else []:
         match = _PARTIAL.match(entry.name)
-        if match and entry.is_dir() and not _alive(int(match["pid"]), int(match["start"])):
+        if match and _made_by_a_run(entry) and not _alive(int(match["pid"]), int(match["start"])):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
             log.info("removed %s, left by an interrupted run", entry)
@@ -350,7 +369,11 @@ class RunFolder:
             partial = self.exp / f"{PARTIAL_PREFIX}{self.name}-{pid}-{_start_time(pid)}-{secrets.token_hex(4)}"
             partial.mkdir(mode=0o777)
             self.partial = partial
+            (partial / PARTIAL_MARKER).write_text(partial.name + "\n", encoding="utf-8")
         except OSError as exc:
+            if self.partial is not None:
+                shutil.rmtree(self.partial, ignore_errors=True)
+                self.partial = None
             self._remove_created()
             raise UserError(f"output folder {self.exp} is not writable ({exc.strerror or exc})") from None
         return self.partial
@@ -373,6 +396,7 @@ class RunFolder:
 
     def _commit(self) -> Path:
         target = self.exp / self.name
+        (self.partial / PARTIAL_MARKER).unlink(missing_ok=True)  # a finished folder is the user's
         if self.overwrite:
             for _ in range(100):  # another run may take the name between our two renames
                 old = self.exp / f"{PARTIAL_PREFIX}{self.name}-old-{os.getpid()}-0-{secrets.token_hex(4)}"
