@@ -409,3 +409,89 @@ def test_a_killed_runs_own_folder_is_still_cleaned_up(tmp_path):
     with RunFolder(exp, "edit") as partial:
         (partial / "result.txt").write_text("new")
     assert not left.exists() and sorted(p.name for p in exp.iterdir()) == ["edit"]
+
+
+# --------------------------------------------------------------------------- F. conditions below float32 precision
+
+def _unit32(rng, dim: int) -> np.ndarray:
+    v = rng.normal(size=dim)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def test_a_condition_equal_to_the_primary_plus_1e7_noise_is_refused():
+    from utils.core.editing import condition_normal
+
+    rng = np.random.default_rng(0)
+    dim = 196_608  # a 256-px image's z space
+    p = _unit32(rng, dim)
+    c = (p.astype(np.float64) + rng.normal(scale=1e-7, size=dim)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"span of the condition boundaries.*float32 normals of 196608 values.*"
+                                         r"[0-9.e-]+ degrees from it, under the 0.003 degrees"):
+        condition_normal(p, [c])
+
+
+def test_a_condition_resaved_with_a_few_values_one_float32_step_apart_is_refused():
+    from utils.core.editing import condition_normal
+
+    rng = np.random.default_rng(1)
+    dim = 768  # the tiny test models' z space
+    p = rng.normal(size=dim) * 1e-3
+    p[:4] = [0.6, -0.5, 0.4, 0.45]  # a normal dominated by a few components, where a step is largest
+    p = (p / np.linalg.norm(p)).astype(np.float32)
+    c = p.copy()
+    for i in range(4):
+        c[i] = np.nextafter(c[i], np.float32(2 * np.sign(c[i])))
+    assert np.count_nonzero(c != p) == 4
+    with pytest.raises(ValueError, match="span of the condition boundaries"):
+        condition_normal(p, [c])
+
+
+@pytest.mark.parametrize("dim", [768, 196_608])
+@pytest.mark.parametrize("factor, refused", [(0.5, True), (0.9, True), (1.2, False), (4.0, False)])
+def test_the_threshold_is_sqrt_d_float32_steps_on_both_sides(dim, factor, refused):
+    from utils.core.boundary import project_boundary, resolvable_residual
+
+    rng = np.random.default_rng(dim)
+    p = rng.normal(size=dim)
+    p /= np.linalg.norm(p)
+    q = rng.normal(size=dim)
+    q -= (q @ p) * p
+    q /= np.linalg.norm(q)
+    residual = factor * resolvable_residual(dim)  # the part of p that removing c leaves: sin of their angle
+    c = np.sqrt(1 - residual ** 2) * p + residual * q
+    if refused:
+        with pytest.raises(ValueError, match="degrees"):
+            project_boundary(p, c)
+    else:
+        r = project_boundary(p, c).astype(np.float64)
+        assert abs(r @ c) < 1e-6 and r @ p > 0
+        expected = p - (p @ c) * c  # the part of p orthogonal to c, which the edit follows
+        assert r @ (expected / np.linalg.norm(expected)) > 1 - 1e-4
+    assert resolvable_residual(dim) == pytest.approx(np.sqrt(dim) * np.finfo(np.float32).eps)
+
+
+def test_a_condition_at_rounding_distance_from_another_adds_no_direction():
+    from utils.core.boundary import project_boundary
+
+    rng = np.random.default_rng(2)
+    p, c = _unit32(rng, 4096), _unit32(rng, 4096)
+    c_copy = (c.astype(np.float64) + rng.normal(scale=1e-8, size=4096)).astype(np.float32)
+    once, twice = project_boundary(p, c), project_boundary(p, c, c_copy)
+    assert float(once.astype(np.float64) @ twice) > 1 - 1e-6
+
+
+def test_the_cli_refuses_a_primary_held_by_its_own_noisy_copy_in_one_line(env, tmp_path, capsys):
+    from utils.io.boundary_files import load_boundary, save_boundary
+    import dataclasses
+
+    record = load_boundary(env["z"])
+    rng = np.random.default_rng(3)
+    noisy = (record.normal.astype(np.float64) + rng.normal(scale=1e-7, size=record.normal.size)).astype(np.float32)
+    copy = save_boundary(tmp_path / "copy_z.npz", dataclasses.replace(record, normal=noisy.reshape(record.normal.shape)))
+    exp = tmp_path / "exp"
+    argv = ["--edit_image_boundary", *env["common"], "--exp", str(exp), "--img_path", str(env["img"]),
+            "--boundary_z", str(env["z"]), "--edit_space", "z", "--condition_z", str(copy)]
+    assert cli.main(argv) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "cannot condition the z edit" in line and "degrees" in line, line
+    assert not exp.exists()
