@@ -85,6 +85,37 @@ def test_a_file_url_reaching_the_downloader_is_not_fetched(tmp_path):
     assert not (tmp_path / "cache" / "w.ckpt").exists()
 
 
+@pytest.mark.parametrize("location", ["file:///etc/hostname", "ftp://127.0.0.1:1/w.ckpt"])
+def test_a_mirror_redirecting_away_from_http_is_not_followed(location, tmp_path, monkeypatch):
+    import http.server
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    server = http.server.HTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        cache = tmp_path / "cache"
+        config = _cache_config(urls=[f"http://127.0.0.1:{server.server_address[1]}/w.ckpt"])
+        with pytest.raises(UserError, match=r"HTTP Error 302.*(redirect to a refused scheme|Redirection to url .* is not allowed)"):
+            resolve_checkpoint(config, cache_dir=cache)
+        assert sorted(os.listdir(cache)) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("filename", ["../x", "../../escaped.ckpt", "/tmp/abs.ckpt", "sub/w.ckpt", ".hidden.ckpt",
                                       "..", "w.ckpt.sha256", "a\\b.ckpt"])
 def test_a_checkpoint_file_name_must_be_a_plain_name_in_the_cache(filename, tmp_path, capsys):
@@ -495,3 +526,80 @@ def test_the_cli_refuses_a_primary_held_by_its_own_noisy_copy_in_one_line(env, t
     line = _one_error_line(capsys.readouterr().err)
     assert "cannot condition the z edit" in line and "degrees" in line, line
     assert not exp.exists()
+
+
+# --------------------------------------------------------------------------- C. a torchrun rank that cannot join
+
+class SilentListener:
+    """A loopback port where connections are accepted and never answered (a stale process, another
+    program that took MASTER_PORT)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self):
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def silent_port():
+    listener = SilentListener()
+    yield listener
+    listener.close()
+
+
+def _rank_process(tmp_path: Path, port: int, rank: int, timeout: int) -> subprocess.Popen:
+    config = tmp_path / "tiny.yml"
+    config.write_text(yaml.safe_dump(tiny_config("ddpm")))
+    env = {**SUBENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    argv = [sys.executable, str(REPO / "main.py"), "--boundary_search", "--config", str(config), "--device", "cpu",
+            "--dist_timeout", str(timeout), "--exp", str(tmp_path / "exp"), "--cache_dir", str(tmp_path / "cache"),
+            "--data_dir", str(tmp_path), "--attr_file", str(tmp_path / "attrs.txt"), "--edit_attr", "x"]
+    return subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_rank_whose_master_port_never_answers_gives_up_after_dist_timeout_in_one_line(silent_port, tmp_path):
+    proc = _rank_process(tmp_path, silent_port.port, rank=1, timeout=2)
+    try:
+        _, err = proc.communicate(timeout=60)  # bounds the test; before the fix it waited for ever
+    finally:
+        proc.kill()
+    assert silent_port.accepted, "the rank never reached the rendezvous"
+    assert proc.returncode == 1, err
+    line = _one_error_line(err)
+    assert "rank 1 of 2 could not join the process group within 2 s" in line, line
+    assert f"127.0.0.1:{silent_port.port}" in line, line
+    assert "frame #" not in err and "c10::" not in err, err
+    assert not (tmp_path / "exp").exists()
+
+
+def test_sigterm_ends_a_rank_waiting_at_the_rendezvous(silent_port, tmp_path):
+    proc = _rank_process(tmp_path, silent_port.port, rank=1, timeout=600)
+    try:
+        deadline = time.monotonic() + 120
+        while not silent_port.accepted and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert silent_port.accepted and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.5)  # well inside the blocking call
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "frame #" not in err, err
