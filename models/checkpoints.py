@@ -10,8 +10,8 @@ through a temporary file in the cache folder and are renamed only when complete 
 SHA-256 the config names, else that the file reads as a state dict of tensors), so a mirror's error
 page is never cached; the SHA-256 of the first download is recorded beside it (``<file>.sha256``)
 and checked on every later use, as is the hash a config names. No file is ever unpickled beyond
-tensors (``weights_only=True``), and no message advises otherwise. Nothing here knows the networks: renaming diffusers
-keys into this project's layout is ``models.diffusers_map``'s job.
+tensors (``weights_only=True``), and no message advises otherwise. Nothing here knows the
+networks: renaming diffusers keys into this project's layout is ``models.diffusers_map``'s job.
 """
 from __future__ import annotations
 
@@ -143,7 +143,10 @@ def resolve_checkpoint(config: Config, model_path: str | Path | None = None,
         raise UserError(f"checkpoint.filename {ck.filename!r} of config {config.name} is not a plain name "
                         f"inside the cache folder {cache}")
     recorded = path.with_name(path.name + ".sha256")
-    if not path.is_file():
+    junk = _sniff(path) if path.is_file() else ""
+    if junk:  # left by an older version, which cached what a mirror sent unchecked: replaced once a download is good
+        log.warning("the cached %s is %s, not a checkpoint; downloading it again", path, junk)
+    if not path.is_file() or junk:
         errors = []
         for url in ck.urls:
             try:

@@ -603,3 +603,19 @@ def test_sigterm_ends_a_rank_waiting_at_the_rendezvous(silent_port, tmp_path):
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err and "frame #" not in err, err
+
+
+def test_a_quota_page_cached_by_an_older_version_is_replaced_by_the_next_good_download(tmp_path, monkeypatch):
+    mirror = FakeMirror(monkeypatch)
+    url = "https://a.example.org/w"
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "tiny.ckpt").write_bytes(QUOTA_PAGE)
+    (cache / "tiny.ckpt.sha256").write_text(hashlib.sha256(QUOTA_PAGE).hexdigest() + "\n")
+    config = _cache_config(urls=[url])
+    with pytest.raises(UserError, match="could not download"):  # the mirror still fails: the junk stays, unused
+        resolve_checkpoint(config, cache_dir=cache)
+    mirror.serve[url] = content = _state_dict_bytes(2)
+    path = resolve_checkpoint(config, cache_dir=cache)
+    assert path.read_bytes() == content
+    assert (cache / "tiny.ckpt.sha256").read_text().strip() == hashlib.sha256(content).hexdigest()
