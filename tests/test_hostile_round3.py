@@ -23,7 +23,7 @@ import yaml
 
 import main as cli
 import models.checkpoints as checkpoints
-from models.checkpoints import load_weights, locate_weights, read_state_dict, resolve_checkpoint
+from models.checkpoints import locate_weights, read_state_dict, resolve_checkpoint
 from tests.conftest import REPO, tiny_config
 from tests.test_hostile import _one_error_line
 from utils.config import load_config, parse_config
