@@ -40,6 +40,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _edit_count(text: str) -> int:
+    """--edit_img_number: every edit is held in memory until written, so the count is capped."""
+    from utils.config import MAX_EDIT_IMG_NUMBER
+
+    value = _positive_int(text)
+    if value > MAX_EDIT_IMG_NUMBER:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_EDIT_IMG_NUMBER} (every edit is held in memory "
+                                         f"until it is written), got {text}")
+    return value
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -138,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="h override after the first call: lagged (reference code) or once (paper)")
     edit.add_argument("--start_distance", type=_finite_float, default=None, help="first signed distance (config)")
     edit.add_argument("--end_distance", type=_finite_float, default=None, help="last signed distance (config)")
-    edit.add_argument("--edit_img_number", type=_positive_int, default=None, help="number of distances K (config)")
+    edit.add_argument("--edit_img_number", type=_edit_count, default=None,
+                      help="number of distances K, at most 1000 (config)")
     edit.add_argument("--edit_batch_size", type=_positive_int, default=None,
                       help="edits denoised per batch (default: 1 for 256-px models on the CPU, else 8)")
     edit.add_argument("--n_samples", type=_positive_int, default=1, help="--unconditional: sampled latents to edit")

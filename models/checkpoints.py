@@ -5,19 +5,24 @@ A checkpoint is a state-dict file (``.pt``, ``.pth``, ``.ckpt``, ``.bin``: ``tor
 ``diffusion_pytorch_model.safetensors`` or ``.bin``, at top level or under ``unet/``), or a Hugging
 Face Hub id ``hf:<owner>/<name>`` (fetched with ``huggingface_hub`` into its own cache).
 
-Downloads go through a temporary file in the cache folder and are renamed when complete; the
-SHA-256 of the first download is recorded beside it (``<file>.sha256``) and checked on every
-later use, as is the hash a config names. Nothing here knows the networks: renaming diffusers
-keys into this project's layout is ``models.diffusers_map``'s job.
+Mirrors are https (or http) URLs and ``gdrive:<id>``; nothing else is fetched. Downloads go
+through a temporary file in the cache folder and are renamed only when complete and checked (the
+SHA-256 the config names, else that the file reads as a state dict of tensors), so a mirror's error
+page is never cached; the SHA-256 of the first download is recorded beside it (``<file>.sha256``)
+and checked on every later use, as is the hash a config names. No file is ever unpickled beyond
+tensors (``weights_only=True``), and no message advises otherwise. Nothing here knows the
+networks: renaming diffusers keys into this project's layout is ``models.diffusers_map``'s job.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +31,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from utils.config import Config
+from utils.config import MIRROR_SCHEMES, Config, mirror_problem
 from utils.errors import UserError
-from utils.io.files import atomic_path, write_bytes
+from utils.io.files import atomic_path, read_json, write_bytes
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,22 +51,60 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _download(url: str, target: Path) -> None:
-    """Fetch ``url`` (http(s) or ``gdrive:<id>``) to ``target`` through a temporary file."""
+def _fetch(url: str, tmp: Path) -> None:
+    """Fetch ``url`` (http(s) or ``gdrive:<id>``) into the file ``tmp``, as the server sends it."""
+    if url.startswith("gdrive:"):
+        import gdown  # optional at import time: only Drive mirrors need it
+        if gdown.download(id=url.split(":", 1)[1], output=str(tmp), quiet=False) is None:
+            raise OSError(f"gdown could not fetch {url}")
+        return
+    with _OPENER.open(url, timeout=60) as response, open(tmp, "wb") as fh:
+        shutil.copyfileobj(response, fh, length=1 << 20)
+        expected = response.headers.get("Content-Length")
+    # http.client returns a short body without error when the connection drops early.
+    if expected is not None and tmp.stat().st_size != int(expected):
+        raise OSError(f"download cut off: {tmp.stat().st_size} of {expected} bytes")
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only: a mirror may not send the download to ftp: or elsewhere."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in MIRROR_SCHEMES:
+            raise urllib.error.HTTPError(newurl, code, f"redirect to a refused scheme ({newurl[:100]})", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+# Only the http and https handlers (plus proxies and errors): no file:, data: or ftp: URLs.
+_OPENER = urllib.request.OpenerDirector()
+for _handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
+                 urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(), _HttpOnlyRedirects(),
+                 urllib.request.UnknownHandler()):
+    _OPENER.add_handler(_handler)
+
+
+def _download(url: str, target: Path, sha256: str = "") -> None:
+    """Fetch ``url`` to ``target`` through a temporary file, renamed to ``target`` only once it has
+    been checked: its SHA-256 against ``sha256`` when given, else that it reads as a state dict
+    (``weights_only``). A mirror that sends anything else (an error page with status 200, another
+    file) leaves nothing in the cache: UserError says what arrived."""
+    problem = mirror_problem(url)
+    if problem:
+        raise UserError(f"mirror refused: {problem}")
     with atomic_path(target) as tmp:
-        if url.startswith("gdrive:"):
-            import gdown  # optional at import time: only Drive mirrors need it
-            if gdown.download(id=url.split(":", 1)[1], output=str(tmp), quiet=False) is None:
-                raise OSError(f"gdown could not fetch {url}")
-        else:
-            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as fh:
-                shutil.copyfileobj(response, fh, length=1 << 20)
-                expected = response.headers.get("Content-Length")
-            # http.client returns a short body without error when the connection drops early.
-            if expected is not None and tmp.stat().st_size != int(expected):
-                raise OSError(f"download cut off: {tmp.stat().st_size} of {expected} bytes")
+        _fetch(url, tmp)
         if tmp.stat().st_size == 0:
             raise OSError(f"{url} sent an empty file")
+        if sha256:
+            got = sha256_file(tmp)
+            if got != sha256.lower():
+                raise UserError(f"sent a file with SHA-256 {got[:16]}..., not the expected {sha256[:16]}... "
+                                f"({_sniff(tmp) or 'another file'}); not kept")
+        else:
+            try:
+                _load_state_dict(tmp, target.suffix, mmap=True, label=target.name)
+            except UserError as exc:
+                raise UserError(f"sent something that is not a checkpoint: {exc}; not kept") from None
 
 
 HUB_PREFIX = "hf:"
@@ -96,15 +139,21 @@ def resolve_checkpoint(config: Config, model_path: str | Path | None = None,
         raise UserError(f"config {config.name} names no checkpoint; pass --model_path")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     path = cache / ck.filename
+    if Path(ck.filename).name != ck.filename or ck.filename in (".", "..") or path.parent != cache:
+        raise UserError(f"checkpoint.filename {ck.filename!r} of config {config.name} is not a plain name "
+                        f"inside the cache folder {cache}")
     recorded = path.with_name(path.name + ".sha256")
-    if not path.is_file():
+    junk = _sniff(path) if path.is_file() else ""
+    if junk:  # left by an older version, which cached what a mirror sent unchecked: replaced once a download is good
+        log.warning("the cached %s is %s, not a checkpoint; downloading it again", path, junk)
+    if not path.is_file() or junk:
         errors = []
         for url in ck.urls:
             try:
                 log.info("downloading %s from %s", ck.filename, url)
-                _download(url, path)
+                _download(url, path, ck.sha256)
                 break
-            except (OSError, urllib.error.URLError, ValueError) as exc:
+            except (UserError, OSError, urllib.error.URLError, ValueError) as exc:
                 errors.append(f"{url.split('/')[2] if '://' in url else url}: {exc}")
         else:
             if ck.hub:
@@ -191,8 +240,11 @@ def locate_weights(path: str | Path) -> CheckpointFiles:
         raise UserError(f"checkpoint {path} does not exist")
     for folder in (path / sub if sub else path for sub in DIFFUSERS_SUBFOLDERS):
         config_file = folder / "config.json"
+        _refuse_broken_link(config_file)
         if not config_file.is_file():
             continue
+        for name in DIFFUSERS_WEIGHTS:
+            _refuse_broken_link(folder / name)
         present = [folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()]
         if not present:
             sharded = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
@@ -201,15 +253,19 @@ def locate_weights(path: str | Path) -> CheckpointFiles:
                                if sharded else ""))
         readable = [p for p in present if p.suffix != ".safetensors" or _have_safetensors()]
         weights = readable[0] if readable else present[0]  # an unreadable .safetensors fails with its own message
-        try:
-            diffusers_config = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{config_file} is not valid JSON: {exc}") from None
+        diffusers_config = read_json(config_file, what="diffusers config")
         if not isinstance(diffusers_config, dict):
             raise UserError(f"{config_file} is not a JSON object")
         return CheckpointFiles(weights=weights, config_file=config_file, diffusers_config=diffusers_config)
     raise UserError(f"checkpoint folder {path} is not a diffusers model folder (no config.json at top level "
                     "or under unet/); pass a weights file or the model folder")
+
+
+def _refuse_broken_link(path: Path) -> None:
+    """UserError naming ``path`` when it is a symbolic link to nothing (a moved or deleted target)."""
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist "
+                        "(moved or deleted?); fix the link or pass the real files")
 
 
 def _check_hash(path: Path, expected: str) -> None:
@@ -226,15 +282,20 @@ def read_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Ten
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        obj = _read_safetensors(path)
+    return _load_state_dict(path, path.suffix, mmap, path)
+
+
+def _load_state_dict(path: Path, suffix: str, mmap: bool, label: str | Path) -> dict[str, torch.Tensor]:
+    """``read_state_dict`` of the file ``path`` read as a ``suffix`` file; messages name ``label``."""
+    if suffix == ".safetensors":
+        obj = _read_safetensors(path, label)
     else:
-        obj = _torch_load(path, mmap)
+        obj = _torch_load(path, mmap, label)
     for key in ("state_dict", "model", "ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"checkpoint {path} is not a state dict of tensors")
+        raise UserError(f"checkpoint {label} is not a state dict of tensors")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -244,7 +305,43 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def _torch_load(path: Path, mmap: bool):
+def _sniff(path: Path) -> str:
+    """What the start of ``path`` shows it to be when that is plainly no checkpoint, else ''."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return ""
+    if not head:
+        return "an empty file"
+    start = head.lstrip()[:64].lower()
+    if start.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in head.lower():
+        return "an HTML page (a mirror's error or quota page?)"
+    if start.startswith(b"<"):
+        return "an XML or HTML text"
+    if start.startswith((b"{", b"[")):
+        return "a JSON text"
+    return ""
+
+
+def _unloadable(path: Path, exc: Exception) -> str:
+    """Why ``torch.load`` could not read ``path``, in our words: PyTorch's own message advises
+    loading with ``weights_only=False``, which must never be done with a file from elsewhere."""
+    sniffed = _sniff(path)
+    if sniffed:
+        return f"is {sniffed}, not a checkpoint"
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return (f"holds a pickled {found[1]} object besides tensors; only state dicts of tensors are read "
+                "(other pickled objects can run code and are never loaded)")
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+        return ("holds pickled Python objects besides tensors; only state dicts of tensors are read "
+                "(other pickled objects can run code and are never loaded)")
+    return f"is damaged or not a PyTorch checkpoint ({type(exc).__name__})"
+
+
+def _torch_load(path: Path, mmap: bool, label: str | Path | None = None):
+    label = path if label is None else label
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -253,20 +350,22 @@ def _torch_load(path: Path, mmap: bool):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # a pre-zip torch file
     except Exception as exc:  # torch.load fails on damaged or unsafe files with many error types
-        raise UserError(f"checkpoint {path} cannot be loaded safely (corrupt or not a state dict): "
-                        f"{_first_line(exc)}") from None
+        raise UserError(f"checkpoint {label} cannot be loaded: it {_unloadable(path, exc)}") from None
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, label: str | Path | None = None) -> dict[str, torch.Tensor]:
+    label = path if label is None else label
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise UserError(f"reading {path.name} needs the safetensors package (pip install safetensors); "
+        raise UserError(f"reading {Path(str(label)).name} needs the safetensors package (pip install safetensors); "
                         "or pass a .bin / .pt copy of the weights") from None
     try:
         return load_file(path, device="cpu")
     except Exception as exc:  # safetensors raises its own error types on damaged headers or data
-        raise UserError(f"checkpoint {path} is not a readable safetensors file: {_first_line(exc)}") from None
+        sniffed = _sniff(path)
+        raise UserError(f"checkpoint {label} is not a readable safetensors file: "
+                        f"{sniffed + ', not a checkpoint' if sniffed else _first_line(exc)}") from None
 
 
 def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor], assign: bool = False,
@@ -282,6 +381,12 @@ def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
     unexpected = [k for k in state if k not in expected]
     misshaped = [f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in expected
                  if k in state and tuple(state[k].shape) != expected[k]]
+    kinds = {k: v.dtype for k, v in model.state_dict().items()}
+    if not (missing or unexpected or misshaped):
+        for k, dtype in kinds.items():
+            if dtype.is_floating_point and not state[k].dtype.is_floating_point:
+                raise UserError(f"checkpoint {label} holds {str(state[k].dtype).replace('torch.', '')} values under "
+                                f"'{k}', where the network has floating-point weights; not a checkpoint of this model")
     if missing or unexpected or misshaped:
         parts = []
         for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):

@@ -231,12 +231,16 @@ def test_sigterm_while_edits_are_written_leaves_nothing(env, tmp_path):
 def test_hidden_folders_of_dead_runs_are_removed_and_live_ones_kept(env, tmp_path):
     exp = tmp_path / "exp"
     exp.mkdir()
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = exp / f".partial-edit-{int(gone.stdout)}-0-0a0b"
-    live = exp / f".partial-edit-{os.getpid()}-0-0c0d"
-    for folder in (dead, live):
-        folder.mkdir()
-        (folder / "edit_00.png").write_bytes(b"partial")
+    # a run killed before it could clean up (os._exit: no handler, no finally) leaves its hidden folder
+    gone = subprocess.run([sys.executable, "-c", "import os, sys; from utils.io.files import RunFolder; "
+                           "p = RunFolder(sys.argv[1], 'edit').__enter__(); (p / 'edit_00.png').write_bytes(b'partial'); "
+                           "print(p.name); os._exit(0)", str(exp)], capture_output=True, text=True, cwd=REPO, env=SUBENV)
+    dead = exp / gone.stdout.strip()
+    assert gone.returncode == 0 and dead.name.startswith(".partial-edit-") and dead.is_dir(), gone.stderr
+    live = exp / f".partial-edit-{os.getpid()}-0-0c0d0e0f"
+    live.mkdir()
+    (live / utils.io.files.PARTIAL_MARKER).write_text(live.name)
+    (live / "edit_00.png").write_bytes(b"partial")
     assert cli.main(_edit_argv(env, exp)) == 0
     assert not dead.exists() and live.exists()
     assert sorted(p.name for p in exp.iterdir()) == [live.name, "edit"]

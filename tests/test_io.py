@@ -365,8 +365,8 @@ def http_root(tmp_path, monkeypatch):
 
 def test_resolve_checkpoint_downloads_records_hash_and_detects_tampering(tmp_path, http_root):
     root, base, paths = http_root
-    content = os.urandom(4096)
-    (root / "tiny.ckpt").write_bytes(content)
+    torch.save({"w": torch.randn(32, 32)}, root / "tiny.ckpt")  # a download must read as a state dict
+    content = (root / "tiny.ckpt").read_bytes()
     cache = tmp_path / "cache"
     cfg = _ckpt_config([f"{base}/missing.ckpt", f"{base}/tiny.ckpt"])  # first mirror 404s, second works
     path = resolve_checkpoint(cfg, cache_dir=cache)
@@ -389,6 +389,7 @@ def test_resolve_checkpoint_checks_config_hash(tmp_path, http_root):
     cfg = _ckpt_config([f"{base}/tiny.ckpt"], sha256="0" * 64)
     with pytest.raises(UserError, match="SHA-256"):
         resolve_checkpoint(cfg, cache_dir=tmp_path / "cache")
+    assert os.listdir(tmp_path / "cache") == []  # the wrong file is not kept
 
 
 def test_resolve_checkpoint_unreachable_url(tmp_path, monkeypatch):

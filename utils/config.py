@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -86,6 +87,11 @@ class EditConfig:
     start_distance: float = -150.0
     end_distance: float = 150.0
     edit_img_number: int = 20
+
+
+#: The most distances (--edit_img_number, edit.edit_img_number) one run may ask for: every edit of
+#: every image is held in memory until it is written, so a mistyped 100000000 would exhaust it.
+MAX_EDIT_IMG_NUMBER = 1000
 
 
 @dataclass(frozen=True)
@@ -186,7 +192,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "model.num_head_channels": (-1, 4096), "model.ch_mult": (1, 64), "model.attn_resolutions": (1, 4096),
     "diffusion.beta_start": (0, 1), "diffusion.beta_end": (0, 1), "diffusion.num_diffusion_timesteps": (2, 100_000),
     "edit.t_0": (1, 100_000), "edit.n_inv_step": (2, 100_000), "edit.n_test_step": (2, 100_000),
-    "edit.edit_img_number": (1, 100_000), "edit.start_distance": (-1e12, 1e12), "edit.end_distance": (-1e12, 1e12),
+    "edit.edit_img_number": (1, MAX_EDIT_IMG_NUMBER), "edit.start_distance": (-1e12, 1e12), "edit.end_distance": (-1e12, 1e12),
 }
 _OPEN_BELOW = {"diffusion.beta_start", "diffusion.beta_end"}     # 0 excluded
 _OPEN_ABOVE = {"model.dropout", "diffusion.beta_start", "diffusion.beta_end"}  # 1 excluded
@@ -198,6 +204,32 @@ class ConfigError(UserError, ValueError):
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# A checkpoint's file name in the cache folder: a plain name (no folder part, not hidden: the
+# cache's temporary files are hidden), so a download can only land inside the cache.
+_CACHE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}$")
+_GDRIVE_ID = re.compile(r"^[A-Za-z0-9_-]{10,200}$")
+#: Schemes a checkpoint mirror may use: https, and http for a mirror without TLS (the SHA-256 and
+#: the state-dict check guard what arrives). file:, data:, ftp: and the like are refused.
+MIRROR_SCHEMES = ("https", "http")
+
+
+def mirror_problem(url: str) -> str:
+    """Why ``url`` cannot be a checkpoint mirror ('' when it can): https:// or http:// with a host,
+    or ``gdrive:<file id>`` (fetched over https by gdown)."""
+    if url.startswith("gdrive:"):
+        return "" if _GDRIVE_ID.match(url[len("gdrive:"):]) else "a gdrive: mirror needs a Google Drive file id"
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        return "it contains white space or control characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError as exc:
+        return f"it is not a URL ({exc})"
+    if parts.scheme.lower() not in MIRROR_SCHEMES:
+        return f"scheme '{parts.scheme or '(none)'}' is not allowed (only {', '.join(MIRROR_SCHEMES)} or gdrive:<id>)"
+    if not parts.hostname:
+        return "it names no host"
+    return ""
 
 
 def _type_ok(value: Any, kind: str) -> bool:
@@ -238,6 +270,14 @@ def _validated(config: Config) -> Config:
         part = getattr(config, section)
         for f in dataclasses.fields(part):
             _check_value(f"{section}.{f.name}", getattr(part, f.name), str(f.type))
+    ck = config.checkpoint
+    if ck.filename and (not _CACHE_FILE_NAME.match(ck.filename) or ck.filename.endswith(".sha256")):
+        raise ConfigError(f"config key 'checkpoint.filename' must be a plain file name inside the cache folder "
+                          f"(letters, digits, _ . + -; no folder part), got {ck.filename!r}")
+    for url in ck.urls:
+        problem = mirror_problem(url)
+        if problem:
+            raise ConfigError(f"config key 'checkpoint.urls' has a mirror that is refused: {url[:200]!r}: {problem}")
     d, m, diff, e = config.data, config.model, config.diffusion, config.edit
     if m.in_channels != d.channels:
         raise ConfigError(f"config key 'data.channels' is {d.channels}, but the model takes {m.in_channels} "
@@ -269,10 +309,84 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config '{name_or_path}' not found (neither a file nor one of configs/: {', '.join(shipped)})")
 
 
+#: The largest config file read (the shipped ones are about 1 KiB).
+MAX_CONFIG_BYTES = 1 << 20
+_MAX_CONFIG_DEPTH = 16       # a config is sections of keys (and short lists): 3 levels
+_MAX_CONFIG_DIGITS = 1000    # Python refuses to convert integers past 4300 digits
+
+
+def _yaml_problem(text: str) -> str:
+    """What makes ``text`` unfit to be composed (nesting deeper than any config's, which would
+    exhaust Python's recursion, or an integer of more digits than Python converts), naming the
+    field; '' if nothing does. Reads the event stream, which keeps no recursion of its own."""
+    stack: list[list] = []  # per open collection: [kind, label, index or expecting-a-key, pending key]
+
+    def label_of_next() -> str:
+        if not stack:
+            return ""
+        top = stack[-1]
+        if top[0] == "seq":
+            top[2] += 1
+            return f"{top[1]}[{top[2] - 1}]"
+        if top[2]:  # a key
+            return ""
+        return f"{top[1]}.{top[3]}" if top[1] else str(top[3])
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            stack.pop()
+            if stack and stack[-1][0] == "map":
+                stack[-1][2] = True
+            continue
+        if not isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            continue
+        is_key = bool(stack) and stack[-1][0] == "map" and stack[-1][2]
+        label = label_of_next()
+        if isinstance(event, yaml.ScalarEvent):
+            if is_key:
+                stack[-1][3], stack[-1][2] = event.value[:100], False
+                continue
+            digits = event.value.lstrip("+-").replace("_", "")
+            if not event.style and len(digits) > _MAX_CONFIG_DIGITS and digits.isdigit():
+                return f"key '{label or '(top level)'}' is an integer of {len(digits)} digits"
+        elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            if is_key:
+                return "a key is a list or mapping"
+            if len(stack) >= _MAX_CONFIG_DEPTH:
+                return f"key '{label}' is nested more than {_MAX_CONFIG_DEPTH} levels deep"
+            stack.append(["map" if isinstance(event, yaml.MappingStartEvent) else "seq", label, True, ""])
+            if stack[-1][0] == "seq":
+                stack[-1][2] = 0
+            continue
+        if stack and stack[-1][0] == "map" and not is_key:
+            stack[-1][2] = True
+    return ""
+
+
 def load_config(name_or_path: str | Path) -> Config:
+    """The config file ``name_or_path``; a bad value is a ConfigError naming the key and the file."""
     path = resolve_config_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config {path} cannot be read ({exc.strerror or exc})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES >> 10} KiB, far more than a config "
+                          "holds; not read")
+    try:
+        text = data.decode("utf-8")
+        problem = _yaml_problem(text)
+        if len(problem) > 200:
+            problem = problem[:100] + "..." + problem[-60:]
+        if problem:
+            raise ConfigError(f"config {path}: {problem}")
+        raw = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_config(raw, name=path.stem)
+    try:
+        return parse_config(raw, name=path.stem)
+    except UserError as exc:
+        if str(path) in str(exc):
+            raise
+        raise type(exc)(f"{exc} (in {path})") from None

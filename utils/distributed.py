@@ -124,8 +124,10 @@ def process_group(process: ProcessContext, device: torch.device, timeout: timede
     """Set up the job's process group for the block (nothing at all for a run not launched by torchrun).
 
     Backend nccl on CUDA, gloo on the CPU (then ``cpu_threads`` threads). ``timeout`` bounds the
-    start-up and every collective. SIGTERM (torchrun stopping the job) ends rank 0 with
-    ``STOPPED_MESSAGE`` and the others silently, all with a non-zero status. After a failure the
+    start-up (also where torch's own store would wait for ever: ``_init_within``) and every
+    collective; a rank that cannot join raises ConnectionError (one line in ``main.py``). SIGTERM
+    (torchrun stopping the job) ends rank 0 with ``STOPPED_MESSAGE`` and the others silently, all
+    with a non-zero status, also while waiting to join. After a failure the
     group is not torn down collectively (a peer may be gone); the process just exits.
     """
     if not process.launched:
@@ -138,7 +140,7 @@ def process_group(process: ProcessContext, device: torch.device, timeout: timede
     backend = "nccl" if device.type == "cuda" else "gloo"
     previous = signal.signal(signal.SIGTERM, _stop_handler(process))
     try:
-        dist.init_process_group(backend, timeout=timeout, **({"device_id": device} if backend == "nccl" else {}))
+        _init_within(backend, timeout, device if backend == "nccl" else None)
     except Exception as exc:
         signal.signal(signal.SIGTERM, previous)
         raise ConnectionError(f"rank {process.rank} of {process.world_size} could not join the process group "
@@ -153,6 +155,49 @@ def process_group(process: ProcessContext, device: torch.device, timeout: timede
     finally:
         # From here on this process only prints its line and exits; a late SIGTERM must not add a second one.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+#: Seconds the rendezvous may take beyond the timeout before this process gives up on it itself
+#: (torch's own timeout, when it fires, reports more precisely).
+RENDEZVOUS_GRACE = 2.0
+
+
+def _init_within(backend: str, timeout: timedelta, device: torch.device | None) -> None:
+    """``init_process_group`` bounded by ``timeout``, with SIGTERM handled while it waits.
+
+    torch's TCPStore client can wait for ever, whatever its timeout, on a MASTER_PORT where
+    something accepts the connection and never answers; blocked in C++ it also never runs Python's
+    signal handlers. So the rendezvous runs in a daemon thread while this (main) thread waits for it
+    in short slices, during which SIGTERM's handler runs; past the timeout (plus
+    ``RENDEZVOUS_GRACE``) a TimeoutError naming the address ends the wait, and the thread is left
+    behind to die with the process."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    outcome: dict[str, BaseException] = {}
+
+    def join() -> None:
+        try:
+            if device is not None:
+                torch.cuda.set_device(device)  # the current device is per thread
+            dist.init_process_group(backend, timeout=timeout, **({"device_id": device} if device is not None else {}))
+        except BaseException as exc:  # handed to the waiting thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=join, name="process-group-rendezvous", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + timeout.total_seconds() + RENDEZVOUS_GRACE
+    while worker.is_alive():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise TimeoutError(f"no answer from the rendezvous at {address} (MASTER_ADDR:MASTER_PORT); is rank 0 "
+                               "running there, and is the port its own?")
+        worker.join(min(left, 0.25))
+    if "error" in outcome:
+        raise outcome["error"]
 
 
 def _stop_handler(process: ProcessContext):

@@ -5,6 +5,7 @@ any shape is flattened to D = prod(shape) first (docs/algorithm.md sections 4, 5
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,24 +116,58 @@ def edit_latents(v: torch.Tensor, normal: torch.Tensor, distances: torch.Tensor)
     return edited.reshape(v.shape[0], len(d), *v.shape[1:])
 
 
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
+def resolvable_residual(dim: int) -> float:
+    """The smallest part of a unit normal of ``dim`` values, relative to its length, that float32
+    can carry: sqrt(dim) * eps32 (dim 196,608: 5.3e-5, an angle of 0.003 degrees; dim 768: 3.3e-6).
+
+    Why: normals are stored as float32 unit vectors. Every component lies in [-1, 1], where one
+    float32 step is at most eps32 (2^-23 ~ 1.19e-7); a normal saved, re-saved or recomputed by
+    another float32 pipeline can differ from the "same" normal by about a step per component,
+    i.e. by a vector of norm up to sqrt(dim) * eps32 (a condition equal to the primary plus noise
+    at the 1e-7 level, or with values one step apart, is such a vector). What is left of the
+    primary after removing the conditions, if shorter than that, can be made of rounding alone:
+    its direction is noise, and an edit along it moves along noise. Real conditions lie degrees
+    away from the primary and leave sin(angle) >> 1e-4 of it; a condition this close to the primary
+    is the primary itself as far as float32 can tell. The bound is absolute per component (a step
+    at magnitude 1), so it also covers normals concentrated on a few large components.
+    """
+    return math.sqrt(dim) * FLOAT32_EPS
+
+
 def project_boundary(primary: np.ndarray, *conditions: np.ndarray) -> np.ndarray:
     """Unit normal of ``primary`` made orthogonal to every condition normal (docs/algorithm.md section 9).
 
     primary, conditions: (D,). Editing along the result leaves each condition's projection
-    unchanged. Raises ValueError if the primary lies in the span of the conditions.
+    unchanged. Raises ValueError (with the angle in degrees) if what is left of the primary after
+    removing the conditions is shorter than float32 normals of D values resolve
+    (``resolvable_residual``): the primary then lies in the span of the conditions, as far as
+    float32 can tell. Conditions that differ from the span of the others by less than that add no
+    direction of their own.
     """
     p = np.asarray(primary, dtype=np.float64).reshape(-1)
     if not conditions:
         return (p / np.linalg.norm(p)).astype(np.float32)
     c = np.stack([np.asarray(cond, dtype=np.float64).reshape(-1) for cond in conditions], axis=1)  # (D, M)
+    norms = np.linalg.norm(c, axis=0)
+    if not np.all(norms > 0) or not np.all(np.isfinite(c)):
+        raise ValueError("a condition normal is zero or not finite")
+    tolerance = resolvable_residual(p.size)
     # An orthonormal basis of the conditions' span; the SVD drops the directions of repeated or
-    # linearly dependent conditions, which a QR factorisation would keep as arbitrary columns.
-    u, s, _ = np.linalg.svd(c, full_matrices=False)
-    basis = u[:, s > s[0] * 1e-10]
+    # linearly dependent conditions (and differences between conditions at the rounding level),
+    # which a QR factorisation would keep as arbitrary columns.
+    u, s, _ = np.linalg.svd(c / norms, full_matrices=False)
+    basis = u[:, s > s[0] * tolerance]
     residual = p - basis @ (basis.T @ p)
-    norm = np.linalg.norm(residual)
-    if norm < 1e-8 * np.linalg.norm(p):
-        raise ValueError("the primary boundary lies in the span of the condition boundaries")
+    norm, length = float(np.linalg.norm(residual)), float(np.linalg.norm(p))
+    if norm < tolerance * length:
+        angle = math.degrees(math.asin(min(1.0, norm / length)))
+        raise ValueError(f"the primary boundary lies in the span of the condition boundaries, as far as float32 "
+                         f"normals of {p.size} values can tell: {angle:.2g} degrees from it, under the "
+                         f"{math.degrees(math.asin(tolerance)):.2g} degrees they resolve (a condition that is the "
+                         "edited boundary itself, or a copy of it, cannot be held fixed)")
     return (residual / norm).astype(np.float32)
 
 

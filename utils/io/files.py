@@ -25,9 +25,12 @@ from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Hidden folders of unfinished runs: .partial-<name>-<pid>-<process start time>-<random>
+# Hidden folders of unfinished runs: .partial-<name>-<pid>-<process start time>-<random>, each
+# holding the marker file PARTIAL_MARKER whose content is the folder's own name: only a folder with
+# both was made by this tool, and only such a folder is ever removed by another run.
 PARTIAL_PREFIX = ".partial-"
-_PARTIAL = re.compile(r"^\.partial-(?P<name>.+)-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]+$")
+PARTIAL_MARKER = ".boundarydiffusion-partial"
+_PARTIAL = re.compile(r"^\.partial-(?P<name>.+)-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}$")
 
 
 def _umask() -> int:
@@ -85,6 +88,111 @@ def write_json(target: str | Path, obj: Any) -> None:
     """Strict JSON (RFC 8259): non-finite floats are written as null, never as NaN or Infinity."""
     text = json.dumps(_strict(obj), indent=2, sort_keys=True, default=_jsonable, allow_nan=False)
     write_bytes(target, (text + "\n").encode())
+
+
+#: The largest JSON file ``read_json`` reads: the JSON this tool reads (a diffusers ``config.json``)
+#: is a few KiB, and a file past this is refused before it is read whole.
+MAX_JSON_BYTES = 1 << 20
+_MAX_INT_DIGITS = 1000  # no field of a config has more; Python refuses to convert past 4300
+
+
+class _LongInt(str):
+    """An integer of more than ``_MAX_INT_DIGITS`` digits, kept as text so that its field can be named."""
+
+
+def _parse_int(text: str) -> int | _LongInt:
+    return _LongInt(text) if len(text) > _MAX_INT_DIGITS else int(text)
+
+
+def read_json(path: str | Path, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The parsed JSON file ``path`` (a ``what``). UserError, one line naming the file (and the field
+    where there is one), for a file over ``max_bytes`` (not read whole), text that is not UTF-8 or
+    not JSON, nesting deeper than Python's parser can follow, or an integer of more digits than any
+    config holds."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise UserError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+    if len(data) > max_bytes:
+        raise UserError(f"{what} {path} is larger than {max_bytes >> 10} KiB, far more than such a file holds; "
+                        "not read")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+    try:
+        obj = json.loads(text, parse_int=_parse_int)
+    except RecursionError:
+        raise UserError(f"{what} {path}: field '{_deep_field(text)}' is nested too deeply to be read") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} {path} is not valid JSON: {exc}") from None
+    found = find_value(obj, lambda v: isinstance(v, _LongInt))
+    if found is not None:
+        field, value = found
+        raise UserError(f"{what} {path}: field '{field}' is an integer of {len(value.lstrip('+-'))} digits, "
+                        f"more than any setting holds (at most {_MAX_INT_DIGITS})")
+    return obj
+
+
+def find_value(obj: Any, predicate: Callable[[Any], bool]) -> tuple[str, Any] | None:
+    """The first (field path like ``a.b[2]``, value) in nested dicts and lists whose value satisfies
+    ``predicate``; None if none does. Iterative: no nesting depth makes it recurse."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        where, value = stack.pop()
+        if predicate(value):
+            return where or "(top level)", value
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in reversed(list(value.items())))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def _deep_field(text: str, shown: int = 3) -> str:
+    """The field of a JSON text whose value is nested deepest, named by its first ``shown`` levels
+    (``a.b[0]...``): found by a scan that keeps no recursion of its own."""
+    stack: list[list] = []  # [kind, label, index] per open container
+    labels: list[str] = []
+    deepest: list[str] = []  # the first labels of the deepest path
+    depth = 0
+    pending = ""
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            key = text[i + 1:j]
+            k = j + 1
+            while k < n and text[k] in " \t\r\n":
+                k += 1
+            if stack and stack[-1][0] == "{" and k < n and text[k] == ":":
+                pending = key
+            i = j + 1
+            continue
+        if ch in "{[":
+            if stack:
+                parent = stack[-1]
+                label = (f".{pending}" if labels else pending) if parent[0] == "{" else f"[{parent[2]}]"
+            else:
+                label = ""
+            stack.append([ch, label, 0])
+            labels.append(label)
+            if len(labels) > depth:
+                depth, deepest = len(labels), labels[:shown + 1]
+        elif ch in "}]":
+            if stack:
+                stack.pop()
+                labels.pop()
+        elif ch == "," and stack and stack[-1][0] == "[":
+            stack[-1][2] += 1
+        i += 1
+    name = "".join(deepest[1:shown + 1]).lstrip(".")  # deepest[0] is the top level
+    return (name or "(top level)") + ("..." if depth > shown + 1 else "")
 
 
 def _strict(obj: Any) -> Any:
@@ -164,12 +272,28 @@ def _alive(pid: int, start: int) -> bool:
     return start == 0 or _start_time(pid) in (0, start)  # a reused pid is another process
 
 
+def _made_by_a_run(entry: Path) -> bool:
+    """Whether ``entry`` is a hidden run folder this tool made: a real folder (not a link) named
+    like one, holding the marker file with the folder's own name. A user's folder that merely
+    looks like one (or a run folder copied or renamed elsewhere) is not."""
+    marker = entry / PARTIAL_MARKER
+    try:
+        if entry.is_symlink() or not entry.is_dir() or marker.is_symlink() or not marker.is_file():
+            return False
+        if marker.stat().st_size > 4096:
+            return False
+        return marker.read_text(encoding="utf-8", errors="replace").strip() == entry.name
+    except OSError:
+        return False
+
+
 def remove_stale_partials(folder: Path) -> list[Path]:
-    """Remove the hidden folders of runs whose process is gone (killed with SIGKILL, a power cut)."""
+    """Remove the hidden folders of runs whose process is gone (killed with SIGKILL, a power cut):
+    only folders this tool made (``_made_by_a_run``); anything else is left alone."""
     removed = []
     for entry in folder.glob(PARTIAL_PREFIX + "*") if folder.is_dir() else []:
         match = _PARTIAL.match(entry.name)
-        if match and entry.is_dir() and not _alive(int(match["pid"]), int(match["start"])):
+        if match and _made_by_a_run(entry) and not _alive(int(match["pid"]), int(match["start"])):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
             log.info("removed %s, left by an interrupted run", entry)
@@ -245,7 +369,11 @@ class RunFolder:
             partial = self.exp / f"{PARTIAL_PREFIX}{self.name}-{pid}-{_start_time(pid)}-{secrets.token_hex(4)}"
             partial.mkdir(mode=0o777)
             self.partial = partial
+            (partial / PARTIAL_MARKER).write_text(partial.name + "\n", encoding="utf-8")
         except OSError as exc:
+            if self.partial is not None:
+                shutil.rmtree(self.partial, ignore_errors=True)
+                self.partial = None
             self._remove_created()
             raise UserError(f"output folder {self.exp} is not writable ({exc.strerror or exc})") from None
         return self.partial
@@ -268,6 +396,7 @@ class RunFolder:
 
     def _commit(self) -> Path:
         target = self.exp / self.name
+        (self.partial / PARTIAL_MARKER).unlink(missing_ok=True)  # a finished folder is the user's
         if self.overwrite:
             for _ in range(100):  # another run may take the name between our two renames
                 old = self.exp / f"{PARTIAL_PREFIX}{self.name}-old-{os.getpid()}-0-{secrets.token_hex(4)}"
