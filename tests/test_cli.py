@@ -245,3 +245,12 @@ def test_edit_without_boundary_flags_uses_the_newest_matching_boundaries(searche
     code, err = run(["--unconditional", *common, "--exp", root / "auto2", "--boundary_dir", root / "bd",
                      "--edit_attr", "smiling"], capsys)
     _assert_one_line_error(code, err, "no boundary")
+
+
+@pytest.mark.parametrize("mode", [["--edit_image_boundary", "--img_path", "imgs/digit_example.png"], ["--unconditional"]])
+def test_discovery_without_edit_attr_refuses_to_mix_the_shipped_attributes(mode, tmp_path, capsys):
+    """In a fresh clone every shipped boundary has the same file time: without --edit_attr the run
+    must stop and list the attributes, never edit z along one and h along another."""
+    code, err = run([*mode, "--exp", tmp_path, "--boundary_dir", REPO / "boundary"], capsys)
+    _assert_one_line_error(code, err, "several attributes", "slant, thick, three_vs_eight", "--edit_attr")
+    assert not any(tmp_path.iterdir())
