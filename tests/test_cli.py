@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import main as cli
-from tests.conftest import REPO, write_labelled_set
+from tests.helpers import REPO, write_labelled_set
 from utils.io.boundary_files import BoundaryRecord, save_boundary
 from utils.core.diffusion import make_alphas_cumprod
 from utils.io.images import load_image

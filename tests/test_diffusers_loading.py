@@ -23,7 +23,7 @@ from PIL import Image
 import main as cli
 from models.diffusers_map import diffusers_to_ddpm
 from models.loading import load_model
-from tests.conftest import REPO
+from tests.helpers import REPO
 from utils.io.boundary_files import BoundaryRecord, save_boundary
 from utils.config import latent_shapes, parse_config
 from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid

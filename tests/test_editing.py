@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import float_tolerance, max_abs, random_model, tiny_config
+from tests.helpers import float_tolerance, max_abs, random_model, tiny_config
 from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
 from utils.core.boundary import latent_distance
 from utils.core.editing import edit_sequence, reconstruct

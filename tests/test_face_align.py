@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 import main as cli
-from tests.editing_setup import make_edit_setup
+from tests.helpers import make_edit_setup
 from utils.errors import UserError
 from utils.io.face_align import FaceAligner, FaceExtraMissing, crop_quad, ffhq_quad
 from utils.io.images import image_to_tensor, load_image

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import main as cli
-from tests.conftest import random_model, tiny_config
-from tests.editing_setup import make_edit_setup
+from tests.helpers import make_edit_setup, random_model, tiny_config
 from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
 from utils.core.editing import edit_sequence, iter_edits
 from utils.core.seeds import item_seed

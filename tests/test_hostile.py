@@ -27,7 +27,7 @@ from PIL import Image
 
 import main as cli
 import utils.io.files
-from tests.conftest import REPO
+from tests.helpers import REPO
 from utils.io.boundary_files import discover_boundaries, load_boundary
 from utils.core.diffusion import ddim_trajectory, make_alphas_cumprod
 from utils.errors import UserError

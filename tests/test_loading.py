@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import main as cli
 from models.loading import load_model
-from tests.conftest import REPO, random_model, tiny_config
+from tests.helpers import REPO, random_model, tiny_config
 from models.checkpoints import fetch_hub, load_weights, locate_weights, resolve_checkpoint
 from utils.config import parse_config
 from utils.errors import UserError

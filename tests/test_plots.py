@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 import main as cli
-from tests.conftest import write_labelled_set
-from tests.editing_setup import make_edit_setup
+from tests.helpers import make_edit_setup, write_labelled_set
 from utils.io.plots import back_and_forth_gif, boundary_report, labelled_grid, radius_plot
 
 RADIUS = {"t": [0, 250, 500, 750, 999], "radius_sampled": [30.0, 28.0, 27.5, 27.7, 27.7],

@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 import main as cli
-from tests.conftest import REPO, float_tolerance, random_model, tiny_config, write_labelled_set
+from tests.helpers import REPO, float_tolerance, random_model, tiny_config, write_labelled_set
 from utils.io.boundary_files import BoundaryRecord, load_boundary, save_boundary
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.runtime import InferenceNet, cpu_flags, default_batch_size
-from tests.conftest import REPO, random_model, tiny_config
+from tests.helpers import REPO, random_model, tiny_config
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "adm"])
