@@ -154,8 +154,8 @@ def test_b_by_k_edits_equal_each_image_alone():
 
 
 def test_edited_latents_are_made_per_batch_not_for_all_distances_at_once(monkeypatch):
-    """Memory does not grow with K: each batch moves only its own latents (issue: 100,000 edits
-    used to build all edited latents before the first denoising call)."""
+    """Memory does not grow with K: each batch moves only its own latents (not those of all K
+    distances before the first denoising call, which for 100,000 edits would not fit)."""
     import utils.core.editing as editing
 
     calls = []

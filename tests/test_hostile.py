@@ -1,5 +1,5 @@
-"""Hostile inputs, round two (issue 13): run folders that are atomic, inputs never touched, every
-number checked, memory bounded. Real signals go to real processes, two real runs race, and a
+"""Hostile inputs: run folders that are atomic, inputs never touched, every number checked,
+memory bounded. Real signals go to real processes, two real runs race, and a
 full disk is a 16 KiB tmpfs where mounting is allowed, an injected ENOSPC otherwise."""
 from __future__ import annotations
 
