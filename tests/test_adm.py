@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.adm import ADMUNet, timestep_embedding
-from tests.conftest import randomize_, read_state_dict_tsv, sinusoid_tolerance
+from tests.helpers import randomize_, read_state_dict_tsv, sinusoid_tolerance
 
 
 AFHQ_CFG = {

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import main as cli
-from tests.conftest import REPO
+from tests.helpers import REPO, assert_one_error_line
 
 gr = pytest.importorskip("gradio", reason="the web app's extra: pip install -r requirements-ui.txt")
 from gradio_client import Client, handle_file  # noqa: E402  (comes with gradio)
@@ -225,8 +225,7 @@ def test_slider_range_is_the_config_range():
 def test_serve_without_gradio_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)
     assert cli.main(["--serve"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install -r requirements-ui.txt" in err[0]
+    assert_one_error_line(1, capsys.readouterr().err, "pip install -r requirements-ui.txt")
 
 
 def test_other_hosts_than_loopback_are_warned_about():

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 import main as cli
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DIGIT = REPO / "imgs" / "digit_example.png"
 DISTANCE = -3.0

@@ -18,7 +18,6 @@ from utils.core.boundary import Boundary, edit_latents, latent_distance, fit_bou
 from utils.errors import UserError
 from utils.io.boundary_files import (BoundaryRecord, discover_boundaries, load_boundary, matching_boundaries,
                                       save_boundary)
-from utils.errors import UserError
 
 
 def _unit(rng: np.random.Generator, d: int) -> np.ndarray:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import main as cli
-from tests.conftest import REPO, write_labelled_set
+from tests.helpers import REPO, assert_one_error_line, write_labelled_set
 from utils.io.boundary_files import BoundaryRecord, save_boundary
 from utils.core.diffusion import make_alphas_cumprod
 from utils.io.images import load_image
@@ -163,45 +163,36 @@ def test_unconditional_and_radius(searched, capsys):
     assert csv[0].startswith("t,radius_sampled") and [int(row.split(",")[0]) for row in csv[1:]] == ts
 
 
-def _assert_one_line_error(code, err, *fragments):
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("INFO")]
-    assert code == 1, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_bad_inputs_give_one_line_errors(searched, tiny_setup, tmp_path, capsys):
     common, paths, root = searched
     edit = ["--edit_image_boundary", *common, "--exp", tmp_path / "e", "--boundary_h", paths["h"],
             "--boundary_z", paths["z"]]
     # missing image
-    _assert_one_line_error(*run([*edit, "--img_path", tmp_path / "nope.png"], capsys), "nope.png", "does not exist")
+    assert_one_error_line(*run([*edit, "--img_path", tmp_path / "nope.png"], capsys), "nope.png", "does not exist")
     # a checkpoint of another architecture
     wrong = tmp_path / "wrong.pt"
     torch.save({"conv.weight": torch.zeros(3)}, wrong)
-    _assert_one_line_error(*run(["--radius", "--config", common[1], "--model_path", wrong, "--exp", tmp_path / "r",
+    assert_one_error_line(*run(["--radius", "--config", common[1], "--model_path", wrong, "--exp", tmp_path / "r",
                                  "--data_dir", root / "images"], capsys), "does not fit", "missing")
     # boundary whose shape does not fit the model
     bad = save_boundary(tmp_path / "bad_h.npz", BoundaryRecord(
         normal=np.ones(7, np.float32) / np.sqrt(7), coef=np.ones(7, np.float32), intercept=0.0, shape=(7,),
         space="h", t_0=300, n_inv_step=4))
-    _assert_one_line_error(*run(["--edit_image_boundary", *common, "--exp", tmp_path / "e", "--boundary_h", bad,
+    assert_one_error_line(*run(["--edit_image_boundary", *common, "--exp", tmp_path / "e", "--boundary_h", bad,
                                  "--boundary_z", paths["z"], "--img_path", root / "images" / "000001.png"], capsys),
                            "shape (7,)")
     # a z boundary given as h
-    _assert_one_line_error(*run(["--edit_image_boundary", *common, "--exp", tmp_path / "e", "--boundary_h", paths["z"],
+    assert_one_error_line(*run(["--edit_image_boundary", *common, "--exp", tmp_path / "e", "--boundary_h", paths["z"],
                                  "--boundary_z", paths["z"], "--img_path", root / "images" / "000001.png"], capsys),
                            "z space")
     search = ["--boundary_search", *common, "--exp", tmp_path / "s", "--data_dir", root / "images",
               "--attr_file", root / "attrs.txt", "--boundary_dir", tmp_path / "bd"]
     # unknown attribute (the message lists the names)
-    _assert_one_line_error(*run([*search, "--edit_attr", "Smiling"], capsys), "Smiling", "Bright_Left")
+    assert_one_error_line(*run([*search, "--edit_attr", "Smiling"], capsys), "Smiling", "Bright_Left")
     # labels of one class only
-    _assert_one_line_error(*run([*search, "--edit_attr", "always"], capsys), "16 positive and 0 negative")
+    assert_one_error_line(*run([*search, "--edit_attr", "always"], capsys), "16 positive and 0 negative")
     # t_0 out of range
-    _assert_one_line_error(*run([*search, "--edit_attr", "bright_left", "--t_0", 1000], capsys), "--t_0")
+    assert_one_error_line(*run([*search, "--edit_attr", "bright_left", "--t_0", 1000], capsys), "--t_0")
     assert not (tmp_path / "e").exists() and not (tmp_path / "s").exists() and not (tmp_path / "bd").exists(), \
         "a failed run left output behind"
 
@@ -210,8 +201,7 @@ def test_cli_process_exit_code_and_message(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "main.py"), "--edit_image_boundary", "--img_path",
                            str(tmp_path / "missing.png"), "--model_path", str(tmp_path / "missing.pt"),
                            "--exp", str(tmp_path / "x")], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: "), proc.stderr
+    assert_one_error_line(proc.returncode, proc.stderr)
 
 
 def test_precision_bf16_runs_and_stays_close_to_fp32(searched, capsys):
@@ -232,7 +222,7 @@ def test_precision_fp16_on_cpu_is_refused(searched, capsys):
     common, paths, root = searched
     code, err = run(["--radius", *common, "--exp", root / "fp16", "--data_dir", root / "images", "--device", "cpu",
                      "--precision", "fp16"], capsys)
-    _assert_one_line_error(code, err, "fp16 needs a CUDA GPU")
+    assert_one_error_line(code, err, "fp16 needs a CUDA GPU")
 
 
 def test_edit_without_boundary_flags_uses_the_newest_matching_boundaries(searched, capsys):
@@ -244,7 +234,7 @@ def test_edit_without_boundary_flags_uses_the_newest_matching_boundaries(searche
     assert {s: Path(b["path"]).parent for s, b in summary["boundaries"].items()} == {"h": root / "bd", "z": root / "bd"}
     code, err = run(["--unconditional", *common, "--exp", root / "auto2", "--boundary_dir", root / "bd",
                      "--edit_attr", "smiling"], capsys)
-    _assert_one_line_error(code, err, "no boundary")
+    assert_one_error_line(code, err, "no boundary")
 
 
 @pytest.mark.parametrize("mode", [["--edit_image_boundary", "--img_path", "imgs/digit_example.png"], ["--unconditional"]])
@@ -252,5 +242,5 @@ def test_discovery_without_edit_attr_refuses_to_mix_the_shipped_attributes(mode,
     """In a fresh clone every shipped boundary has the same file time: without --edit_attr the run
     must stop and list the attributes, never edit z along one and h along another."""
     code, err = run([*mode, "--exp", tmp_path, "--boundary_dir", REPO / "boundary"], capsys)
-    _assert_one_line_error(code, err, "several attributes", "slant, thick, three_vs_eight", "--edit_attr")
+    assert_one_error_line(code, err, "several attributes", "slant, thick, three_vs_eight", "--edit_attr")
     assert not any(tmp_path.iterdir())

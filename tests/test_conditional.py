@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import main as cli
-from tests.editing_setup import make_edit_setup
+from tests.helpers import make_edit_setup
 from utils.core.boundary import latent_distance
 from utils.io.boundary_files import load_boundary
 from utils.core.editing import condition_normal

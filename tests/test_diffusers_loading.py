@@ -23,7 +23,7 @@ from PIL import Image
 import main as cli
 from models.diffusers_map import diffusers_to_ddpm
 from models.loading import load_model
-from tests.conftest import REPO
+from tests.helpers import REPO, assert_one_error_line
 from utils.io.boundary_files import BoundaryRecord, save_boundary
 from utils.config import latent_shapes, parse_config
 from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
@@ -209,9 +209,7 @@ def test_cli_refuses_mismatching_folder_in_one_line(saved, tmp_path, capsys):
     folder = _folder_with_config(saved, tmp_path, norm_eps=1e-5)
     code = cli.main(["--radius", "--config", _write_small_config(tmp_path), "--model_path", str(folder),
                      "--exp", str(tmp_path / "run"), "--data_dir", str(tmp_path), "--no_cache"])
-    err = capsys.readouterr().err.strip()
-    assert code == 1 and len(err.splitlines()) == 1 and err.startswith("error: ")
-    assert "norm_eps is 1e-05 there, 1e-06 expected" in err, err
+    assert_one_error_line(code, capsys.readouterr().err, "norm_eps is 1e-05 there, 1e-06 expected")
     assert not (tmp_path / "run").exists()
 
 
@@ -229,6 +227,4 @@ def test_hub_id_offline_ends_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "main.py"), "--radius", "--config", "celeba.yml", "--model_path",
                            "hf:google/ddpm-ema-celebahq-256", "--exp", str(tmp_path / "run")],
                           env=env, capture_output=True, text=True, timeout=120)
-    err = proc.stderr.strip()
-    assert proc.returncode == 1 and len(err.splitlines()) == 1, err
-    assert err.startswith("error: ") and "hf:google/ddpm-ema-celebahq-256" in err and "--model_path" in err, err
+    assert_one_error_line(proc.returncode, proc.stderr, "hf:google/ddpm-ema-celebahq-256", "--model_path")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import max_abs
+from tests.helpers import max_abs
 from utils.core.diffusion import (alpha_bar, ddim_step, ddim_trajectory, generate, generation_pairs, invert,
                              inversion_pairs, make_alphas_cumprod, sampling_pairs, timestep_grid)
 from utils.core.mixing import radius_curves

@@ -9,7 +9,7 @@ import torch
 
 import main as cli
 from scripts import make_digits as md
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")

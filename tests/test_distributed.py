@@ -17,7 +17,7 @@ from hypothesis import given, strategies as st
 
 import main as cli
 from scripts import make_digits as md
-from tests.conftest import REPO
+from tests.helpers import REPO
 from utils import distributed as dist_utils
 from utils.distributed import SINGLE, ProcessContext, context_from_env, shard, unshard, unshard_rows
 from utils.errors import UserError

@@ -1,28 +1,22 @@
-"""Edit sequences on a tiny random UNet: the identity edit reproduces the reconstruction exactly,
-and batching never changes a result (per-edit seeded noise)."""
+"""Edit sequences on a tiny random UNet: edits set each latent's projection to its distance, the
+identity edit reproduces the reconstruction exactly, and batching never changes a result (per-edit
+seeded noise); on a constructed linear network, an edit moves the image along the normal as the
+closed form says."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.conftest import float_tolerance, max_abs, random_model, tiny_config
+from tests.helpers import float_tolerance, max_abs, tiny_net
 from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
 from utils.core.boundary import latent_distance
-from utils.core.editing import edit_sequence, reconstruct
+from utils.core.editing import edit_sequence, iter_edits, reconstruct
 from utils.core.seeds import item_seed
-
-
-def _net(model):
-    def net(x, t, h_override=None):
-        with torch.no_grad():
-            return model(x, t, h_override=h_override)
-    return net
 
 
 @pytest.fixture(scope="module", params=["ddpm", "adm"])
 def setup(request):
-    model = random_model(tiny_config(request.param), seed=11)
-    net = _net(model)
+    net = tiny_net(request.param, seed=11)
     ac = make_alphas_cumprod(0.0001, 0.02, 1000)
     grid = timestep_grid(300, 5)
     x0 = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
@@ -85,11 +79,72 @@ def test_reconstruction_injects_the_inverted_h_only_when_asked(setup, h_policy):
     assert max_abs(injected, plain) > 1e-4
 
 
-def test_edits_move_the_output(setup):
+def test_edits_set_each_latents_projection_to_its_distance(setup):
+    """z' = z + (d - z.n) n in each edited space: z'.n = d, and the part of z across the normal is kept."""
     net, ac, grid, inv, normals = setup
-    out = edit_sequence(net, inv, ac, grid, torch.tensor([-30.0, 30.0]), normals["z"], normals["h"],
-                        seeds=[1, 2], eta=0.0)
-    assert (out[0] - out[1]).abs().max() > 1e-3
+    distances = torch.tensor([-30.0, -5.0, 0.0, 12.5, 30.0], dtype=torch.float64)
+    batches = list(iter_edits(net, inv, ac, grid, distances, normals["z"], normals["h"], [list(range(5))],
+                              eta=0.0, batch_size=2))
+    assert [k for b in batches for _, k in b.items] == list(range(5))
+    for space, original in (("z", inv.z), ("h", inv.h)):
+        n = normals[space].double()
+        edited = torch.cat([getattr(b, space) for b in batches]).reshape(5, -1).double()
+        v = original.reshape(1, -1).double()
+        # Each value is rounded to float32 once or twice: an error of at most eps (|v| + |shift|)
+        # along any unit direction.
+        tol = float_tolerance(torch.float32, float(v.norm()) + 2 * float(distances.abs().max()), ulps=2)
+        projections = edited @ n
+        assert torch.allclose(projections, distances, rtol=0, atol=tol), (space, projections - distances)
+        across = edited - projections[:, None] * n
+        assert torch.allclose(across, (v - (v @ n) * n).expand_as(across), rtol=0, atol=tol), space
+    # and the network sees the moves: every distance gives another image
+    images = torch.cat([b.images for b in batches])
+    for i in range(5):
+        for j in range(i):
+            assert max_abs(images[i], images[j]) > 1e-3, (i, j)
+
+
+def _linear_net(x, t, h_override=None):
+    """A constructed network whose DDIM path is linear: eps = h_override (h has x's shape) when
+    given, else 0; its own h is 0. With eps = 0 a DDIM step from t to t' scales x by
+    sqrt(a_t' / a_t), so generating from z at eta 0 gives z / sqrt(a_{t_0})."""
+    eps = torch.zeros_like(x) if h_override is None else h_override.reshape(x.shape).to(x.dtype)
+    return eps, torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("space", ["z", "h"])
+def test_an_edit_moves_the_image_along_the_normal_by_the_distance(space):
+    """On the constructed linear network an edit's effect is known in closed form. Moving z to
+    distance d moves the image along n by (d - z.n) / sqrt(a_{t_0}); moving h (the first call's
+    eps here) to d moves it along n by c d, c = sqrt((1 - a_t1) / a_t1) - sqrt((1 - a_t0) / a_t0),
+    t1 the next grid point below t_0. Either way the image moves along n only, linearly in d."""
+    ac = make_alphas_cumprod(0.0001, 0.02, 1000)
+    grid = timestep_grid(300, 5)
+    x0 = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    inv = invert(_linear_net, x0, ac, grid)
+    n = torch.randn(3 * 16 * 16, generator=torch.Generator().manual_seed(9))
+    n = n / n.norm()
+    distances = torch.tensor([-30.0, -5.0, 0.0, 12.5, 30.0], dtype=torch.float64)
+    recon = reconstruct(_linear_net, inv, ac, grid, inject_h=space == "h")
+    out = edit_sequence(_linear_net, inv, ac, grid, distances, n if space == "z" else None,
+                        n if space == "h" else None, seeds=list(range(5)), eta=0.0)
+    a_t0, a_t1 = ac[grid[-1]], ac[grid[-2]]
+    if space == "z":
+        shift = (distances - latent_distance(inv.z, n)) / a_t0.sqrt()
+    else:
+        assert not inv.h.any()  # the network's own h is 0, so the edit sets the first eps to d n
+        shift = distances * (((1 - a_t1) / a_t1).sqrt() - ((1 - a_t0) / a_t0).sqrt())
+    expected = recon.reshape(1, -1).double() + shift[:, None] * n.double()
+    # float32 rounding of each of the len(grid) DDIM steps, at the size of the images
+    tol = float_tolerance(torch.float32, float(expected.abs().max()), ulps=4 * len(grid))
+    assert torch.allclose(out.reshape(5, -1).double(), expected, rtol=0, atol=tol), \
+        (out.reshape(5, -1).double() - expected).abs().max()
+    # Hence the image's projection on n is monotone in d: increasing for z, and for h with the
+    # sign of c (negative: a larger eps takes more of n away). For z it is d / sqrt(a_{t_0}).
+    projections = out.reshape(5, -1).double() @ n.double()
+    if space == "z":
+        assert torch.allclose(projections, distances / a_t0.sqrt(), rtol=0, atol=tol * n.numel() ** 0.5)
+    assert (projections.diff() * shift.diff() > 0).all(), projections
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

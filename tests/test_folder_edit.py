@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import main as cli
-from tests.conftest import random_model, tiny_config
-from tests.editing_setup import make_edit_setup
+from tests.helpers import make_edit_setup, tiny_net
 from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
 from utils.core.editing import edit_sequence, iter_edits
 from utils.core.seeds import item_seed
@@ -125,18 +124,9 @@ def test_contact_sheet_rows_are_thumbnails():
     assert (small.float().mean((2, 3)) - row.float().mean((2, 3))).abs().max() < 1.0
 
 
-def _tiny_net():
-    model = random_model(tiny_config("ddpm"), seed=4)
-
-    def net(x, t, h_override=None):
-        with torch.no_grad():
-            return model(x, t, h_override=h_override)
-    return net
-
-
 def test_b_by_k_edits_equal_each_image_alone():
     eta = 1.0
-    net, ac, grid = _tiny_net(), make_alphas_cumprod(0.0001, 0.02, 1000), timestep_grid(300, 4)
+    net, ac, grid = tiny_net("ddpm", seed=4), make_alphas_cumprod(0.0001, 0.02, 1000), timestep_grid(300, 4)
     x0 = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
     inv = invert(net, x0, ac, grid)
     gen = torch.Generator().manual_seed(9)
@@ -164,8 +154,8 @@ def test_b_by_k_edits_equal_each_image_alone():
 
 
 def test_edited_latents_are_made_per_batch_not_for_all_distances_at_once(monkeypatch):
-    """Memory does not grow with K: each batch moves only its own latents (issue: 100,000 edits
-    used to build all edited latents before the first denoising call)."""
+    """Memory does not grow with K: each batch moves only its own latents (not those of all K
+    distances before the first denoising call, which for 100,000 edits would not fit)."""
     import utils.core.editing as editing
 
     calls = []
@@ -176,7 +166,7 @@ def test_edited_latents_are_made_per_batch_not_for_all_distances_at_once(monkeyp
         return real(v, normal, distances)
 
     monkeypatch.setattr(editing, "edit_latents", recording)
-    net = _tiny_net()
+    net = tiny_net("ddpm", seed=4)
     ac = make_alphas_cumprod(1e-4, 2e-2, 1000)
     grid = timestep_grid(40, 3)
     inv = invert(net, torch.zeros(1, 3, 16, 16), ac, grid)

@@ -1,5 +1,5 @@
-"""Hostile inputs, round two (issue 13): run folders that are atomic, inputs never touched, every
-number checked, memory bounded. Real signals go to real processes, two real runs race, and a
+"""Hostile inputs: run folders that are atomic, inputs never touched, every number checked,
+memory bounded. Real signals go to real processes, two real runs race, and a
 full disk is a 16 KiB tmpfs where mounting is allowed, an injected ENOSPC otherwise."""
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import errno
 import io
 import json
 import os
-import re
 import signal
 import struct
 import subprocess
@@ -27,7 +26,7 @@ from PIL import Image
 
 import main as cli
 import utils.io.files
-from tests.conftest import REPO
+from tests.helpers import REPO, assert_one_error_line
 from utils.io.boundary_files import discover_boundaries, load_boundary
 from utils.core.diffusion import ddim_trajectory, make_alphas_cumprod
 from utils.errors import UserError
@@ -46,14 +45,6 @@ def _search_argv(env, exp: Path, bd: Path, *extra: str) -> list[str]:
     return ["--boundary_search", *env["common"], "--exp", str(exp), "--data_dir", str(env["images"]),
             "--attr_file", str(env["attr"]), "--edit_attr", "bright_left", "--n_train_img", "8",
             "--n_test_img", "4", "--boundary_dir", str(bd), *extra]
-
-
-def _one_error_line(err: str) -> str:
-    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()
-             and not line.startswith(("INFO", "WARNING", "DEBUG")) and not re.search(r"\d+/\d+ \[", line)]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "internal error" not in lines[0], err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _config(env, tmp_path: Path, **changes) -> str:
@@ -83,8 +74,7 @@ def test_an_input_inside_an_unfinished_folder_is_never_overwritten(env, tmp_path
         "original.png"]
     # --ni would replace the folder that holds the input: refused in one line, nothing touched
     capsys.readouterr()
-    assert cli.main([*argv, "--ni"]) == 1
-    assert "lies inside" in _one_error_line(capsys.readouterr().err)
+    assert_one_error_line(cli.main([*argv, "--ni"]), capsys.readouterr().err, "lies inside")
     assert original.read_bytes() == before
 
 
@@ -141,8 +131,7 @@ def _file(path: Path) -> str:
 def test_a_failed_run_leaves_nothing_behind(case, env, tmp_path, capsys):
     build, fragment = FAILING_RUNS[case]
     argv = [*build(env, tmp_path), "--cache_dir", str(tmp_path / "cache")]
-    assert cli.main(argv) == 1
-    assert fragment in _one_error_line(capsys.readouterr().err)
+    assert_one_error_line(cli.main(argv), capsys.readouterr().err, fragment)
     assert not (tmp_path / "exp").exists(), list((tmp_path / "exp").rglob("*"))
     assert not (tmp_path / "bd").exists()
     # the checks come before the long inversion: nothing was inverted (and cached)
@@ -187,8 +176,7 @@ def test_a_full_disk_fails_in_one_line_and_leaves_nothing(env, tmp_path, monkeyp
     with _full_disk(tmp_path, monkeypatch) as disk:
         code = cli.main(_edit_argv(env, disk / "exp", "--edit_img_number", "20", "--no_cache"))
         err = capsys.readouterr().err
-        assert code == 1, err
-        assert "No space left on device" in _one_error_line(err)
+        assert_one_error_line(code, err, "No space left on device")
         assert not (disk / "exp").exists(), list(disk.rglob("*"))
 
 
@@ -208,8 +196,7 @@ def test_a_signal_ends_a_run_cleanly(signum, env, tmp_path):
     assert proc.poll() is None, "the run ended before the signal"
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signum, err
-    assert _one_error_line(err) == "error: interrupted"
+    assert assert_one_error_line(proc.returncode, err, exit_code=128 + signum) == "error: interrupted"
     assert not exp.exists(), list(exp.rglob("*"))
     assert not (tmp_path / "bd").exists()
     assert not list(cache.rglob("*.tmp"))
@@ -224,7 +211,7 @@ def test_sigterm_while_edits_are_written_leaves_nothing(env, tmp_path):
     assert proc.poll() is None, "the run ended before the signal"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and _one_error_line(err) == "error: interrupted", err
+    assert assert_one_error_line(proc.returncode, err, exit_code=143) == "error: interrupted"
     assert not exp.exists(), list(exp.rglob("*"))
 
 
@@ -343,8 +330,7 @@ def test_run_folder_names_are_reserved_atomically(tmp_path):
 ])
 def test_config_values_are_checked_with_one_line_naming_the_key(change, key, env, tmp_path, capsys):
     argv = _edit_argv(env, tmp_path / "exp", "--config", _config(env, tmp_path, **change))
-    assert cli.main(argv) == 1
-    assert key in _one_error_line(capsys.readouterr().err)
+    assert_one_error_line(cli.main(argv), capsys.readouterr().err, key)
     assert not (tmp_path / "exp").exists()
 
 
@@ -353,14 +339,13 @@ def test_a_config_name_cannot_lead_boundary_files_out_of_boundary_dir(env, tmp_p
     config["name"] = "../escaped"
     (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
     argv = _search_argv(env, tmp_path / "exp", tmp_path / "out" / "bd", "--config", str(tmp_path / "c.yml"))
-    assert cli.main(argv) == 1
-    assert "'name'" in _one_error_line(capsys.readouterr().err)
+    assert_one_error_line(cli.main(argv), capsys.readouterr().err, "'name'")
     assert not (tmp_path / "out").exists()
 
 
 def test_seed_out_of_range_names_the_flag(env, tmp_path, capsys):
-    assert cli.main(_edit_argv(env, tmp_path / "exp", "--seed", "-1")) == 1
-    assert "--seed" in _one_error_line(capsys.readouterr().err)
+    code = cli.main(_edit_argv(env, tmp_path / "exp", "--seed", "-1"))
+    assert_one_error_line(code, capsys.readouterr().err, "--seed")
 
 
 def test_summaries_are_strict_json(tmp_path):
@@ -415,8 +400,8 @@ def test_a_png_with_fewer_rows_than_its_header_is_an_error(env, tmp_path, capsys
     (tmp_path / "short.png").write_bytes(_png_with_rows(20, 20, 10))
     (tmp_path / "full.png").write_bytes(_png_with_rows(20, 20, 20))
     assert torch.allclose(load_image(tmp_path / "full.png", 16, 3), torch.full((1, 3, 16, 16), 200 / 127.5 - 1))
-    assert cli.main(_edit_argv(env, tmp_path / "exp", "--img_path", str(tmp_path / "short.png"))) == 1
-    assert "fewer rows" in _one_error_line(capsys.readouterr().err)
+    code = cli.main(_edit_argv(env, tmp_path / "exp", "--img_path", str(tmp_path / "short.png")))
+    assert_one_error_line(code, capsys.readouterr().err, "fewer rows")
 
 
 # --------------------------------------------------------------------------- 5. memory
@@ -480,8 +465,8 @@ def test_a_boundary_field_of_the_wrong_type_is_one_line(env, tmp_path, capsys):
     arrays = dict(np.load(env["h"], allow_pickle=False))
     arrays["t_0"] = np.asarray("300")
     np.savez(tmp_path / "b.npz", **arrays)
-    assert cli.main(_edit_argv(env, tmp_path / "exp", "--boundary_h", str(tmp_path / "b.npz"))) == 1
-    assert "'t_0' must be an integer" in _one_error_line(capsys.readouterr().err)
+    code = cli.main(_edit_argv(env, tmp_path / "exp", "--boundary_h", str(tmp_path / "b.npz")))
+    assert_one_error_line(code, capsys.readouterr().err, "'t_0' must be an integer")
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -493,8 +478,8 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 def test_images_above_the_pixel_cap_are_refused(env, tmp_path, monkeypatch, capsys):
     (tmp_path / "huge.png").write_bytes(_png_header_only(12000, 12000))  # 144 megapixels declared
-    assert cli.main(_edit_argv(env, tmp_path / "exp", "--img_path", str(tmp_path / "huge.png"))) == 1
-    assert "more than the limit" in _one_error_line(capsys.readouterr().err)
+    code = cli.main(_edit_argv(env, tmp_path / "exp", "--img_path", str(tmp_path / "huge.png")))
+    assert_one_error_line(code, capsys.readouterr().err, "more than the limit")
     monkeypatch.setenv("BOUNDARYDIFFUSION_MAX_PIXELS", "100")
     with pytest.raises(UserError, match="BOUNDARYDIFFUSION_MAX_PIXELS"):
         load_image(env["img"], 16, 3)  # 16 x 16 = 256 pixels

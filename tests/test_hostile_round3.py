@@ -24,8 +24,7 @@ import yaml
 import main as cli
 import models.checkpoints as checkpoints
 from models.checkpoints import locate_weights, read_state_dict, resolve_checkpoint
-from tests.conftest import REPO, tiny_config
-from tests.test_hostile import _one_error_line
+from tests.helpers import REPO, assert_one_error_line, tiny_config
 from utils.config import load_config, parse_config
 from utils.errors import UserError
 
@@ -64,7 +63,7 @@ def test_a_mirror_that_is_not_http_is_refused_when_the_config_is_read(url, tmp_p
     argv = ["--edit_image_boundary", "--config", str(path), "--cache_dir", str(cache), "--img_path", "x.png",
             "--boundary_h", "h.npz", "--exp", str(tmp_path / "exp")]
     assert cli.main(argv) == 1
-    line = _one_error_line(capsys.readouterr().err)
+    line = assert_one_error_line(1, capsys.readouterr().err)
     assert "checkpoint.urls" in line and str(path) in line, line
     assert not cache.exists() and not (tmp_path / "exp").exists()
 
@@ -125,7 +124,7 @@ def test_a_checkpoint_file_name_must_be_a_plain_name_in_the_cache(filename, tmp_
     argv = ["--unconditional", "--config", str(path), "--cache_dir", str(tmp_path / "cache"),
             "--boundary_h", "h.npz", "--exp", str(tmp_path / "exp")]
     assert cli.main(argv) == 1
-    line = _one_error_line(capsys.readouterr().err)
+    line = assert_one_error_line(1, capsys.readouterr().err)
     assert "checkpoint.filename" in line and str(path) in line, line
 
 
@@ -235,7 +234,7 @@ def test_an_unloadable_checkpoint_never_advises_weights_only_false(kind, tmp_pat
     config.write_text(yaml.safe_dump(tiny_config("ddpm")))
     assert cli.main(["--radius", "--config", str(config), "--model_path", str(path), "--device", "cpu",
                      "--exp", str(tmp_path / "exp"), "--cache_dir", str(tmp_path / "cache")]) == 1
-    line = _one_error_line(capsys.readouterr().err)
+    line = assert_one_error_line(1, capsys.readouterr().err)
     assert "weights_only" not in line and str(path) in line, line
 
 
@@ -253,7 +252,7 @@ def test_a_huge_edit_count_is_refused_before_anything_loads(tmp_path, capsys, mo
     for count in ("100000000", "1001", "1" + "0" * 40):
         argv = ["--unconditional", "--config", str(config), "--edit_img_number", count, "--exp", str(tmp_path / "exp")]
         assert cli.main(argv) == 1
-        line = _one_error_line(capsys.readouterr().err)
+        line = assert_one_error_line(1, capsys.readouterr().err)
         assert "--edit_img_number" in line and "at most 1000" in line, line
     assert cli.build_parser().parse_args(["--radius", "--edit_img_number", "1000"]).edit_img_number == 1000
     assert not (tmp_path / "exp").exists()
@@ -310,7 +309,7 @@ def test_deeply_nested_config_json_names_file_and_field(depth, tmp_path, capsys)
     config.write_text(yaml.safe_dump(tiny_config("ddpm")))
     assert cli.main(["--radius", "--config", str(config), "--model_path", str(folder), "--device", "cpu",
                      "--exp", str(tmp_path / "exp"), "--cache_dir", str(tmp_path / "cache")]) == 1
-    line = _one_error_line(capsys.readouterr().err)
+    line = assert_one_error_line(1, capsys.readouterr().err)
     assert str(folder / "config.json") in line and "block_out_channels" in line and "Recursion" not in line, line
 
 
@@ -340,13 +339,13 @@ def test_yaml_config_with_a_huge_integer_or_deep_nesting_names_file_and_key(tail
     with pytest.raises(UserError, match=rf"hostile\.yml: key '{key}"):
         load_config(path)
     assert cli.main(["--radius", "--config", str(path), "--exp", str(tmp_path / "exp")]) == 1
-    line = _one_error_line(capsys.readouterr().err)
+    line = assert_one_error_line(1, capsys.readouterr().err)
     assert str(path) in line and "Exceeds the limit" not in line and "Recursion" not in line, line
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8, torch.complex64])
 def test_integer_or_boolean_weights_of_the_right_shapes_are_one_line(dtype, tmp_path, capsys):
-    from tests.conftest import random_model
+    from tests.helpers import random_model
 
     raw = tiny_config("ddpm")
     state = random_model(raw).state_dict()
@@ -357,7 +356,7 @@ def test_integer_or_boolean_weights_of_the_right_shapes_are_one_line(dtype, tmp_
     config.write_text(yaml.safe_dump(raw))
     assert cli.main(["--radius", "--config", str(config), "--model_path", str(path), "--device", "cpu",
                      "--exp", str(tmp_path / "exp"), "--cache_dir", str(tmp_path / "cache")]) == 1
-    line = _one_error_line(capsys.readouterr().err)
+    line = assert_one_error_line(1, capsys.readouterr().err)
     dtype_name = str(dtype).replace("torch.", "")
     assert str(path) in line and f"holds {dtype_name} values under '" in line, line
     assert not (tmp_path / "exp").exists()
@@ -365,7 +364,7 @@ def test_integer_or_boolean_weights_of_the_right_shapes_are_one_line(dtype, tmp_
 
 def test_float64_and_half_weights_still_load(tmp_path):
     from models.loading import load_model
-    from tests.conftest import random_model
+    from tests.helpers import random_model
 
     raw = tiny_config("ddpm")
     for dtype in (torch.float64, torch.float16):
@@ -523,7 +522,7 @@ def test_the_cli_refuses_a_primary_held_by_its_own_noisy_copy_in_one_line(env, t
     argv = ["--edit_image_boundary", *env["common"], "--exp", str(exp), "--img_path", str(env["img"]),
             "--boundary_z", str(env["z"]), "--edit_space", "z", "--condition_z", str(copy)]
     assert cli.main(argv) == 1
-    line = _one_error_line(capsys.readouterr().err)
+    line = assert_one_error_line(1, capsys.readouterr().err)
     assert "cannot condition the z edit" in line and "degrees" in line, line
     assert not exp.exists()
 
@@ -582,7 +581,7 @@ def test_a_rank_whose_master_port_never_answers_gives_up_after_dist_timeout_in_o
         proc.kill()
     assert silent_port.accepted, "the rank never reached the rendezvous"
     assert proc.returncode == 1, err
-    line = _one_error_line(err)
+    line = assert_one_error_line(1, err)
     assert "rank 1 of 2 could not join the process group within 2 s" in line, line
     assert f"127.0.0.1:{silent_port.port}" in line, line
     assert "frame #" not in err and "c10::" not in err, err

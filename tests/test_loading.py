@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import main as cli
 from models.loading import load_model
-from tests.conftest import REPO, random_model, tiny_config
+from tests.helpers import REPO, assert_one_error_line, random_model, tiny_config, tiny_model
 from models.checkpoints import fetch_hub, load_weights, locate_weights, resolve_checkpoint
 from utils.config import parse_config
 from utils.errors import UserError
@@ -58,7 +58,7 @@ def test_load_model_equals_build_and_load(kind, suffix, tmp_path, monkeypatch):
 
 
 def test_load_model_refuses_other_architecture_naming_keys(tmp_path):
-    torch.save(random_model(tiny_config("ddpm")).state_dict(), tmp_path / "w.pt")
+    torch.save(tiny_model("ddpm").state_dict(), tmp_path / "w.pt")
     with pytest.raises(UserError, match=r"does not fit this config's architecture: .*missing"):
         load_model(tiny_config("adm"), tmp_path / "w.pt")
 
@@ -108,9 +108,7 @@ def test_missing_huggingface_hub_is_one_line_and_exit_1(tmp_path, monkeypatch, c
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     code = cli.main(["--radius", "--config", "celeba.yml", "--model_path", "hf:google/ddpm-ema-celebahq-256",
                      "--exp", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")])
-    err = capsys.readouterr().err.strip()
-    assert code == 1 and len(err.splitlines()) == 1, err
-    assert "pip install huggingface_hub" in err and "--model_path" in err, err
+    assert_one_error_line(code, capsys.readouterr().err, "pip install huggingface_hub", "--model_path")
     assert not (tmp_path / "run").exists()
 
 

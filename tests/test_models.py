@@ -8,7 +8,7 @@ import torch
 
 from models import build_model, latent_shapes
 from models.ddpm import ddpm_timestep_embedding
-from tests.conftest import float_tolerance, random_model, read_state_dict_tsv, sinusoid_tolerance, tiny_config
+from tests.helpers import float_tolerance, random_model, read_state_dict_tsv, sinusoid_tolerance, tiny_config
 from utils.config import load_config
 
 

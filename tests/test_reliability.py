@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 import main as cli
-from tests.conftest import REPO, float_tolerance, random_model, tiny_config, write_labelled_set
+from tests.helpers import REPO, assert_one_error_line, float_tolerance, tiny_model, write_labelled_set
 from utils.io.boundary_files import BoundaryRecord, load_boundary, save_boundary
 
 
@@ -131,7 +131,7 @@ def _write(path: Path, data: bytes) -> str:
 
 
 def _other_arch(t: Path) -> str:
-    torch.save(random_model(tiny_config("adm")).state_dict(), t / "adm.pt")
+    torch.save(tiny_model("adm").state_dict(), t / "adm.pt")
     return str(t / "adm.pt")
 
 
@@ -170,11 +170,7 @@ def test_bad_input_table(case, env, tmp_path, capsys):
     before = _snapshot(env["root"]), _snapshot(inputs)
     code = cli.main(argv)
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("INFO", "WARNING"))]
-    assert code == 1, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "internal error" not in lines[0], err
-    assert "Traceback" not in err
-    assert fragment in lines[0], lines[0]
+    assert_one_error_line(code, err, fragment)
     assert not (tmp_path / "out").exists(), "a failed run left an output folder"
     assert (_snapshot(env["root"]), _snapshot(inputs)) == before, "a failed run modified files it did not create"
     leftovers = [str(p) for root in (tmp_path, env["root"]) for p in root.rglob("*.tmp")]

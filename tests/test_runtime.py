@@ -9,17 +9,16 @@ import pytest
 import torch
 
 from models.runtime import InferenceNet, cpu_flags, default_batch_size
-from tests.conftest import REPO, random_model, tiny_config
+from tests.helpers import REPO, assert_one_error_line, tiny_model, tiny_net
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "adm"])
 def test_fp32_channels_last_matches_the_plain_model(kind):
-    config = tiny_config(kind)
-    model = random_model(config)
+    model = tiny_model(kind)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref_out, ref_h = model(x, torch.tensor([300, 40]))
-    net = InferenceNet(random_model(config), "fp32", channels_last=True)
+    net = InferenceNet(tiny_model(kind), "fp32", channels_last=True)
     out, h = net(x, torch.tensor([300, 40]))
     assert out.dtype == h.dtype == torch.float32 and out.is_contiguous() and h.is_contiguous()
     for got, ref in ((out, ref_out), (h, ref_h)):
@@ -27,10 +26,9 @@ def test_fp32_channels_last_matches_the_plain_model(kind):
 
 
 def test_bf16_computes_in_bf16_and_returns_float32():
-    config = tiny_config("ddpm")
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    fp32_out, _ = InferenceNet(random_model(config), "fp32")(x, 100)
-    net = InferenceNet(random_model(config), "bf16")
+    fp32_out, _ = tiny_net("ddpm")(x, 100)
+    net = InferenceNet(tiny_model("ddpm"), "bf16")
     assert next(net.model.parameters()).dtype == torch.bfloat16
     out, h = net(x, 100)
     assert out.dtype == h.dtype == torch.float32
@@ -39,8 +37,7 @@ def test_bf16_computes_in_bf16_and_returns_float32():
 
 
 def test_h_override_is_cast_to_the_compute_dtype():
-    config = tiny_config("ddpm")
-    net = InferenceNet(random_model(config), "bf16")
+    net = InferenceNet(tiny_model("ddpm"), "bf16")
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     _, h = net(x, 100)
     out_same, _ = net(x, 100, h_override=h)
@@ -49,7 +46,7 @@ def test_h_override_is_cast_to_the_compute_dtype():
 
 
 def test_unknown_or_unsupported_precision_is_refused():
-    model = random_model(tiny_config("ddpm"))
+    model = tiny_model("ddpm")
     with pytest.raises(ValueError, match="unknown precision"):
         InferenceNet(model, "fp8")
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
@@ -94,9 +91,9 @@ def test_main_retains_freed_memory_before_any_work(monkeypatch, tmp_path, capsys
 
     calls = []
     monkeypatch.setattr(runtime, "retain_freed_memory", lambda: calls.append("retain") or True)
-    assert cli.main(["--boundary_search", "--config", str(tmp_path / "missing.yml")]) == 1
+    code = cli.main(["--boundary_search", "--config", str(tmp_path / "missing.yml")])
     assert calls == ["retain"]
-    assert capsys.readouterr().err.startswith("error: ")
+    assert_one_error_line(code, capsys.readouterr().err, "missing.yml")
 
 
 def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):
@@ -120,8 +117,8 @@ def test_bf16_warns_once_where_it_is_emulated(monkeypatch, caplog, flags, warns)
     try:
         with caplog.at_level("WARNING", logger="models.runtime"):
             for _ in range(2):
-                InferenceNet(random_model(tiny_config("ddpm")), "bf16")
-            InferenceNet(random_model(tiny_config("ddpm")), "fp32")
+                InferenceNet(tiny_model("ddpm"), "bf16")
+            tiny_net("ddpm")
         messages = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
         assert len(messages) == (1 if warns else 0), messages
     finally:

@@ -6,9 +6,11 @@ import pickle
 
 import numpy as np
 import pytest
+import yaml
 from sklearn.svm import SVC
 
 from scripts.boundary_tools import main as tools_main
+from tests.helpers import tiny_config
 from utils.errors import UserError
 from utils.io.sav_import import read_sav
 
@@ -38,8 +40,6 @@ def test_genuine_sav_converts_to_the_unit_normal(tmp_path, protocol):
 
 
 def test_import_sav_and_export_npy_through_the_tool(tmp_path, capsys):
-    from tests.conftest import tiny_config
-    import yaml
     cfg = tmp_path / "tiny.yml"
     cfg.write_text(yaml.safe_dump(tiny_config("ddpm")))
     svm = _svc(32 * 8 * 8)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # Spelled in pieces so that this file does not match itself. The plain word "shared" is fine
 # ("pieces shared by every network"); a path to the sibling folder is not.
