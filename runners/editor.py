@@ -87,14 +87,18 @@ class EditPlan:
     h_policy: HPolicy = "lagged"
     seed: int = 1234
     batch_size: int = 8
+    #: the h space's own K distances (an ``auto`` range); None: h takes ``distances`` too
+    h_distances: tuple[float, ...] | None = None
 
     @staticmethod
     def spaced(start: float, end: float, k: int) -> tuple[float, ...]:
         """K distances evenly spaced from ``start`` to ``end`` (float64, as the CLI spaces them)."""
         return tuple(torch.linspace(start, end, k, dtype=torch.float64).tolist())
 
-    def distance_tensor(self) -> Tensor:
-        return torch.tensor(self.distances, dtype=torch.float64)
+    def distance_tensor(self, space: Space = "z") -> Tensor:
+        """The K distances of ``space``, float64."""
+        chosen = self.h_distances if space == "h" and self.h_distances is not None else self.distances
+        return torch.tensor(chosen, dtype=torch.float64)
 
     def seeds(self, seed_keys: Sequence[tuple[int, ...]], iteration: int = 0) -> list[list[int]]:
         """B rows of K seeds: edit k of image b in this iteration (the documented rule)."""
@@ -322,7 +326,8 @@ class Editor:
         with self.net.progress(calls, "editing" if iteration == 0 else f"editing, iteration {iteration + 1}"):
             for batch in iter_edits(self.net, on_device, self.alphas_cumprod, grid, plan.distance_tensor(),
                                     directions.normal("z"), directions.normal("h"), plan.seeds(seed_keys, iteration),
-                                    eta=plan.eta, h_policy=plan.h_policy, batch_size=plan.batch_size):
+                                    eta=plan.eta, h_policy=plan.h_policy, batch_size=plan.batch_size,
+                                    h_distances=plan.distance_tensor("h")):
                 yield EditBatch(batch.items, batch.images.cpu(), batch.z.cpu(),
                                 None if batch.h is None else batch.h.cpu())
 

@@ -41,12 +41,14 @@ class EditBatch:
 
 def iter_edits(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int], distances: Tensor,
                normal_z: Tensor | None, normal_h: Tensor | None, seeds: Sequence[Sequence[int]],
-               eta: float = 1.0, h_policy: HPolicy = "lagged", batch_size: int = 8) -> Iterator[EditBatch]:
+               eta: float = 1.0, h_policy: HPolicy = "lagged", batch_size: int = 8,
+               h_distances: Tensor | None = None) -> Iterator[EditBatch]:
     """Edit B latent pairs to K distances each, denoising the B x K edits in batches that mix images
     and distances (image-major: all of image 0's edits, then image 1's, ...), and yield each batch
     as soon as it is denoised, so that callers write results while later edits are denoised.
 
-    inversion: z (B, C, H, W), h (B, C_mid, H_mid, W_mid); distances: (K,); normal_z: (C*H*W,) or
+    inversion: z (B, C, H, W), h (B, C_mid, H_mid, W_mid); distances: (K,), the d_k of edit k (in both
+    spaces, unless ``h_distances`` (K,) gives the h space its own, e.g. an ``auto`` range); normal_z: (C*H*W,) or
     None (z left as is); normal_h: (C_mid*H_mid*W_mid,) or None (no h override); seeds: B rows of K
     seeds; edit (b, k) draws its noise from its own generator seeded with seeds[b][k], so results do
     not depend on ``batch_size`` nor on which other images share the run. Memory: one batch of
@@ -58,21 +60,25 @@ def iter_edits(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Seq
         raise ValueError(f"seeds must be {n_images} rows of {k_total}, got {[len(r) for r in seeds]}")
     batch_size = min(batch_size, n_images * k_total)  # a single edit runs alone, like the reconstruction
 
-    def edited(latent: Tensor, normal: Tensor | None, items: list[tuple[int, int]]) -> Tensor:
+    h_distances = distances if h_distances is None else h_distances
+    if len(h_distances) != k_total:
+        raise ValueError(f"h_distances must hold {k_total} values like distances, got {len(h_distances)}")
+
+    def edited(latent: Tensor, normal: Tensor | None, items: list[tuple[int, int]], targets: Tensor) -> Tensor:
         # The chunk's edited latents, image by image: as a single-image run computes them.
         if normal is None:
             return torch.stack([latent[b] for b, _ in items])
         parts = []
         for b in dict.fromkeys(b for b, _ in items):
             ks = [k for i, k in items if i == b]
-            parts.append(edit_latents(latent[b:b + 1], normal, distances[ks])[0])
+            parts.append(edit_latents(latent[b:b + 1], normal, targets[ks])[0])
         return torch.cat(parts)
 
     for chunk in batch_slices(n_images * k_total, batch_size):
         items = [divmod(i, k_total) for i in range(chunk.start, chunk.stop)]
         n = len(items)
-        z_edit = edited(inversion.z, normal_z, items)
-        h_edit = None if normal_h is None else edited(inversion.h, normal_h, items)
+        z_edit = edited(inversion.z, normal_z, items, distances)
+        h_edit = None if normal_h is None else edited(inversion.h, normal_h, items, h_distances)
         z = pair_lone(z_edit, batch_size)
         h = None if h_edit is None else pair_lone(h_edit, batch_size)
         generators = [torch.Generator().manual_seed(int(seeds[b][k])) for b, k in items] if eta > 0 else None
