@@ -16,12 +16,13 @@ from tqdm import tqdm
 
 from models.loading import load_model
 from models.runtime import InferenceNet
-from utils.core.boundary import fit_boundary, hyperplane_distances, latent_distance, split_indices
+from utils.core.boundary import class_summary, fit_boundary_rows, latent_distance, split_indices
 from utils.io.boundary_files import BoundaryRecord, boundary_path, load_boundary, save_boundary
 from models.checkpoints import default_cache_dir
 from utils.config import Config
 from utils.io.datasets import check_two_classes, from_attr_file, from_folders
-from utils.distributed import SINGLE, ProcessContext, broadcast_from_main, gather_to_main, shard, unshard, unshard_rows
+from utils.distributed import (SINGLE, ProcessContext, broadcast_from_main, gather_to_main, gram_across_ranks, shard,
+                               unshard, unshard_rows)
 from utils.core.diffusion import Inversion, invert, sample_latents, sampling_pairs, timestep_grid
 from utils.core.editing import batch_slices, condition_normal, image_key, item_seed, iter_edits, pair_lone, reconstruct
 from utils.errors import UserError
@@ -342,8 +343,33 @@ class BoundaryDiffusion:
             # Before the long inversion (which reads every image first): the boundaries can be written.
             self._folder.created_dirs(check_writable_dir(boundary_dir))
         start = time.perf_counter()
-        latents, sharding = self._invert_sharded(paths, args.bs_train, "inverting")
+        if self.cache is None:  # nothing to stream from: rank 0 holds every latent (n x D)
+            latents, sharding = self._invert_sharded(paths, args.bs_train, "inverting")
+            rows = None if latents is None else {s: lambda a, b, s=s: getattr(latents, s)[a:b] for s in ("h", "z")}
+            keys = None
+        else:
+            # Each rank inverts its shard into the cache a chunk at a time and keeps only the keys:
+            # the fit reads the latents back from the cache block by block, so no process ever
+            # holds n x D values (utils/core/gram.py, utils/distributed.py).
+            share, keys, hits = shard(paths, self.process.rank, self.process.world_size), [], 0
+            chunk = args.bs_train * max(1, 256 // args.bs_train)
+            for part in (share[i:i + chunk] for i in range(0, len(share), chunk)):
+                keys += [self.cache.key(self._load(p)[0]) for p in part]
+                hits += self._invert_counted(part, args.bs_train, "inverting" if self.process.world_size == 1 else
+                                             f"inverting (rank {self.process.rank}/{self.process.world_size})")[1]
+            parts = gather_to_main((keys, hits), self.process)
+            keys = broadcast_from_main(None if parts is None else unshard([p[0] for p in parts]), self.process)
+            sharding = {} if parts is None else {"world_size": self.process.world_size,
+                                                 "images_per_rank": [len(p[0]) for p in parts],
+                                                 "cache_hits_per_rank": [p[1] for p in parts]}
+            rows = {s: self.cache.rows(keys, s, self.shapes[s])[0] for s in ("h", "z")}
         invert_seconds = time.perf_counter() - start
+        grams = {}
+        for space in ("h", "z") if keys is not None and self.process.world_size > 1 else ():
+            # Every rank computes its share of the Gram matrices, rank 0 gets them (a single process
+            # computes one space's at a time in fit_boundary_rows: the same tiles, the same K).
+            grams[space] = gram_across_ranks(rows[space], n_train, int(np.prod(self.shapes[space])), self.process,
+                                             self.device)
         if not self.process.is_main:  # rank 0 fits and writes everything
             return {}
         y_train, y_test = data.labels[train_idx], data.labels[test_idx]
@@ -353,17 +379,21 @@ class BoundaryDiffusion:
                    "test_images": [str(data.paths[i]) for i in test_idx], **self._identity(), "spaces": {}}
         records, report = {}, {}
         for space in ("h", "z"):
-            flat = getattr(latents, space).reshape(len(latents.z), -1).double().numpy()
-            boundary = fit_boundary(flat[:len(train_idx)], y_train, flat[len(train_idx):], y_test)
-            distances = hyperplane_distances(flat, boundary)
-            report[space] = {"train": (distances[:len(train_idx)], y_train), "test": (distances[len(train_idx):], y_test),
+            dim, read = int(np.prod(self.shapes[space])), rows[space]
+            fit = fit_boundary_rows((read, n_train, dim), y_train,
+                                    (lambda a, b, read=read: read(n_train + a, n_train + b), len(test_idx), dim), y_test,
+                                    C=args.svm_c, device=self.device, gram=grams.get(space))
+            boundary = fit.boundary
+            report[space] = {"train": (fit.train_distances, y_train), "test": (fit.test_distances, y_test),
                              "train_acc": boundary.train_acc, "test_acc": boundary.test_acc}
             records[space] = BoundaryRecord.from_boundary(
                 boundary, shape=self.shapes[space], space=space, t_0=args.t_0, n_inv_step=args.n_inv_step,
                 attribute=attribute, n_train=len(train_idx), n_test=len(test_idx),
                 n_pos=int(data.labels[np.concatenate([train_idx, test_idx])].sum()),
                 n_neg=int((data.labels[np.concatenate([train_idx, test_idx])] == 0).sum()),
-                config_name=self.config.name, checkpoint_sha256=self.checkpoint_sha256)
+                config_name=self.config.name, checkpoint_sha256=self.checkpoint_sha256,
+                class_summary={"train": class_summary(fit.train_distances, y_train),
+                               "test": class_summary(fit.test_distances, y_test)})
         for space, record in records.items():  # written last, and removed again if the run fails after all
             name = f"{self.config.name}_{_slug(attribute)}_t{args.t_0}_{space}"
             path = save_boundary(boundary_path(boundary_dir, name), record, overwrite=args.ni)

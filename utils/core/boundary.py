@@ -179,3 +179,29 @@ def hyperplane_distances(latents: np.ndarray, boundary: Boundary) -> np.ndarray:
     x = np.asarray(latents, dtype=np.float64).reshape(len(latents), -1)
     w = np.asarray(boundary.coef, dtype=np.float64).reshape(-1)
     return (x @ w + boundary.intercept) / np.linalg.norm(w)
+
+
+#: The statistics of a class summary, in the order files store them.
+SUMMARY_STATS = ("mean", "std", "p5", "p50", "p95")
+
+
+def class_summary(distances: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, float]]:
+    """Where each class lies along a boundary: {'neg': {...}, 'pos': {...}}, each with the mean,
+    standard deviation and 5th/50th/95th percentiles of its distances (nan for an empty class).
+
+    distances: (N,) signed distances (e.g. ``BoundaryFit.train_distances``); labels: (N,) in
+    {0, 1} or {-1, 1}."""
+    d = np.asarray(distances, dtype=np.float64).reshape(-1)
+    y = _binary(labels) if len(d) else np.zeros(0, dtype=np.int64)
+    if len(y) != len(d):
+        raise ValueError(f"{len(d)} distances but {len(y)} labels")
+    summary = {}
+    for name, cls in (("neg", 0), ("pos", 1)):
+        v = d[y == cls]
+        if len(v) == 0:
+            summary[name] = dict.fromkeys(SUMMARY_STATS, float("nan"))
+            continue
+        p5, p50, p95 = np.percentile(v, [5, 50, 95])
+        summary[name] = {"mean": float(v.mean()), "std": float(v.std()), "p5": float(p5), "p50": float(p50),
+                         "p95": float(p95)}
+    return summary

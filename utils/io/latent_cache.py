@@ -11,10 +11,13 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from utils.core.diffusion import Inversion
+from utils.core.gram import Reader
+from utils.errors import UserError
 from utils.io.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -70,3 +73,31 @@ class LatentCache:
             self.writable = False
             reason = " ".join(str(exc).split())[:200]
             log.warning("the latent cache %s cannot be written (%s); going on without it", self.root, reason)
+
+    def rows(self, keys: Sequence[str], space: str, shape: tuple[int, ...]) -> tuple[Reader, int, int]:
+        """A row reader over the ``space`` ('z' or 'h') latents of cached entries, in the order of
+        ``keys``: (read, N, D) for utils.core.gram, read(start, stop) -> (stop - start, D) float32.
+
+        Entries are memory-mapped, so a read touches only that space's values and holds just the
+        rows asked for; the whole set is never in memory. For entries this run has just cached
+        (and checked): one that is gone or does not fit ``shape`` is a UserError.
+        """
+        dim = 1
+        for s in shape:
+            dim *= int(s)
+
+        def read(start: int, stop: int) -> torch.Tensor:
+            out = torch.empty((stop - start, dim), dtype=torch.float32)
+            for i, key in enumerate(keys[start:stop]):
+                path = self._path(key)
+                try:
+                    value = torch.load(path, map_location="cpu", weights_only=True, mmap=True)[space]
+                except Exception as exc:  # a vanished or damaged entry, whatever the error
+                    raise UserError(f"the latent cache entry {path} cannot be read ({type(exc).__name__}); "
+                                    "rerun the same command to recompute it") from None
+                if tuple(value.shape) != tuple(shape):
+                    raise UserError(f"the latent cache entry {path} holds {space} of shape {tuple(value.shape)}, "
+                                    f"not {tuple(shape)}; rerun the same command to recompute it")
+                out[i] = value.reshape(-1)
+            return out
+        return read, len(keys), dim
