@@ -65,24 +65,7 @@ search() {  # search LAUNCH... : the digits boundary search into OUT/<tag>
         --attr_file "$DATA/data/digits/list_attr_digits.txt" --edit_attr thick $SEARCH --t_0 200 \
         --device "$DEVICE" --exp "$OUT/$tag/run" --boundary_dir "$OUT/$tag/bd" --cache_dir "$OUT/$tag/cache" --ni
 }
-compare() {
-    "$PY" - "$OUT/single/bd" "$OUT/torchrun/bd" <<'EOF'
-import sys
-from pathlib import Path
-import numpy as np
-from utils.io.boundary_files import load_boundary
-worst, files = 0.0, sorted(Path(sys.argv[1]).glob("*.npz"))
-if len(files) != 2:
-    sys.exit(f"expected the h and z boundaries of the single-process run, found {len(files)} files")
-for a in files:
-    x, y = load_boundary(a), load_boundary(Path(sys.argv[2]) / a.name)
-    diff = float(np.abs(x.normal - y.normal).max())
-    worst = max(worst, diff)
-    print(f"{a.name}: max |normal difference| {diff:.2e}, test acc {x.test_acc:.3f} / {y.test_acc:.3f}")
-print(f"worst {worst:.2e}")
-sys.exit(0 if worst <= 1e-6 else 1)
-EOF
-}
+compare() { "$PY" -m scripts.compare_boundaries "$OUT/single/bd" "$OUT/torchrun/bd" --tol 1e-6 --minimum 2; }
 # timeout runs programs, not shell functions: the helpers run in a child bash that inherits them.
 export -f search compare
 export PY OUT DATA DEVICE SEARCH
