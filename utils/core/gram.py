@@ -31,7 +31,7 @@ from sklearn.svm import SVC
 Reader = Callable[[int, int], "np.ndarray | torch.Tensor"]
 
 #: Default float64 bytes of one panel; the column blocks are a quarter of it.
-PANEL_BYTES = 256 << 20
+PANEL_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,11 @@ def _load(read: Reader, start: int, stop: int, out: torch.Tensor) -> torch.Tenso
         raise ValueError(f"the reader returned rows of shape {tuple(rows.shape)} for [{start}, {stop}) "
                          f"of {out.shape[1]} values")
     view = out[:stop - start]
-    view.copy_(rows)
+    if view.device.type == "cpu" and rows.dtype in (torch.float16, torch.float32, torch.float64):
+        # numpy converts in one thread; torch's threaded copy stalls when the CPU is shared.
+        np.copyto(view.numpy(), rows.numpy(), casting="same_kind")
+    else:
+        view.copy_(rows)
     return view
 
 

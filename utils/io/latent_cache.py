@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from utils.core.diffusion import Inversion
@@ -78,26 +79,26 @@ class LatentCache:
         """A row reader over the ``space`` ('z' or 'h') latents of cached entries, in the order of
         ``keys``: (read, N, D) for utils.core.gram, read(start, stop) -> (stop - start, D) float32.
 
-        Entries are memory-mapped, so a read touches only that space's values and holds just the
-        rows asked for; the whole set is never in memory. For entries this run has just cached
+        A read holds just the rows asked for (and one entry as loaded); the whole set is never in memory. For entries this run has just cached
         (and checked): one that is gone or does not fit ``shape`` is a UserError.
         """
         dim = 1
         for s in shape:
             dim *= int(s)
 
-        def read(start: int, stop: int) -> torch.Tensor:
-            out = torch.empty((stop - start, dim), dtype=torch.float32)
+        def read(start: int, stop: int) -> np.ndarray:
+            out = np.empty((stop - start, dim), dtype=np.float32)
             for i, key in enumerate(keys[start:stop]):
                 path = self._path(key)
                 try:
-                    value = torch.load(path, map_location="cpu", weights_only=True, mmap=True)[space]
+                    value = torch.load(path, map_location="cpu", weights_only=True)[space]
                 except Exception as exc:  # a vanished or damaged entry, whatever the error
                     raise UserError(f"the latent cache entry {path} cannot be read ({type(exc).__name__}); "
                                     "rerun the same command to recompute it") from None
                 if tuple(value.shape) != tuple(shape):
                     raise UserError(f"the latent cache entry {path} holds {space} of shape {tuple(value.shape)}, "
                                     f"not {tuple(shape)}; rerun the same command to recompute it")
-                out[i] = value.reshape(-1)
+                # numpy's single-threaded copy: torch's threaded one of a lone row costs far more on a busy CPU.
+                out[i] = value.reshape(-1).float().numpy()  # .float(): bf16 has no numpy type
             return out
         return read, len(keys), dim
