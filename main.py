@@ -61,6 +61,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = _finite_float(text)
     if value < 0:
@@ -125,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--neg_dir", type=Path, default=None, help="folder of negative images")
     data.add_argument("--n_train_img", type=_positive_int, default=100, help="images to fit the SVMs on")
     data.add_argument("--n_test_img", type=_positive_int, default=100, help="held-out images to report accuracy on")
+    data.add_argument("--svm_c", type=_positive_float, default=1.0,
+                      help="the linear SVM's C (hinge-loss weight against the margin), as sklearn's SVC; default 1")
     data.add_argument("--bs_train", type=_positive_int, default=None, help="inversion batch size (default: 1 for 256-px models on the CPU, else 8)")
     data.add_argument("--bs_test", type=_positive_int, default=None, help="batch size of the radius analysis (default: 1 for 256-px models on the CPU, else 8)")
     data.add_argument("--boundary_dir", type=Path, default=Path("boundary"), help="where boundary files are written")

@@ -18,10 +18,12 @@ from models.loading import LoadedModel
 from runners.editor import Directions, Editor, ImageReader
 from runners.outputs import SequenceWriter, folder_names, write_contact_sheet, write_summary
 from runners.settings import Settings
-from utils.core.boundary import fit_boundary, hyperplane_distances, split_indices
+from utils.core.batching import batch_slices
+from utils.core.boundary import class_summary, fit_boundary_rows, split_indices
 from utils.core.diffusion import Inversion, sampling_pairs
 from utils.core.seeds import image_key, item_seed
-from utils.distributed import SINGLE, ProcessContext, broadcast_from_main, gather_to_main, shard, unshard, unshard_rows
+from utils.distributed import (SINGLE, ProcessContext, broadcast_from_main, gather_to_main, gram_across_ranks, shard,
+                               unshard, unshard_rows)
 from utils.errors import UserError
 from utils.io.boundary_files import BoundaryRecord, boundary_path, save_boundary
 from utils.io.datasets import check_two_classes, from_attr_file, from_folders
@@ -70,21 +72,32 @@ class BoundaryDiffusion:
                  self.editor.model.checkpoint, cache.root if cache else None]
         return [Path(p) for p in paths if p]
 
-    def _invert_sharded(self, paths: Sequence[Path], reader: ImageReader) -> tuple[Inversion | None, dict]:
-        """The latents of the images at ``paths``, each rank reading and inverting (and caching) its
-        shard; rank 0 gets them all in order, the other ranks None. Also {"world_size",
-        "images_per_rank", "cache_hits_per_rank"}, complete on rank 0."""
-        rank, world_size = self.process.rank, self.process.world_size
-        share = [reader.read(p) for p in shard(list(paths), rank, world_size)]
-        stacked = torch.stack(share) if share else torch.empty((0, *self.editor.shapes["z"]))
-        mine, hits = self.editor.invert(stacked, self.settings.bs_train,
-                                        "inverting" if world_size == 1 else f"inverting (rank {rank}/{world_size})")
+    def _latent_rows(self, paths: Sequence[Path], reader: ImageReader) -> tuple[dict, dict]:
+        """The latents of the images at ``paths`` as row readers {space: read(start, stop) -> (rows, D)
+        float32} in the order of ``paths``, each rank reading and inverting its shard (images r, r + W,
+        ...). With the latent cache, each rank inverts into the cache a chunk at a time and every
+        rank gets the cache keys of all images: the rows are read back block by block, so no process
+        holds n x D values. Without it, rank 0 gathers every latent (the other ranks get no rows).
+        Also {"world_size", "images_per_rank", "cache_hits_per_rank"}, complete on rank 0."""
+        rank, world_size, editor = self.process.rank, self.process.world_size, self.editor
+        desc = "inverting" if world_size == 1 else f"inverting (rank {rank}/{world_size})"
+        share, mine, hits = shard(list(paths), rank, world_size), [], 0
+        for chunk in batch_slices(len(share), self.settings.bs_train * max(1, 256 // self.settings.bs_train)):
+            images = torch.stack([reader.read(p) for p in share[chunk]])
+            latents, cached = editor.invert(images, self.settings.bs_train, desc)
+            hits += cached
+            mine += [editor.cache.key(image) for image in images] if editor.cache else [latents]
         parts = gather_to_main((mine, hits), self.process)
+        sharding = {} if parts is None else {"world_size": world_size, "images_per_rank": [len(p[0]) for p in parts],
+                                             "cache_hits_per_rank": [p[1] for p in parts]}
+        if editor.cache is not None:
+            keys = broadcast_from_main(None if parts is None else unshard([p[0] for p in parts]), self.process)
+            return {s: editor.cache.rows(keys, s, editor.shapes[s])[0] for s in ("h", "z")}, sharding
         if parts is None:
-            return None, {}
-        latents = Inversion(z=unshard_rows([p[0].z for p in parts]), h=unshard_rows([p[0].h for p in parts]))
-        return latents, {"world_size": world_size, "images_per_rank": [len(p[0].z) for p in parts],
-                         "cache_hits_per_rank": [p[1] for p in parts]}
+            return {}, sharding
+        latents = [Inversion(torch.cat([b.z for b in p[0]]), torch.cat([b.h for b in p[0]])) for p in parts]
+        stacked = {s: unshard_rows([getattr(part, s) for part in latents]).flatten(1).numpy() for s in ("h", "z")}
+        return {s: (lambda a, b, x=x: x[a:b]) for s, x in stacked.items()}, sharding
 
     def _edit_sequences(self, folders: Sequence[Path], latents: Inversion, directions: Directions,
                         first_images: Sequence[dict[str, Tensor]], seed_keys: Sequence[tuple[int, ...]],
@@ -138,9 +151,13 @@ class BoundaryDiffusion:
         if folder is not None:  # before the long inversion: the boundaries can be written
             folder.created_dirs(check_writable_dir(Path(s.boundary_dir)))
         start = time.perf_counter()
-        latents, sharding = self._invert_sharded([data.paths[i] for i in order],
-                                                 ImageReader.for_config(config, align_face=False))
+        rows, sharding = self._latent_rows([data.paths[i] for i in order], ImageReader.for_config(config, align_face=False))
         invert_seconds = time.perf_counter() - start
+        dims = {space: int(np.prod(self.editor.shapes[space])) for space in ("h", "z")}
+        # Under torchrun every rank computes its share of each Gram matrix, rank 0 gets them (a single
+        # process computes the same tiles in fit_boundary_rows: the same K).
+        grams = {space: gram_across_ranks(rows[space], n_train, dims[space], self.process, self.editor.device)
+                 for space in ("h", "z")} if self.process.world_size > 1 and self.editor.cache else {}
         if folder is None:  # rank 0 fits and writes everything
             return {}
         y_train, y_test = data.labels[train_idx], data.labels[test_idx]
@@ -150,16 +167,19 @@ class BoundaryDiffusion:
                    "test_images": [str(data.paths[i]) for i in test_idx], **self.editor.identity(), "spaces": {}}
         records, report = {}, {}
         for space in ("h", "z"):
-            flat = getattr(latents, space).reshape(len(latents.z), -1).double().numpy()
-            boundary = fit_boundary(flat[:len(train_idx)], y_train, flat[len(train_idx):], y_test)
-            distances = hyperplane_distances(flat, boundary)
-            report[space] = {"train": (distances[:len(train_idx)], y_train), "test": (distances[len(train_idx):], y_test),
-                             "train_acc": boundary.train_acc, "test_acc": boundary.test_acc}
+            read, dim = rows[space], dims[space]
+            fit = fit_boundary_rows((read, n_train, dim), y_train,
+                                    (lambda a, b, read=read: read(n_train + a, n_train + b), n_test, dim), y_test,
+                                    C=s.svm_c, device=self.editor.device, gram=grams.get(space))
+            report[space] = {"train": (fit.train_distances, y_train), "test": (fit.test_distances, y_test),
+                             "train_acc": fit.boundary.train_acc, "test_acc": fit.boundary.test_acc}
             records[space] = BoundaryRecord.from_boundary(
-                boundary, shape=self.editor.shapes[space], space=space, t_0=s.t_0, n_inv_step=s.n_inv_step,
-                attribute=attribute, n_train=len(train_idx), n_test=len(test_idx),
+                fit.boundary, shape=self.editor.shapes[space], space=space, t_0=s.t_0, n_inv_step=s.n_inv_step,
+                attribute=attribute, n_train=n_train, n_test=n_test,
                 n_pos=int(data.labels[order].sum()), n_neg=int((data.labels[order] == 0).sum()),
-                config_name=config.name, checkpoint_sha256=self.editor.model.checkpoint_sha256)
+                config_name=config.name, checkpoint_sha256=self.editor.model.checkpoint_sha256,
+                class_summary={"train": class_summary(fit.train_distances, y_train),
+                               "test": class_summary(fit.test_distances, y_test)})
         for space, record in records.items():  # written last, and removed again if the run fails after all
             name = f"{config.name}_{_slug(attribute)}_t{s.t_0}_{space}"
             path = save_boundary(boundary_path(s.boundary_dir, name), record, overwrite=s.ni)

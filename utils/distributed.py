@@ -10,7 +10,16 @@ item, also when a resumed run finds part of the items cached) and put back into 
 on rank 0 with ``gather_to_main`` + ``unshard``. Collectives wait at most the process group's
 timeout; a lost peer or a timeout becomes a ``ConnectionError`` (an ``OSError``) naming the rank, which ``main.py``
 prints as one line.
+
+A boundary search's Gram matrix K = X X^T (utils/core/gram.py) is split by panels of rows:
+``gram_across_ranks`` has rank r compute the tiles of ``panel_share(n_panels, r, W)``, reading its
+rows from the latent cache, into an (N, N) float64 matrix that is zero elsewhere; a sum-reduce
+puts the whole K on rank 0, which alone solves the SVM and reads the rows again for the normal
+and the test distances. Every tile is computed by exactly one rank and added to zeros, so K (and
+with it every boundary) equals a single process's bit for bit. Each rank holds one N x N float64
+matrix (on the GPU as well under nccl, for the reduce), one panel and one column block.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +30,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
+import numpy as np
 import torch
 
+from utils.core.gram import Reader, gram_panels, panel_bounds, panel_rows_for, panel_share, symmetrize
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -229,6 +240,28 @@ def broadcast_from_main(obj: Any, process: ProcessContext) -> Any:
     with _collective(process, "receiving the run folder"):
         dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gram_across_ranks(read: Reader, n: int, dim: int, process: ProcessContext, device: torch.device | str = "cpu",
+                      panel_rows: int | None = None) -> np.ndarray | None:
+    """K = X X^T, (n, n) float64, computed by all ranks of the job (module docstring) and returned
+    on rank 0; None on the others. A single process computes it alone."""
+    panel_rows = panel_rows or panel_rows_for(dim)
+    mine = panel_share(len(panel_bounds(n, panel_rows)), process.rank, process.world_size)
+    K = gram_panels(read, n, dim, mine, panel_rows=panel_rows, device=device)
+    if process.launched and process.world_size > 1:
+        import torch.distributed as dist
+
+        device = torch.device(device)
+        # nccl reduces GPU tensors only; on the CPU the reduce writes straight into K.
+        buf = torch.from_numpy(K).to(device) if device.type == "cuda" else torch.from_numpy(K)
+        with _collective(process, "summing the Gram matrix"):
+            dist.reduce(buf, dst=0, op=dist.ReduceOp.SUM)
+        if not process.is_main:
+            return None
+        if device.type == "cuda":
+            K = buf.cpu().numpy()
+    return symmetrize(K, panel_rows)
 
 
 @contextlib.contextmanager

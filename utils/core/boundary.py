@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.svm import SVC
+
+from utils.core.gram import Reader, array_reader, gram_matrix, row_dots, solve_dual, weighted_row_sum
 
 
 @dataclass(frozen=True)
@@ -34,29 +35,65 @@ def split_indices(n: int, n_train: int, n_test: int, rng: np.random.Generator) -
     return np.sort(order[:n_train]), np.sort(order[n_train:n_train + n_test])
 
 
-def fit_boundary(train_latents: np.ndarray, train_labels: np.ndarray,
-                 test_latents: np.ndarray | None = None, test_labels: np.ndarray | None = None) -> Boundary:
-    """Fit ``SVC(kernel='linear')`` (C = 1, raw features) to separate labels 1 (positive) from 0.
+@dataclass(frozen=True)
+class BoundaryFit:
+    """A fitted boundary and the signed hyperplane distances (w.x + b) / ||w|| of its training
+    and test rows, (N_train,) and (N_test,) float64 (what ``hyperplane_distances`` gives)."""
+    boundary: Boundary
+    train_distances: np.ndarray
+    test_distances: np.ndarray
 
-    train_latents: (N, D) or (N, ...) (flattened); train_labels: (N,) in {0, 1} or {-1, 1}.
+
+def fit_boundary(train_latents: np.ndarray, train_labels: np.ndarray,
+                 test_latents: np.ndarray | None = None, test_labels: np.ndarray | None = None, *,
+                 C: float = 1.0, device: torch.device | str = "cpu") -> Boundary:
+    """The hyperplane of ``SVC(kernel='linear', C=C)`` (hinge loss, raw features) separating
+    labels 1 (positive) from 0, solved through the Gram matrix (utils/core/gram.py).
+
+    train_latents: (N, D) or (N, ...) (flattened), any float dtype, numpy or torch; never copied
+    whole to float64 (memory: the latents, N^2 float64, a panel); train_labels: (N,) in {0, 1}
+    or {-1, 1}. device: where the Gram products run (e.g. 'cuda').
     NOTE: the normal points toward the positive class, so a positive distance adds the attribute.
     """
-    x = np.asarray(train_latents, dtype=np.float64).reshape(len(train_latents), -1)
+    test = array_reader(test_latents) if test_latents is not None and len(test_latents) > 0 else None
+    return fit_boundary_rows(array_reader(train_latents), train_labels, test, test_labels, C=C,
+                             device=device).boundary
+
+
+def fit_boundary_rows(train: tuple[Reader, int, int], train_labels: np.ndarray,
+                      test: tuple[Reader, int, int] | None = None, test_labels: np.ndarray | None = None, *,
+                      C: float = 1.0, device: torch.device | str = "cpu", gram: np.ndarray | None = None,
+                      panel_rows: int | None = None) -> BoundaryFit:
+    """``fit_boundary`` on rows from readers, (read, N, D) each (``array_reader`` or the latent cache's).
+
+    gram: the training rows' Gram matrix (N, N) float64 when already computed (e.g. by several
+    processes); else it is computed here. The normal is summed from the dual block by block, the
+    training distances come from the Gram matrix and the test rows are read once.
+    """
+    read, n, dim = train
     y = _binary(train_labels)
+    if len(y) != n:
+        raise ValueError(f"{n} training latents but {len(y)} labels")
     counts = np.bincount(y, minlength=2)
     if counts.min() < 1:
         raise ValueError(f"the training labels hold one class only ({int(counts[0])} negative, {int(counts[1])} positive)")
-    svm = SVC(kernel="linear").fit(x, y)
-    coef = svm.coef_.reshape(-1)
-    norm = np.linalg.norm(coef)
+    K = gram_matrix(read, n, dim, panel_rows=panel_rows, device=device) if gram is None else gram
+    dual = solve_dual(K, y, C)
+    coef = np.zeros(n)
+    coef[dual.support] = dual.dual_coef
+    w = weighted_row_sum(read, coef, dim, device=device)
+    norm = np.linalg.norm(w)
     if not np.isfinite(norm) or norm == 0:
         raise ValueError("the SVM found no separating direction (zero normal)")
-    test_acc = float("nan")
-    if test_latents is not None and len(test_latents) > 0:
-        xt = np.asarray(test_latents, dtype=np.float64).reshape(len(test_latents), -1)
-        test_acc = float(svm.score(xt, _binary(test_labels)))
-    return Boundary(normal=(coef / norm).astype(np.float32), coef=coef.astype(np.float32),
-                    intercept=float(svm.intercept_[0]), train_acc=float(svm.score(x, y)), test_acc=test_acc)
+    train_decision = K[:, dual.support] @ dual.dual_coef + dual.intercept
+    test_decision, test_acc = np.zeros(0), float("nan")
+    if test is not None and test[1] > 0:
+        yt = _binary(test_labels)
+        test_decision = row_dots(test[0], test[1], w, device=device) + dual.intercept
+        test_acc = float(np.mean((test_decision > 0) == yt))
+    boundary = Boundary(normal=(w / norm).astype(np.float32), coef=w.astype(np.float32), intercept=dual.intercept,
+                        train_acc=float(np.mean((train_decision > 0) == y)), test_acc=test_acc)
+    return BoundaryFit(boundary, train_decision / norm, test_decision / norm)
 
 
 def _binary(labels: np.ndarray) -> np.ndarray:
@@ -177,3 +214,29 @@ def hyperplane_distances(latents: np.ndarray, boundary: Boundary) -> np.ndarray:
     x = np.asarray(latents, dtype=np.float64).reshape(len(latents), -1)
     w = np.asarray(boundary.coef, dtype=np.float64).reshape(-1)
     return (x @ w + boundary.intercept) / np.linalg.norm(w)
+
+
+#: The statistics of a class summary, in the order files store them.
+SUMMARY_STATS = ("mean", "std", "p5", "p50", "p95")
+
+
+def class_summary(distances: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, float]]:
+    """Where each class lies along a boundary: {'neg': {...}, 'pos': {...}}, each with the mean,
+    standard deviation and 5th/50th/95th percentiles of its distances (nan for an empty class).
+
+    distances: (N,) signed distances (e.g. ``BoundaryFit.train_distances``); labels: (N,) in
+    {0, 1} or {-1, 1}."""
+    d = np.asarray(distances, dtype=np.float64).reshape(-1)
+    y = _binary(labels) if len(d) else np.zeros(0, dtype=np.int64)
+    if len(y) != len(d):
+        raise ValueError(f"{len(d)} distances but {len(y)} labels")
+    summary = {}
+    for name, cls in (("neg", 0), ("pos", 1)):
+        v = d[y == cls]
+        if len(v) == 0:
+            summary[name] = dict.fromkeys(SUMMARY_STATS, float("nan"))
+            continue
+        p5, p50, p95 = np.percentile(v, [5, 50, 95])
+        summary[name] = {"mean": float(v.mean()), "std": float(v.std()), "p5": float(p5), "p50": float(p50),
+                         "p95": float(p95)}
+    return summary

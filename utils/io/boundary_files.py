@@ -3,7 +3,10 @@
 Fields: ``normal`` (D,) float32 unit; ``coef`` (D,) float32; ``intercept``; ``shape`` (the latent's
 shape without batch); ``space`` ('h' or 'z'); ``t_0``; ``n_inv_step``; ``attribute``;
 ``train_acc``/``test_acc``; ``n_train``/``n_test``/``n_pos``/``n_neg``; ``config_name``;
-``checkpoint_sha256``; ``format_version``.
+``checkpoint_sha256``; ``format_version``; from version 2 ``class_summary``: (2, 2, 5) float64, for
+[train, test] x [negative, positive] class the statistics ``SUMMARY_STATS`` (mean, std, 5th/50th/95th
+percentiles) of the signed hyperplane distances (w.x + b) / ||w|| (nan for an empty split or class).
+Version 1 files (without it) still load, with ``class_summary`` None.
 """
 from __future__ import annotations
 
@@ -15,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.core.boundary import Boundary
+from utils.core.boundary import SUMMARY_STATS, Boundary
 from utils.errors import UserError
 from utils.io.files import write_new_file
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SPLITS, CLASSES = ("train", "test"), ("neg", "pos")
 SPACES = ("h", "z")
 
 
@@ -43,6 +47,8 @@ class BoundaryRecord:
     n_neg: int = 0
     config_name: str = ""
     checkpoint_sha256: str = ""
+    #: {'train'|'test': {'neg'|'pos': {stat: value}}} (``utils.core.boundary.class_summary``), or None.
+    class_summary: dict | None = None
 
     @classmethod
     def from_boundary(cls, boundary: Boundary, **meta) -> "BoundaryRecord":
@@ -52,6 +58,42 @@ class BoundaryRecord:
     def describe(self) -> dict:
         """Metadata without the arrays (for summaries)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("normal", "coef")}
+
+
+def summary_array(summary: dict) -> np.ndarray:
+    """A record's ``class_summary`` dict as the (2, 2, 5) float64 array files store (missing entries nan)."""
+    return np.array([[[summary.get(split, {}).get(cls, {}).get(stat, np.nan) for stat in SUMMARY_STATS]
+                      for cls in CLASSES] for split in SPLITS], dtype=np.float64)
+
+
+def summary_dict(array: np.ndarray) -> dict:
+    """The inverse of ``summary_array``."""
+    return {split: {cls: {stat: float(array[i, j, k]) for k, stat in enumerate(SUMMARY_STATS)}
+                    for j, cls in enumerate(CLASSES)} for i, split in enumerate(SPLITS)}
+
+
+def auto_range(record: BoundaryRecord, split: str = "train") -> tuple[float, float]:
+    """The edit distances that span where the classes lie: (start, end) from the negative class's
+    5th percentile to the positive class's 95th, over ``split``'s latents.
+
+    In the units of the edit's d, the projection v.n onto the unit normal that ``edit_latents``
+    sets (the SVM intercept ignored), NOT the hyperplane distance s = v.n + b/||w|| the file's
+    summary holds: both ends are shifted by -b/||w||. Valid for the record's own normal (a normal
+    projected orthogonal to conditions moves the projections). UserError for a file without
+    summaries (format version 1) or a split without latents of both classes.
+    """
+    if record.class_summary is None:
+        raise UserError(f"the {record.space} boundary for '{record.attribute}' has no class summary (an older file); "
+                        "fit it again with --boundary_search to use auto distances")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}' (choices: {', '.join(SPLITS)})")
+    stats = record.class_summary[split]
+    low, high = stats["neg"]["p5"], stats["pos"]["p95"]
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise UserError(f"the {record.space} boundary for '{record.attribute}' has no {split} latents of both "
+                        "classes to derive auto distances from")
+    offset = record.intercept / float(np.linalg.norm(np.asarray(record.coef, dtype=np.float64)))
+    return float(low - offset), float(high - offset)
 
 
 # What each field may hold: its numpy kind ('f' float, 'i' integer, 'U' text) and how many values.
@@ -82,6 +124,10 @@ def save_boundary(path: str | Path, record: BoundaryRecord, overwrite: bool = Tr
     arrays = {}
     for f in dataclasses.fields(record):
         value = getattr(record, f.name)
+        if f.name == "class_summary":
+            if value is not None:
+                arrays[f.name] = summary_array(value)
+            continue
         arrays[f.name] = np.asarray(value, dtype=np.int64) if f.name == "shape" else np.asarray(value)
     arrays["normal"] = arrays["normal"].astype(np.float32).reshape(-1)
     arrays["coef"] = arrays["coef"].astype(np.float32).reshape(-1)
@@ -123,6 +169,9 @@ def _check_headers(path: Path, headers: dict) -> None:
                                 f"got {dtype.name} of shape {shape}")
         elif name == "shape" and (dtype.kind not in "iu" or not 1 <= size <= _MAX_DIMS or len(shape) != 1):
             raise UserError(f"boundary file {path}: field 'shape' must be a list of at most {_MAX_DIMS} integers")
+        elif name == "class_summary" and (dtype.kind != "f" or shape != (len(SPLITS), len(CLASSES), len(SUMMARY_STATS))):
+            raise UserError(f"boundary file {path}: field 'class_summary' must be floats of shape "
+                            f"{(len(SPLITS), len(CLASSES), len(SUMMARY_STATS))}, got {dtype.name} of shape {shape}")
         elif name in ("normal", "coef") and (dtype.kind != "f" or size > MAX_VALUES):
             raise UserError(f"boundary file {path}: field '{name}' must hold at most {MAX_VALUES} floats, "
                             f"got {dtype.name} of shape {shape}")
@@ -157,7 +206,14 @@ def load_boundary(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = 
                 if name not in headers or name in ("normal", "coef"):
                     continue
                 arr = _read(zf, name)
+                if name == "class_summary":
+                    values[name] = summary_dict(arr)
+                    continue
                 values[name] = tuple(int(v) for v in arr.reshape(-1)) if name == "shape" else arr.item()
+            version = int(_read(zf, "format_version").item()) if "format_version" in headers else 1
+            if version > FORMAT_VERSION:
+                raise UserError(f"boundary file {path} has format version {version}, newer than this code reads "
+                                f"({FORMAT_VERSION}); update BoundaryDiffusion")
             if values["space"] not in SPACES:
                 raise UserError(f"boundary file {path} has unknown space '{values['space']}' (choices: h, z)")
             size = int(np.prod(headers["normal"][0]))

@@ -11,10 +11,14 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 
 from utils.core.diffusion import Inversion
+from utils.core.gram import Reader
+from utils.errors import UserError
 from utils.io.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -70,3 +74,31 @@ class LatentCache:
             self.writable = False
             reason = " ".join(str(exc).split())[:200]
             log.warning("the latent cache %s cannot be written (%s); going on without it", self.root, reason)
+
+    def rows(self, keys: Sequence[str], space: str, shape: tuple[int, ...]) -> tuple[Reader, int, int]:
+        """A row reader over the ``space`` ('z' or 'h') latents of cached entries, in the order of
+        ``keys``: (read, N, D) for utils.core.gram, read(start, stop) -> (stop - start, D) float32.
+
+        A read holds just the rows asked for (and one entry as loaded); the whole set is never in memory. For entries this run has just cached
+        (and checked): one that is gone or does not fit ``shape`` is a UserError.
+        """
+        dim = 1
+        for s in shape:
+            dim *= int(s)
+
+        def read(start: int, stop: int) -> np.ndarray:
+            out = np.empty((stop - start, dim), dtype=np.float32)
+            for i, key in enumerate(keys[start:stop]):
+                path = self._path(key)
+                try:
+                    value = torch.load(path, map_location="cpu", weights_only=True)[space]
+                except Exception as exc:  # a vanished or damaged entry, whatever the error
+                    raise UserError(f"the latent cache entry {path} cannot be read ({type(exc).__name__}); "
+                                    "rerun the same command to recompute it") from None
+                if tuple(value.shape) != tuple(shape):
+                    raise UserError(f"the latent cache entry {path} holds {space} of shape {tuple(value.shape)}, "
+                                    f"not {tuple(shape)}; rerun the same command to recompute it")
+                # numpy's single-threaded copy: torch's threaded one of a lone row costs far more on a busy CPU.
+                out[i] = value.reshape(-1).float().numpy()  # .float(): bf16 has no numpy type
+            return out
+        return read, len(keys), dim

@@ -1,0 +1,153 @@
+"""Time and peak memory of the boundary fit: the old ``SVC(kernel='linear')`` on float64 copies
+against the Gram-matrix fit (utils/core/gram.py), and the boundary search's fit streamed from a
+latent cache of synthetic 256-px entries (z 3x256x256, h 512x8x8).
+
+Every case runs in a subprocess of its own, whose peak resident memory (``ru_maxrss``, data
+included) is reported. The synthetic latents are float32 normal noise with a small class shift, so
+the classes overlap a little. The old fit runs in a subprocess with a time limit: once a size
+takes longer than ``--old_timeout`` the larger ones of that dimension print 'skipped'.
+
+    python -m scripts.benchmark_fit                                # the whole table (hours on 2 cores)
+    python -m scripts.benchmark_fit --n 100 1000 --dims 32768 --skip_cache
+    python -m scripts.benchmark_fit --n 4000 --dims 196608 --skip_old --skip_cache
+    python -m scripts.benchmark_fit --cache_n 10000 --n --dims    # the cache case alone
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+Z_SHAPE, H_SHAPE = (3, 256, 256), (512, 8, 8)
+
+
+def synthetic(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(n, dim) float32 latents (made in place, no float64 temporaries) and (n,) labels in {0, 1}."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    u = np.random.default_rng(1).standard_normal(dim, dtype=np.float32) * np.float32(0.02)
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    for i in range(n):
+        x[i] += u if y[i] else -u
+    return x, y
+
+
+def run_case(kind: str, n: int, dim: int, device: str, cache: str | None) -> dict:
+    """One measurement, in this process: the fit's seconds and the process's peak memory."""
+    import torch
+
+    from sklearn.svm import SVC
+
+    from utils.core.boundary import fit_boundary, fit_boundary_rows
+    from utils.io.latent_cache import LatentCache
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    # One-time costs (thread pools, first BLAS calls) outside the timings, for both fits alike.
+    xw, yw = synthetic(8, 64)
+    SVC(kernel="linear").fit(xw.astype(np.float64), yw)
+    fit_boundary(xw, yw, device=device)
+    if kind == "cache":
+        keys = sorted(p.stem for p in Path(cache).glob("*/*.pt"))[:n]
+        store = LatentCache(cache, {})
+        y = np.random.default_rng(0).integers(0, 2, len(keys))
+        n_train = len(keys) - len(keys) // 5
+        start = time.perf_counter()
+        for space, shape in (("h", H_SHAPE), ("z", Z_SHAPE)):  # as the boundary search does
+            read, _, d = store.rows(keys, space, shape)
+            fit_boundary_rows((read, n_train, d), y[:n_train], (lambda a, b, read=read: read(n_train + a, n_train + b),
+                              len(keys) - n_train, d), y[n_train:], device=device)
+        seconds = time.perf_counter() - start
+    else:
+        x, y = synthetic(n, dim)
+        start = time.perf_counter()
+        if kind == "old":
+            SVC(kernel="linear").fit(x.astype(np.float64), y)
+        else:
+            fit_boundary(x, y, device=device)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+
+
+def measure(kind: str, n: int, dim: int, device: str, timeout: float | None, cache: str | None = None) -> dict | None:
+    """``run_case`` in a fresh subprocess; None if it ran past ``timeout``."""
+    cmd = [sys.executable, "-m", "scripts.benchmark_fit", "--case", kind, "--n", str(n), "--dims", str(dim),
+           "--device", device] + (["--cache_dir", cache] if cache else [])
+    try:
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=True)
+    except subprocess.TimeoutExpired:
+        return None
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"error: {' '.join(cmd)} failed: {exc.stderr.strip().splitlines()[-1:]}") from None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def make_cache(root: Path, n: int) -> None:
+    """n synthetic 256-px entries in the latent cache's layout (z, h float32; classes shifted in z)."""
+    import torch
+
+    from utils.io.latent_cache import LatentCache
+
+    store = LatentCache(root, {})
+    have = len(list(root.glob("*/*.pt")))
+    y = np.random.default_rng(0).integers(0, 2, n)
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(Z_SHAPE, generator=g) * 0.02
+    for i in range(have, n):  # entries sort by key, and key i sorts as i: labels follow the index
+        z = torch.randn(Z_SHAPE, generator=g) + (u if y[i] else -u)
+        store.put(f"{i:064d}", z, torch.randn(H_SHAPE, generator=g))
+
+
+def _cell(result: dict | None, skipped: bool = False) -> str:
+    if skipped:
+        return "skipped"
+    return "timeout" if result is None else f"{result['seconds']:.1f} s / {result['peak_gib']:.2f} GiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, nargs="*", default=[100, 500, 1000, 2000, 5000, 10000])
+    parser.add_argument("--dims", type=int, nargs="*", default=[32768, 196608])
+    parser.add_argument("--skip_old", "--skip-old", action="store_true", help="only the Gram fit")
+    parser.add_argument("--old_timeout", type=float, default=120, help="seconds after which the old fit is abandoned")
+    parser.add_argument("--skip_cache", "--skip-cache", action="store_true", help="no latent-cache case")
+    parser.add_argument("--cache_n", type=int, default=10000, help="entries of the latent-cache case")
+    parser.add_argument("--cache_dir", default=None, help="keep the synthetic cache here (default: a temporary folder)")
+    parser.add_argument("--device", default="cpu", help="where the Gram products run (cpu, cuda)")
+    parser.add_argument("--case", choices=("old", "new", "cache"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(args.case, args.n[0], args.dims[0] if args.dims else 0, args.device, args.cache_dir)))
+        return 0
+    print(f"{'D':>7} {'n':>6}  {'old SVC(linear)':>24}  {'Gram fit':>24}  speed-up", flush=True)
+    for dim in args.dims:
+        skip_old = args.skip_old
+        for n in args.n:
+            old = None if skip_old else measure("old", n, dim, "cpu", args.old_timeout)
+            new = measure("new", n, dim, args.device, None)
+            ratio = f"{old['seconds'] / new['seconds']:.1f}x" if old else ""
+            print(f"{dim:>7} {n:>6}  {_cell(old, skipped=skip_old):>24}  {_cell(new):>24}  {ratio}", flush=True)
+            skip_old = skip_old or old is None  # a larger n would take longer still
+    if not args.skip_cache:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(args.cache_dir or tmp)
+            start = time.perf_counter()
+            make_cache(root, args.cache_n)
+            made = time.perf_counter() - start
+            result = measure("cache", args.cache_n, 0, args.device, None, str(root))
+            print(f"boundary search fit from a latent cache of {args.cache_n} 256-px entries "
+                  f"(train {args.cache_n - args.cache_n // 5}, test {args.cache_n // 5}; h and z): {_cell(result)} "
+                  f"(cache written in {made:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
