@@ -75,6 +75,10 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _distance(text: str) -> float | str:
+    return "auto" if text == "auto" else _finite_float(text)
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad flags end like every other bad input: one line on stderr, exit status 1."""
 
@@ -156,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--edit_space", default="both", choices=("both", "z", "h"), help="latents to move")
     edit.add_argument("--h_policy", default="lagged", choices=("lagged", "once"),
                       help="h override after the first call: lagged (reference code) or once (paper)")
-    edit.add_argument("--start_distance", type=_finite_float, default=None, help="first signed distance (config)")
-    edit.add_argument("--end_distance", type=_finite_float, default=None, help="last signed distance (config)")
+    edit.add_argument("--start_distance", type=_distance, default=None,
+                      help="first signed distance, or auto with --end_distance auto: each moved space spans its "
+                           "boundary's classes, negative 5th to positive 95th percentile (config)")
+    edit.add_argument("--end_distance", type=_distance, default=None, help="last signed distance, or auto (config)")
     edit.add_argument("--edit_img_number", type=_edit_count, default=None,
                       help="number of distances K, at most 1000 (config)")
     edit.add_argument("--edit_batch_size", type=_positive_int, default=None,

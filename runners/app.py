@@ -21,6 +21,7 @@ from runners.app_state import (MAX_SWEEP, AttributeTable, Cancelled, EditService
 from runners.editor import Directions
 from utils.config import Config
 from utils.errors import UserError
+from utils.io.boundary_files import auto_range
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,17 @@ CSS = ("#original img, #reconstruction img, #edit img, #gif img, #upload img "
 
 
 def slider_range(directions: Directions | None, config: Config) -> tuple[float, float]:
-    """The distance slider's range for an edit along ``directions``: for now the config's edit range
-    (``edit.start_distance .. edit.end_distance``, as the command line's default); where a boundary
-    file records where its two classes lie, that will set the range instead."""
-    lo, hi = sorted((float(config.edit.start_distance), float(config.edit.end_distance)))
+    """The distance slider's range for an edit along ``directions``: where the primary boundary (z,
+    or h when only h moves) records where its classes lie, the command line's ``auto`` range for that
+    space (``utils.io.boundary_files.auto_range``: negative 5th to positive 95th percentile, in the
+    edit's v.n); otherwise the config's edit range. The slider's d moves every moved space, as the
+    command line's explicit distances do."""
+    record = None if directions is None else directions.records["z"] or directions.records["h"]
+    if record is not None and record.class_summary is not None:
+        lo, hi = auto_range(record)
+    else:
+        lo, hi = float(config.edit.start_distance), float(config.edit.end_distance)
+    lo, hi = sorted((round(lo, 2), round(hi, 2)))
     return (lo - 1.0, hi + 1.0) if lo == hi else (lo, hi)
 
 
@@ -132,7 +140,7 @@ class WebApp:
     def _build(self, gr):
         config, table = self.config, self.table
         default = table.default(self.default_t_0, self.attribute)
-        lo, hi = slider_range(None, config)
+        lo, hi = slider_range(self.service.directions_for(default) if default else None, config)
         t_max = max(a.t_0 for a in table.entries.values()) + 1  # each attribute's own limit is checked
 
         with gr.Blocks(title="BoundaryDiffusion", delete_cache=(600, 1800)) as blocks:

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from models.checkpoints import default_cache_dir
 from models.loading import LoadedModel
-from runners.editor import Directions, Editor, ImageReader
-from runners.outputs import SequenceWriter, folder_names, write_contact_sheet, write_summary
+from runners.editor import Directions, EditPlan, Editor, ImageReader
+from runners.outputs import SequenceWriter, folder_names, write_contact_sheet, write_radius_table, write_summary
 from runners.settings import Settings
 from utils.core.batching import batch_slices
 from utils.core.boundary import class_summary, fit_boundary_rows, split_indices
@@ -26,8 +26,8 @@ from utils.distributed import (SINGLE, ProcessContext, broadcast_from_main, gath
                                unshard, unshard_rows)
 from utils.errors import UserError
 from utils.io.boundary_files import BoundaryRecord, boundary_path, save_boundary
-from utils.io.datasets import check_two_classes, from_attr_file, from_folders
-from utils.io.files import RunFolder, atomic_path, check_writable_dir, write_json
+from utils.io.datasets import check_two_classes, labelled_set
+from utils.io.files import RunFolder, check_writable_dir, write_json
 from utils.io.images import expand_image_paths, list_images
 from utils.io.plots import boundary_report, radius_plot
 
@@ -99,12 +99,12 @@ class BoundaryDiffusion:
         stacked = {s: unshard_rows([getattr(part, s) for part in latents]).flatten(1).numpy() for s in ("h", "z")}
         return {s: (lambda a, b, x=x: x[a:b]) for s, x in stacked.items()}, sharding
 
-    def _edit_sequences(self, folders: Sequence[Path], latents: Inversion, directions: Directions,
+    def _edit_sequences(self, folders: Sequence[Path], latents: Inversion, directions: Directions, plan: EditPlan,
                         first_images: Sequence[dict[str, Tensor]], seed_keys: Sequence[tuple[int, ...]],
                         extras: Sequence[dict]) -> tuple[list[dict], list[Tensor]]:
         """Edit B latent pairs to every distance (n_iter times), write each image's files and
         summary into its folder; returns the summaries and each image's contact-sheet row."""
-        s, plan = self.settings, self.settings.edit_plan()
+        s = self.settings
         writer = SequenceWriter(folders, first_images, plan.distances, s.n_iter, s.gif, s.save_tensors)
         seeds, timings = [], []
         for iteration in range(s.n_iter):
@@ -119,6 +119,7 @@ class BoundaryDiffusion:
             if s.save_tensors:
                 writer.write_tensors(b, latents)
             summary = {"mode": s.mode, "arguments": s.to_dict(), "distances": list(plan.distances),
+                       **({"h_distances": list(plan.h_distances)} if plan.h_distances else {}),
                        "source_distances": own[b],  # where the unedited latents sit along each normal
                        "seeds": [rows[b] for rows in seeds], "edit_seconds": timings,
                        "images_edited_together": len(folders), **self.editor.identity(), **directions.describe(),
@@ -131,17 +132,8 @@ class BoundaryDiffusion:
     def boundary_search(self, folder: RunFolder | None, run_dir: Path | None) -> dict:
         """Invert labelled images to t_0, fit one SVM per space, save both boundaries (docs/algorithm.md section 4)."""
         s, config = self.settings, self.settings.config
-        if s.pos_dir or s.neg_dir:
-            if not (s.pos_dir and s.neg_dir):
-                raise UserError("--pos_dir and --neg_dir go together")
-            data, attribute = from_folders(s.pos_dir, s.neg_dir), s.edit_attr or Path(s.pos_dir).name
-        else:
-            if not s.edit_attr:
-                raise UserError("--boundary_search needs --edit_attr (with --data_dir/--attr_file) or --pos_dir/--neg_dir")
-            data_dir, attr_file = s.data_dir or config.data.data_dir, s.attr_file or config.data.attr_file
-            if not data_dir or not attr_file:
-                raise UserError(f"config {config.name} names no data folder; pass --data_dir and --attr_file")
-            data, attribute = from_attr_file(data_dir, attr_file, s.edit_attr), s.edit_attr
+        data, attribute = labelled_set(s.edit_attr, s.data_dir or config.data.data_dir,
+                                       s.attr_file or config.data.attr_file, s.pos_dir, s.neg_dir)
         check_two_classes(data.labels, "labelled set")
         n_train = min(s.n_train_img, len(data) - min(s.n_test_img, len(data) // 2))
         n_test = min(s.n_test_img, len(data) - n_train)
@@ -223,12 +215,13 @@ class BoundaryDiffusion:
             # latents equal, bit for bit, those it gets in a folder run.
             latents, _ = self.editor.invert(torch.stack([images[p] for p in good]), s.bs_train)
             invert_seconds = time.perf_counter() - start
-            recon = self.editor.reconstruct(latents, s.edit_plan(), directions)
+            plan = s.edit_plan(directions)
+            recon = self.editor.reconstruct(latents, plan, directions)
             extras = [{"image": str(p), "folder": names[p] if collection else ".",
                        "reconstruction_mse": float(((recon[b].clamp(-1, 1) - images[p]) ** 2).mean())}
                       for b, p in enumerate(good)]
             summaries, rows = self._edit_sequences(
-                [run_dir / names[p] if collection else run_dir for p in good], latents, directions,
+                [run_dir / names[p] if collection else run_dir for p in good], latents, directions, plan,
                 [{"original": images[p], "reconstruction": recon[b]} for b, p in enumerate(good)],
                 [(image_key(images[p]),) for p in good], extras)
         # One entry per image of this shard, in shard order: (summary, contact-sheet row) or the error.
@@ -265,13 +258,13 @@ class BoundaryDiffusion:
         """Sample latents at t_0 from noise, then the same edit (docs/algorithm.md section 6)."""
         s = self.settings
         directions = self.editor.directions(s.choice, s.force)
-        summaries = []
+        plan, summaries = s.edit_plan(directions), []
         for i in range(s.n_samples):
             latents = self.editor.sample_latents(s.seed, i)
             sampling = {"sample_index": i, "sampling_steps": len(sampling_pairs(
                 s.config.diffusion.num_diffusion_timesteps, s.t_0, s.n_inv_step))}
             summaries += self._edit_sequences([run_dir if s.n_samples == 1 else run_dir / f"sample_{i:02d}"],
-                                              latents, directions, [{}], [()], [sampling])[0]
+                                              latents, directions, plan, [{}], [()], [sampling])[0]
         if s.n_samples > 1:
             write_summary(run_dir, {"mode": "unconditional", "samples": summaries})
         print(f"wrote {s.n_samples} edit sequence(s)")
@@ -298,16 +291,10 @@ class BoundaryDiffusion:
                                       s.bs_test)
         write_json(run_dir / "radius.json", {**result, "n_real": len(real), "n_sampled": len(noise),
                                              "images": [str(p) for p in paths], **editor.identity()})
-        rows = ["t,radius_sampled,radius_inverted,radius_analytic,relative_difference"]
-        rows += [f"{t},{a:.4f},{b:.4f},{c:.4f},{d:.5f}" for t, a, b, c, d in zip(
-            result["t"], result["radius_sampled"], result["radius_inverted"], result["radius_analytic"],
-            result["relative_difference"])]
-        with atomic_path(run_dir / "radius.csv") as tmp:
-            tmp.write_text("\n".join(rows) + "\n")
+        print(write_radius_table(result, run_dir / "radius.csv"))
         write_summary(run_dir, {"mode": "radius", "t_m": result["t_m"], "epsilon": s.radius_eps,
                                 "arguments": s.to_dict(), **editor.identity()})
         radius_plot(result, s.radius_eps, run_dir / "radius.png")
-        print("\n".join(rows))
         print(f"mixing step t_m = {result['t_m']} (largest t with relative radius difference <= {s.radius_eps})")
         return result
 

@@ -36,7 +36,7 @@ from utils.core.editing import EditBatch, condition_normal, iter_edits, reconstr
 from utils.core.mixing import radius_curves
 from utils.core.seeds import item_seed
 from utils.errors import UserError
-from utils.io.boundary_files import BoundaryRecord, load_boundary
+from utils.io.boundary_files import BoundaryRecord, auto_range, load_boundary
 from utils.io.face_align import INSTALL as FACE_INSTALL, FaceAligner, FaceExtraMissing
 from utils.io.images import image_to_tensor, open_image
 from utils.io.latent_cache import LatentCache
@@ -336,6 +336,21 @@ class Editor:
         """Every edit at once: (B, K, C, H, W) in [-1, 1] (not clipped), on the CPU."""
         images = torch.cat([b.images for b in self.edits(latents, directions, plan, seed_keys, iteration)])
         return images.reshape(len(latents.z), len(plan.distances), *images.shape[1:])
+
+
+def auto_distances(directions: Directions, k: int) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
+    """K distances for each moved space spanning where its boundary's classes lie: from the negative
+    class's 5th percentile to the positive class's 95th over the training latents
+    (``utils.io.boundary_files.auto_range``, in the edit's units v.n). Returns (the distances of z,
+    or of h when only h moves; h's own distances when both move, else None). With conditions the
+    range is the primary boundary's, a close guide: the projection off the conditions moves each
+    latent's v.n only by its component along them."""
+    spaced = {s: EditPlan.spaced(*auto_range(r), k) for s, r in directions.records.items() if r is not None}
+    for space, values in spaced.items():
+        log.info("auto distances in %s: %+.2f .. %+.2f (%d)", space, values[0], values[-1], k)
+    if "z" in spaced:
+        return spaced["z"], spaced.get("h")
+    return spaced["h"], None
 
 
 def restrict(choice: BoundaryChoice, space: EditSpace) -> BoundaryChoice:

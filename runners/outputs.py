@@ -125,3 +125,15 @@ def write_contact_sheet(rows: Sequence[Tensor], labels: Sequence[str], column_la
 
 def write_summary(folder: Path, summary: dict) -> None:
     write_json(folder / "summary.json", summary)
+
+
+def write_radius_table(result: dict, path: Path) -> str:
+    """The mixing-step curves (``utils.core.mixing.radius_curves``) as a CSV file; returns its text."""
+    rows = ["t,radius_sampled,radius_inverted,radius_analytic,relative_difference"]
+    rows += [f"{t},{a:.4f},{b:.4f},{c:.4f},{d:.5f}" for t, a, b, c, d in zip(
+        result["t"], result["radius_sampled"], result["radius_inverted"], result["radius_analytic"],
+        result["relative_difference"])]
+    text = "\n".join(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n")
+    return text

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from runners.editor import MOVED, BoundaryChoice, EditPlan, EditSpace, restrict
+from runners.editor import MOVED, BoundaryChoice, Directions, EditPlan, EditSpace, auto_distances, restrict
 from utils.config import Config, latent_shapes
 from utils.errors import UserError
 from utils.io.boundary_files import discover_boundaries, load_boundary
@@ -59,8 +59,8 @@ class Settings:
     img_path: Path | None
     choice: BoundaryChoice
     edit_space: EditSpace
-    start_distance: float
-    end_distance: float
+    start_distance: float | str  # a number, or "auto" (both ends): see ``edit_plan``
+    end_distance: float | str
     edit_img_number: int
     n_samples: int
     gif: bool
@@ -78,9 +78,15 @@ class Settings:
         return dataclasses.replace(self, **{name: getattr(self, name) or default
                                             for name in ("bs_train", "bs_test", "edit_batch_size")})
 
-    def edit_plan(self) -> EditPlan:
-        return EditPlan(EditPlan.spaced(self.start_distance, self.end_distance, self.edit_img_number),
-                        self.n_test_step, self.eta, self.h_policy, self.seed, self.edit_batch_size)
+    def edit_plan(self, directions: Directions) -> EditPlan:
+        """The edit's plan; with ``auto`` distances each moved space gets K distances spanning its
+        own boundary's classes (``runners.editor.auto_distances``)."""
+        if self.start_distance == "auto":
+            distances, h_distances = auto_distances(directions, self.edit_img_number)
+        else:
+            distances, h_distances = EditPlan.spaced(self.start_distance, self.end_distance, self.edit_img_number), None
+        return EditPlan(distances, self.n_test_step, self.eta, self.h_policy, self.seed, self.edit_batch_size,
+                        h_distances)
 
     def to_dict(self) -> dict:
         """The settings as plain values, for summary.json."""
@@ -160,7 +166,9 @@ def resolve_settings(args: argparse.Namespace, config: Config) -> Settings:
         limit = T - t_0 if (mode == "unconditional" and name == "n_inv_step") else t_0 + 1
         if not 2 <= edit[name] <= limit:
             raise UserError(f"--{name} must be in [2, {limit}], got {edit[name]}")
-    if not math.isfinite(edit["end_distance"] - edit["start_distance"]):
+    if (edit["start_distance"] == "auto") != (edit["end_distance"] == "auto"):
+        raise UserError("auto distances take both ends: --start_distance auto --end_distance auto")
+    if edit["start_distance"] != "auto" and not math.isfinite(edit["end_distance"] - edit["start_distance"]):
         raise UserError(f"--start_distance {edit['start_distance']} and --end_distance {edit['end_distance']} "
                         "lie too far apart to be spaced in float64")
     return Settings(

@@ -41,7 +41,7 @@ from sklearn.linear_model import LogisticRegression
 
 from models.loading import LoadedModel, load_model
 from models.runtime import PRECISIONS, retain_freed_memory
-from runners.editor import MOVED, BoundaryChoice, EditPlan, Editor, restrict
+from runners.editor import MOVED, BoundaryChoice, Directions, EditPlan, Editor, auto_distances, restrict
 from utils.config import load_config
 from utils.core.diffusion import Inversion
 from utils.core.seeds import image_key, item_seed
@@ -60,8 +60,8 @@ class Setting:
     h_policy: str = "lagged"
     eta: float = 1.0
     t_0: int = 400
-    start: float = -20.0
-    end: float = 20.0
+    start: float | None = -20.0  # None: the CLI's auto range per space (from the boundary files)
+    end: float | None = 20.0
     k: int = 9
 
 
@@ -158,11 +158,14 @@ class Evaluator:
             self._editors[t_0] = Editor(self.model, t_0, self.n_inv_step)
         return self._editors[t_0]
 
-    def plan(self, setting: Setting | None = None) -> EditPlan:
+    def plan(self, setting: Setting | None = None, directions: Directions | None = None) -> EditPlan:
+        """The plan of ``setting`` (start None: the CLI's ``auto`` range per space, from ``directions``)."""
         if setting is None:  # the fidelity measurement: no edit, eta 0
             return EditPlan((), self.n_test_step, batch_size=self.batch_size)
-        return EditPlan(EditPlan.spaced(setting.start, setting.end, setting.k), self.n_test_step, setting.eta,
-                        setting.h_policy, self.seed, self.batch_size)
+        distances, h_distances = auto_distances(directions, setting.k) if setting.start is None else \
+            (EditPlan.spaced(setting.start, setting.end, setting.k), None)
+        return EditPlan(distances, self.n_test_step, setting.eta, setting.h_policy, self.seed, self.batch_size,
+                        h_distances)
 
     def inversion(self, t_0: int) -> Inversion:
         """Latents of the digits at t_0 (computed once per t_0)."""
@@ -180,8 +183,9 @@ class Evaluator:
         """(reference reconstruction (N, C, H, W), edits (N, K, C, H, W), distances (K,)).
 
         The reference goes through the same h injection as the edits (``Editor.reconstruct``)."""
-        editor, latents, plan = self.editor(setting.t_0), self.inversion(setting.t_0), self.plan(setting)
+        editor, latents = self.editor(setting.t_0), self.inversion(setting.t_0)
         directions = editor.directions(restrict(BoundaryChoice(z=paths["z"], h=paths["h"]), setting.space))
+        plan = self.plan(setting, directions)
         reference = editor.reconstruct(latents, plan, directions)
         return reference, editor.edit_all(latents, directions, plan, self.seed_keys), plan.distance_tensor()
 
@@ -254,7 +258,8 @@ def markdown_table(runs: list[dict], flip: bool) -> str:
     for r in runs:
         s = r["setting"]
         cells = [s["name"], s["space"], s["h_policy"], f"{s['eta']:g}", str(s["t_0"]),
-                 f"{s['start']:g}..{s['end']:g} ({s['k']})"]
+                 f"auto: {r['distances'][0]:.2f}..{r['distances'][-1]:.2f} ({s['k']})" if s["start"] is None
+                 else f"{s['start']:g}..{s['end']:g} ({s['k']})"]
         if flip:
             cells += [f"{r['identity']:.1%}", f"{r['flip_pos_to_neg']:.1%}", f"{r['flip_neg_to_pos']:.1%}"]
         else:
@@ -282,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta of the edits in the default run")
     parser.add_argument("--n_test", type=int, default=100, help="test digits to edit (per class: n/10); 0 = all")
     parser.add_argument("--ablations", action="store_true", help="also run the one-change-at-a-time ablations")
+    parser.add_argument("--auto", action="store_true",
+                        help="also run the default with the CLI's auto distances (--start_distance auto --end_distance auto)")
     parser.add_argument("--ablate_t0", type=int, nargs="*", default=[], help="other t_0 values for the ablations")
     parser.add_argument("--no_shift_t0", action="store_true",
                         help="use the default range unchanged for other t_0 (default: shift it by the change of the "
@@ -320,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     default = Setting("default", args.space, args.h_policy, args.eta, args.t_0 or edit.t_0,
                       edit.start_distance if args.start_distance is None else args.start_distance,
                       edit.end_distance if args.end_distance is None else args.end_distance, args.k or edit.edit_img_number)
-    settings = [default]
+    settings = [default] + ([dataclasses.replace(default, name="auto", start=None, end=None)] if args.auto else [])
     if args.ablations:
         settings += [dataclasses.replace(default, name=f"{space} only", space=space) for space in ("z", "h") if space != default.space]
         if default.space != "both":
@@ -356,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                 boundary_info[setting.t_0][s]["projection_mean_std"] = [float(proj.mean()), float(proj.std())]
                 boundary_info[setting.t_0][s]["latent_norm_mean"] = float(getattr(inv, s).flatten(1).norm(dim=1).mean())
             reference, edits, distances = evaluator.edits(setting, {s: p for s, (p, _) in found.items()})
-            result = {"setting": dataclasses.asdict(setting), **measure(reference, edits, distances, classes, classifier,
-                                                                        tuple(args.flip) if args.flip else None)}
+            result = {"setting": dataclasses.asdict(setting), "distances": distances.tolist(),
+                      **measure(reference, edits, distances, classes, classifier, tuple(args.flip) if args.flip else None)}
             if setting.t_0 not in fidelity:
                 recon = evaluator.plain_reconstruction(setting.t_0)
                 mse = float(((to_unit(recon) - to_unit(images)) ** 2).mean())

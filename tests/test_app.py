@@ -22,6 +22,8 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from models.loading import load_model  # noqa: E402
 from runners.app import WebApp, exposure_warning, slider_range  # noqa: E402
+from runners.editor import BoundaryChoice, Editor  # noqa: E402
+from utils.io.boundary_files import auto_range  # noqa: E402
 from runners.app_state import (AttributeTable, Cancelled, EditService, Prepared, Request,  # noqa: E402
                                SessionStore)
 
@@ -217,9 +219,15 @@ def test_stop_flag_raises_at_the_next_network_call(tmp_path):
     assert result.edits[0].is_file() and service.stats["inversions"] == 1
 
 
-def test_slider_range_is_the_config_range():
+def test_slider_range_is_the_boundarys_auto_range_else_the_configs():
     model = load_model("digits.yml")
     assert slider_range(None, model.config) == (-5.5, 0.5)
+    editor = Editor(model, 200, 40)
+    directions = editor.directions(BoundaryChoice(z=REPO / "boundary" / "digits_thick_t200_z.npz",
+                                                  h=REPO / "boundary" / "digits_thick_t200_h.npz"))
+    lo, hi = auto_range(directions.records["z"])  # where the thick classes lie along z, in the edit's v.n
+    assert slider_range(directions, model.config) == (round(lo, 2), round(hi, 2))
+    assert -5.5 < lo < -2.6 < hi < 0.5  # spans the hyperplane (z.n = -2.6), inside the hand-set range
 
 
 def test_serve_without_gradio_says_what_to_install(monkeypatch, capsys):

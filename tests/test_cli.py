@@ -2,6 +2,7 @@
 and the one-line errors for bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 import subprocess
@@ -14,7 +15,7 @@ from PIL import Image
 
 import main as cli
 from tests.helpers import REPO, assert_one_error_line, write_labelled_set
-from utils.io.boundary_files import BoundaryRecord, save_boundary
+from utils.io.boundary_files import BoundaryRecord, auto_range, load_boundary, save_boundary
 from utils.core.diffusion import make_alphas_cumprod
 from utils.io.images import load_image
 
@@ -244,3 +245,33 @@ def test_discovery_without_edit_attr_refuses_to_mix_the_shipped_attributes(mode,
     code, err = run([*mode, "--exp", tmp_path, "--boundary_dir", REPO / "boundary"], capsys)
     assert_one_error_line(code, err, "several attributes", "slant, thick, three_vs_eight", "--edit_attr")
     assert not any(tmp_path.iterdir())
+
+
+def test_auto_distances_span_each_spaces_classes(tmp_path, capsys):
+    """--start_distance auto --end_distance auto: each moved space gets K distances from its
+    boundary's negative 5th to positive 95th percentile, and the edits set exactly those."""
+    boundaries = {s: REPO / "boundary" / f"digits_thick_t200_{s}.npz" for s in ("z", "h")}
+    code, err = run(["--edit_image_boundary", "--edit_attr", "thick", "--img_path", REPO / "imgs" / "digit_example.png",
+                     "--start_distance", "auto", "--end_distance", "auto", "--edit_img_number", 4, "--n_inv_step", 10,
+                     "--n_test_step", 10, "--save_tensors", "--no_cache", "--exp", tmp_path], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "edit" / "summary.json").read_text())
+    records = {s: load_boundary(p) for s, p in boundaries.items()}
+    want = {s: torch.linspace(*auto_range(r), 4, dtype=torch.float64).tolist() for s, r in records.items()}
+    assert summary["distances"] == want["z"] and summary["h_distances"] == want["h"]
+    tensors = torch.load(tmp_path / "edit" / "tensors.pt", weights_only=True)
+    for space, key in (("z", "edited_z"), ("h", "edited_h")):
+        normal = torch.from_numpy(records[space].normal).double()
+        reached = tensors[key].flatten(1).double() @ (normal / normal.norm())
+        assert torch.allclose(reached, torch.tensor(want[space], dtype=torch.float64), atol=1e-4), (space, reached)
+
+
+def test_auto_distances_need_both_ends_and_a_boundary_with_class_summaries(tmp_path, capsys):
+    common = ["--edit_image_boundary", "--img_path", REPO / "imgs" / "digit_example.png", "--exp", tmp_path / "a"]
+    code, err = run([*common, "--edit_attr", "thick", "--start_distance", "auto"], capsys)
+    assert_one_error_line(code, err, "both ends")
+    record = load_boundary(REPO / "boundary" / "digits_thick_t200_z.npz")
+    old = save_boundary(tmp_path / "old_z", dataclasses.replace(record, class_summary=None))
+    code, err = run([*common, "--boundary_z", old, "--edit_space", "z", "--start_distance", "auto",
+                     "--end_distance", "auto"], capsys)
+    assert_one_error_line(code, err, "no class summary", "--boundary_search")

@@ -83,6 +83,22 @@ def from_folders(pos_dir: str | Path, neg_dir: str | Path) -> LabelledImages:
     return LabelledImages(tuple(pos + neg), np.array([1] * len(pos) + [0] * len(neg), dtype=np.int64))
 
 
+def labelled_set(attribute: str | None, data_dir: str | Path | None, attr_file: str | Path | None,
+                 pos_dir: str | Path | None = None, neg_dir: str | Path | None = None) -> tuple[LabelledImages, str]:
+    """The boundary search's labelled images and the attribute's name: from two folders (positives,
+    negatives; the attribute defaults to the positive folder's name) when given, else ``attribute``'s
+    column of a CelebA-format attribute file. UserError when the flags do not name a set."""
+    if pos_dir or neg_dir:
+        if not (pos_dir and neg_dir):
+            raise UserError("--pos_dir and --neg_dir go together")
+        return from_folders(pos_dir, neg_dir), attribute or Path(pos_dir).name
+    if not attribute:
+        raise UserError("--boundary_search needs --edit_attr (with --data_dir/--attr_file) or --pos_dir/--neg_dir")
+    if not data_dir or not attr_file:
+        raise UserError("the config names no data folder; pass --data_dir and --attr_file")
+    return from_attr_file(data_dir, attr_file, attribute), attribute
+
+
 def check_two_classes(labels: np.ndarray, what: str, minimum: int = 2) -> None:
     """UserError unless ``labels`` hold at least ``minimum`` items of each class."""
     n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
