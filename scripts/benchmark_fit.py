@@ -41,7 +41,7 @@ def synthetic(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def run_case(kind: str, n: int, dim: int, device: str, cache: str | None) -> dict:
+def run_case(kind: str, n: int, dim: int, device: str, cache: str | None, save: str | None = None) -> dict:
     """One measurement, in this process: the fit's seconds and the process's peak memory."""
     import torch
 
@@ -67,20 +67,30 @@ def run_case(kind: str, n: int, dim: int, device: str, cache: str | None) -> dic
                               len(keys) - n_train, d), y[n_train:], device=device)
         seconds = time.perf_counter() - start
     else:
-        x, y = synthetic(n, dim)
+        # With ``save``, n // 5 held-out rows more, and the hyperplane and its test accuracy are saved
+        # so that the parent can compare the two fits.
+        x, y = synthetic(n + (n // 5 if save else 0), dim)
+        xt, yt = x[n:], y[n:]
         start = time.perf_counter()
         if kind == "old":
-            SVC(kernel="linear").fit(x.astype(np.float64), y)
+            svm = SVC(kernel="linear").fit(x[:n].astype(np.float64), y[:n])
+            seconds = time.perf_counter() - start
+            coef, intercept = svm.coef_.reshape(-1), float(svm.intercept_[0])
+            test_acc = float(svm.score(xt.astype(np.float64), yt)) if save else float("nan")
         else:
-            fit_boundary(x, y, device=device)
-        seconds = time.perf_counter() - start
+            boundary = fit_boundary(x[:n], y[:n], xt if save else None, yt if save else None, device=device)
+            seconds = time.perf_counter() - start
+            coef, intercept, test_acc = boundary.coef, boundary.intercept, boundary.test_acc
+        if save:
+            np.savez(save, coef=np.asarray(coef, dtype=np.float64), intercept=intercept, test_acc=test_acc)
     return {"seconds": seconds, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
-def measure(kind: str, n: int, dim: int, device: str, timeout: float | None, cache: str | None = None) -> dict | None:
+def measure(kind: str, n: int, dim: int, device: str, timeout: float | None, cache: str | None = None,
+            save: str | None = None) -> dict | None:
     """``run_case`` in a fresh subprocess; None if it ran past ``timeout``."""
     cmd = [sys.executable, "-m", "scripts.benchmark_fit", "--case", kind, "--n", str(n), "--dims", str(dim),
-           "--device", device] + (["--cache_dir", cache] if cache else [])
+           "--device", device] + (["--cache_dir", cache] if cache else []) + (["--save", save] if save else [])
     try:
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=True)
     except subprocess.TimeoutExpired:
@@ -106,6 +116,14 @@ def make_cache(root: Path, n: int) -> None:
         store.put(f"{i:064d}", z, torch.randn(H_SHAPE, generator=g))
 
 
+def _agreement(old_file: str, new_file: str) -> str:
+    """How closely the two fits agree: 1 - cosine of the normals, intercept difference, test accuracies."""
+    with np.load(old_file) as a, np.load(new_file) as b:
+        cos = float(a["coef"] @ b["coef"] / (np.linalg.norm(a["coef"]) * np.linalg.norm(b["coef"])))
+        return (f"{1 - cos:.1e}, {abs(float(a['intercept']) - float(b['intercept'])):.1e}, "
+                f"{float(a['test_acc']):.3f} / {float(b['test_acc']):.3f}")
+
+
 def _cell(result: dict | None, skipped: bool = False) -> str:
     if skipped:
         return "skipped"
@@ -123,19 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache_dir", default=None, help="keep the synthetic cache here (default: a temporary folder)")
     parser.add_argument("--device", default="cpu", help="where the Gram products run (cpu, cuda)")
     parser.add_argument("--case", choices=("old", "new", "cache"), help=argparse.SUPPRESS)
+    parser.add_argument("--save", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
-        print(json.dumps(run_case(args.case, args.n[0], args.dims[0] if args.dims else 0, args.device, args.cache_dir)))
+        print(json.dumps(run_case(args.case, args.n[0], args.dims[0] if args.dims else 0, args.device, args.cache_dir,
+                                  args.save)))
         return 0
-    print(f"{'D':>7} {'n':>6}  {'old SVC(linear)':>24}  {'Gram fit':>24}  speed-up", flush=True)
-    for dim in args.dims:
-        skip_old = args.skip_old
-        for n in args.n:
-            old = None if skip_old else measure("old", n, dim, "cpu", args.old_timeout)
-            new = measure("new", n, dim, args.device, None)
-            ratio = f"{old['seconds'] / new['seconds']:.1f}x" if old else ""
-            print(f"{dim:>7} {n:>6}  {_cell(old, skipped=skip_old):>24}  {_cell(new):>24}  {ratio}", flush=True)
-            skip_old = skip_old or old is None  # a larger n would take longer still
+    print(f"{'D':>7} {'n':>6}  {'old SVC(linear)':>24}  {'Gram fit':>24}  speed-up  same hyperplane? "
+          "(1 - cos, |intercept diff|, test acc old / new)", flush=True)
+    with tempfile.TemporaryDirectory() as saved:
+        for dim in args.dims:
+            skip_old = args.skip_old
+            for n in args.n:
+                files = {k: None if skip_old else str(Path(saved) / f"{k}_{dim}_{n}.npz") for k in ("old", "new")}
+                old = None if skip_old else measure("old", n, dim, "cpu", args.old_timeout, save=files["old"])
+                new = measure("new", n, dim, args.device, None, save=files["new"] if old else None)
+                ratio = f"{old['seconds'] / new['seconds']:.1f}x" if old else ""
+                print(f"{dim:>7} {n:>6}  {_cell(old, skipped=skip_old):>24}  {_cell(new):>24}  {ratio:>8}  "
+                      + (_agreement(files["old"], files["new"]) if old else ""), flush=True)
+                skip_old = skip_old or old is None  # a larger n would take longer still
     if not args.skip_cache:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(args.cache_dir or tmp)
