@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import yaml
 
 from utils.errors import UserError
+from utils.io.files import read_capped
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -367,13 +368,9 @@ def load_config(name_or_path: str | Path) -> Config:
     """The config file ``name_or_path``; a bad value is a ConfigError naming the key and the file."""
     path = resolve_config_path(name_or_path)
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"config {path} cannot be read ({exc.strerror or exc})") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES >> 10} KiB, far more than a config "
-                          "holds; not read")
+        data = read_capped(path, "config", MAX_CONFIG_BYTES)
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         text = data.decode("utf-8")
         problem = _yaml_problem(text)

@@ -104,12 +104,9 @@ def _parse_int(text: str) -> int | _LongInt:
     return _LongInt(text) if len(text) > _MAX_INT_DIGITS else int(text)
 
 
-def read_json(path: str | Path, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """The parsed JSON file ``path`` (a ``what``). UserError, one line naming the file (and the field
-    where there is one), for a file over ``max_bytes`` (not read whole), text that is not UTF-8 or
-    not JSON, nesting deeper than Python's parser can follow, or an integer of more digits than any
-    config holds."""
-    path = Path(path)
+def read_capped(path: Path, what: str, max_bytes: int) -> bytes:
+    """The bytes of a small file (a config, a ``what``), read up to ``max_bytes``: UserError, one line
+    naming the file, for one that is larger (it is not read whole) or cannot be read."""
     try:
         with open(path, "rb") as fh:
             data = fh.read(max_bytes + 1)
@@ -118,6 +115,16 @@ def read_json(path: str | Path, what: str = "JSON file", max_bytes: int = MAX_JS
     if len(data) > max_bytes:
         raise UserError(f"{what} {path} is larger than {max_bytes >> 10} KiB, far more than such a file holds; "
                         "not read")
+    return data
+
+
+def read_json(path: str | Path, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The parsed JSON file ``path`` (a ``what``). UserError, one line naming the file (and the field
+    where there is one), for a file over ``max_bytes`` (not read whole), text that is not UTF-8 or
+    not JSON, nesting deeper than Python's parser can follow, or an integer of more digits than any
+    config holds."""
+    path = Path(path)
+    data = read_capped(path, what, max_bytes)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
