@@ -18,10 +18,9 @@ from pathlib import Path
 from models.checkpoints import default_cache_dir
 from models.loading import LoadedModel
 from runners.app_state import (MAX_SWEEP, AttributeTable, Cancelled, EditService, Request, Result, SessionStore)
-from runners.editor import Directions
+from runners.editor import Directions, auto_span
 from utils.config import Config
 from utils.errors import UserError
-from utils.io.boundary_files import auto_range
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +38,11 @@ CSS = ("#original img, #reconstruction img, #edit img, #gif img, #upload img "
 def slider_range(directions: Directions | None, config: Config) -> tuple[float, float]:
     """The distance slider's range for an edit along ``directions``: where the primary boundary (z,
     or h when only h moves) records where its classes lie, the command line's ``auto`` range for that
-    space (``utils.io.boundary_files.auto_range``: negative 5th to positive 95th percentile, in the
-    edit's v.n); otherwise the config's edit range. The slider's d moves every moved space, as the
+    space (``runners.editor.auto_span``); otherwise the config's edit range. The slider's d moves every moved space, as the
     command line's explicit distances do."""
     record = None if directions is None else directions.records["z"] or directions.records["h"]
     if record is not None and record.class_summary is not None:
-        lo, hi = auto_range(record)
+        lo, hi = auto_span(record)
     else:
         lo, hi = float(config.edit.start_distance), float(config.edit.end_distance)
     lo, hi = sorted((round(lo, 2), round(hi, 2)))

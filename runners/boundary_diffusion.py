@@ -188,6 +188,7 @@ class BoundaryDiffusion:
         (results in ``<exp>/edit/<folder name>/``, plus a summary and a contact sheet of all)."""
         s = self.settings
         directions = self.editor.directions(s.choice, s.force)
+        plan = s.edit_plan(directions)
         reader = ImageReader.for_config(s.config, s.align_face)
         paths, collection = expand_image_paths(s.img_path)
         names = dict(zip(paths, folder_names(paths)))  # the tool's own names, fixed before any work
@@ -215,7 +216,6 @@ class BoundaryDiffusion:
             # latents equal, bit for bit, those it gets in a folder run.
             latents, _ = self.editor.invert(torch.stack([images[p] for p in good]), s.bs_train)
             invert_seconds = time.perf_counter() - start
-            plan = s.edit_plan(directions)
             recon = self.editor.reconstruct(latents, plan, directions)
             extras = [{"image": str(p), "folder": names[p] if collection else ".",
                        "reconstruction_mse": float(((recon[b].clamp(-1, 1) - images[p]) ** 2).mean())}

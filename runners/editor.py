@@ -68,7 +68,8 @@ class CallCounter:
     @contextlib.contextmanager
     def progress(self, total: int, desc: str) -> Iterator[None]:
         """A bar of ``total`` network calls for the work inside the block."""
-        self.bar = tqdm(total=total, desc=desc, unit="call", leave=False, dynamic_ncols=True, disable=not self.show)
+        self.bar = tqdm(total=total, desc=desc, unit="call", leave=False, dynamic_ncols=True,
+                        disable=not self.show or total == 0)
         try:
             yield
         finally:
@@ -338,16 +339,35 @@ class Editor:
         return images.reshape(len(latents.z), len(plan.distances), *images.shape[1:])
 
 
-def auto_distances(directions: Directions, k: int) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
-    """K distances for each moved space spanning where its boundary's classes lie: from the negative
+#: How far the ``auto`` range reaches: the span where the classes lie ([negative 5th, positive 95th]
+#: percentile) scaled about its centre by this factor. Chosen with scripts/evaluate_edits.py on the
+#: digits model (docs/digits_report.md): with the span itself, eta-1 edits at its ends do not yet
+#: flip the attribute reliably (the fresh noise pulls them back toward the data).
+AUTO_SCALE = 1.5
+
+
+def auto_span(record: BoundaryRecord, scale: float = AUTO_SCALE) -> tuple[float, float]:
+    """The ``auto`` range of one boundary, in the edit's units v.n: the span from the negative
     class's 5th percentile to the positive class's 95th over the training latents
-    (``utils.io.boundary_files.auto_range``, in the edit's units v.n). Returns (the distances of z,
-    or of h when only h moves; h's own distances when both move, else None). With conditions the
-    range is the primary boundary's, a close guide: the projection off the conditions moves each
-    latent's v.n only by its component along them."""
-    spaced = {s: EditPlan.spaced(*auto_range(r), k) for s, r in directions.records.items() if r is not None}
-    for space, values in spaced.items():
-        log.info("auto distances in %s: %+.2f .. %+.2f (%d)", space, values[0], values[-1], k)
+    (``utils.io.boundary_files.auto_range``) scaled about its centre by ``scale``."""
+    low, high = auto_range(record)
+    centre, half = (low + high) / 2, scale * (high - low) / 2
+    return centre - half, centre + half
+
+
+def auto_distances(directions: Directions, k: int, scale: float = AUTO_SCALE
+                   ) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
+    """K distances for each moved space across where its boundary's classes lie (``auto_span``).
+    Returns (the distances of z, or of h when only h moves; h's own distances when both
+    move, else None). With conditions the range is the primary boundary's, a close guide: the
+    projection off the conditions moves each latent's v.n only by its part along them."""
+    spaced = {}
+    for space, record in directions.records.items():
+        if record is None:
+            continue
+        low, high = auto_span(record, scale)
+        spaced[space] = EditPlan.spaced(low, high, k)
+        log.info("auto distances in %s: %+.2f .. %+.2f (%d)", space, low, high, k)
     if "z" in spaced:
         return spaced["z"], spaced.get("h")
     return spaced["h"], None

@@ -41,7 +41,7 @@ from sklearn.linear_model import LogisticRegression
 
 from models.loading import LoadedModel, load_model
 from models.runtime import PRECISIONS, retain_freed_memory
-from runners.editor import MOVED, BoundaryChoice, Directions, EditPlan, Editor, auto_distances, restrict
+from runners.editor import AUTO_SCALE, MOVED, BoundaryChoice, Directions, EditPlan, Editor, auto_distances, restrict
 from utils.config import load_config
 from utils.core.diffusion import Inversion
 from utils.core.seeds import image_key, item_seed
@@ -62,6 +62,7 @@ class Setting:
     t_0: int = 400
     start: float | None = -20.0  # None: the CLI's auto range per space (from the boundary files)
     end: float | None = 20.0
+    auto_scale: float = 1.0  # with start None: the class span scaled about its centre by this
     k: int = 9
 
 
@@ -162,8 +163,10 @@ class Evaluator:
         """The plan of ``setting`` (start None: the CLI's ``auto`` range per space, from ``directions``)."""
         if setting is None:  # the fidelity measurement: no edit, eta 0
             return EditPlan((), self.n_test_step, batch_size=self.batch_size)
-        distances, h_distances = auto_distances(directions, setting.k) if setting.start is None else \
-            (EditPlan.spaced(setting.start, setting.end, setting.k), None)
+        if setting.start is None:
+            distances, h_distances = auto_distances(directions, setting.k, setting.auto_scale)
+        else:
+            distances, h_distances = EditPlan.spaced(setting.start, setting.end, setting.k), None
         return EditPlan(distances, self.n_test_step, setting.eta, setting.h_policy, self.seed, self.batch_size,
                         h_distances)
 
@@ -287,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta of the edits in the default run")
     parser.add_argument("--n_test", type=int, default=100, help="test digits to edit (per class: n/10); 0 = all")
     parser.add_argument("--ablations", action="store_true", help="also run the one-change-at-a-time ablations")
-    parser.add_argument("--auto", action="store_true",
-                        help="also run the default with the CLI's auto distances (--start_distance auto --end_distance auto)")
+    parser.add_argument("--auto", type=float, nargs="*", default=None, metavar="SCALE",
+                        help="also run the default with the CLI's auto distances (--start_distance auto --end_distance "
+                             "auto), once per SCALE of the class span (none given: the CLI's AUTO_SCALE)")
     parser.add_argument("--ablate_t0", type=int, nargs="*", default=[], help="other t_0 values for the ablations")
     parser.add_argument("--no_shift_t0", action="store_true",
                         help="use the default range unchanged for other t_0 (default: shift it by the change of the "
@@ -327,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     default = Setting("default", args.space, args.h_policy, args.eta, args.t_0 or edit.t_0,
                       edit.start_distance if args.start_distance is None else args.start_distance,
                       edit.end_distance if args.end_distance is None else args.end_distance, args.k or edit.edit_img_number)
-    settings = [default] + ([dataclasses.replace(default, name="auto", start=None, end=None)] if args.auto else [])
+    autos = [] if args.auto is None else (args.auto or [AUTO_SCALE])
+    settings = [default] + [dataclasses.replace(default, name=f"auto x{s:g}", start=None, end=None, auto_scale=s)
+                            for s in autos]
     if args.ablations:
         settings += [dataclasses.replace(default, name=f"{space} only", space=space) for space in ("z", "h") if space != default.space]
         if default.space != "both":

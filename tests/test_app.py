@@ -22,7 +22,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from models.loading import load_model  # noqa: E402
 from runners.app import WebApp, exposure_warning, slider_range  # noqa: E402
-from runners.editor import BoundaryChoice, Editor  # noqa: E402
+from runners.editor import BoundaryChoice, Editor, auto_span  # noqa: E402
 from utils.io.boundary_files import auto_range  # noqa: E402
 from runners.app_state import (AttributeTable, Cancelled, EditService, Prepared, Request,  # noqa: E402
                                SessionStore)
@@ -94,6 +94,7 @@ def test_sweep_equals_the_command_line_with_other_settings(client, tmp_path):
 
 
 def test_a_slider_move_denoises_only_its_edit(client, app):
+    client.predict(handle_file(str(DIGIT)), "thick@200", -3.0, api_name="/edit")  # the session inverts the digit
     before = dict(app.service.stats)
     client.predict(handle_file(str(DIGIT)), "thick@200", -1.0, "both", [], 10, api_name="/edit")  # new steps
     middle = dict(app.service.stats)
@@ -225,9 +226,10 @@ def test_slider_range_is_the_boundarys_auto_range_else_the_configs():
     editor = Editor(model, 200, 40)
     directions = editor.directions(BoundaryChoice(z=REPO / "boundary" / "digits_thick_t200_z.npz",
                                                   h=REPO / "boundary" / "digits_thick_t200_h.npz"))
-    lo, hi = auto_range(directions.records["z"])  # where the thick classes lie along z, in the edit's v.n
+    lo, hi = auto_span(directions.records["z"])  # the command line's auto range of z, in the edit's v.n
     assert slider_range(directions, model.config) == (round(lo, 2), round(hi, 2))
-    assert -5.5 < lo < -2.6 < hi < 0.5  # spans the hyperplane (z.n = -2.6), inside the hand-set range
+    low, high = auto_range(directions.records["z"])  # where the thick classes lie along z
+    assert lo < low < -2.6 < high < hi  # across both classes and the hyperplane (z.n = -2.6)
 
 
 def test_serve_without_gradio_says_what_to_install(monkeypatch, capsys):

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import main as cli
+from runners.editor import AUTO_SCALE, auto_span
 from tests.helpers import REPO, assert_one_error_line, write_labelled_set
 from utils.io.boundary_files import BoundaryRecord, auto_range, load_boundary, save_boundary
 from utils.core.diffusion import make_alphas_cumprod
@@ -248,8 +249,8 @@ def test_discovery_without_edit_attr_refuses_to_mix_the_shipped_attributes(mode,
 
 
 def test_auto_distances_span_each_spaces_classes(tmp_path, capsys):
-    """--start_distance auto --end_distance auto: each moved space gets K distances from its
-    boundary's negative 5th to positive 95th percentile, and the edits set exactly those."""
+    """--start_distance auto --end_distance auto: each moved space gets K distances across its
+    boundary's classes (negative 5th to positive 95th percentile, widened), and the edits set them."""
     boundaries = {s: REPO / "boundary" / f"digits_thick_t200_{s}.npz" for s in ("z", "h")}
     code, err = run(["--edit_image_boundary", "--edit_attr", "thick", "--img_path", REPO / "imgs" / "digit_example.png",
                      "--start_distance", "auto", "--end_distance", "auto", "--edit_img_number", 4, "--n_inv_step", 10,
@@ -257,7 +258,9 @@ def test_auto_distances_span_each_spaces_classes(tmp_path, capsys):
     assert code == 0, err
     summary = json.loads((tmp_path / "edit" / "summary.json").read_text())
     records = {s: load_boundary(p) for s, p in boundaries.items()}
-    want = {s: torch.linspace(*auto_range(r), 4, dtype=torch.float64).tolist() for s, r in records.items()}
+    want = {s: torch.linspace(*auto_span(r), 4, dtype=torch.float64).tolist() for s, r in records.items()}
+    low, high = auto_range(records["z"])  # the classes' span, widened by AUTO_SCALE about its centre
+    assert want["z"][0] == pytest.approx((low + high) / 2 - AUTO_SCALE * (high - low) / 2)
     assert summary["distances"] == want["z"] and summary["h_distances"] == want["h"]
     tensors = torch.load(tmp_path / "edit" / "tensors.pt", weights_only=True)
     for space, key in (("z", "edited_z"), ("h", "edited_h")):
