@@ -138,7 +138,11 @@ class WebApp:
     def _build(self, gr):
         config, table = self.config, self.table
         default = table.default(self.default_t_0, self.attribute)
-        lo, hi = slider_range(self.service.directions_for(default) if default else None, config)
+        # The slider's bounds as built hold for every attribute (the server checks API calls against
+        # them); a page narrows them to its attribute's range when it loads and on every change.
+        ranges = [slider_range(self.service.directions_for(key), config) for key in table.entries] or \
+            [slider_range(None, config)]
+        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
         t_max = max(a.t_0 for a in table.entries.values()) + 1  # each attribute's own limit is checked
 
         with gr.Blocks(title="BoundaryDiffusion", delete_cache=(600, 1800)) as blocks:
@@ -250,6 +254,7 @@ class WebApp:
             sweep_event = sweep_button.click(sweep, [image, attribute, k, start, end, *settings],
                                              [grid, gif, caption, details, files], api_name="sweep", **work)
             attribute.change(attribute_changed, [attribute], [distance, start, end], api_visibility="private")
+            blocks.load(attribute_changed, [attribute], [distance, start, end], api_visibility="private")
             stop_button.click(stop, None, None, cancels=[edit_event, release_event, sweep_event], queue=False,
                               api_name="stop")
             blocks.unload(unload)

@@ -62,8 +62,8 @@ class Setting:
     t_0: int = 400
     start: float | None = -20.0  # None: the CLI's auto range per space (from the boundary files)
     end: float | None = 20.0
-    auto_scale: float = 1.0  # with start None: the class span scaled about its centre by this
     k: int = 9
+    auto_scale: float = 1.0  # with start None: the class span scaled about its centre by this
 
 
 # --- data and measurements ----------------------------------------------------------------------
