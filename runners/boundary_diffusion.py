@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +34,8 @@ from utils.io.plots import boundary_report, radius_plot
 
 log = logging.getLogger(__name__)
 
+#: About how many images of a folder edit are held (as images, latents and reconstructions) at once.
+GROUP_IMAGES = 32
 #: Each mode's subfolder of --exp.
 SUBFOLDERS = {"boundary_search": "boundary_search", "edit_image_boundary": "edit", "unconditional": "unconditional",
               "radius": "radius"}
@@ -199,33 +202,36 @@ class BoundaryDiffusion:
             raise UserError(f"rank {self.process.rank} cannot see the run folder {run_dir} that rank 0 made: "
                             "editing across machines needs --exp on a file system all machines share")
         mine = shard(paths, self.process.rank, self.process.world_size)
-        images, errors = {}, {}
-        for path in mine:
+        # Images go through in groups of a multiple of both batch sizes, so that memory does not grow
+        # with the folder and every batch is the one an all-at-once run would form (same results).
+        unit = math.lcm(s.bs_train, s.edit_batch_size)
+        group = unit * max(1, GROUP_IMAGES // unit)
+        done, errors, pending, invert_seconds = {}, {}, {}, 0.0
+        for i, path in enumerate(mine):
             try:
-                images[path] = reader.read(path)
+                pending[path] = reader.read(path)
             except UserError as exc:
                 if not collection:
                     raise
                 errors[path] = str(exc)
                 log.error("skipping %s: %s", path, exc)
-        good = list(images)
-        summaries, rows, invert_seconds = [], [], 0.0
-        if good:
-            start = time.perf_counter()
-            # A lone image is inverted as a pair when --bs_train > 1 (utils.core.batching.pair_lone), so its
-            # latents equal, bit for bit, those it gets in a folder run.
-            latents, _ = self.editor.invert(torch.stack([images[p] for p in good]), s.bs_train)
-            invert_seconds = time.perf_counter() - start
-            recon = self.editor.reconstruct(latents, plan, directions)
-            extras = [{"image": str(p), "folder": names[p] if collection else ".",
-                       "reconstruction_mse": float(((recon[b].clamp(-1, 1) - images[p]) ** 2).mean())}
-                      for b, p in enumerate(good)]
-            summaries, rows = self._edit_sequences(
-                [run_dir / names[p] if collection else run_dir for p in good], latents, directions, plan,
-                [{"original": images[p], "reconstruction": recon[b]} for b, p in enumerate(good)],
-                [(image_key(images[p]),) for p in good], extras)
-        # One entry per image of this shard, in shard order: (summary, contact-sheet row) or the error.
-        done = dict(zip(good, zip(summaries, rows)))
+            if pending and (len(pending) == group or i == len(mine) - 1):
+                start = time.perf_counter()
+                # A lone image is inverted as a pair when --bs_train > 1 (utils.core.batching.pair_lone),
+                # so its latents equal, bit for bit, those it gets in a folder run.
+                latents, _ = self.editor.invert(torch.stack(list(pending.values())), s.bs_train)
+                invert_seconds += time.perf_counter() - start
+                # In the batches one group of all the shard's images would form (a lone image alone).
+                recon = self.editor.reconstruct(latents, plan, directions, min(plan.batch_size, len(mine)))
+                extras = [{"image": str(p), "folder": names[p] if collection else ".",
+                           "reconstruction_mse": float(((recon[b].clamp(-1, 1) - image) ** 2).mean())}
+                          for b, (p, image) in enumerate(pending.items())]
+                summaries, rows = self._edit_sequences(
+                    [run_dir / names[p] if collection else run_dir for p in pending], latents, directions, plan,
+                    [{"original": image, "reconstruction": recon[b]} for b, image in enumerate(pending.values())],
+                    [(image_key(image),) for image in pending.values()], extras)
+                done.update(zip(pending, zip(summaries, rows)))  # per image: (summary, contact-sheet row)
+                pending = {}
         parts = gather_to_main([done.get(p, errors.get(p)) for p in mine], self.process)
         if parts is None:  # not rank 0: its images are written, rank 0 writes the rest
             return {}

@@ -299,13 +299,16 @@ class Editor:
         return [{s: v[b] for s, v in per_space.items()} for b in range(len(latents.z))]
 
     # ------------------------------------------------------------------ generation
-    def reconstruct(self, latents: Inversion, plan: EditPlan, directions: Directions | None = None) -> Tensor:
+    def reconstruct(self, latents: Inversion, plan: EditPlan, directions: Directions | None = None,
+                    batch_size: int | None = None) -> Tensor:
         """The unedited images (B, C, H, W) on the CPU the edits are compared with: eta 0 from z,
         with the edits' h injection when ``directions`` moves h (``utils.core.editing.reconstruct``);
-        in batches of ``plan.batch_size``."""
+        in batches of ``batch_size`` (default: ``plan.batch_size``, or B when smaller: a lone image
+        alone), a lone remainder of a larger batch size as a pair (``utils.core.batching``)."""
         inject_h = directions is not None and directions.records["h"] is not None
         grid = timestep_grid(self.t_0, plan.n_test_step)
-        n, batch_size = len(latents.z), min(plan.batch_size, len(latents.z))
+        n = len(latents.z)
+        batch_size = batch_size or min(plan.batch_size, n)
         parts = []
         with self.net.progress(-(-n // batch_size) * len(grid), "reconstructing"):
             for chunk in batch_slices(n, batch_size):

@@ -175,3 +175,24 @@ def test_edited_latents_are_made_per_batch_not_for_all_distances_at_once(monkeyp
     batches = list(iter_edits(net, inv, ac, grid, distances, normal, None, [list(range(10))], eta=0.0, batch_size=3))
     assert [len(b.items) for b in batches] == [3, 3, 3, 1]
     assert max(calls) <= 3, calls
+
+
+def test_a_folder_goes_through_in_groups_with_the_results_of_one_group(setup, tmp_path, monkeypatch, capsys):
+    """Memory: a folder's images are inverted, reconstructed and edited a group at a time; a group
+    is a multiple of both batch sizes, so every batch is the one a single group forms: same bits."""
+    import runners.boundary_diffusion as runner
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in sorted(setup["images"].iterdir())[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    argv = [*setup["common"], "--edit_image_boundary", "--img_path", str(folder), "--bs_train", "2",
+            "--edit_batch_size", "2", "--save_tensors", "--no_cache"]
+    assert cli.main([*argv, "--exp", str(tmp_path / "one_group")]) == 0, capsys.readouterr().err
+    monkeypatch.setattr(runner, "GROUP_IMAGES", 2)  # groups of 2 + 1
+    assert cli.main([*argv, "--exp", str(tmp_path / "groups")]) == 0, capsys.readouterr().err
+    for name in (p.stem for p in sorted(folder.iterdir())):
+        a = torch.load(tmp_path / "one_group" / "edit" / name / "tensors.pt", weights_only=True)
+        b = torch.load(tmp_path / "groups" / "edit" / name / "tensors.pt", weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
