@@ -84,6 +84,11 @@ def differences(old: Path, new: Path) -> list[str]:
         elif rel.suffix == ".npz":
             with np.load(a, allow_pickle=False) as na, np.load(b, allow_pickle=False) as nb:
                 same = all(np.array_equal(na[k], nb[k]) for k in ("normal", "coef", "intercept"))
+                if not same:  # how far apart: a change of solver moves the last bits
+                    gap = max(float(np.abs(na[k].astype(np.float64) - nb[k].astype(np.float64)).max())
+                              for k in ("normal", "coef", "intercept"))
+                    found.append(f"{rel}: differs, largest difference {gap:.1e} (normal, coef, intercept)")
+                    continue
         elif rel.name == "summary.json":
             ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
             same = all(ja.get(k) == jb.get(k) for k in SUMMARY_FIELDS)
