@@ -26,7 +26,7 @@ from utils.core.seeds import image_key, item_seed
 from utils.distributed import (SINGLE, ProcessContext, broadcast_from_main, gather_to_main, gram_across_ranks, shard,
                                unshard, unshard_rows)
 from utils.errors import UserError
-from utils.io.boundary_files import BoundaryRecord, boundary_path, save_boundary
+from utils.io.boundary_files import BoundaryRecord, boundary_name, boundary_path, save_boundary
 from utils.io.datasets import check_two_classes, labelled_set
 from utils.io.files import RunFolder, check_writable_dir, write_json
 from utils.io.images import expand_image_paths, list_images
@@ -176,8 +176,8 @@ class BoundaryDiffusion:
                 class_summary={"train": class_summary(fit.train_distances, y_train),
                                "test": class_summary(fit.test_distances, y_test)})
         for space, record in records.items():  # written last, and removed again if the run fails after all
-            name = f"{config.name}_{_slug(attribute)}_t{s.t_0}_{space}"
-            path = save_boundary(boundary_path(s.boundary_dir, name), record, overwrite=s.ni)
+            path = save_boundary(boundary_path(s.boundary_dir, boundary_name(config.name, attribute, s.t_0, space)),
+                                 record, overwrite=s.ni)
             folder.undo(path)
             summary["spaces"][space] = {"path": str(path), "train_acc": record.train_acc, "test_acc": record.test_acc}
             print(f"boundary {space}: {path}  train acc {record.train_acc:.3f}  test acc {record.test_acc:.3f}")
@@ -304,6 +304,3 @@ class BoundaryDiffusion:
         print(f"mixing step t_m = {result['t_m']} (largest t with relative radius difference <= {s.radius_eps})")
         return result
 
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text.lower())[:60] or "attribute"

@@ -105,6 +105,13 @@ _MAX_DIMS = 8             # entries of ``shape``
 MAX_VALUES = 1 << 24      # entries of a normal when the model is not known (64 MiB as float32)
 
 
+def boundary_name(config_name: str, attribute: str, t_0: int, space: str) -> str:
+    """The name a boundary search gives its file: ``<config>_<attribute>_t<t_0>_<space>``, the
+    attribute lower-cased with anything but letters, digits, ``-`` and ``_`` as ``_``."""
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in attribute.lower())[:60] or "attribute"
+    return f"{config_name}_{slug}_t{t_0}_{space}"
+
+
 def boundary_path(folder: str | Path, name: str) -> Path:
     """``<folder>/<name>.npz``; UserError if ``name`` would leave ``folder`` or be hidden."""
     if not name or Path(name).name != name or name.startswith(".") or "/" in name or "\\" in name:
