@@ -24,12 +24,13 @@ from utils.core.boundary import class_summary, fit_boundary_rows, split_indices
 from utils.core.diffusion import Inversion, sampling_pairs
 from utils.core.seeds import image_key, item_seed
 from utils.distributed import (SINGLE, ProcessContext, broadcast_from_main, gather_to_main, gram_across_ranks, shard,
-                               unshard, unshard_rows)
+                               unshard)
 from utils.errors import UserError
 from utils.io.boundary_files import BoundaryRecord, boundary_name, boundary_path, save_boundary
 from utils.io.datasets import check_two_classes, labelled_set
 from utils.io.files import RunFolder, check_writable_dir, write_json
 from utils.io.images import expand_image_paths, list_images
+from utils.io.latent_cache import entry_rows
 from utils.io.plots import boundary_report, radius_plot
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,14 @@ class BoundaryDiffusion:
                  self.editor.model.checkpoint, cache.root if cache else None]
         return [Path(p) for p in paths if p]
 
-    def _latent_rows(self, paths: Sequence[Path], reader: ImageReader) -> tuple[dict, dict]:
+    def _latent_rows(self, paths: Sequence[Path], reader: ImageReader) -> tuple[dict, bool, dict]:
         """The latents of the images at ``paths`` as row readers {space: read(start, stop) -> (rows, D)
         float32} in the order of ``paths``, each rank reading and inverting its shard (images r, r + W,
-        ...). With the latent cache, each rank inverts into the cache a chunk at a time and every
-        rank gets the cache keys of all images: the rows are read back block by block, so no process
-        holds n x D values. Without it, rank 0 gathers every latent (the other ranks get no rows).
-        Also {"world_size", "images_per_rank", "cache_hits_per_rank"}, complete on rank 0."""
+        ...) a chunk at a time. An image whose latents are in the latent cache is a key, read back
+        block by block, so no process holds n x D values; one whose latents could not be cached (no
+        cache, or it cannot be written) stays in memory and goes to rank 0. Returns the readers (on
+        rank 0; on every rank when all rows are cached, which the ranks' shared Gram needs), whether
+        they are on every rank, and {"world_size", "images_per_rank", "cache_hits_per_rank"}."""
         rank, world_size, editor = self.process.rank, self.process.world_size, self.editor
         desc = "inverting" if world_size == 1 else f"inverting (rank {rank}/{world_size})"
         share, mine, hits = shard(list(paths), rank, world_size), [], 0
@@ -89,18 +91,22 @@ class BoundaryDiffusion:
             images = torch.stack([reader.read(p) for p in share[chunk]])
             latents, cached = editor.invert(images, self.settings.bs_train, desc)
             hits += cached
-            mine += [editor.cache.key(image) for image in images] if editor.cache else [latents]
+            if editor.cache is not None and editor.cache.writable:
+                mine += [editor.cache.key(image) for image in images]
+            else:
+                mine += [{"z": latents.z[j].flatten().numpy(), "h": latents.h[j].flatten().numpy()}
+                         for j in range(len(images))]
         parts = gather_to_main((mine, hits), self.process)
+        entries = None if parts is None else unshard([p[0] for p in parts])
+        keys = broadcast_from_main(entries if entries and all(isinstance(e, str) for e in entries) else None,
+                                   self.process)
+        entries = keys if keys is not None else entries
         sharding = {} if parts is None else {"world_size": world_size, "images_per_rank": [len(p[0]) for p in parts],
                                              "cache_hits_per_rank": [p[1] for p in parts]}
-        if editor.cache is not None:
-            keys = broadcast_from_main(None if parts is None else unshard([p[0] for p in parts]), self.process)
-            return {s: editor.cache.rows(keys, s, editor.shapes[s])[0] for s in ("h", "z")}, sharding
-        if parts is None:
-            return {}, sharding
-        latents = [Inversion(torch.cat([b.z for b in p[0]]), torch.cat([b.h for b in p[0]])) for p in parts]
-        stacked = {s: unshard_rows([getattr(part, s) for part in latents]).flatten(1).numpy() for s in ("h", "z")}
-        return {s: (lambda a, b, x=x: x[a:b]) for s, x in stacked.items()}, sharding
+        if entries is None:
+            return {}, False, sharding
+        return {s: entry_rows(editor.cache, entries, s, editor.shapes[s]) for s in ("h", "z")}, keys is not None, \
+            sharding
 
     def _edit_sequences(self, folders: Sequence[Path], latents: Inversion, directions: Directions, plan: EditPlan,
                         first_images: Sequence[dict[str, Tensor]], seed_keys: Sequence[tuple[int, ...]],
@@ -146,13 +152,14 @@ class BoundaryDiffusion:
         if folder is not None:  # before the long inversion: the boundaries can be written
             folder.created_dirs(check_writable_dir(Path(s.boundary_dir)))
         start = time.perf_counter()
-        rows, sharding = self._latent_rows([data.paths[i] for i in order], ImageReader.for_config(config, align_face=False))
+        rows, shared, sharding = self._latent_rows([data.paths[i] for i in order],
+                                                   ImageReader.for_config(config, align_face=False))
         invert_seconds = time.perf_counter() - start
         dims = {space: int(np.prod(self.editor.shapes[space])) for space in ("h", "z")}
         # Under torchrun every rank computes its share of each Gram matrix, rank 0 gets them (a single
         # process computes the same tiles in fit_boundary_rows: the same K).
         grams = {space: gram_across_ranks(rows[space], n_train, dims[space], self.process, self.editor.device)
-                 for space in ("h", "z")} if self.process.world_size > 1 and self.editor.cache else {}
+                 for space in ("h", "z")} if self.process.world_size > 1 and shared else {}
         if folder is None:  # rank 0 fits and writes everything
             return {}
         y_train, y_test = data.labels[train_idx], data.labels[test_idx]

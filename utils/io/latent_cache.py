@@ -102,3 +102,19 @@ class LatentCache:
                 out[i] = value.reshape(-1).float().numpy()  # .float(): bf16 has no numpy type
             return out
         return read, len(keys), dim
+
+
+def entry_rows(cache: LatentCache | None, entries: Sequence, space: str, shape: tuple[int, ...]) -> Reader:
+    """A row reader (``LatentCache.rows``) over ``entries`` that are cache keys or, for latents that
+    could not be cached, in-memory {space: (D,) float32} dicts: read(start, stop) -> (rows, D)."""
+    keys = [e for e in entries if isinstance(e, str)]
+    cached = cache.rows(keys, space, shape)[0] if keys else None
+    if len(keys) == len(entries):
+        return cached
+    where = np.cumsum([isinstance(e, str) for e in entries]) - 1  # an entry's row among the cached ones
+
+    def read(start: int, stop: int) -> np.ndarray:
+        return np.stack([e[space] if isinstance(e, dict) else cached(where[i], where[i] + 1)[0]
+                         for i, e in enumerate(entries[start:stop], start)])
+    return read
+
