@@ -301,17 +301,12 @@ class EditService:
                 raise UserError(f"n_inv_step {self.n_inv_step} does not fit t_0 {t_0} (at most {t_0 + 1})")
             editor = Editor(self.model, t_0, self.n_inv_step, self.cache_root, self.precision, show_progress=False)
 
-        counted = {"bar": None, "done": 0}  # the bars are silent (no tqdm output): count the calls here
-
-        def on_call(_: int, total: int) -> None:
+        def on_call(done: int, total: int) -> None:
             self.stats["network_calls"] += 1
             if cancel.is_set():
                 raise Cancelled("stopped")
-            if counted["bar"] is not editor.net.bar:
-                counted.update(bar=editor.net.bar, done=0)
-            counted["done"] += 1
             if progress is not None:
-                progress(counted["done"], total, stage["name"])
+                progress(done, total, stage["name"])
 
         editor.net.on_call = on_call
         try:

@@ -50,24 +50,30 @@ MOVED: dict[str, tuple[Space, ...]] = {"both": ("z", "h"), "z": ("z",), "h": ("h
 
 class CallCounter:
     """Wraps the network so that progress advances with every call (observation only, except that
-    ``on_call`` may raise to cancel the work in progress: the web app's stop button)."""
+    ``on_call`` may raise to cancel the work in progress: the web app's stop button).
+
+    Inside ``progress(total, desc)`` each call counts, shown or not, and ``on_call(done, total)``
+    hears of it."""
 
     def __init__(self, net: Callable, show: bool = True):
         self.net, self.show = net, show
         self.bar: tqdm | None = None
+        self.done = 0
         self.on_call: Callable[[int, int], None] | None = None
 
     def __call__(self, x: Tensor, t, h_override: Tensor | None = None):
         out = self.net(x, t, h_override=h_override)
         if self.bar is not None:
+            self.done += 1
             self.bar.update(1)
             if self.on_call is not None:
-                self.on_call(self.bar.n, self.bar.total)
+                self.on_call(self.done, self.bar.total)
         return out
 
     @contextlib.contextmanager
     def progress(self, total: int, desc: str) -> Iterator[None]:
         """A bar of ``total`` network calls for the work inside the block."""
+        self.done = 0
         self.bar = tqdm(total=total, desc=desc, unit="call", leave=False, dynamic_ncols=True,
                         disable=not self.show or total == 0)
         try:
@@ -383,10 +389,4 @@ def restrict(choice: BoundaryChoice, space: EditSpace) -> BoundaryChoice:
     return dataclasses.replace(choice, z=choice.z if "z" in kept else None, h=choice.h if "h" in kept else None,
                                conditions_z=choice.conditions_z if "z" in kept else (),
                                conditions_h=choice.conditions_h if "h" in kept else ())
-
-
-def rows(latents: Inversion, index: int | slice) -> Inversion:
-    """Rows of an inversion, kept as a batch: ``rows(latents, 2)`` is image 2 as (1, ...)."""
-    rows = slice(index, index + 1) if isinstance(index, int) else index
-    return Inversion(latents.z[rows], latents.h[rows])
 
