@@ -223,7 +223,8 @@ class EditDescription:
         attribute, {space: {attribute: v.n}} for several."""
         per_space = {}
         for space, edit in self.spaces.items():
-            values = {a: latent_distance(getattr(latents, space), n).tolist() for a, n in zip(edit.attributes, edit.normals)}
+            values = {a: latent_distance(getattr(latents, space), torch.from_numpy(r.normal)).tolist()
+                      for a, r in zip(edit.attributes, edit.records)}
             per_space[space] = values
         single = len(self.attributes) == 1
         return [{s: (v[self.attributes[0]][b] if single else {a: d[b] for a, d in v.items()})
