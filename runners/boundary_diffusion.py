@@ -4,6 +4,7 @@ images (``utils.distributed``); the numbers are computed in the engine and the c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -22,7 +23,7 @@ from runners.settings import Settings
 from utils.core.batching import batch_slices
 from utils.core.boundary import class_summary, fit_boundary_rows, split_indices
 from utils.core.diffusion import Inversion, sampling_pairs
-from utils.core.seeds import image_key, item_seed
+from utils.core.seeds import RADIUS_NOISE, SAMPLE_EDIT, image_key, item_seed
 from utils.distributed import (SINGLE, ProcessContext, broadcast_from_main, gather_to_main, gram_across_ranks, shard,
                                unshard)
 from utils.errors import UserError
@@ -271,13 +272,15 @@ class BoundaryDiffusion:
         """Sample latents at t_0 from noise, then the same edit (docs/algorithm.md section 6)."""
         s = self.settings
         directions = self.editor.directions(s.choice, s.force)
-        plan, summaries = s.edit_plan(directions), []
+        # Sample i's edits are keyed (i,) in a domain of their own (utils.core.seeds), so no two
+        # samples share edit noise and none shares a real image's.
+        plan, summaries = dataclasses.replace(s.edit_plan(directions), seed_domain=SAMPLE_EDIT), []
         for i in range(s.n_samples):
             latents = self.editor.sample_latents(s.seed, i)
             sampling = {"sample_index": i, "sampling_steps": len(sampling_pairs(
                 s.config.diffusion.num_diffusion_timesteps, s.t_0, s.n_inv_step))}
             summaries += self._edit_sequences([run_dir if s.n_samples == 1 else run_dir / f"sample_{i:02d}"],
-                                              latents, directions, plan, [{}], [()], [sampling])[0]
+                                              latents, directions, plan, [{}], [(i,)], [sampling])[0]
         if s.n_samples > 1:
             write_summary(run_dir, {"mode": "unconditional", "samples": summaries})
         print(f"wrote {s.n_samples} edit sequence(s)")
@@ -297,7 +300,7 @@ class BoundaryDiffusion:
             raise UserError(f"no images in {data_dir}")
         reader = ImageReader.for_config(s.config, align_face=False)
         real = torch.stack([reader.read(p) for p in paths])
-        generator = torch.Generator().manual_seed(item_seed(s.seed, 20_000))
+        generator = torch.Generator().manual_seed(item_seed(s.seed, domain=RADIUS_NOISE))
         noise = torch.randn((s.n_test_img, *editor.shapes["z"]), generator=generator)
         T = s.config.diffusion.num_diffusion_timesteps
         result = editor.radius_curves(real, noise, sorted(set(range(0, T, s.radius_step)) | {T - 1}), s.radius_eps,

@@ -11,7 +11,8 @@ the web app. No argparse and no file writing here; reading images and boundary f
 
 An image is inverted once (here and in the latent cache) and can then be edited any number of
 times, one distance or many: edit k of iteration i of image b is denoised from its own generator,
-seeded ``item_seed(plan.seed, *seed_keys[b], i, k)`` (``utils.core.seeds``), so that the pixels
+seeded ``item_seed(plan.seed, *seed_keys[b], i, k, domain=plan.seed_domain)`` (``utils.core.seeds``:
+seed key (image_key(image),) for a real image, (j,) for sampled latent j), so that the pixels
 depend on neither batch size, nor order, nor the other images edited with it.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Mapping, Sequence
@@ -34,7 +36,7 @@ from utils.core.boundary import latent_distance
 from utils.core.diffusion import HPolicy, Inversion, generate, invert, sample_latents, sampling_pairs, timestep_grid
 from utils.core.editing import EditBatch, condition_normal, iter_edits, reconstruct
 from utils.core.mixing import radius_curves
-from utils.core.seeds import item_seed
+from utils.core.seeds import EDIT, SAMPLE, item_seed
 from utils.errors import UserError
 from utils.io.boundary_files import BoundaryRecord, auto_range, load_boundary
 from utils.io.face_align import INSTALL as FACE_INSTALL, FaceAligner, FaceExtraMissing
@@ -96,6 +98,8 @@ class EditPlan:
     batch_size: int = 8
     #: the h space's own K distances (an ``auto`` range); None: h takes ``distances`` too
     h_distances: tuple[float, ...] | None = None
+    #: the seed rule's domain (``utils.core.seeds``): EDIT for real images, SAMPLE_EDIT for sampled latents
+    seed_domain: int = EDIT
 
     @staticmethod
     def spaced(start: float, end: float, k: int) -> tuple[float, ...]:
@@ -109,7 +113,8 @@ class EditPlan:
 
     def seeds(self, seed_keys: Sequence[tuple[int, ...]], iteration: int = 0) -> list[list[int]]:
         """B rows of K seeds: edit k of image b in this iteration (the documented rule)."""
-        return [[item_seed(self.seed, *key, iteration, k) for k in range(len(self.distances))] for key in seed_keys]
+        return [[item_seed(self.seed, *key, iteration, k, domain=self.seed_domain) for k in range(len(self.distances))]
+                for key in seed_keys]
 
 
 @dataclass(frozen=True)
@@ -227,9 +232,9 @@ class Editor:
 
     def sample_latents(self, seed: int, index: int) -> Inversion:
         """Latents at t_0 reached from noise (docs/algorithm.md section 6): x_T drawn from a generator
-        seeded ``item_seed(seed, 10_000 + index)``, denoised with DDIM eta 0 in ``n_inv_step``
+        seeded ``item_seed(seed, index, domain=SAMPLE)``, denoised with DDIM eta 0 in ``n_inv_step``
         steps; z (1, ...) and h (1, ...) on the CPU."""
-        generator = torch.Generator().manual_seed(item_seed(seed, 10_000 + index))
+        generator = torch.Generator().manual_seed(item_seed(seed, index, domain=SAMPLE))
         x_T = torch.randn((1, *self.shapes["z"]), generator=generator).to(self.device)
         pairs = sampling_pairs(self.config.diffusion.num_diffusion_timesteps, self.t_0, self.n_inv_step)
         with self.net.progress(len(pairs), f"sampling {index + 1}"):
@@ -359,10 +364,15 @@ AUTO_SCALE = 2.0
 def auto_span(record: BoundaryRecord, scale: float = AUTO_SCALE) -> tuple[float, float]:
     """The ``auto`` range of one boundary, in the edit's units v.n: the span from the negative
     class's 5th percentile to the positive class's 95th over the training latents
-    (``utils.io.boundary_files.auto_range``) scaled about its centre by ``scale``."""
+    (``utils.io.boundary_files.auto_range``) scaled about its centre by ``scale``. Both ends are
+    finite (UserError otherwise: a damaged summary, or a ``scale`` that overflows)."""
     low, high = auto_range(record)
-    centre, half = (low + high) / 2, scale * (high - low) / 2
-    return centre - half, centre + half
+    centre, half = low / 2 + high / 2, scale * (high / 2 - low / 2)
+    ends = (centre - half, centre + half)
+    if not all(math.isfinite(v) for v in ends):
+        raise UserError(f"the auto range of the {record.space} boundary for '{record.attribute}' is not finite "
+                        f"({low:g} .. {high:g} scaled by {scale:g}); give --start_distance and --end_distance")
+    return ends
 
 
 def auto_distances(directions: Directions, k: int, scale: float = AUTO_SCALE
