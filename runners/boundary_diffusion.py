@@ -93,7 +93,7 @@ class BoundaryDiffusion:
             latents, cached = editor.invert(images, self.settings.bs_train, desc)
             hits += cached
             if editor.cache is not None and editor.cache.writable:
-                mine += [editor.cache.key(image) for image in images]
+                mine += [editor.cache_key(image, self.settings.bs_train) for image in images]
             else:
                 mine += [{"z": latents.z[j].flatten().numpy(), "h": latents.h[j].flatten().numpy()}
                          for j in range(len(images))]
@@ -214,7 +214,7 @@ class BoundaryDiffusion:
         # with the folder and every batch is the one an all-at-once run would form (same results).
         unit = math.lcm(s.bs_train, s.edit_batch_size)
         group = unit * max(1, GROUP_IMAGES // unit)
-        done, errors, pending, invert_seconds = {}, {}, {}, 0.0
+        done, errors, pending, invert_seconds, group_seconds = {}, {}, {}, 0.0, []
         for i, path in enumerate(mine):
             try:
                 pending[path] = reader.read(path)
@@ -229,8 +229,9 @@ class BoundaryDiffusion:
                 # so its latents equal, bit for bit, those it gets in a folder run.
                 latents, _ = self.editor.invert(torch.stack(list(pending.values())), s.bs_train)
                 invert_seconds += time.perf_counter() - start
-                # In the batches one group of all the shard's images would form (a lone image alone).
-                recon = self.editor.reconstruct(latents, plan, directions, min(plan.batch_size, len(mine)))
+                # In the batches an all-at-once run over every image would form (a lone image alone,
+                # a lone remainder as a pair): not the shard's own size, so sharding changes no bit.
+                recon = self.editor.reconstruct(latents, plan, directions, min(plan.batch_size, len(paths)))
                 extras = [{"image": str(p), "folder": names[p] if collection else ".",
                            "reconstruction_mse": float(((recon[b].clamp(-1, 1) - image) ** 2).mean())}
                           for b, (p, image) in enumerate(pending.items())]
@@ -239,11 +240,14 @@ class BoundaryDiffusion:
                     [{"original": image, "reconstruction": recon[b]} for b, image in enumerate(pending.values())],
                     [(image_key(image),) for image in pending.values()], extras)
                 done.update(zip(pending, zip(summaries, rows)))  # per image: (summary, contact-sheet row)
+                group_seconds.append(summaries[0]["edit_seconds"])  # per iteration, shared by the group
                 pending = {}
-        parts = gather_to_main([done.get(p, errors.get(p)) for p in mine], self.process)
+        parts = gather_to_main(([done.get(p, errors.get(p)) for p in mine], group_seconds), self.process)
         if parts is None:  # not rank 0: its images are written, rank 0 writes the rest
             return {}
-        results = dict(zip(paths, unshard(parts)))
+        results = dict(zip(paths, unshard([part[0] for part in parts])))
+        # per iteration, the seconds of every group of every rank (ranks run at once: compute, not wall time)
+        edit_seconds = [sum(group[i] for part in parts for group in part[1]) for i in range(s.n_iter)]
         failed = {str(p): r for p, r in results.items() if isinstance(r, str)}
         edited = {p: r for p, r in results.items() if not isinstance(r, str)}
         if not edited:
@@ -257,12 +261,12 @@ class BoundaryDiffusion:
                             ["original", "reconstruction", *(f"d={d:+.2f}" for d in first["distances"])],
                             run_dir / "contact_sheet.png")
         summary = {"mode": s.mode, "arguments": s.to_dict(), "invert_seconds": invert_seconds,
-                   "edit_seconds": first["edit_seconds"], **self.editor.identity(),
+                   "edit_seconds": edit_seconds, **self.editor.identity(),
                    "images": [{"image": str(p), "folder": names[p],
                                **{k: r[k] for k in ("reconstruction_mse", "source_distances")}}
                               for p, (r, _) in edited.items()],
                    "failed": failed, "world_size": self.process.world_size,
-                   "images_per_rank": [len(part) for part in parts]}
+                   "images_per_rank": [len(part[0]) for part in parts]}
         write_summary(run_dir, summary)
         print(f"edited {len(edited)} images into one folder each and wrote contact_sheet.png"
               + (f"; {len(failed)} failed: {', '.join(Path(f).name for f in failed)}" if failed else ""))
@@ -290,8 +294,8 @@ class BoundaryDiffusion:
         """The mixing-step analysis (docs/algorithm.md section 7): radius of sampled vs inverted latents over t."""
         s, editor = self.settings, self.editor
         data_dir = s.data_dir or s.config.data.data_dir
-        if s.img_path:
-            paths = [Path(s.img_path)]
+        if s.img_path:  # a file, a folder or a glob, as for --edit_image_boundary
+            paths = expand_image_paths(s.img_path)[0][: s.n_test_img]
         elif data_dir:
             paths = list_images(data_dir)[: s.n_test_img]
         else:

@@ -58,7 +58,7 @@ def iter_edits(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Seq
     n_images, k_total = len(inversion.z), len(distances)
     if len(seeds) != n_images or any(len(row) != k_total for row in seeds):
         raise ValueError(f"seeds must be {n_images} rows of {k_total}, got {[len(r) for r in seeds]}")
-    batch_size = min(batch_size, n_images * k_total)  # a single edit runs alone, like the reconstruction
+    batch_size = max(1, min(batch_size, n_images * k_total))  # a single edit runs alone, like the reconstruction
 
     h_distances = distances if h_distances is None else h_distances
     if len(h_distances) != k_total:
