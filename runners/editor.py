@@ -10,7 +10,9 @@ the web app. No argparse and no file writing here; reading images and boundary f
 
 An image is inverted once (here and in the latent cache) and can then be edited any number of
 times, one distance or many: edit k of iteration i of image b is denoised from its own generator,
-seeded ``item_seed(seed, *seed_keys[b], i, k)`` (``utils.core.seeds``), so that the pixels
+seeded ``item_seed(seed, *seed_keys[b], i, k, domain=...)`` (``utils.core.seeds``: seed key
+(image_key(image),) for a real image in the EDIT domain, (j,) for sampled latent j in SAMPLE_EDIT),
+so that the pixels
 depend on neither batch size, nor order, nor the other images edited with it.
 """
 from __future__ import annotations
@@ -27,11 +29,11 @@ from tqdm import tqdm
 
 from models.loading import LoadedModel
 from utils.config import Config
-from utils.core.batching import batch_slices, pair_lone
+from utils.core.batching import batch_regime, batch_slices, pair_lone
 from utils.core.diffusion import HPolicy, Inversion, generate, invert, sample_latents, sampling_pairs, timestep_grid
 from utils.core.editing import EditBatch, iter_edits, reconstruct
 from utils.core.mixing import radius_curves
-from utils.core.seeds import item_seed
+from utils.core.seeds import EDIT, SAMPLE, item_seed
 from utils.errors import UserError
 from runners.edit_description import EditDescription
 from utils.io.boundary_files import BoundaryRecord, load_boundary
@@ -121,10 +123,17 @@ class Editor:
         self.device = next(model.net.model.parameters()).device
         self.shapes, self.alphas_cumprod = model.shapes, model.alphas_cumprod
         self.grid = timestep_grid(t_0, n_inv_step)
+        # The key holds what changes the bits: besides the model and grid, the precision, the device
+        # type (other kernels) and, per entry, the batch regime (``cache_key``).
         self.cache = None if cache_root is None else LatentCache(
             Path(cache_root), {"config": self.config.name, "checkpoint": model.checkpoint_sha256,
                                "model": self.config.to_dict()["model"], "diffusion": self.config.to_dict()["diffusion"],
-                               "t_0": t_0, "n_inv_step": n_inv_step, "precision": precision})
+                               "t_0": t_0, "n_inv_step": n_inv_step, "precision": precision,
+                               "device": self.device.type}, self.shapes)
+
+    def cache_key(self, image: Tensor, batch_size: int) -> str:
+        """The latent cache's key of ``image`` (C, H, W) inverted in batches of ``batch_size``."""
+        return self.cache.key(image, batch_regime(batch_size))
 
     def identity(self) -> dict:
         """What names the model in summaries and boundary files."""
@@ -136,7 +145,7 @@ class Editor:
         """Latents of images (N, C, H, W) in [-1, 1]: (Inversion z (N, ...), h (N, ...) on the CPU,
         how many came from the cache). The rest are inverted in batches (a lone remainder as a
         pair, ``utils.core.batching``) and cached image by image, so an interrupted run resumes."""
-        keys = [self.cache.key(img) for img in images] if self.cache else [None] * len(images)
+        keys = [self.cache_key(img, batch_size) for img in images] if self.cache else [None] * len(images)
         found = [self.cache.get(k) if self.cache else None for k in keys]
         todo = [i for i, f in enumerate(found) if f is None]
         log.info("%s: %d images, %d from the cache", desc, len(images), len(images) - len(todo))
@@ -156,9 +165,9 @@ class Editor:
 
     def sample_latents(self, seed: int, index: int) -> Inversion:
         """Latents at t_0 reached from noise (docs/algorithm.md section 6): x_T drawn from a generator
-        seeded ``item_seed(seed, 10_000 + index)``, denoised with DDIM eta 0 in ``n_inv_step``
+        seeded ``item_seed(seed, index, domain=SAMPLE)``, denoised with DDIM eta 0 in ``n_inv_step``
         steps; z (1, ...) and h (1, ...) on the CPU."""
-        generator = torch.Generator().manual_seed(item_seed(seed, 10_000 + index))
+        generator = torch.Generator().manual_seed(item_seed(seed, index, domain=SAMPLE))
         x_T = torch.randn((1, *self.shapes["z"]), generator=generator).to(self.device)
         pairs = sampling_pairs(self.config.diffusion.num_diffusion_timesteps, self.t_0, self.n_inv_step)
         with self.net.progress(len(pairs), f"sampling {index + 1}"):
@@ -180,15 +189,23 @@ class Editor:
                       batch_size: int = 8) -> dict:
         """The mixing-step analysis (``utils.core.mixing.radius_curves``) on this model: real images
         (N, C, H, W) in [-1, 1] inverted and noise (M, C, H, W) sampled along ``candidates``."""
-        calls = 2 * (len(candidates) - 1) * -(-max(len(images), len(noise)) // batch_size)
+        # each batch of images walks up, each batch of noise walks down: one call per pair of candidates
+        calls = (-(-len(images) // batch_size) + -(-len(noise) // batch_size)) * (len(candidates) - 1)
         with self.net.progress(calls, "radius"):
             return radius_curves(self.net, images.to(self.device), noise.to(self.device), self.alphas_cumprod,
                                  candidates, epsilon, batch_size)
 
     # ------------------------------------------------------------------ boundaries
     def check_boundary(self, path: Path, space: str, label: str, force: bool = False) -> BoundaryRecord:
-        """A boundary file of ``space`` that fits this model's latents, checkpoint and t_0 (the last
-        two may be overridden by ``force``). label: how the user named it (for messages)."""
+        """A boundary file of ``space`` that fits this model's latents, model and t_0 (the last two
+        may be overridden by ``force``). label: how the user named it (for messages).
+
+        The model: the file's ``checkpoint_sha256`` when it has one (then its ``config_name`` may
+        differ: the same weights under a renamed config); else its ``config_name`` (files
+        imported from the original's ``.sav`` have no hash); a file with neither is used with a
+        warning. Another ``n_inv_step`` is a warning, not a refusal: the inversion grid moves the
+        latents by little next to the classes' spread, and a direction fitted on one grid still
+        separates latents of another (docs/reliability.md, "Boundary checks")."""
         record = load_boundary(path, self.shapes)  # the normal's size checked from its header first
         if record.space != space:
             raise UserError(f"{path} is a boundary of the {record.space} space, given as {label}")
@@ -196,6 +213,17 @@ class Editor:
         if record.checkpoint_sha256 and record.checkpoint_sha256 != sha and not force:
             raise UserError(f"{path} was fitted on another checkpoint (sha256 {record.checkpoint_sha256[:12]}...); "
                             "pass --force to use it anyway")
+        if not record.checkpoint_sha256 and record.config_name and record.config_name != self.config.name \
+                and not force:
+            raise UserError(f"{path} was fitted for the model of config '{record.config_name[:40]}' (field "
+                            f"config_name; it has no checkpoint_sha256), this run uses '{self.config.name}'; "
+                            "pass --force to use it anyway")
+        if not record.checkpoint_sha256 and not record.config_name:
+            log.warning("%s names no model (fields checkpoint_sha256 and config_name are empty): it cannot be "
+                        "checked against %s; using it", path, self.config.name)
+        if record.n_inv_step != self.n_inv_step:
+            log.warning("%s was fitted on latents inverted in %d steps (field n_inv_step); this run's --n_inv_step "
+                        "is %d", path, record.n_inv_step, self.n_inv_step)
         if record.t_0 != self.t_0 and not force:
             raise UserError(f"{path} was fitted at t_0 {record.t_0}, this run uses t_0 {self.t_0}; "
                             "pass --force to use it anyway")
@@ -221,10 +249,11 @@ class Editor:
         return torch.cat(parts) if parts else torch.empty((0, *self.shapes["z"]))
 
     def edits(self, latents: Inversion, description: EditDescription, seed_keys: Sequence[tuple[int, ...]],
-              iteration: int = 0) -> Iterator[EditBatch]:
+              iteration: int = 0, seed_domain: int = EDIT) -> Iterator[EditBatch]:
         """Make the description's K edits of B latent pairs, yielding each denoised batch as soon as
         it is done (``utils.core.editing.iter_edits``): images on the CPU, (n, C, H, W) in [-1, 1]
-        (not clipped), and the edited latents. seed_keys: B tuples (the seed rule above)."""
+        (not clipped), and the edited latents. seed_keys: B tuples, seed_domain: EDIT for real
+        images, SAMPLE_EDIT for sampled latents (the seed rule above)."""
         denoising = description.denoising
         grid = timestep_grid(self.t_0, denoising.n_test_step)
         n_edits = len(latents.z) * len(description)
@@ -232,16 +261,16 @@ class Editor:
             return
         on_device = Inversion(latents.z.to(self.device), latents.h.to(self.device))
         moves = {s: description.move(s) for s in ("z", "h")}
-        calls = -(-n_edits // min(denoising.batch_size, n_edits)) * len(grid)
+        calls = -(-n_edits // denoising.batch_size) * len(grid)  # one batch when fewer edits than its size
         with self.net.progress(calls, "editing" if iteration == 0 else f"editing, iteration {iteration + 1}"):
             for batch in iter_edits(self.net, on_device, self.alphas_cumprod, grid, moves["z"], moves["h"],
-                                    description.seeds(seed_keys, iteration), eta=denoising.eta,
+                                    description.seeds(seed_keys, iteration, seed_domain), eta=denoising.eta,
                                     h_policy=denoising.h_policy, batch_size=denoising.batch_size):
                 yield EditBatch(batch.items, batch.images.cpu(), batch.z.cpu(),
                                 None if batch.h is None else batch.h.cpu())
 
     def edit_all(self, latents: Inversion, description: EditDescription, seed_keys: Sequence[tuple[int, ...]],
-                 iteration: int = 0) -> Tensor:
+                 iteration: int = 0, seed_domain: int = EDIT) -> Tensor:
         """Every edit at once: (B, K, C, H, W) in [-1, 1] (not clipped), on the CPU."""
-        images = torch.cat([b.images for b in self.edits(latents, description, seed_keys, iteration)])
+        images = torch.cat([b.images for b in self.edits(latents, description, seed_keys, iteration, seed_domain)])
         return images.reshape(len(latents.z), len(description), *images.shape[1:])
