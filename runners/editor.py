@@ -238,7 +238,7 @@ class Editor:
         inject_h = "h" in description.spaces
         grid = timestep_grid(self.t_0, description.denoising.n_test_step)
         n = len(latents.z)
-        batch_size = batch_size or min(description.denoising.batch_size, n)
+        batch_size = batch_size or max(1, min(description.denoising.batch_size, n))
         parts = []
         with self.net.progress(-(-n // batch_size) * len(grid), "reconstructing"):
             for chunk in batch_slices(n, batch_size):
