@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +16,7 @@ from torch import Tensor
 from models.checkpoints import default_cache_dir
 from models.loading import LoadedModel
 from runners.edit_description import BoundaryIndex, EditDescription, describe_edit
-from runners.editor import Editor, ImageReader
+from runners.editor import Editor, ImageReader, folder_batches
 from runners.outputs import SequenceWriter, edit_label, folder_names, write_contact_sheet, write_radius_table, write_summary
 from runners.settings import Settings
 from utils.core.batching import batch_slices
@@ -36,8 +35,6 @@ from utils.io.plots import boundary_report, radius_plot
 
 log = logging.getLogger(__name__)
 
-#: About how many images of a folder edit are held (as images, latents and reconstructions) at once.
-GROUP_IMAGES = 32
 #: Each mode's subfolder of --exp.
 SUBFOLDERS = {"boundary_search": "boundary_search", "edit_image_boundary": "edit", "unconditional": "unconditional",
               "radius": "radius"}
@@ -217,10 +214,7 @@ class BoundaryDiffusion:
             raise UserError(f"rank {self.process.rank} cannot see the run folder {run_dir} that rank 0 made: "
                             "editing across machines needs --exp on a file system all machines share")
         mine = shard(paths, self.process.rank, self.process.world_size)
-        # Images go through in groups of a multiple of both batch sizes, so that memory does not grow
-        # with the folder and every batch is the one an all-at-once run would form (same results).
-        unit = math.lcm(s.bs_train, description.denoising.batch_size)
-        group = unit * max(1, GROUP_IMAGES // unit)
+        batches = folder_batches(len(paths), s.bs_train, description.denoising.batch_size)
         done, errors, pending, invert_seconds, group_seconds = {}, {}, {}, 0.0, []
         for i, path in enumerate(mine):
             try:
@@ -230,15 +224,13 @@ class BoundaryDiffusion:
                     raise
                 errors[path] = str(exc)
                 log.error("skipping %s: %s", path, exc)
-            if pending and (len(pending) == group or i == len(mine) - 1):
+            if pending and (len(pending) == batches.group or i == len(mine) - 1):
                 start = time.perf_counter()
                 # A lone image is inverted as a pair when --bs_train > 1 (utils.core.batching.pair_lone),
                 # so its latents equal, bit for bit, those it gets in a folder run.
                 latents, _ = self.editor.invert(torch.stack(list(pending.values())), s.bs_train)
                 invert_seconds += time.perf_counter() - start
-                # In the batches an all-at-once run over every image would form (a lone image alone,
-                # a lone remainder as a pair): not the shard's own size, so sharding changes no bit.
-                recon = self.editor.reconstruct(latents, description, min(description.denoising.batch_size, len(paths)))
+                recon = self.editor.reconstruct(latents, description, batches.reconstruction)
                 extras = [{"image": str(p), "folder": names[p] if collection else ".",
                            "reconstruction_mse": float(((recon[b].clamp(-1, 1) - image) ** 2).mean())}
                           for b, (p, image) in enumerate(pending.items())]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -42,6 +43,31 @@ from utils.io.images import image_to_tensor, open_image
 from utils.io.latent_cache import LatentCache
 
 log = logging.getLogger(__name__)
+
+#: About how many images of a folder edit are held (as images, latents and reconstructions) at once.
+GROUP_IMAGES = 32
+
+
+@dataclass(frozen=True)
+class FolderBatches:
+    """How a folder edit goes through the engine: ``group`` images at a time (inverted,
+    reconstructed, edited and written before the next group is read), reconstructed in batches of
+    ``reconstruction``."""
+    group: int
+    reconstruction: int
+
+
+def folder_batches(n_images: int, invert_batch: int, edit_batch: int) -> FolderBatches:
+    """The engine's batches for a folder of ``n_images`` (all processes together).
+
+    Groups are a multiple of both batch sizes (about ``GROUP_IMAGES``), so that memory does not grow
+    with the folder and every batch is the one an all-at-once run would form: the same results.
+    Reconstructions run in the batches an all-at-once run over every image would form (a lone
+    image alone, a lone remainder as a pair), never a shard's own size, so sharding changes no bit.
+    """
+    unit = math.lcm(invert_batch, edit_batch)
+    return FolderBatches(unit * max(1, GROUP_IMAGES // unit), max(1, min(edit_batch, n_images)))
+
 
 class CallCounter:
     """Wraps the network so that progress advances with every call (observation only, except that
