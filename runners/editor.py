@@ -18,8 +18,11 @@ depend on neither batch size, nor order, nor the other images edited with it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -67,6 +70,42 @@ def folder_batches(n_images: int, invert_batch: int, edit_batch: int) -> FolderB
     """
     unit = math.lcm(invert_batch, edit_batch)
     return FolderBatches(unit * max(1, GROUP_IMAGES // unit), max(1, min(edit_batch, n_images)))
+
+
+class RecentLatents:
+    """The latest ``capacity`` inversions, kept in memory in front of the latent cache (least
+    recently used dropped first; thread-safe), to be shared by the editors of one process: the web
+    app keeps its sessions' images here, whether or not a disk cache is on. An entry is keyed by
+    what decides its bits besides the model (t_0, the inversion steps, the batch regime) and the
+    pixels."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple, Inversion] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(image: Tensor, *setting) -> tuple:
+        """image: (C, H, W) pixels; setting: what else decides the latents."""
+        pixels = image.detach().cpu().float().contiguous()
+        return (*setting, tuple(pixels.shape), hashlib.sha256(pixels.numpy().tobytes()).hexdigest())
+
+    def get(self, key: tuple) -> Inversion | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: tuple, latents: Inversion) -> None:
+        with self._lock:
+            self._entries[key] = latents
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class CallCounter:
@@ -138,9 +177,10 @@ class Editor:
     grid up to t_0 and the latent cache, built once."""
 
     def __init__(self, model: LoadedModel, t_0: int, n_inv_step: int, cache_root: Path | None = None,
-                 precision: str = "fp32", show_progress: bool = True):
+                 precision: str = "fp32", show_progress: bool = True, recent: RecentLatents | None = None):
         """cache_root: folder of the inverted-latent cache (None: no cache). precision: the
-        network's compute precision, part of the cache key."""
+        network's compute precision, part of the cache key. recent: inversions kept in memory
+        (``RecentLatents``, shared with other editors of the same model), looked up first."""
         T = model.config.diffusion.num_diffusion_timesteps
         if not 1 <= t_0 <= T - 1:
             raise UserError(f"t_0 must be in [1, {T - 1}], got {t_0}")
@@ -149,6 +189,7 @@ class Editor:
         self.device = next(model.net.model.parameters()).device
         self.shapes, self.alphas_cumprod = model.shapes, model.alphas_cumprod
         self.grid = timestep_grid(t_0, n_inv_step)
+        self.recent = recent
         # The key holds what changes the bits: besides the model and grid, the precision, the device
         # type (other kernels) and, per entry, the batch regime (``cache_key``).
         self.cache = None if cache_root is None else LatentCache(
@@ -169,10 +210,14 @@ class Editor:
     # ------------------------------------------------------------------ inversion
     def invert(self, images: Tensor, batch_size: int = 8, desc: str = "inverting") -> tuple[Inversion, int]:
         """Latents of images (N, C, H, W) in [-1, 1]: (Inversion z (N, ...), h (N, ...) on the CPU,
-        how many came from the cache). The rest are inverted in batches (a lone remainder as a
-        pair, ``utils.core.batching``) and cached image by image, so an interrupted run resumes."""
+        how many came from memory or the cache). The rest are inverted in batches (a lone remainder
+        as a pair, ``utils.core.batching``) and cached image by image, so an interrupted run resumes."""
+        regime = batch_regime(batch_size)
+        memory = [RecentLatents.key(img, self.t_0, self.n_inv_step, regime) for img in images] \
+            if self.recent is not None else [None] * len(images)
+        found = [self.recent.get(k) if k is not None else None for k in memory]
         keys = [self.cache_key(img, batch_size) for img in images] if self.cache else [None] * len(images)
-        found = [self.cache.get(k) if self.cache else None for k in keys]
+        found = [f if f is not None or not self.cache else self.cache.get(k) for f, k in zip(found, keys)]
         todo = [i for i, f in enumerate(found) if f is None]
         log.info("%s: %d images, %d from the cache", desc, len(images), len(images) - len(todo))
         with self.net.progress(-(-len(todo) // batch_size) * (len(self.grid) - 1), desc):
@@ -184,6 +229,9 @@ class Editor:
                     found[i] = Inversion(z=inv.z[j].cpu(), h=inv.h[j].cpu())
                     if self.cache:
                         self.cache.put(keys[i], found[i].z, found[i].h)
+        if self.recent is not None:
+            for key, latents in zip(memory, found):
+                self.recent.put(key, latents)
         if not found:
             return Inversion(z=torch.empty((0, *self.shapes["z"])), h=torch.empty((0, *self.shapes["h"]))), 0
         return Inversion(z=torch.stack([f.z for f in found]), h=torch.stack([f.h for f in found])), \

@@ -130,3 +130,4 @@ def test_a_normal_in_the_span_of_others_is_refused():
     third = n[0] * 0.6 + n[1] * 0.8
     with pytest.raises(ValueError, match="too close to move or hold together"):
         check_joint(["a", "b", "c"], unit_rows(torch.cat([n, third[None]])))
+
