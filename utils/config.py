@@ -140,7 +140,7 @@ def _build(cls, section: str, raw: Any, ignored: set[str] = frozenset()):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted((k for k in raw if k not in known and k not in ignored), key=str)
     if unknown:
-        raise UserError(f"unknown key {quote(unknown[0])} in config section '{section}' (known: {', '.join(known)})")
+        raise UserError(f"unknown key '{section}.{str(unknown[0])[:QUOTE_CHARS]}' in config (known: {', '.join(known)})")
     kwargs = {}
     for name, f in known.items():
         if name not in raw:
