@@ -16,8 +16,9 @@ from torch import Tensor
 
 from models.checkpoints import default_cache_dir
 from models.loading import LoadedModel
-from runners.editor import Directions, EditPlan, Editor, ImageReader
-from runners.outputs import SequenceWriter, folder_names, write_contact_sheet, write_radius_table, write_summary
+from runners.edit_description import BoundaryIndex, EditDescription, describe_edit
+from runners.editor import Editor, ImageReader
+from runners.outputs import SequenceWriter, edit_label, folder_names, write_contact_sheet, write_radius_table, write_summary
 from runners.settings import Settings
 from utils.core.batching import batch_slices
 from utils.core.boundary import class_summary, fit_boundary_rows, split_indices
@@ -72,7 +73,7 @@ class BoundaryDiffusion:
     def _inputs(self) -> list[Path]:
         """Every path the run reads (or writes outside its folder): none may be replaced by it."""
         s, cache = self.settings, self.editor.cache
-        paths = [s.img_path, s.data_dir, s.attr_file, s.pos_dir, s.neg_dir, s.choice.z, s.choice.h, s.boundary_dir,
+        paths = [s.img_path, s.data_dir, s.attr_file, s.pos_dir, s.neg_dir, *s.boundary_files(), s.boundary_dir,
                  self.editor.model.checkpoint, cache.root if cache else None]
         return [Path(p) for p in paths if p]
 
@@ -108,31 +109,38 @@ class BoundaryDiffusion:
         return {s: entry_rows(editor.cache, entries, s, editor.shapes[s]) for s in ("h", "z")}, keys is not None, \
             sharding
 
-    def _edit_sequences(self, folders: Sequence[Path], latents: Inversion, directions: Directions, plan: EditPlan,
+    def _description(self) -> EditDescription:
+        """The edit of the settings' request, checked against the model (before any image is read)."""
+        s = self.settings
+        index = BoundaryIndex(s.boundary_dir, s.config.name, self.editor.shapes)
+        return describe_edit(self.editor, s.edit, index, s.force)
+
+    def _edit_sequences(self, folders: Sequence[Path], latents: Inversion, description: EditDescription,
                         first_images: Sequence[dict[str, Tensor]], seed_keys: Sequence[tuple[int, ...]],
                         extras: Sequence[dict]) -> tuple[list[dict], list[Tensor]]:
-        """Edit B latent pairs to every distance (n_iter times), write each image's files and
-        summary into its folder; returns the summaries and each image's contact-sheet row."""
+        """Make every edit of B latent pairs (n_iter times), write each image's files and summary
+        into its folder; returns the summaries and each image's contact-sheet row."""
         s = self.settings
-        writer = SequenceWriter(folders, first_images, plan.distances, s.n_iter, s.gif, s.save_tensors)
+        writer = SequenceWriter(folders, first_images, description, s.n_iter, s.gif, s.save_tensors)
         seeds, timings = [], []
         for iteration in range(s.n_iter):
             start = time.perf_counter()
-            for batch in self.editor.edits(latents, directions, plan, seed_keys, iteration):
+            for batch in self.editor.edits(latents, description, seed_keys, iteration):
                 writer.add(batch, iteration)
             timings.append(time.perf_counter() - start)
-            seeds.append(plan.seeds(seed_keys, iteration))
-        own = self.editor.source_distances(latents, directions)
+            seeds.append(description.seeds(seed_keys, iteration))
+        own = description.source_distances(latents)
+        targets = [description.targets(k) for k in range(len(description))]
         summaries = []
         for b, folder in enumerate(folders):
             if s.save_tensors:
                 writer.write_tensors(b, latents)
-            summary = {"mode": s.mode, "arguments": s.to_dict(), "distances": list(plan.distances),
-                       **({"h_distances": list(plan.h_distances)} if plan.h_distances else {}),
+            summary = {"mode": s.mode, "arguments": s.to_dict(), "distances": description.distances(),
+                       "targets": targets,  # edit k: {attribute: {space: v.n}}
                        "source_distances": own[b],  # where the unedited latents sit along each normal
                        "seeds": [rows[b] for rows in seeds], "edit_seconds": timings,
-                       "images_edited_together": len(folders), **self.editor.identity(), **directions.describe(),
-                       **extras[b]}
+                       "images_edited_together": len(folders), **self.editor.identity(),
+                       "edit": description.describe(), **extras[b]}
             write_summary(folder, summary)
             summaries.append(summary)
         return summaries, writer.rows
@@ -197,8 +205,7 @@ class BoundaryDiffusion:
         section 5). ``--img_path`` is a file (results in ``<exp>/edit/``) or a folder or glob
         (results in ``<exp>/edit/<folder name>/``, plus a summary and a contact sheet of all)."""
         s = self.settings
-        directions = self.editor.directions(s.choice, s.force)
-        plan = s.edit_plan(directions)
+        description = self._description()
         reader = ImageReader.for_config(s.config, s.align_face)
         paths, collection = expand_image_paths(s.img_path)
         names = dict(zip(paths, folder_names(paths)))  # the tool's own names, fixed before any work
@@ -211,7 +218,7 @@ class BoundaryDiffusion:
         mine = shard(paths, self.process.rank, self.process.world_size)
         # Images go through in groups of a multiple of both batch sizes, so that memory does not grow
         # with the folder and every batch is the one an all-at-once run would form (same results).
-        unit = math.lcm(s.bs_train, s.edit_batch_size)
+        unit = math.lcm(s.bs_train, description.denoising.batch_size)
         group = unit * max(1, GROUP_IMAGES // unit)
         done, errors, pending, invert_seconds = {}, {}, {}, 0.0
         for i, path in enumerate(mine):
@@ -229,12 +236,12 @@ class BoundaryDiffusion:
                 latents, _ = self.editor.invert(torch.stack(list(pending.values())), s.bs_train)
                 invert_seconds += time.perf_counter() - start
                 # In the batches one group of all the shard's images would form (a lone image alone).
-                recon = self.editor.reconstruct(latents, plan, directions, min(plan.batch_size, len(mine)))
+                recon = self.editor.reconstruct(latents, description, min(description.denoising.batch_size, len(mine)))
                 extras = [{"image": str(p), "folder": names[p] if collection else ".",
                            "reconstruction_mse": float(((recon[b].clamp(-1, 1) - image) ** 2).mean())}
                           for b, (p, image) in enumerate(pending.items())]
                 summaries, rows = self._edit_sequences(
-                    [run_dir / names[p] if collection else run_dir for p in pending], latents, directions, plan,
+                    [run_dir / names[p] if collection else run_dir for p in pending], latents, description,
                     [{"original": image, "reconstruction": recon[b]} for b, image in enumerate(pending.values())],
                     [(image_key(image),) for image in pending.values()], extras)
                 done.update(zip(pending, zip(summaries, rows)))  # per image: (summary, contact-sheet row)
@@ -253,7 +260,7 @@ class BoundaryDiffusion:
             print(f"wrote {len(first['distances']) * s.n_iter} edits and grid.png")
             return first
         write_contact_sheet([row for _, row in edited.values()], [names[p] for p in edited],
-                            ["original", "reconstruction", *(f"d={d:+.2f}" for d in first["distances"])],
+                            ["original", "reconstruction", *(edit_label(description, k) for k in range(len(description)))],
                             run_dir / "contact_sheet.png")
         summary = {"mode": s.mode, "arguments": s.to_dict(), "invert_seconds": invert_seconds,
                    "edit_seconds": first["edit_seconds"], **self.editor.identity(),
@@ -270,14 +277,13 @@ class BoundaryDiffusion:
     def unconditional(self, folder: RunFolder, run_dir: Path) -> dict:
         """Sample latents at t_0 from noise, then the same edit (docs/algorithm.md section 6)."""
         s = self.settings
-        directions = self.editor.directions(s.choice, s.force)
-        plan, summaries = s.edit_plan(directions), []
+        description, summaries = self._description(), []
         for i in range(s.n_samples):
             latents = self.editor.sample_latents(s.seed, i)
             sampling = {"sample_index": i, "sampling_steps": len(sampling_pairs(
                 s.config.diffusion.num_diffusion_timesteps, s.t_0, s.n_inv_step))}
             summaries += self._edit_sequences([run_dir if s.n_samples == 1 else run_dir / f"sample_{i:02d}"],
-                                              latents, directions, plan, [{}], [()], [sampling])[0]
+                                              latents, description, [{}], [()], [sampling])[0]
         if s.n_samples > 1:
             write_summary(run_dir, {"mode": "unconditional", "samples": summaries})
         print(f"wrote {s.n_samples} edit sequence(s)")
