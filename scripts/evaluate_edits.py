@@ -41,7 +41,9 @@ from sklearn.linear_model import LogisticRegression
 
 from models.loading import LoadedModel, load_model
 from models.runtime import PRECISIONS, retain_freed_memory
-from runners.editor import AUTO_SCALE, MOVED, BoundaryChoice, Directions, EditPlan, Editor, auto_distances, restrict
+from runners.edit_description import (AUTO_SCALE, MOVED, Denoising, EditDescription, EditRequest, Move,
+                                      describe_edit)
+from runners.editor import Editor
 from utils.config import load_config
 from utils.core.diffusion import Inversion
 from utils.core.seeds import image_key, item_seed
@@ -63,7 +65,6 @@ class Setting:
     start: float | None = -20.0  # None: the CLI's auto range per space (from the boundary files)
     end: float | None = 20.0
     k: int = 9
-    auto_scale: float = 1.0  # with start None: the class span scaled about its centre by this
 
 
 # --- data and measurements ----------------------------------------------------------------------
@@ -142,13 +143,13 @@ def z_offset(boundary_dir: Path, config_name: str, attribute: str, t_0: int, sha
 
 class Evaluator:
     """The test digits through the editing engine (``runners.editor``), one ``Editor`` per t_0: each
-    digit is inverted once per t_0, and edit k of digit b draws its noise by the CLI's rule,
-    ``item_seed(seed, image_key(digit), 0, k)``."""
+    digit is inverted once per t_0, every edit is built by ``describe_edit`` (the command line's
+    builder) and made by ``Editor.edit_all``, and edit k of digit b draws its noise by the CLI's
+    rule, ``item_seed(seed, image_key(digit), 0, k)``."""
 
-    def __init__(self, model: LoadedModel, images: torch.Tensor, n_inv_step: int, n_test_step: int, batch_size: int,
-                 seed: int):
+    def __init__(self, model: LoadedModel, images: torch.Tensor, n_inv_step: int, batch_size: int):
         self.model, self.images = model, images
-        self.n_inv_step, self.n_test_step, self.batch_size, self.seed = n_inv_step, n_test_step, batch_size, seed
+        self.n_inv_step, self.batch_size = n_inv_step, batch_size
         self.seed_keys = [(image_key(image),) for image in images]
         self._editors: dict[int, Editor] = {}
         self._inversions: dict[int, Inversion] = {}
@@ -159,16 +160,9 @@ class Evaluator:
             self._editors[t_0] = Editor(self.model, t_0, self.n_inv_step)
         return self._editors[t_0]
 
-    def plan(self, setting: Setting | None = None, directions: Directions | None = None) -> EditPlan:
-        """The plan of ``setting`` (start None: the CLI's ``auto`` range per space, from ``directions``)."""
-        if setting is None:  # the fidelity measurement: no edit, eta 0
-            return EditPlan((), self.n_test_step, batch_size=self.batch_size)
-        if setting.start is None:
-            distances, h_distances = auto_distances(directions, setting.k, setting.auto_scale)
-        else:
-            distances, h_distances = EditPlan.spaced(setting.start, setting.end, setting.k), None
-        return EditPlan(distances, self.n_test_step, setting.eta, setting.h_policy, self.seed, self.batch_size,
-                        h_distances)
+    def describe(self, t_0: int, request: EditRequest) -> EditDescription:
+        """The checked edit of ``request`` at ``t_0`` (every boundary named by path in the request)."""
+        return describe_edit(self.editor(t_0), request, None)
 
     def inversion(self, t_0: int) -> Inversion:
         """Latents of the digits at t_0 (computed once per t_0)."""
@@ -176,21 +170,33 @@ class Evaluator:
             self._inversions[t_0] = self.editor(t_0).invert(self.images, self.batch_size)[0]
         return self._inversions[t_0]
 
-    def plain_reconstruction(self, t_0: int) -> torch.Tensor:
-        """Invert + regenerate with eta 0 and no h injection: the fidelity measurement (c)."""
+    def plain_reconstruction(self, t_0: int, description: EditDescription) -> torch.Tensor:
+        """Invert + regenerate with eta 0 and no h injection (``description`` moves z only): the
+        fidelity measurement."""
         if t_0 not in self._plain_recon:
-            self._plain_recon[t_0] = self.editor(t_0).reconstruct(self.inversion(t_0), self.plan())
+            self._plain_recon[t_0] = self.editor(t_0).reconstruct(self.inversion(t_0), description)
         return self._plain_recon[t_0]
 
-    def edits(self, setting: Setting, paths: dict[str, Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reference reconstruction (N, C, H, W), edits (N, K, C, H, W), distances (K,)).
+    def edits(self, t_0: int, description: EditDescription, rows: np.ndarray | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference reconstruction (n, C, H, W), edits (n, K, C, H, W)) of the digits ``rows``
+        (default: all). The reference goes through the same h injection as the edits
+        (``Editor.reconstruct``)."""
+        editor, latents = self.editor(t_0), self.inversion(t_0)
+        keys = self.seed_keys
+        if rows is not None:
+            latents = Inversion(latents.z[rows], latents.h[rows])
+            keys = [self.seed_keys[i] for i in rows]
+        return editor.reconstruct(latents, description), editor.edit_all(latents, description, keys)
 
-        The reference goes through the same h injection as the edits (``Editor.reconstruct``)."""
-        editor, latents = self.editor(setting.t_0), self.inversion(setting.t_0)
-        directions = editor.directions(restrict(BoundaryChoice(z=paths["z"], h=paths["h"]), setting.space))
-        plan = self.plan(setting, directions)
-        reference = editor.reconstruct(latents, plan, directions)
-        return reference, editor.edit_all(latents, directions, plan, self.seed_keys), plan.distance_tensor()
+
+def setting_request(setting: Setting, paths: dict[str, Path], n_test_step: int, seed: int,
+                    batch_size: int) -> EditRequest:
+    """The command line's request for ``setting``: ``--edit_attr A --start_distance S --end_distance
+    E`` (``auto`` when start is None) with the boundary files ``paths``."""
+    move = Move("", setting.start, setting.end, auto=setting.start is None, paths=paths)
+    return EditRequest((move,), Denoising(n_test_step, setting.eta, setting.h_policy, seed, batch_size),
+                       k=setting.k, space=setting.space)
 
 
 def measure(reference: torch.Tensor, edits: torch.Tensor, distances: torch.Tensor, classes: np.ndarray,
@@ -290,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta of the edits in the default run")
     parser.add_argument("--n_test", type=int, default=100, help="test digits to edit (per class: n/10); 0 = all")
     parser.add_argument("--ablations", action="store_true", help="also run the one-change-at-a-time ablations")
-    parser.add_argument("--auto", type=float, nargs="*", default=None, metavar="SCALE",
+    parser.add_argument("--auto", action="store_true",
                         help="also run the default with the CLI's auto distances (--start_distance auto --end_distance "
-                             "auto), once per SCALE of the class span (none given: the CLI's AUTO_SCALE)")
+                             f"auto: each space's class span widened {AUTO_SCALE:g} times about its centre)")
     parser.add_argument("--ablate_t0", type=int, nargs="*", default=[], help="other t_0 values for the ablations")
     parser.add_argument("--no_shift_t0", action="store_true",
                         help="use the default range unchanged for other t_0 (default: shift it by the change of the "
@@ -331,9 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     default = Setting("default", args.space, args.h_policy, args.eta, args.t_0 or edit.t_0,
                       edit.start_distance if args.start_distance is None else args.start_distance,
                       edit.end_distance if args.end_distance is None else args.end_distance, args.k or edit.edit_img_number)
-    autos = [] if args.auto is None else (args.auto or [AUTO_SCALE])
-    settings = [default] + [dataclasses.replace(default, name=f"auto x{s:g}", start=None, end=None, auto_scale=s)
-                            for s in autos]
+    settings = [default] + ([dataclasses.replace(default, name=f"auto x{AUTO_SCALE:g}", start=None, end=None)]
+                            if args.auto else [])
     if args.ablations:
         settings += [dataclasses.replace(default, name=f"{space} only", space=space) for space in ("z", "h") if space != default.space]
         if default.space != "both":
@@ -354,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         settings += [dataclasses.replace(default, name=f"range x{m:g}", start=center - m * half, end=center + m * half)
                      for m in args.ablate_scale]
 
-    evaluator = Evaluator(loaded, images, edit.n_inv_step, edit.n_test_step, args.batch_size, args.seed)
+    evaluator = Evaluator(loaded, images, edit.n_inv_step, args.batch_size)
     runs, fidelity, boundary_info = [], {}, {}
     with torch.inference_mode():
         for setting in settings:
@@ -362,17 +367,23 @@ def main(argv: list[str] | None = None) -> int:
             found = unique_boundaries(args.boundary_dir, config.name, args.attribute, setting.t_0, sha)
             boundary_info[setting.t_0] = {s: {"path": str(p), "train_acc": r.train_acc, "test_acc": r.test_acc,
                                               "n_train": r.n_train, "n_test": r.n_test} for s, (p, r) in found.items()}
+            paths = {s: p for s, (p, _) in found.items()}
+            description = evaluator.describe(setting.t_0, setting_request(setting, paths, edit.n_test_step, args.seed,
+                                                                          args.batch_size))
             normals = {s: torch.from_numpy(r.normal) for s, (_, r) in found.items()}
             inv = evaluator.inversion(setting.t_0)
             for s, n in normals.items():  # where the test latents sit along each normal: guides the distances
                 proj = getattr(inv, s).flatten(1).double() @ n.double()
                 boundary_info[setting.t_0][s]["projection_mean_std"] = [float(proj.mean()), float(proj.std())]
                 boundary_info[setting.t_0][s]["latent_norm_mean"] = float(getattr(inv, s).flatten(1).norm(dim=1).mean())
-            reference, edits, distances = evaluator.edits(setting, {s: p for s, (p, _) in found.items()})
+            reference, edits = evaluator.edits(setting.t_0, description)
+            distances = torch.tensor(description.distances(), dtype=torch.float64)
             result = {"setting": dataclasses.asdict(setting), "distances": distances.tolist(),
                       **measure(reference, edits, distances, classes, classifier, tuple(args.flip) if args.flip else None)}
             if setting.t_0 not in fidelity:
-                recon = evaluator.plain_reconstruction(setting.t_0)
+                plain = dataclasses.replace(setting, space="z", start=0.0, end=0.0, k=1)
+                recon = evaluator.plain_reconstruction(setting.t_0, evaluator.describe(setting.t_0, setting_request(
+                    plain, paths, edit.n_test_step, args.seed, args.batch_size)))
                 mse = float(((to_unit(recon) - to_unit(images)) ** 2).mean())
                 fidelity[setting.t_0] = {"mse": mse, "psnr": psnr(mse),
                                          "max_abs": float((to_unit(recon) - to_unit(images)).abs().max()),
