@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--joint_range", type=float, nargs=2, default=(-3.0, 3.0), metavar=("START", "END"),
                         help="--joint: both attributes' targets, in the relative unit (-1 / +1: the class medians)")
     parser.add_argument("--joint_k", type=int, default=3, help="--joint: targets per attribute (the grid has K x K)")
-    parser.add_argument("--joint_steps", type=int, default=10, help="--joint: denoising steps of every edit")
+    parser.add_argument("--joint_steps", type=int, default=5, help="--joint: denoising steps of every edit")
     parser.add_argument("--joint_eta", type=float, default=0.0, help="--joint: DDIM eta of every edit")
     parser.add_argument("--quality", action="store_true", help="also measure samples from noise")
     parser.add_argument("--n_samples", type=int, default=200, help="samples for --quality")
