@@ -17,6 +17,13 @@ along the boundaries of ``--attribute`` found in ``--boundary_dir`` (files writt
   classified NEG at the smallest distance and of NEG digits classified POS at the largest;
 - fidelity: mean squared error and PSNR of inversion + regeneration (eta 0, no edit), pixels in [0, 1].
 
+``--joint`` runs the multi-attribute evaluation instead (issue 22; docs/digits_report.md): thick and
+slant moved on a K x K grid of targets (the joint move), thick alone, thick with slant held, and
+slant with thick held, with the digit's class free and held (the ``digit_c`` boundaries of each
+digit's true class); measured from pixels (``utils.core.morphometry``: stroke thickness and
+slant after Morpho-MNIST; needs scikit-image) with ``utils.core.edit_measures``: target gain,
+leak, additivity, class kept, each with its spread over the digits.
+
 ``--ablations`` repeats the run with one setting changed at a time: z only / h only, the other h
 policy, the other eta (0 / 1), other t_0 values (``--ablate_t0``; boundaries for them must exist;
 the range is shifted with the z hyperplane's offset -b/||w||) and wider or narrower ranges
@@ -48,7 +55,7 @@ from utils.config import load_config
 from utils.core.boundary import latent_distance
 from utils.core.diffusion import Inversion
 from utils.core.edit_measures import additivity_error, class_kept, leak, pooled_leak, spread, target_gain
-from utils.core.morphometry import measure_batch
+from utils.core.morphometry import check_scikit_image, measure_batch
 from utils.core.seeds import image_key, item_seed
 from utils.io.boundary_files import BoundaryRecord, matching_boundaries
 from utils.io.images import load_image
@@ -251,7 +258,7 @@ class JointSetting:
     space: str = "both"
     h_policy: str = "lagged"
     eta: float = 0.0
-    n_test_step: int = 10
+    n_test_step: int = 5
     t_0: int = 200
 
 
@@ -499,6 +506,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="network precision")
     args = parser.parse_args(argv)
+    if args.joint:
+        if not args.joint_range[0] < args.joint_range[1] or args.joint_k < 2:
+            parser.error("--joint needs START < END and --joint_k of at least 2")
+        try:
+            check_scikit_image()  # an optional extra, needed for the stroke thickness
+        except ImportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
 
     torch.set_num_threads(args.threads)
     retain_freed_memory()
@@ -545,8 +560,6 @@ def main(argv: list[str] | None = None) -> int:
     evaluator = Evaluator(loaded, images, edit.n_inv_step, args.batch_size)
     command = " ".join(["python", "-m", "scripts.evaluate_edits", *(argv if argv is not None else sys.argv[1:])])
     if args.joint:
-        if not args.joint_range[0] < args.joint_range[1] or args.joint_k < 2:
-            parser.error("--joint needs START < END and --joint_k of at least 2")
         joint = JointSetting(start=args.joint_range[0], end=args.joint_range[1], k=args.joint_k, space=args.space,
                              h_policy=args.h_policy, eta=args.joint_eta, n_test_step=args.joint_steps,
                              t_0=args.t_0 or edit.t_0)

@@ -60,3 +60,10 @@ def test_joint_measures_of_edits_that_only_thicken():
         assert got["thickness_gain"][name]["mean"] == pytest.approx(1.0)
         assert got["class_kept"][name]["mean"] == pytest.approx(0.5)
     assert got["additivity"]["mean_abs"]["mean"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_joint_without_scikit_image_stops_with_the_install_line(monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "skimage.morphology", None)  # its import now fails
+    assert ev.main(["--joint"]) == 1  # before any model is loaded
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "pip install scikit-image" in err[0]

@@ -42,6 +42,11 @@ def _skeletonize():
     return skeletonize
 
 
+def check_scikit_image() -> None:
+    """ImportError with the install line unless scikit-image (the skeleton) can be imported."""
+    _skeletonize()
+
+
 def binarise(image: np.ndarray, scale: int = 1, threshold: float = INK_THRESHOLD) -> np.ndarray:
     """Ink mask of a grey image, optionally upsampled first.
 
