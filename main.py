@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ni", action="store_true",
                      help="no interaction: overwrite a finished run folder and existing boundary files "
                           "(default: write to a new numbered folder / file name)")
-    run.add_argument("--force", action="store_true", help="use boundaries fitted at another t_0 or on another checkpoint")
+    run.add_argument("--force", action="store_true", help="use boundaries fitted at another t_0, on another checkpoint or for another config")
     run.add_argument("--dist_timeout", type=_positive_int, default=1800,
                      help="under torchrun: seconds a process waits for the others (start-up, gathering the results)")
     run.add_argument("--verbose", default="info", choices=("info", "debug", "warning"),
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose == "debug":
             traceback.print_exc()
         message = " ".join(str(exc).split()) or type(exc).__name__
-        if not isinstance(exc, (UserError, ValueError, OSError)):
+        if not isinstance(exc, (UserError, OSError)):  # a ValueError is a bug: bad input raises UserError
             message = f"internal error: {type(exc).__name__}: {message} (rerun with --verbose debug for the traceback)"
         print(f"error: {message}", file=sys.stderr)
         return 1

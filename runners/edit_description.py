@@ -30,7 +30,7 @@ from torch import Tensor
 from utils.core.boundary import check_joint, latent_distance, unit_rows
 from utils.core.diffusion import HPolicy, Inversion
 from utils.core.editing import LatentMove
-from utils.core.seeds import item_seed
+from utils.core.seeds import EDIT, item_seed
 from utils.errors import UserError
 from utils.io.boundary_files import BoundaryRecord, auto_range, discover_boundaries
 
@@ -64,13 +64,15 @@ def spaced(start: float, end: float, k: int) -> tuple[float, ...]:
 def auto_span(record: BoundaryRecord, scale: float = AUTO_SCALE) -> tuple[float, float]:
     """The ``auto`` range of one boundary, in the edit's units v.n: the span from the negative
     class's 5th percentile to the positive class's 95th over the training latents
-    (``utils.io.boundary_files.auto_range``) scaled about its centre by ``scale``."""
+    (``utils.io.boundary_files.auto_range``) scaled about its centre by ``scale``. Both ends are
+    finite (UserError otherwise: a damaged summary, or a ``scale`` that overflows)."""
     low, high = auto_range(record)
-    centre, half = (low + high) / 2, scale * (high - low) / 2
-    if not (math.isfinite(centre - half) and math.isfinite(centre + half)):
-        raise UserError(f"the {record.space} boundary for '{record.attribute}' has class summaries too large for "
-                        "an auto range; give the distances")
-    return centre - half, centre + half
+    centre, half = low / 2 + high / 2, scale * (high / 2 - low / 2)  # halves first: no overflow near the float limit
+    ends = (centre - half, centre + half)
+    if not all(math.isfinite(v) for v in ends):
+        raise UserError(f"the auto range of the {record.space} boundary for '{record.attribute}' is not finite "
+                        f"({low:g} .. {high:g} scaled by {scale:g}); give --start_distance and --end_distance")
+    return ends
 
 
 def relative_scale(record: BoundaryRecord) -> tuple[float, float] | None:
@@ -214,16 +216,19 @@ class EditDescription:
         edit = self.spaces[space] if space else next(iter(self.spaces.values()))
         return edit.targets[:, 0].tolist()
 
-    def seeds(self, seed_keys: Sequence[tuple[int, ...]], iteration: int = 0) -> list[list[int]]:
-        """B rows of K seeds: edit k of image b in this iteration (the documented rule)."""
-        return [[item_seed(self.denoising.seed, *key, iteration, k) for k in range(len(self))] for key in seed_keys]
+    def seeds(self, seed_keys: Sequence[tuple[int, ...]], iteration: int = 0, domain: int = EDIT) -> list[list[int]]:
+        """B rows of K seeds: edit k of image b in this iteration (the documented rule,
+        ``utils.core.seeds``: ``domain`` EDIT for real images, SAMPLE_EDIT for sampled latents)."""
+        return [[item_seed(self.denoising.seed, *key, iteration, k, domain=domain) for k in range(len(self))]
+                for key in seed_keys]
 
     def source_distances(self, latents: Inversion) -> list[dict]:
         """Where each unedited latent sits along each moved normal: B dicts {space: v.n} for one
         attribute, {space: {attribute: v.n}} for several."""
         per_space = {}
         for space, edit in self.spaces.items():
-            values = {a: latent_distance(getattr(latents, space), n).tolist() for a, n in zip(edit.attributes, edit.normals)}
+            values = {a: latent_distance(getattr(latents, space), torch.from_numpy(r.normal)).tolist()
+                      for a, r in zip(edit.attributes, edit.records)}
             per_space[space] = values
         single = len(self.attributes) == 1
         return [{s: (v[self.attributes[0]][b] if single else {a: d[b] for a, d in v.items()})
@@ -350,12 +355,16 @@ def describe_edit(editor: "Editor", request: EditRequest, index: BoundaryIndex |
 
     move_paths = [files(m.attribute, m.paths) for m in request.moves]
     spaces = _spaces(request, move_paths)
-    held_found = [index.find(name, t_0) if index is not None else {} for name in request.held]
+    held_found = [files(name, None) for name in request.held]
+    for name, found in zip(request.held, held_found):
+        missing = [s for s in spaces if s not in found]
+        if missing:
+            raise UserError(f"cannot hold {name} fixed: it has no {missing[0]} boundary at t_0 {t_0}")
     edits = {}
     for space in spaces:
         records = [editor.check_boundary(p[space], space, f"{m.attribute} ({space})", force)
                    for m, p in zip(request.moves, move_paths)]
-        held_paths = [p[space] for p in held_found if space in p] + list(request.held_paths.get(space, ()))
+        held_paths = [p[space] for p in held_found] + list(request.held_paths.get(space, ()))
         held = [editor.check_boundary(p, space, f"held ({space})", force) for p in held_paths]
         names = tuple(m.attribute if m.paths is None else (r.attribute or m.attribute)
                       for m, r in zip(request.moves, records))

@@ -59,24 +59,27 @@ def _name_part(attribute: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", attribute)[:40] or "attribute"
 
 
-def _targets_text(description: EditDescription, k: int, for_file: bool) -> str:
-    """Edit k's targets in every space: ``d-3.00`` (one attribute, the same in every space),
-    ``z-6.35_h-11.94`` (one attribute, per space), ``thick-5.00_slant+2.00`` (several, the same in
-    every space) or ``thick_z-5.00_h-8.00_slant...``; for labels ``d=-3.00``, ``thick -5.00`` and
-    spaces in place of ``_``."""
+def _attribute_text(attribute: str | None, per_space: dict[str, float], for_file: bool) -> str:
+    """One attribute's targets (``attribute`` None: the only attribute, shown as ``d``): one value
+    when every space has the same (``d-3.00``, ``thick-5.00``; labels ``d=-3.00``, ``thick -5.00``),
+    else each space's (``z-6.35_h-11.94``, ``thick_z-6.35_h-11.94``; labels with spaces)."""
     sep = "_" if for_file else " "
+    name = None if attribute is None else (_name_part(attribute) if for_file else attribute)
+    values = set(per_space.values())
+    if len(values) == 1:
+        value = f"{values.pop():+.2f}"
+        if name is None:
+            return ("d" if for_file else "d=") + value
+        return name + ("" if for_file else " ") + value
+    spaces = sep.join(f"{s}{v:+.2f}" for s, v in per_space.items())
+    return spaces if name is None else f"{name}{sep}{spaces}"
+
+
+def _targets_text(description: EditDescription, k: int, for_file: bool) -> str:
+    """Edit k's targets, every attribute in every space (``_attribute_text``), in a file name or a label."""
     single = len(description.attributes) == 1
-    parts = []
-    for attribute, per_space in description.targets(k).items():
-        name = _name_part(attribute) if for_file else attribute
-        values = set(per_space.values())
-        if len(values) == 1:
-            value = f"{values.pop():+.2f}"
-            parts.append(("d" if for_file else "d=") + value if single else name + ("" if for_file else " ") + value)
-        else:
-            spaces = sep.join(f"{s}{v:+.2f}" for s, v in per_space.items())
-            parts.append(spaces if single else f"{name}{sep}{spaces}")
-    return sep.join(parts)
+    return ("_" if for_file else " ").join(_attribute_text(None if single else a, per_space, for_file)
+                                           for a, per_space in description.targets(k).items())
 
 
 def edit_file_name(description: EditDescription, k: int, prefix: str = "") -> str:
@@ -147,14 +150,10 @@ class SequenceWriter:
         """A 2-D sweep's grid: row i at the first attribute's i-th value, column j at the second's."""
         rows, cols = self.description.grid
         first, second = self.description.attributes
-        space = next(iter(self.description.spaces))
-
-        def value(k: int, attribute: str) -> float:
-            return self.description.targets(k)[attribute][space]
-
+        targets = self.description.targets
         labelled_grid(dequantize(edits), path, ncol=cols,
-                      column_labels=[f"{second} {value(j, second):+.2f}" for j in range(cols)],
-                      row_labels=[f"{first} {value(i * cols, first):+.2f}" for i in range(rows)])
+                      column_labels=[_attribute_text(second, targets(j)[second], False) for j in range(cols)],
+                      row_labels=[_attribute_text(first, targets(i * cols)[first], False) for i in range(rows)])
 
     def write_tensors(self, b: int, latents: Inversion) -> None:
         """tensors.pt of image b (with --save_tensors): its latents (1, ...), the edits clipped to

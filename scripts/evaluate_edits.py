@@ -30,7 +30,7 @@ the range is shifted with the z hyperplane's offset -b/||w||) and wider or narro
 (``--ablate_scale``, about the range's centre). ``--quality`` also samples digits from noise and checks that
 the classifier recognises them. Every digit goes through the editing engine (runners/editor.py)
 exactly as ``main.py --edit_image_boundary`` edits it: edit k of a digit draws its noise by the CLI's
-rule, ``item_seed(seed, image_key(digit), 0, k)``, so results depend on neither batch size nor order.
+rule, ``item_seed(seed, image_key(digit), 0, k, domain=EDIT)``, so results depend on neither batch size nor order.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ from utils.core.boundary import latent_distance
 from utils.core.diffusion import Inversion
 from utils.core.edit_measures import additivity_error, class_kept, leak, pooled_leak, spread, target_gain
 from utils.core.morphometry import check_scikit_image, measure_batch
-from utils.core.seeds import image_key, item_seed
+from utils.core.seeds import EVALUATION_NOISE, image_key, item_seed
 from utils.io.boundary_files import BoundaryRecord, matching_boundaries
 from utils.io.images import load_image
 from utils.io.plots import labelled_grid
@@ -155,7 +155,7 @@ class Evaluator:
     """The test digits through the editing engine (``runners.editor``), one ``Editor`` per t_0: each
     digit is inverted once per t_0, every edit is built by ``describe_edit`` (the command line's
     builder) and made by ``Editor.edit_all``, and edit k of digit b draws its noise by the CLI's
-    rule, ``item_seed(seed, image_key(digit), 0, k)``."""
+    rule, ``item_seed(seed, image_key(digit), 0, k, domain=EDIT)``."""
 
     def __init__(self, model: LoadedModel, images: torch.Tensor, n_inv_step: int, batch_size: int):
         self.model, self.images = model, images
@@ -419,7 +419,7 @@ def joint_table(report: dict) -> str:
 def sample_quality(editor: Editor, classifier: LogisticRegression, test_images: torch.Tensor, n: int, steps: int,
                    seed: int, batch_size: int, grid_path: Path | None) -> dict:
     """DDIM (eta 0) samples from x_T ~ N(0, I): the classifier's confidence on them vs on real test digits."""
-    gen = torch.Generator().manual_seed(item_seed(seed, 30_000))
+    gen = torch.Generator().manual_seed(item_seed(seed, domain=EVALUATION_NOISE))
     x_T = torch.randn((n, *test_images.shape[1:]), generator=gen)
     samples = editor.sample_images(x_T, steps, batch_size)
     if grid_path is not None:

@@ -4,6 +4,7 @@ seeded noise); on a constructed linear network, an edit moves the image along th
 closed form says."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from tests.helpers import float_tolerance, max_abs, moves_along, tiny_net
 from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
 from utils.core.boundary import latent_distance
 from utils.core.editing import edit_sequence, iter_edits, reconstruct
-from utils.core.seeds import item_seed
+from utils.core.seeds import EDIT, EVALUATION_NOISE, RADIUS_NOISE, SAMPLE, SAMPLE_EDIT, item_seed
 
 
 @pytest.fixture(scope="module", params=["ddpm", "adm"])
@@ -168,7 +169,30 @@ def test_batched_edits_equal_one_at_a_time(setup, eta):
         assert (other[4] - ones[4]).abs().max() > 1e-3
 
 
-def test_item_seed_is_stable_and_distinct():
-    assert item_seed(1234, 0) == item_seed(1234, 0)
+def test_item_seed_follows_the_documented_encoding():
+    """The golden values come from np.random.SeedSequence fed the words written out by hand from
+    utils/core/seeds.py's docstring: [domain, count, lo, hi of each integer], domain EDIT = 1."""
+    def oracle(words):
+        return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint64)[0]) >> 1
+    assert item_seed(1234, 5, 0, 7) == oracle([1, 4, 1234, 0, 5, 0, 0, 0, 7, 0])
+    # 2**63 - 1 = 0x7fffffff_ffffffff: low word 2**32 - 1, high word 2**31 - 1; SAMPLE = 3
+    assert item_seed(2 ** 63 - 1, 2, domain=SAMPLE) == oracle([3, 2, 2 ** 32 - 1, 2 ** 31 - 1, 2, 0])
+    assert item_seed(9, domain=RADIUS_NOISE) == oracle([4, 1, 9, 0])
+
+
+def test_item_seed_is_injective_where_seed_sequence_is_not():
+    # SeedSequence alone: trailing zero words vanish, and a 64-bit integer is split into two words.
+    assert np.random.SeedSequence([1234, 5]).generate_state(1) == np.random.SeedSequence([1234, 5, 0]).generate_state(1)
+    assert (np.random.SeedSequence([9, 1, 2 ** 32 * 3 + 7]).generate_state(1)
+            == np.random.SeedSequence([9, 1, 7, 3]).generate_state(1))
+    assert item_seed(1234, 5) != item_seed(1234, 5, 0)
+    assert item_seed(1234) != item_seed(1234, 0)
+    assert item_seed(9, 1, 2 ** 32 * 3 + 7) != item_seed(9, 1, 7, 3)
+    # the old namespace offsets: a sample's noise (then key 10_000 + j) no longer meets an edit key
+    assert item_seed(1234, 10_000, domain=EDIT) != item_seed(1234, 10_000, domain=SAMPLE)
+    assert len({item_seed(1234, 0, domain=d) for d in (EDIT, SAMPLE_EDIT, SAMPLE, RADIUS_NOISE, EVALUATION_NOISE)}) == 5
     assert len({item_seed(1234, k) for k in range(100)}) == 100
     assert item_seed(1, 2) != item_seed(2, 1)
+    for bad in (-1, 2 ** 64):
+        with pytest.raises(ValueError):
+            item_seed(1234, bad)

@@ -180,7 +180,7 @@ def test_edited_latents_are_made_per_batch_not_for_all_distances_at_once(monkeyp
 def test_a_folder_goes_through_in_groups_with_the_results_of_one_group(setup, tmp_path, monkeypatch, capsys):
     """Memory: a folder's images are inverted, reconstructed and edited a group at a time; a group
     is a multiple of both batch sizes, so every batch is the one a single group forms: same bits."""
-    import runners.boundary_diffusion as runner
+    import runners.editor as engine
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -189,7 +189,7 @@ def test_a_folder_goes_through_in_groups_with_the_results_of_one_group(setup, tm
     argv = [*setup["common"], "--edit_image_boundary", "--img_path", str(folder), "--bs_train", "2",
             "--edit_batch_size", "2", "--save_tensors", "--no_cache"]
     assert cli.main([*argv, "--exp", str(tmp_path / "one_group")]) == 0, capsys.readouterr().err
-    monkeypatch.setattr(runner, "GROUP_IMAGES", 2)  # groups of 2 + 1
+    monkeypatch.setattr(engine, "GROUP_IMAGES", 2)  # groups of 2 + 1
     assert cli.main([*argv, "--exp", str(tmp_path / "groups")]) == 0, capsys.readouterr().err
     for name in (p.stem for p in sorted(folder.iterdir())):
         a = torch.load(tmp_path / "one_group" / "edit" / name / "tensors.pt", weights_only=True)

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from utils.errors import UserError
+
 from models.runtime import InferenceNet, cpu_flags, default_batch_size
 from tests.helpers import REPO, assert_one_error_line, tiny_model, tiny_net
 
@@ -49,7 +51,7 @@ def test_unknown_or_unsupported_precision_is_refused():
     model = tiny_model("ddpm")
     with pytest.raises(ValueError, match="unknown precision"):
         InferenceNet(model, "fp8")
-    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
         InferenceNet(model, "fp16")
 
 

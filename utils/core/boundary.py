@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from utils.core.gram import Reader, array_reader, gram_matrix, row_dots, solve_dual, weighted_row_sum
+from utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ def fit_boundary_rows(train: tuple[Reader, int, int], train_labels: np.ndarray,
     w = weighted_row_sum(read, coef, dim, device=device)
     norm = np.linalg.norm(w)
     if not np.isfinite(norm) or norm == 0:
-        raise ValueError("the SVM found no separating direction (zero normal)")
+        raise UserError("the SVM found no separating direction (zero normal): the latents of the two classes "
+                        "cannot be told apart; check the labels, or try another --svm_c or --t_0")
     train_decision = K[:, dual.support] @ dual.dual_coef + dual.intercept
     test_decision, test_acc = np.zeros(0), float("nan")
     if test is not None and test[1] > 0:
@@ -220,7 +222,7 @@ def check_joint(names: list[str], normals: torch.Tensor) -> np.ndarray:
       of the normals is below ``resolvable_residual(D)`` (the part of a normal float32 resolves);
     - or cond(G) = (s_max / s_min)^2 times twice that rounding exceeds ``JOINT_TOLERANCE``: the
       stored normals' float32 rounding, amplified by G^-1, could move the solution by more than
-      1 % (D = 784: |cos| up to about 0.9987 passes; D = 196,608: up to about 0.97).
+      1 % (D = 784: |cos| up to about 0.9987 passes; D = 196,608: up to about 0.98).
     """
     cos = (normals @ normals.T).cpu().numpy()
     np.fill_diagonal(cos, 1.0)
