@@ -304,7 +304,7 @@ def test_user_errors_once_raised_as_value_errors_stay_user_errors(tmp_path):
 
 
 def test_a_folder_summary_counts_every_groups_edit_seconds(setup, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(runners.boundary_diffusion, "GROUP_IMAGES", 1)  # each image a group of its own
+    monkeypatch.setattr(runners.editor, "GROUP_IMAGES", 1)  # each image a group of its own
     b = setup["boundaries"]["bright"]
     code, err = run(["--edit_image_boundary", *setup["common"], "--exp", tmp_path, "--img_path", setup["images"],
                      "--boundary_z", b["z"], "--boundary_h", b["h"], "--bs_train", 1, "--edit_batch_size", 1,
