@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -44,10 +44,10 @@ def _attr_lines(fh, path: Path):
         yield number, line
 
 
-def read_attr_file(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
+def read_attr_file(path: str | Path) -> tuple[list[str], Mapping[str, np.ndarray]]:
     """A CelebA / CelebA-HQ attribute file: a count line, a line of attribute names, then rows
     ``<file name> v_1 ... v_A`` with values in {-1, 1} (0 = not labelled, an extension used by
-    the digits set). Returns (names, {file name: (A,) int8 array}).
+    the digits set). Returns (names, {file name: (A,) int8 array}) (an ``AttributeRows``).
 
     Read line by line (memory: the table as int8 plus one dict entry per row, never the text
     whole). UserError, naming the file and line, for: a count line that is not the number of rows
@@ -75,7 +75,7 @@ def read_attr_file(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
                                 f"{seen[name.lower()]} and {column})")
             seen[name.lower()] = column
         index: dict[str, int] = {}
-        table, line_of = [], []
+        table, line_of = bytearray(), []  # rows of int8 values, one after another
         for number, line in lines:
             parts = line.split()
             if not parts:
@@ -89,18 +89,37 @@ def read_attr_file(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
             if not np.isin(values, (-1, 0, 1)).all():
                 raise UserError(f"attribute file {path} line {number}: values must be -1, 0 or 1")
             earlier = index.get(parts[0])
+            row = values.astype(np.int8).tobytes()
             if earlier is not None:
-                if not np.array_equal(table[earlier], values):
+                width = len(names)
+                if table[earlier * width:(earlier + 1) * width] != row:
                     raise UserError(f"attribute file {path} labels the image {parts[0][:100]} twice, differently: "
                                     f"lines {line_of[earlier]} and {number}")
             else:
-                index[parts[0]] = len(table)
-            table.append(values.astype(np.int8))
+                index[parts[0]] = len(line_of)
+            table += row
             line_of.append(number)
-    if int(count_text) != len(table):
+    if int(count_text) != len(line_of):
         raise UserError(f"attribute file {path} line 1 says {int(count_text)} images, but the file holds "
-                        f"{len(table)} rows (cut short?)")
-    return names, {name: table[i] for name, i in index.items()}
+                        f"{len(line_of)} rows (cut short?)")
+    matrix = np.frombuffer(bytes(table), dtype=np.int8).reshape(len(line_of), len(names))
+    return names, AttributeRows(index, matrix)
+
+
+class AttributeRows(Mapping):
+    """{file name: (A,) int8 labels} over one (rows, A) int8 matrix: no array object per row."""
+
+    def __init__(self, index: dict[str, int], matrix: np.ndarray):
+        self._index, self._matrix = index, matrix
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._matrix[self._index[name]]
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
 
 
 @dataclass(frozen=True)
@@ -152,12 +171,12 @@ def attribute_table(data_dir: str | Path, attr_file: str | Path, attributes: Seq
         if attribute.lower() not in lower:
             raise UserError(f"attribute '{attribute}' is not in {attr_file} (names: {', '.join(names)})")
         columns.append(lower.index(attribute.lower()))
-    by_stem = {Path(name).stem: values for name, values in rows.items()}
+    by_stem = {Path(name).stem: name for name in rows}
     paths, labels = [], []
     for image in list_images(data_dir):
         values = rows.get(image.name)
-        if values is None:
-            values = by_stem.get(image.stem)
+        if values is None and image.stem in by_stem:
+            values = rows[by_stem[image.stem]]
         if values is not None:
             paths.append(image)
             labels.append(values[columns])

@@ -336,7 +336,10 @@ class StagedFiles:
                 path.unlink()
         for kept, target in reversed(self._kept):
             with contextlib.suppress(OSError):
-                os.replace(kept, target)
+                if target.exists() and os.path.samefile(kept, target):
+                    kept.unlink()  # never replaced; rename() between two links of one file does nothing
+                else:
+                    os.replace(kept, target)
         for tmp, _ in self._staged:
             tmp.unlink(missing_ok=True)
         self._published, self._kept, self._staged = [], [], []
