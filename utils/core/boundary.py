@@ -316,7 +316,7 @@ def check_joint(names: list[str], normals: torch.Tensor) -> np.ndarray:
       of the normals is below ``resolvable_residual(D)`` (the part of a normal float32 resolves);
     - or cond(G) = (s_max / s_min)^2 times twice that rounding exceeds ``JOINT_TOLERANCE``: the
       stored normals' float32 rounding, amplified by G^-1, could move the solution by more than
-      1 % (D = 784: |cos| up to about 0.9987 passes; D = 196,608: up to about 0.98).
+      1 % (D = 256: |cos| up to about 0.9992 passes; D = 196,608: up to about 0.98).
     """
     cos = (normals @ normals.T).cpu().numpy()
     np.fill_diagonal(cos, 1.0)
