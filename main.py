@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--boundary_h", type=Path, default=None, help="boundary file of the h space (.npz)")
     edit.add_argument("--boundary_z", type=Path, default=None, help="boundary file of the z space (.npz)")
     edit.add_argument("--condition_attr", default=None,
-                      help="attributes to hold fixed, A[,B...]: their boundaries (found in --boundary_dir like "
-                           "--edit_attr's) are projected out of the edit direction")
+                      help="attributes to hold fixed, A[,B...] or auto (those the atlas of --boundary_dir suggests): "
+                           "their boundaries (found in --boundary_dir like --edit_attr's) keep each image's projection "
+                           "while the edit moves")
     edit.add_argument("--condition_z", type=Path, nargs="+", default=None, help="z boundary files to hold fixed")
     edit.add_argument("--condition_h", type=Path, nargs="+", default=None, help="h boundary files to hold fixed")
     edit.add_argument("--edit_space", default="both", choices=("both", "z", "h"), help="latents to move")
