@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the linear SVM's C (hinge-loss weight against the margin), as sklearn's SVC, in "
                            "[1e-6, 1e6]; default 1")
     data.add_argument("--balance", action="store_true",
-                      help="weigh each class's hinge loss by n / (2 n_class) (sklearn's class_weight='balanced'), "
-                           "for rare attributes")
+                      help="fit each attribute on as many images of each class (a seeded subset of the larger "
+                           "class), for rare attributes (docs/modes.md)")
     data.add_argument("--bs_train", type=_positive_int, default=None, help="inversion batch size (default: 1 for 256-px models on the CPU, else 8)")
     data.add_argument("--bs_test", type=_positive_int, default=None, help="batch size of the radius analysis (default: 1 for 256-px models on the CPU, else 8)")
     data.add_argument("--boundary_dir", type=Path, default=Path("boundary"), help="where boundary files are written")

@@ -45,7 +45,7 @@ SUBFOLDERS = {"boundary_search": "boundary_search", "edit_image_boundary": "edit
 
 
 #: What ``--balance`` does (utils.core.boundary.BALANCES; the choice is measured in docs/modes.md).
-SEARCH_BALANCE = "weight"
+SEARCH_BALANCE = "equal"
 
 
 @dataclass(frozen=True)
