@@ -14,6 +14,8 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import math
+import secrets
 import shutil
 import threading
 import time
@@ -22,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import torch
 from torch import Tensor
 
 from models.loading import LoadedModel
@@ -38,14 +39,84 @@ log = logging.getLogger(__name__)
 MAX_IMAGES_PER_SESSION = 4   # inverted images a session keeps (least recently used dropped first)
 MAX_SESSIONS = 16            # sessions kept at once (the least recently active one dropped first)
 MAX_SWEEP = 32               # distances of one sweep
-JOBS_KEPT = 2                # output folders a session keeps (Gradio copies what it shows)
+JOBS_KEPT = 2                # output folders a session keeps (Gradio serves them from where they are)
+MAX_HELD = 16                # attributes one request may hold fixed
+MAX_TEXT = 200               # characters of a text argument (an attribute or space name)
 
 #: (network calls done, calls in this stage, stage name), after every network call
 ProgressFn = Callable[[int, int, str], None]
 
 
 class Cancelled(Exception):
-    """The user pressed stop: raised from the network-call hook, so the work ends at the next call."""
+    """The user pressed stop (or the server is stopping): raised from the network-call hook and
+    between the stages of a job, so the work ends at the next call or stage."""
+
+
+# ---------------------------------------------------------------------------------------- arguments
+# What the page or an API client sends is checked here, before any work: its type, that numbers are
+# whole where they count something, finite and in range, and that lists are bounded.
+def _shown(value) -> str:
+    """``value`` for a message: its repr, cut to a few dozen characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def whole_number(value, what: str, low: int, high: int) -> int:
+    """``value`` as an int in [low, high]: an int or a float without a fractional part (2.0, not
+    2.5, a string or a bool); UserError naming ``what`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{what} must be a whole number, got {_shown(value)}")
+    if isinstance(value, float) and not value.is_integer():  # also nan and infinity
+        raise UserError(f"{what} must be a whole number, got {value!r}")
+    number = int(value)
+    if not low <= number <= high:
+        raise UserError(f"{what} must be in [{low}, {high}], got {number}")
+    return number
+
+
+def real_number(value, what: str, low: float = -math.inf, high: float = math.inf) -> float:
+    """``value`` as a finite float in [low, high] (an int or a float, not a string or a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{what} must be a number, got {_shown(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise UserError(f"{what} must be a finite number, got {value!r}")
+    if not low <= number <= high:
+        raise UserError(f"{what} must be in [{low:g}, {high:g}], got {number:g}")
+    return number
+
+
+def short_text(value, what: str) -> str:
+    """``value`` as a string of at most ``MAX_TEXT`` characters."""
+    if not isinstance(value, str):
+        raise UserError(f"{what} must be text, got {_shown(value)}")
+    if len(value) > MAX_TEXT:
+        raise UserError(f"{what} must be at most {MAX_TEXT} characters, got {len(value)}")
+    return value
+
+
+def name_list(value, what: str, limit: int = MAX_HELD) -> tuple[str, ...]:
+    """``value`` as a tuple of distinct names (case-insensitive, first spelling kept), at most
+    ``limit``: None or an empty list is none, one string is one name (not its letters)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{what} must be a list of attribute names, got {_shown(value)}")
+    if len(value) > limit:
+        raise UserError(f"{what}: at most {limit} attributes, got {len(value)}")
+    names: dict[str, str] = {}
+    for item in value:
+        names.setdefault(short_text(item, what).lower(), item)
+    return tuple(names.values())
+
+
+def flag(value, what: str) -> bool:
+    """``value`` as a bool (a checkbox): True or False only."""
+    if not isinstance(value, bool):
+        raise UserError(f"{what} must be true or false, got {_shown(value)}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------- attributes
@@ -71,6 +142,7 @@ class AttributeTable:
 
     def __init__(self, boundary_dir: Path, model: LoadedModel, t_0: int | None = None):
         config, shapes = model.config, model.shapes
+        self.t_0 = config.edit.t_0 if t_0 is None else t_0  # what a bare name means, as on the command line
         found = matching_boundaries(boundary_dir, config.name, t_0=t_0, checkpoint_sha256=model.checkpoint_sha256,
                                     shapes=shapes)
         pairs = sorted({(r.attribute.lower(), r.t_0) for hits in found.values() for _, r in hits})
@@ -107,10 +179,22 @@ class AttributeTable:
         return keys[0] if keys else None
 
     def get(self, key: str) -> Attribute:
-        try:
+        """The attribute named ``key``: ``<attribute>@<t_0>``, or a bare name, which means the
+        config's t_0 (or the one ``--t_0`` chose), as ``--edit_attr`` does; case-insensitive."""
+        key = short_text(key, "attribute")
+        if key in self.entries:
             return self.entries[key]
-        except (KeyError, TypeError):
-            raise UserError(f"unknown attribute {key!r} (choices: {', '.join(self.entries) or 'none'})") from None
+        name, at, t_0 = key.partition("@")
+        wanted = f"{name}@{t_0 if at else self.t_0}".lower()
+        for entry in self.entries.values():
+            if entry.key.lower() == wanted:
+                return entry
+        raise UserError(f"unknown attribute {_shown(key)} (choices: {', '.join(self.entries) or 'none'}; a bare "
+                        f"name means t_0 {self.t_0})")
+
+    def drop(self, key: str) -> None:
+        """Stop offering ``key`` (its files cannot be used)."""
+        self.entries.pop(key, None)
 
     def choice(self, key: str, space: str, held: Sequence[str] = ()) -> BoundaryChoice:
         """The boundary files of an edit of ``key`` in ``space`` with the attributes ``held`` fixed,
@@ -124,7 +208,7 @@ class AttributeTable:
         if missing:
             raise UserError(f"{primary.name} has no {missing[0]} boundary at t_0 {primary.t_0}")
         conditions: dict[str, list[Path]] = {"z": [], "h": []}
-        for name in held:
+        for name in name_list(held, "hold fixed"):
             match = [a for a in self.entries.values() if a.name.lower() == str(name).lower() and a.t_0 == primary.t_0]
             if not match:
                 raise UserError(f"cannot hold {name!r} fixed: no boundary of it at t_0 {primary.t_0}")
@@ -147,23 +231,16 @@ class Prepared:
 
 @dataclass
 class Session:
-    """One browser tab (or API client): its inverted images, its stop flag and its output folders."""
+    """One browser tab (or API client): its inverted images, its stop flags, its output folders
+    (under a random name: a file is served only to whoever was sent its path) and the uploads its
+    kept images came from."""
     number: int                   # the server's own name for it (never the browser's session id)
     folder: Path
     max_images: int
     images: OrderedDict = field(default_factory=OrderedDict)
     running: set = field(default_factory=set)   # the stop flags of its jobs in progress
     jobs: itertools.count = field(default_factory=itertools.count)
-
-    @contextlib.contextmanager
-    def job(self) -> Iterator[threading.Event]:
-        """A stop flag for one job, set by ``stop`` while the job runs."""
-        flag = threading.Event()
-        self.running.add(flag)
-        try:
-            yield flag
-        finally:
-            self.running.discard(flag)
+    uploads: OrderedDict = field(default_factory=OrderedDict)  # upload paths, least recently used first
 
     def stop(self) -> None:
         for flag in list(self.running):
@@ -194,26 +271,97 @@ class Session:
 
 class SessionStore:
     """The sessions, at most ``max_sessions`` (least recently active dropped first, with its files),
-    each keeping at most ``max_images`` inverted images: memory is bounded whatever the clients do."""
+    each keeping at most ``max_images`` inverted images: memory is bounded whatever the clients do.
 
-    def __init__(self, root: Path, max_sessions: int = MAX_SESSIONS, max_images: int = MAX_IMAGES_PER_SESSION):
+    ``upload_root``: where the web framework stores uploads. An upload that no session's kept
+    images came from any more is deleted, so that its copies do not pile up (the framework's own
+    clean-up only removes files after half an hour). The store also counts the jobs in progress,
+    so that ``close`` can stop them and wait for them before the server exits."""
+
+    def __init__(self, root: Path, max_sessions: int = MAX_SESSIONS, max_images: int = MAX_IMAGES_PER_SESSION,
+                 upload_root: Path | None = None):
         self.root, self.max_sessions, self.max_images = Path(root), max_sessions, max_images
+        self.upload_root = None if upload_root is None else Path(upload_root).resolve()
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._numbers = itertools.count()
         self._lock = threading.Lock()
+        self._upload_users: dict[Path, set[int]] = {}
+        self._jobs = threading.Condition()
+        self._running = 0
+        self._closing = False
 
     def get(self, session_id: str) -> Session:
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None:
                 number = next(self._numbers)
-                session = Session(number, self.root / f"session{number}", self.max_images)
+                session = Session(number, self.root / secrets.token_hex(16), self.max_images)
                 self._sessions[session_id] = session
             self._sessions.move_to_end(session_id)
             while len(self._sessions) > self.max_sessions:
                 _, old = self._sessions.popitem(last=False)
-                shutil.rmtree(old.folder, ignore_errors=True)
+                self._forget(old)
             return session
+
+    @contextlib.contextmanager
+    def job(self, session: Session) -> Iterator[threading.Event]:
+        """A stop flag for one job of ``session``, set by ``stop`` (or ``close``) while it runs."""
+        flag = threading.Event()
+        with self._jobs:
+            if self._closing:
+                raise Cancelled("the server is stopping")
+            self._running += 1
+            session.running.add(flag)
+        try:
+            yield flag
+        finally:
+            with self._jobs:
+                session.running.discard(flag)
+                self._running -= 1
+                self._jobs.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Refuse new jobs, stop those in progress, and wait up to ``timeout`` seconds for them to
+        end (each ends at its next network call). Whether none is left."""
+        with self._jobs:
+            self._closing = True
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.stop()
+        with self._jobs:
+            return self._jobs.wait_for(lambda: self._running == 0, timeout)
+
+    def use_upload(self, session: Session, path: Path) -> None:
+        """Note that ``session`` keeps an image read from ``path``; of its uploads it keeps those of
+        its last ``max_images`` images, and an upload no session keeps is deleted."""
+        if self.upload_root is None or not path.is_relative_to(self.upload_root):
+            return  # a bundled example
+        with self._lock:
+            session.uploads[path] = None
+            session.uploads.move_to_end(path)
+            self._upload_users.setdefault(path, set()).add(session.number)
+            while len(session.uploads) > self.max_images:
+                old, _ = session.uploads.popitem(last=False)
+                self._release(old, session.number)
+
+    def _release(self, path: Path, number: int) -> None:
+        users = self._upload_users.get(path, set())
+        users.discard(number)
+        if users:
+            return
+        self._upload_users.pop(path, None)
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the framework's folder for that upload, once empty
+            path.parent.rmdir()
+
+    def _forget(self, session: Session) -> None:
+        """A session dropped (lock held): its work stops, its files and unshared uploads go."""
+        session.stop()
+        shutil.rmtree(session.folder, ignore_errors=True)
+        for path in list(session.uploads):
+            self._release(path, session.number)
+        session.uploads.clear()
 
     def stop(self, session_id: str) -> None:
         """Stop the session's work in progress (at its next network call)."""
@@ -226,9 +374,8 @@ class SessionStore:
         """Forget a session (its tab closed): its work stops, its images and files go."""
         with self._lock:
             session = self._sessions.pop(session_id, None)
-        if session is not None:
-            session.stop()
-            shutil.rmtree(session.folder, ignore_errors=True)
+            if session is not None:
+                self._forget(session)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -245,7 +392,8 @@ def _file_digest(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Request:
-    """One edit or sweep, as the page or the API sends it (after the table lookup of ``attribute``)."""
+    """One edit or sweep, its arguments checked (``EditService.request``): ``attribute`` a key of
+    the table, the attributes ``held`` at most ``MAX_HELD`` distinct names."""
     attribute: str
     space: str = "both"
     held: tuple[str, ...] = ()
@@ -279,6 +427,7 @@ class EditService:
         self.n_inv_step, self.cache_root, self.precision = n_inv_step, cache_root, precision
         self.bs_invert, self.bs_edit = batch_sizes
         self.allowed_roots = [Path(r).resolve() for r in allowed_roots]
+        self.output_root = store.root.resolve()  # the sessions' outputs are never read as images
         self._idle: dict[int, list[Editor]] = {}   # per t_0, editors not in use
         self._readers: dict[bool | None, ImageReader] = {}
         self._directions: OrderedDict[tuple, Directions] = OrderedDict()
@@ -318,14 +467,18 @@ class EditService:
 
     def directions_for(self, attribute: str, space: str = "both") -> Directions:
         """The checked directions of an attribute (for the slider's range)."""
-        with self.editor(self.table.get(attribute).t_0, threading.Event(), None) as editor:
-            return self.directions(editor, Request(attribute, space))
+        entry = self.table.get(attribute)
+        with self.editor(entry.t_0, threading.Event(), None) as editor:
+            return self.directions(editor, Request(entry.key, space))
 
     @staticmethod
-    def spaced(start: float, end: float, k: int) -> tuple[float, ...]:
-        """K distances from ``start`` to ``end``, spaced as the command line spaces them."""
-        if not all(map(lambda v: abs(v) < float("inf"), (start, end, end - start))):
-            raise UserError(f"the sweep's range must be finite, got {start} .. {end}")
+    def spaced(start, end, k) -> tuple[float, ...]:
+        """K (a whole number in [1, ``MAX_SWEEP``]) distances from ``start`` to ``end`` (finite),
+        spaced as the command line spaces them."""
+        k = whole_number(k, "K", 1, MAX_SWEEP)
+        start, end = real_number(start, "the sweep's start"), real_number(end, "the sweep's end")
+        if not math.isfinite(end - start):
+            raise UserError(f"the sweep's range must be finite, got {start:g} .. {end:g}")
         return EditPlan.spaced(start, end, k)
 
     def reader(self, align: bool | None) -> ImageReader:
@@ -350,10 +503,33 @@ class EditService:
         """``path`` if it lies in an allowed folder (Gradio's copy of an upload, a bundled example)."""
         if not path:
             raise UserError("no image: upload one or pick an example")
+        if not isinstance(path, (str, Path)) or len(str(path)) > 4096:
+            raise UserError(f"the image must be an uploaded file, got {_shown(path)}")
         resolved = Path(path).resolve()
-        if not any(resolved.is_relative_to(root) for root in self.allowed_roots):
+        if not any(resolved.is_relative_to(root) for root in self.allowed_roots) \
+                or resolved.is_relative_to(self.output_root):
             raise UserError("the image must be uploaded (or be one of the examples)")
         return resolved
+
+    def request(self, attribute, space="both", hold=(), steps=None, seed=1234, eta=1.0, align=None) -> Request:
+        """A ``Request`` from what the page or an API client sent, every argument checked (type,
+        range, a whole number where one is counted, lists bounded), the held attributes' boundary
+        files looked up (not yet read): UserError before any work."""
+        entry = self.table.get(attribute)
+        space = short_text(space, "space")
+        held = name_list(hold, "hold fixed")
+        self.table.choice(entry.key, space, held)  # the space and every held name exist at this t_0
+        return Request(entry.key, space, held,
+                       None if steps is None else whole_number(steps, "steps", 2, entry.t_0 + 1),
+                       whole_number(seed, "seed", 0, 2 ** 63 - 1), real_number(eta, "eta", 0.0),
+                       None if align is None else flag(align, "align"))
+
+    @staticmethod
+    def distances(values: Sequence, bounds: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, ...]:
+        """At most ``MAX_SWEEP`` finite distances in ``bounds``."""
+        if not isinstance(values, (list, tuple)) or not 1 <= len(values) <= MAX_SWEEP:
+            raise UserError(f"an edit takes 1 to {MAX_SWEEP} distances")
+        return tuple(real_number(v, "the distance", *bounds) for v in values)
 
     def align_flag(self, align: bool | None) -> bool | None:
         """The reader's alignment: None (follow the config, as the command line's default) when
@@ -367,6 +543,7 @@ class EditService:
         path = self.check_path(path)
         align = self.align_flag(align)
         key = (_file_digest(path), align, editor.t_0)  # the same image uploaded again is found
+        self.store.use_upload(session, path)
         found = session.lookup(key)
         if found is not None:
             return found, True
@@ -383,37 +560,38 @@ class EditService:
             prepared.reconstructions[key] = editor.reconstruct(prepared.latents, plan, directions)[0]
         return prepared.reconstructions[key]
 
-    def steps(self, request: Request, t_0: int) -> int:
-        steps = self.config.edit.n_test_step if request.steps is None else int(request.steps)
-        if not 2 <= steps <= t_0 + 1:
-            raise UserError(f"steps must be in [2, {t_0 + 1}], got {steps}")
-        return steps
-
     def plan(self, request: Request, distances: Sequence[float], t_0: int) -> EditPlan:
-        if not all(torch.isfinite(torch.tensor(distances, dtype=torch.float64))):
-            raise UserError("distances must be finite numbers")
-        if not 0 <= request.seed < 2 ** 63:
-            raise UserError(f"seed must be an integer in [0, 2**63), got {request.seed}")
-        if not (request.eta >= 0 and request.eta < float("inf")):
-            raise UserError(f"eta must be >= 0, got {request.eta}")
-        return EditPlan(tuple(float(d) for d in distances), self.steps(request, t_0), float(request.eta),
-                        "lagged", int(request.seed), self.bs_edit)
+        """The command line's plan for a checked request (``request``, ``distances``)."""
+        steps = self.config.edit.n_test_step if request.steps is None else request.steps
+        if not 2 <= steps <= t_0 + 1:  # the config's own count at another attribute's t_0
+            raise UserError(f"steps must be in [2, {t_0 + 1}], got {steps}")
+        return EditPlan(self.distances(distances), steps, request.eta, "lagged", request.seed, self.bs_edit)
 
     def run(self, session: Session, path: str | Path | None, request: Request, distances: Sequence[float],
             progress: ProgressFn | None = None, sweep: bool = False) -> Result:
         """Edit the image at ``path`` to ``distances`` (one: a slider edit; several: a sweep, with the
-        command line's grid and GIF). Writes the command line's files into a fresh job folder."""
+        command line's grid and GIF). Writes the command line's files into a fresh job folder.
+        Everything is checked before any work; stop ends the job at its next network call or stage
+        (``Cancelled``)."""
         attribute = self.table.get(request.attribute)
+        plan = self.plan(request, distances, attribute.t_0)
+        path = self.check_path(path)
         start = time.perf_counter()
-        stage = {"name": "inverting"}
-        with session.job() as cancel, self.editor(attribute.t_0, cancel, progress, stage) as editor:
+        stage = {"name": "reading the boundaries"}
+        with self.store.job(session) as cancel, self.editor(attribute.t_0, cancel, progress, stage) as editor:
+            def stage_ends(name: str) -> None:
+                if cancel.is_set():
+                    raise Cancelled("stopped")
+                stage["name"] = name
+
+            stage_ends("reading the boundaries")
             directions = self.directions(editor, request)
-            plan = self.plan(request, distances, attribute.t_0)
+            stage_ends("inverting")
             prepared, cached = self.prepare(session, editor, path, request.align)
             inverted = time.perf_counter()
-            stage["name"] = "reconstructing"
+            stage_ends("reconstructing")
             recon = self.reconstruction(editor, prepared, plan, directions)
-            stage["name"] = "editing"
+            stage_ends("editing")
             folder = session.job_folder()
             writer = SequenceWriter([folder], [{"original": prepared.image, "reconstruction": recon}],
                                     plan.distances, gif=sweep)
