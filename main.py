@@ -87,7 +87,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # allow_abbrev=False: a flag is taken only as spelled in full, so that --edit never stands for
+    # --edit_attr or --edit_space (nor a typo for another flag).
+    parser = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--boundary_search", action="store_true", help="invert labelled images to t_0 and fit boundaries")
     mode.add_argument("--edit_image_boundary", action="store_true", help="edit real images (a file, a folder or a glob) across the boundaries")
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ni", action="store_true",
                      help="no interaction: overwrite a finished run folder and existing boundary files "
                           "(default: write to a new numbered folder / file name)")
-    run.add_argument("--force", action="store_true", help="use boundaries fitted at another t_0 or on another checkpoint")
+    run.add_argument("--force", action="store_true", help="use boundaries fitted at another t_0, on another checkpoint or for another config")
     run.add_argument("--dist_timeout", type=_positive_int, default=1800,
                      help="under torchrun: seconds a process waits for the others (start-up, gathering the results)")
     run.add_argument("--verbose", default="info", choices=("info", "debug", "warning"),
@@ -165,7 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
                            "boundary's classes, negative 5th to positive 95th percentile (config)")
     edit.add_argument("--end_distance", type=_distance, default=None, help="last signed distance, or auto (config)")
     edit.add_argument("--edit_img_number", type=_edit_count, default=None,
-                      help="number of distances K, at most 1000 (config)")
+                      help="number of distances K, at most 1000 (config); with --edit the points along every "
+                           "range, with --grid per axis")
+    edit.add_argument("--edit", action="append", default=None, metavar="ATTR=START:END",
+                      help="move an attribute, repeatable: ATTR=START:END (K points), ATTR=auto (its classes' "
+                           "span) or ATTR=VALUE; the attributes move together, each exactly to its target "
+                           "(instead of --edit_attr with --start_distance/--end_distance)")
+    edit.add_argument("--grid", action="store_true",
+                      help="with two --edit attributes: sweep them over K x K points into a 2-D grid")
+    edit.add_argument("--edit_unit", default="absolute", choices=("absolute", "relative"),
+                      help="the unit of distances: absolute (signed distance v.n, as the original) or relative "
+                           "(-1 and +1 at the boundary's class medians, in each space)")
     edit.add_argument("--edit_batch_size", type=_positive_int, default=None,
                       help="edits denoised per batch (default: 1 for 256-px models on the CPU, else 8)")
     edit.add_argument("--n_samples", type=_positive_int, default=1, help="--unconditional: sampled latents to edit")
@@ -241,14 +253,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.serve:  # no run folder and no boundary on the command line: the page chooses
             from runners.app import serve
             return serve(args, config, pick_device(args.device))
-        settings = resolve_settings(args, config)
         # torchrun (RANK, WORLD_SIZE, ... set): one process group, one device per local rank. Else SINGLE, no group.
         process = distributed.context_from_env(os.environ)
+        device = distributed.local_device(pick_device(args.device), process)
+        settings = resolve_settings(args, config, default_batch_size(device, config.data.image_size))
         if process.world_size > 1 and settings.mode not in BoundaryDiffusion.SHARDED_MODES:
             raise UserError(f"--{settings.mode} does not run across processes; start it with python main.py, not "
                             f"torchrun (modes that do: {', '.join('--' + m for m in BoundaryDiffusion.SHARDED_MODES)})")
-        device = distributed.local_device(pick_device(settings.device), process)
-        settings = settings.with_batch_sizes(default_batch_size(device, config.data.image_size))
         with distributed.process_group(process, device, timedelta(seconds=settings.dist_timeout)):
             model = load_model(config, settings.model_path, settings.cache_dir, device, settings.precision)
             result = BoundaryDiffusion(settings, model, process).run()
@@ -263,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose == "debug":
             traceback.print_exc()
         message = " ".join(str(exc).split()) or type(exc).__name__
-        if not isinstance(exc, (UserError, ValueError, OSError)):
+        if not isinstance(exc, (UserError, OSError)):  # a ValueError is a bug: bad input raises UserError
             message = f"internal error: {type(exc).__name__}: {message} (rerun with --verbose debug for the traceback)"
         print(f"error: {message}", file=sys.stderr)
         return 1

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from utils.errors import UserError
+
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # CPU features with bfloat16 arithmetic in hardware: Intel AMX, AVX-512 BF16, Arm's BF16 extension.
 NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16", "bf16"})
@@ -57,7 +59,7 @@ class InferenceNet:
             raise ValueError(f"unknown precision '{precision}' (choices: {', '.join(PRECISIONS)})")
         device = next(model.parameters()).device
         if precision == "fp16" and device.type != "cuda":
-            raise ValueError("--precision fp16 needs a CUDA GPU; use bf16 on the CPU")
+            raise UserError("--precision fp16 needs a CUDA GPU; use bf16 on the CPU")
         self.dtype = PRECISIONS[precision]
         if precision == "bf16" and device.type == "cpu":
             warn_if_bf16_is_emulated()

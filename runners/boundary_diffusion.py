@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -16,13 +15,14 @@ from torch import Tensor
 
 from models.checkpoints import default_cache_dir
 from models.loading import LoadedModel
-from runners.editor import Directions, EditPlan, Editor, ImageReader
-from runners.outputs import SequenceWriter, folder_names, write_contact_sheet, write_radius_table, write_summary
+from runners.edit_description import BoundaryIndex, EditDescription, describe_edit
+from runners.editor import Editor, ImageReader, folder_batches
+from runners.outputs import SequenceWriter, edit_label, folder_names, write_contact_sheet, write_radius_table, write_summary
 from runners.settings import Settings
 from utils.core.batching import batch_slices
 from utils.core.boundary import class_summary, fit_boundary_rows, split_indices
 from utils.core.diffusion import Inversion, sampling_pairs
-from utils.core.seeds import image_key, item_seed
+from utils.core.seeds import EDIT, RADIUS_NOISE, SAMPLE_EDIT, image_key, item_seed
 from utils.distributed import (SINGLE, ProcessContext, broadcast_from_main, gather_to_main, gram_across_ranks, shard,
                                unshard)
 from utils.errors import UserError
@@ -35,8 +35,6 @@ from utils.io.plots import boundary_report, radius_plot
 
 log = logging.getLogger(__name__)
 
-#: About how many images of a folder edit are held (as images, latents and reconstructions) at once.
-GROUP_IMAGES = 32
 #: Each mode's subfolder of --exp.
 SUBFOLDERS = {"boundary_search": "boundary_search", "edit_image_boundary": "edit", "unconditional": "unconditional",
               "radius": "radius"}
@@ -72,7 +70,7 @@ class BoundaryDiffusion:
     def _inputs(self) -> list[Path]:
         """Every path the run reads (or writes outside its folder): none may be replaced by it."""
         s, cache = self.settings, self.editor.cache
-        paths = [s.img_path, s.data_dir, s.attr_file, s.pos_dir, s.neg_dir, s.choice.z, s.choice.h, s.boundary_dir,
+        paths = [s.img_path, s.data_dir, s.attr_file, s.pos_dir, s.neg_dir, *s.boundary_files(), s.boundary_dir,
                  self.editor.model.checkpoint, cache.root if cache else None]
         return [Path(p) for p in paths if p]
 
@@ -92,7 +90,7 @@ class BoundaryDiffusion:
             latents, cached = editor.invert(images, self.settings.bs_train, desc)
             hits += cached
             if editor.cache is not None and editor.cache.writable:
-                mine += [editor.cache.key(image) for image in images]
+                mine += [editor.cache_key(image, self.settings.bs_train) for image in images]
             else:
                 mine += [{"z": latents.z[j].flatten().numpy(), "h": latents.h[j].flatten().numpy()}
                          for j in range(len(images))]
@@ -108,31 +106,39 @@ class BoundaryDiffusion:
         return {s: entry_rows(editor.cache, entries, s, editor.shapes[s]) for s in ("h", "z")}, keys is not None, \
             sharding
 
-    def _edit_sequences(self, folders: Sequence[Path], latents: Inversion, directions: Directions, plan: EditPlan,
-                        first_images: Sequence[dict[str, Tensor]], seed_keys: Sequence[tuple[int, ...]],
-                        extras: Sequence[dict]) -> tuple[list[dict], list[Tensor]]:
-        """Edit B latent pairs to every distance (n_iter times), write each image's files and
-        summary into its folder; returns the summaries and each image's contact-sheet row."""
+    def _description(self) -> EditDescription:
+        """The edit of the settings' request, checked against the model (before any image is read)."""
         s = self.settings
-        writer = SequenceWriter(folders, first_images, plan.distances, s.n_iter, s.gif, s.save_tensors)
+        index = BoundaryIndex(s.boundary_dir, s.config.name, self.editor.shapes)
+        return describe_edit(self.editor, s.edit, index, s.force)
+
+    def _edit_sequences(self, folders: Sequence[Path], latents: Inversion, description: EditDescription,
+                        first_images: Sequence[dict[str, Tensor]], seed_keys: Sequence[tuple[int, ...]],
+                        extras: Sequence[dict], seed_domain: int = EDIT) -> tuple[list[dict], list[Tensor]]:
+        """Make every edit of B latent pairs (n_iter times), write each image's files and summary
+        into its folder; returns the summaries and each image's contact-sheet row. seed_keys and
+        seed_domain: the seed rule's (``utils.core.seeds``)."""
+        s = self.settings
+        writer = SequenceWriter(folders, first_images, description, s.n_iter, s.gif, s.save_tensors)
         seeds, timings = [], []
         for iteration in range(s.n_iter):
             start = time.perf_counter()
-            for batch in self.editor.edits(latents, directions, plan, seed_keys, iteration):
+            for batch in self.editor.edits(latents, description, seed_keys, iteration, seed_domain):
                 writer.add(batch, iteration)
             timings.append(time.perf_counter() - start)
-            seeds.append(plan.seeds(seed_keys, iteration))
-        own = self.editor.source_distances(latents, directions)
+            seeds.append(description.seeds(seed_keys, iteration, seed_domain))
+        own = description.source_distances(latents)
+        targets = [description.targets(k) for k in range(len(description))]
         summaries = []
         for b, folder in enumerate(folders):
             if s.save_tensors:
                 writer.write_tensors(b, latents)
-            summary = {"mode": s.mode, "arguments": s.to_dict(), "distances": list(plan.distances),
-                       **({"h_distances": list(plan.h_distances)} if plan.h_distances else {}),
+            summary = {"mode": s.mode, "arguments": s.to_dict(), "distances": description.distances(),
+                       "targets": targets,  # edit k: {attribute: {space: v.n}}
                        "source_distances": own[b],  # where the unedited latents sit along each normal
                        "seeds": [rows[b] for rows in seeds], "edit_seconds": timings,
-                       "images_edited_together": len(folders), **self.editor.identity(), **directions.describe(),
-                       **extras[b]}
+                       "images_edited_together": len(folders), **self.editor.identity(),
+                       "edit": description.describe(), **extras[b]}
             write_summary(folder, summary)
             summaries.append(summary)
         return summaries, writer.rows
@@ -197,8 +203,7 @@ class BoundaryDiffusion:
         section 5). ``--img_path`` is a file (results in ``<exp>/edit/``) or a folder or glob
         (results in ``<exp>/edit/<folder name>/``, plus a summary and a contact sheet of all)."""
         s = self.settings
-        directions = self.editor.directions(s.choice, s.force)
-        plan = s.edit_plan(directions)
+        description = self._description()
         reader = ImageReader.for_config(s.config, s.align_face)
         paths, collection = expand_image_paths(s.img_path)
         names = dict(zip(paths, folder_names(paths)))  # the tool's own names, fixed before any work
@@ -209,11 +214,8 @@ class BoundaryDiffusion:
             raise UserError(f"rank {self.process.rank} cannot see the run folder {run_dir} that rank 0 made: "
                             "editing across machines needs --exp on a file system all machines share")
         mine = shard(paths, self.process.rank, self.process.world_size)
-        # Images go through in groups of a multiple of both batch sizes, so that memory does not grow
-        # with the folder and every batch is the one an all-at-once run would form (same results).
-        unit = math.lcm(s.bs_train, s.edit_batch_size)
-        group = unit * max(1, GROUP_IMAGES // unit)
-        done, errors, pending, invert_seconds = {}, {}, {}, 0.0
+        batches = folder_batches(len(paths), s.bs_train, description.denoising.batch_size)
+        done, errors, pending, invert_seconds, group_seconds = {}, {}, {}, 0.0, []
         for i, path in enumerate(mine):
             try:
                 pending[path] = reader.read(path)
@@ -222,27 +224,29 @@ class BoundaryDiffusion:
                     raise
                 errors[path] = str(exc)
                 log.error("skipping %s: %s", path, exc)
-            if pending and (len(pending) == group or i == len(mine) - 1):
+            if pending and (len(pending) == batches.group or i == len(mine) - 1):
                 start = time.perf_counter()
                 # A lone image is inverted as a pair when --bs_train > 1 (utils.core.batching.pair_lone),
                 # so its latents equal, bit for bit, those it gets in a folder run.
                 latents, _ = self.editor.invert(torch.stack(list(pending.values())), s.bs_train)
                 invert_seconds += time.perf_counter() - start
-                # In the batches one group of all the shard's images would form (a lone image alone).
-                recon = self.editor.reconstruct(latents, plan, directions, min(plan.batch_size, len(mine)))
+                recon = self.editor.reconstruct(latents, description, batches.reconstruction)
                 extras = [{"image": str(p), "folder": names[p] if collection else ".",
                            "reconstruction_mse": float(((recon[b].clamp(-1, 1) - image) ** 2).mean())}
                           for b, (p, image) in enumerate(pending.items())]
                 summaries, rows = self._edit_sequences(
-                    [run_dir / names[p] if collection else run_dir for p in pending], latents, directions, plan,
+                    [run_dir / names[p] if collection else run_dir for p in pending], latents, description,
                     [{"original": image, "reconstruction": recon[b]} for b, image in enumerate(pending.values())],
                     [(image_key(image),) for image in pending.values()], extras)
                 done.update(zip(pending, zip(summaries, rows)))  # per image: (summary, contact-sheet row)
+                group_seconds.append(summaries[0]["edit_seconds"])  # per iteration, shared by the group
                 pending = {}
-        parts = gather_to_main([done.get(p, errors.get(p)) for p in mine], self.process)
+        parts = gather_to_main(([done.get(p, errors.get(p)) for p in mine], group_seconds), self.process)
         if parts is None:  # not rank 0: its images are written, rank 0 writes the rest
             return {}
-        results = dict(zip(paths, unshard(parts)))
+        results = dict(zip(paths, unshard([part[0] for part in parts])))
+        # per iteration, the seconds of every group of every rank (ranks run at once: compute, not wall time)
+        edit_seconds = [sum(group[i] for part in parts for group in part[1]) for i in range(s.n_iter)]
         failed = {str(p): r for p, r in results.items() if isinstance(r, str)}
         edited = {p: r for p, r in results.items() if not isinstance(r, str)}
         if not edited:
@@ -253,15 +257,15 @@ class BoundaryDiffusion:
             print(f"wrote {len(first['distances']) * s.n_iter} edits and grid.png")
             return first
         write_contact_sheet([row for _, row in edited.values()], [names[p] for p in edited],
-                            ["original", "reconstruction", *(f"d={d:+.2f}" for d in first["distances"])],
+                            ["original", "reconstruction", *(edit_label(description, k) for k in range(len(description)))],
                             run_dir / "contact_sheet.png")
         summary = {"mode": s.mode, "arguments": s.to_dict(), "invert_seconds": invert_seconds,
-                   "edit_seconds": first["edit_seconds"], **self.editor.identity(),
+                   "edit_seconds": edit_seconds, **self.editor.identity(),
                    "images": [{"image": str(p), "folder": names[p],
                                **{k: r[k] for k in ("reconstruction_mse", "source_distances")}}
                               for p, (r, _) in edited.items()],
                    "failed": failed, "world_size": self.process.world_size,
-                   "images_per_rank": [len(part) for part in parts]}
+                   "images_per_rank": [len(part[0]) for part in parts]}
         write_summary(run_dir, summary)
         print(f"edited {len(edited)} images into one folder each and wrote contact_sheet.png"
               + (f"; {len(failed)} failed: {', '.join(Path(f).name for f in failed)}" if failed else ""))
@@ -270,14 +274,16 @@ class BoundaryDiffusion:
     def unconditional(self, folder: RunFolder, run_dir: Path) -> dict:
         """Sample latents at t_0 from noise, then the same edit (docs/algorithm.md section 6)."""
         s = self.settings
-        directions = self.editor.directions(s.choice, s.force)
-        plan, summaries = s.edit_plan(directions), []
+        # Sample i's edits are keyed (i,) in a domain of their own (utils.core.seeds), so no two
+        # samples share edit noise and none shares a real image's.
+        description, summaries = self._description(), []
         for i in range(s.n_samples):
             latents = self.editor.sample_latents(s.seed, i)
             sampling = {"sample_index": i, "sampling_steps": len(sampling_pairs(
                 s.config.diffusion.num_diffusion_timesteps, s.t_0, s.n_inv_step))}
             summaries += self._edit_sequences([run_dir if s.n_samples == 1 else run_dir / f"sample_{i:02d}"],
-                                              latents, directions, plan, [{}], [()], [sampling])[0]
+                                              latents, description, [{}], [(i,)], [sampling],
+                                              seed_domain=SAMPLE_EDIT)[0]
         if s.n_samples > 1:
             write_summary(run_dir, {"mode": "unconditional", "samples": summaries})
         print(f"wrote {s.n_samples} edit sequence(s)")
@@ -287,8 +293,8 @@ class BoundaryDiffusion:
         """The mixing-step analysis (docs/algorithm.md section 7): radius of sampled vs inverted latents over t."""
         s, editor = self.settings, self.editor
         data_dir = s.data_dir or s.config.data.data_dir
-        if s.img_path:
-            paths = [Path(s.img_path)]
+        if s.img_path:  # a file, a folder or a glob, as for --edit_image_boundary
+            paths = expand_image_paths(s.img_path)[0][: s.n_test_img]
         elif data_dir:
             paths = list_images(data_dir)[: s.n_test_img]
         else:
@@ -297,7 +303,7 @@ class BoundaryDiffusion:
             raise UserError(f"no images in {data_dir}")
         reader = ImageReader.for_config(s.config, align_face=False)
         real = torch.stack([reader.read(p) for p in paths])
-        generator = torch.Generator().manual_seed(item_seed(s.seed, 20_000))
+        generator = torch.Generator().manual_seed(item_seed(s.seed, domain=RADIUS_NOISE))
         noise = torch.randn((s.n_test_img, *editor.shapes["z"]), generator=generator)
         T = s.config.diffusion.num_diffusion_timesteps
         result = editor.radius_curves(real, noise, sorted(set(range(0, T, s.radius_step)) | {T - 1}), s.radius_eps,

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from runners.edit_description import EditDescription
 from utils.core.diffusion import Inversion
 from utils.core.editing import EditBatch
 from utils.io.files import atomic_path, write_json
@@ -53,19 +54,62 @@ def thumbnail(row: Tensor, size: int = THUMBNAIL) -> Tensor:
     return quantize(small)
 
 
+def _name_part(attribute: str) -> str:
+    """An attribute name as it may stand in a file name (letters, digits, ``-`` and ``_``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", attribute)[:40] or "attribute"
+
+
+def _attribute_text(attribute: str | None, per_space: dict[str, float], for_file: bool) -> str:
+    """One attribute's targets (``attribute`` None: the only attribute, shown as ``d``): one value
+    when every space has the same (``d-3.00``, ``thick-5.00``; labels ``d=-3.00``, ``thick -5.00``),
+    else each space's (``z-6.35_h-11.94``, ``thick_z-6.35_h-11.94``; labels with spaces)."""
+    sep = "_" if for_file else " "
+    name = None if attribute is None else (_name_part(attribute) if for_file else attribute)
+    values = set(per_space.values())
+    if len(values) == 1:
+        value = f"{values.pop():+.2f}"
+        if name is None:
+            return ("d" if for_file else "d=") + value
+        return name + ("" if for_file else " ") + value
+    spaces = sep.join(f"{s}{v:+.2f}" for s, v in per_space.items())
+    return spaces if name is None else f"{name}{sep}{spaces}"
+
+
+def _targets_text(description: EditDescription, k: int, for_file: bool) -> str:
+    """Edit k's targets, every attribute in every space (``_attribute_text``), in a file name or a label."""
+    single = len(description.attributes) == 1
+    return ("_" if for_file else " ").join(_attribute_text(None if single else a, per_space, for_file)
+                                           for a, per_space in description.targets(k).items())
+
+
+def edit_file_name(description: EditDescription, k: int, prefix: str = "") -> str:
+    """The file name of edit k (the writer's and the web app's): ``edit_03_d-3.00.png`` and the
+    like (``_targets_text``); the index zero-padded to the width of K - 1 (at least 2), so names
+    sort in edit order."""
+    width = max(2, len(str(len(description) - 1)))
+    return f"{prefix}edit_{k:0{width}d}_{_targets_text(description, k, for_file=True)}.png"
+
+
+def edit_label(description: EditDescription, k: int) -> str:
+    """The grid label of edit k: ``d=-3.00`` for one attribute, ``thick -5.00 slant +2.00`` for several."""
+    return _targets_text(description, k, for_file=False)
+
+
 class SequenceWriter:
     """Writes the edit sequences of B images (or sampled latents), one folder each, as
     ``Editor.edits`` yields them.
 
     folders: B output folders; first_images: B dicts of named images (N, C, H, W) shown before the
-    edits in each grid (e.g. original, reconstruction); distances: the K target distances.
+    edits in each grid (e.g. original, reconstruction); description: the K edits. A 2-D sweep
+    (``description.grid``) writes its grid as K_a rows by K_b columns, both axes labelled.
     """
 
     def __init__(self, folders: Sequence[Path], first_images: Sequence[dict[str, Tensor]],
-                 distances: Sequence[float], n_iter: int = 1, gif: bool = False, save_tensors: bool = False):
-        self.folders, self.first_images, self.distances = list(folders), list(first_images), list(distances)
+                 description: EditDescription, n_iter: int = 1, gif: bool = False, save_tensors: bool = False):
+        self.folders, self.first_images, self.description = list(folders), list(first_images), description
         self.n_iter, self.gif, self.save_tensors = n_iter, gif, save_tensors
-        self.column_labels = [*self.first_images[0], *(f"d={d:+.2f}" for d in self.distances)]
+        self.n_edits = len(description)
+        self.column_labels = [*self.first_images[0], *(edit_label(description, k) for k in range(self.n_edits))]
         self._shown: list[list[Tensor]] = [[] for _ in self.folders]  # 8-bit edits of the open sequence
         self._kept = [{"edits": [], "z": [], "h": []} for _ in self.folders]  # floats, --save_tensors only
         #: each image's first sequence as a contact-sheet row (``thumbnail``), filled as sequences end
@@ -77,10 +121,10 @@ class SequenceWriter:
     def add(self, batch: EditBatch, iteration: int) -> None:
         """Write the edits of one denoised batch; a sequence's grid (and GIF) once its last edit is in."""
         prefix = "" if self.n_iter == 1 else f"iter{iteration}_"
-        k_last = len(self.distances) - 1
+        k_last = self.n_edits - 1
         for j, (b, k) in enumerate(batch.items):
             image = batch.images[j]
-            save_image(image, self.folders[b] / f"{prefix}edit_{k:02d}_d{self.distances[k]:+.2f}.png")
+            save_image(image, self.folders[b] / edit_file_name(self.description, k, prefix))
             self._shown[b].append(quantize(image))
             if self.save_tensors:
                 self._kept[b]["edits"].append(image.clamp(-1, 1))
@@ -93,24 +137,41 @@ class SequenceWriter:
         firsts = [quantize(v) for v in self.first_images[b].values()]
         row = torch.stack([*firsts, *self._shown[b]])
         self._shown[b] = []
-        labelled_grid(dequantize(row), self.folders[b] / f"{prefix}grid.png", self.column_labels)
+        if self.description.grid is None:
+            labelled_grid(dequantize(row), self.folders[b] / f"{prefix}grid.png", self.column_labels)
+        else:
+            self._write_sweep(row[len(firsts):], self.folders[b] / f"{prefix}grid.png")
         if self.gif:
             back_and_forth_gif(dequantize(row[len(firsts):]), self.folders[b] / f"{prefix}edits.gif")
         if iteration == 0:
             self.rows[b] = thumbnail(row)
 
+    def _write_sweep(self, edits: Tensor, path: Path) -> None:
+        """A 2-D sweep's grid: row i at the first attribute's i-th value, column j at the second's."""
+        rows, cols = self.description.grid
+        first, second = self.description.attributes
+        targets = self.description.targets
+        labelled_grid(dequantize(edits), path, ncol=cols,
+                      column_labels=[_attribute_text(second, targets(j)[second], False) for j in range(cols)],
+                      row_labels=[_attribute_text(first, targets(i * cols)[first], False) for i in range(rows)])
+
     def write_tensors(self, b: int, latents: Inversion) -> None:
         """tensors.pt of image b (with --save_tensors): its latents (1, ...), the edits clipped to
-        [-1, 1] as written, the edited latents, the distances (repeated per iteration) and the
-        reconstruction when there is one."""
+        [-1, 1] as written, the edited latents (one row per edit), the first attribute's
+        distances (repeated per iteration), every space's targets ``targets_<space>`` (K * n_iter,
+        M; columns in the order of summary.json's ``edit.attributes``), and the reconstruction
+        when there is one."""
         kept = self._kept[b]
+        description = self.description
         tensors = {"z": latents.z[b:b + 1], "h": latents.h[b:b + 1], "edits": torch.stack(kept["edits"]),
-                   "distances": torch.tensor(self.distances, dtype=torch.float64).repeat(self.n_iter),
+                   "distances": torch.tensor(description.distances(), dtype=torch.float64).repeat(self.n_iter),
                    "edited_z": torch.stack(kept["z"])}
         if kept["h"][0] is not None:
             tensors["edited_h"] = torch.stack(kept["h"])
         if "reconstruction" in self.first_images[b]:
             tensors["recon"] = self.first_images[b]["reconstruction"][None].clamp(-1, 1)
+        for space, edit in description.spaces.items():
+            tensors[f"targets_{space}"] = torch.from_numpy(edit.targets).repeat(self.n_iter, 1)
         with atomic_path(self.folders[b] / "tensors.pt") as tmp:
             torch.save(tensors, tmp)
         self._kept[b] = {"edits": [], "z": [], "h": []}

@@ -37,9 +37,10 @@ import torch
 from models import build_model, latent_shapes
 from models.loading import LoadedModel, load_model
 from models.runtime import PRECISIONS, InferenceNet, cpu_flags, default_batch_size, retain_freed_memory
-from runners.editor import Directions, EditPlan, Editor
+from runners.edit_description import Denoising, EditRequest, Move, describe_edit
+from runners.editor import Editor
 from utils.config import load_config
-from utils.io.boundary_files import BoundaryRecord
+from utils.io.boundary_files import BoundaryRecord, save_boundary
 
 CONFIGS = {"ddpm": "celeba.yml", "adm": "afhq.yml"}
 # CPU features that decide which convolution kernels run: matrix units, bf16 and vector widths.
@@ -178,13 +179,16 @@ def edit_job(model: LoadedModel, x0, normals, steps, k, batch_size, device) -> t
     """Invert one image, reconstruct it, and make k edits, through the editing engine: the README's
     edit command (t_0 500, ``steps`` grid points both ways)."""
     editor = Editor(model, 500, steps, show_progress=False)
-    directions = Directions({s: _record(s, n, model.shapes[s]) for s, n in normals.items()}, {"z": None, "h": None})
-    plan = EditPlan(EditPlan.spaced(-150, 150, k), steps, eta=1.0, batch_size=batch_size)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = {s: save_boundary(Path(folder) / f"random_{s}.npz", _record(s, n, model.shapes[s]))
+                 for s, n in normals.items()}
+        request = EditRequest((Move("random", -150, 150, paths=paths),), Denoising(steps, batch_size=batch_size), k=k)
+        description = describe_edit(editor, request, None, force=True)
     _sync(device)
     start = time.perf_counter()
     latents, _ = editor.invert(x0, batch_size)
-    editor.reconstruct(latents, plan)
-    editor.edit_all(latents, directions, plan, [(0,)])
+    editor.reconstruct(latents, description)
+    editor.edit_all(latents, description, [(0,)])
     _sync(device)
     return time.perf_counter() - start, 1 + k
 

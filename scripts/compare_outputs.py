@@ -10,7 +10,8 @@ The commands (all on the embedded digits model, offline, about a minute each sid
 3. a digits boundary search (its boundary normals, coefficients and intercepts);
 4. ``--unconditional`` with a fixed seed.
 
-Compared: every PNG and GIF byte for byte, every tensor of ``tensors.pt`` with ``torch.equal``, the
+Compared: every PNG and GIF byte for byte, every tensor of the older ``tensors.pt`` with ``torch.equal``
+(entries the newer one adds are listed, not counted as differences), the
 arrays of each boundary file with ``np.array_equal``. Summaries hold timings and paths, so only
 their ``distances``, ``seeds`` and ``source_distances`` fields are compared. Each side gets its own
 empty latent cache. Exit status 0 when everything matches, 1 otherwise (each difference printed).
@@ -80,7 +81,9 @@ def differences(old: Path, new: Path) -> list[str]:
             same = a.read_bytes() == b.read_bytes()
         elif rel.suffix == ".pt":
             ta, tb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-            same = ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+            same = ta.keys() <= tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+            if same and tb.keys() - ta.keys():
+                print(f"{rel}: adds {', '.join(sorted(tb.keys() - ta.keys()))}")
         elif rel.suffix == ".npz":
             with np.load(a, allow_pickle=False) as na, np.load(b, allow_pickle=False) as nb:
                 same = all(np.array_equal(na[k], nb[k]) for k in ("normal", "coef", "intercept"))

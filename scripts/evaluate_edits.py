@@ -44,7 +44,7 @@ from models.runtime import PRECISIONS, retain_freed_memory
 from runners.editor import AUTO_SCALE, MOVED, BoundaryChoice, Directions, EditPlan, Editor, auto_distances, restrict
 from utils.config import load_config
 from utils.core.diffusion import Inversion
-from utils.core.seeds import image_key, item_seed
+from utils.core.seeds import EVALUATION_NOISE, image_key, item_seed
 from utils.io.boundary_files import BoundaryRecord, matching_boundaries
 from utils.io.images import load_image
 from utils.io.plots import labelled_grid
@@ -231,7 +231,7 @@ def measure(reference: torch.Tensor, edits: torch.Tensor, distances: torch.Tenso
 def sample_quality(editor: Editor, classifier: LogisticRegression, test_images: torch.Tensor, n: int, steps: int,
                    seed: int, batch_size: int, grid_path: Path | None) -> dict:
     """DDIM (eta 0) samples from x_T ~ N(0, I): the classifier's confidence on them vs on real test digits."""
-    gen = torch.Generator().manual_seed(item_seed(seed, 30_000))
+    gen = torch.Generator().manual_seed(item_seed(seed, domain=EVALUATION_NOISE))
     x_T = torch.randn((n, *test_images.shape[1:]), generator=gen)
     samples = editor.sample_images(x_T, steps, batch_size)
     if grid_path is not None:

@@ -196,3 +196,13 @@ def assert_one_error_line(code: int, stderr: str, *expected_words: str, exit_cod
     for word in expected_words:
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"
     return lines[0]
+
+
+# ------------------------------------------------------------------------------ edits
+
+def moves_along(distances, normal_z=None, normal_h=None):
+    """(move_z, move_h) of ``iter_edits``: one attribute per space to K ``distances`` (None: that
+    space is not moved)."""
+    from utils.core.editing import LatentMove
+
+    return tuple(None if n is None else LatentMove.along(n, distances) for n in (normal_z, normal_h))

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import main as cli
-from runners.editor import AUTO_SCALE, auto_span
+from runners.edit_description import AUTO_SCALE, auto_span
 from tests.helpers import REPO, assert_one_error_line, write_labelled_set
 from utils.io.boundary_files import BoundaryRecord, auto_range, load_boundary, save_boundary
 from utils.core.diffusion import make_alphas_cumprod
@@ -108,7 +108,8 @@ def test_edit_image_boundary_outputs(searched, capsys):
     assert summary["distances"] == [-10.0, 0.0, 10.0] and len(summary["seeds"][0]) == 3
     assert set(summary["source_distances"]) == {"z", "h"}
     assert summary["arguments"]["eta"] == 1.0 and len(summary["checkpoint_sha256"]) == 64
-    assert summary["boundaries"]["h"]["space"] == "h"
+    (h_boundary,) = summary["edit"]["spaces"]["h"]["boundaries"].values()
+    assert h_boundary["space"] == "h" and h_boundary["path"] == str(paths["h"])
 
 
 def test_edit_batch_size_does_not_change_results(searched, capsys):
@@ -233,7 +234,8 @@ def test_edit_without_boundary_flags_uses_the_newest_matching_boundaries(searche
                      "--edit_attr", "bright_left", "--n_inv_step", 3], capsys)
     assert code == 0, err
     summary = json.loads((root / "auto" / "unconditional" / "summary.json").read_text())
-    assert {s: Path(b["path"]).parent for s, b in summary["boundaries"].items()} == {"h": root / "bd", "z": root / "bd"}
+    assert {s: [Path(b["path"]).parent for b in e["boundaries"].values()] for s, e in summary["edit"]["spaces"].items()} \
+        == {"h": [root / "bd"], "z": [root / "bd"]}
     code, err = run(["--unconditional", *common, "--exp", root / "auto2", "--boundary_dir", root / "bd",
                      "--edit_attr", "smiling"], capsys)
     assert_one_error_line(code, err, "no boundary")
@@ -261,7 +263,8 @@ def test_auto_distances_span_each_spaces_classes(tmp_path, capsys):
     want = {s: torch.linspace(*auto_span(r), 4, dtype=torch.float64).tolist() for s, r in records.items()}
     low, high = auto_range(records["z"])  # the classes' span, widened by AUTO_SCALE about its centre
     assert want["z"][0] == pytest.approx((low + high) / 2 - AUTO_SCALE * (high - low) / 2)
-    assert summary["distances"] == want["z"] and summary["h_distances"] == want["h"]
+    assert summary["distances"] == want["z"]
+    assert [t["thick"] for t in summary["targets"]] == [{"z": z, "h": h} for z, h in zip(want["z"], want["h"])]
     tensors = torch.load(tmp_path / "edit" / "tensors.pt", weights_only=True)
     for space, key in (("z", "edited_z"), ("h", "edited_h")):
         normal = torch.from_numpy(records[space].normal).double()

@@ -4,14 +4,15 @@ seeded noise); on a constructed linear network, an edit moves the image along th
 closed form says."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from tests.helpers import float_tolerance, max_abs, tiny_net
+from tests.helpers import float_tolerance, max_abs, moves_along, tiny_net
 from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
 from utils.core.boundary import latent_distance
 from utils.core.editing import edit_sequence, iter_edits, reconstruct
-from utils.core.seeds import item_seed
+from utils.core.seeds import EDIT, EVALUATION_NOISE, RADIUS_NOISE, SAMPLE, SAMPLE_EDIT, item_seed
 
 
 @pytest.fixture(scope="module", params=["ddpm", "adm"])
@@ -44,9 +45,10 @@ def test_identity_edit_reproduces_reconstruction_exactly(setup, h_policy, spaces
         assert abs(cos) < 1, "test setup: |d_z| must be below |h|"
         n_h = (cos * u + (1 - cos ** 2) ** 0.5 * w / w.norm()).float()
         assert abs(float(latent_distance(inv.h, n_h)) - float(d)) < 1e-4
-    out = edit_sequence(net, inv, ac, grid, d, n_z if "z" in spaces else None, n_h if "h" in spaces else None,
+    out = edit_sequence(net, inv, ac, grid, *moves_along(d, n_z if "z" in spaces else None,
+                                                         n_h if "h" in spaces else None),
                         seeds=[0], eta=0.0, h_policy=h_policy)
-    # Bit for bit in one space, by construction: the shift d - v.n is exactly 0 (edit_latents and
+    # Bit for bit in one space, by construction: the shift d - v.n is exactly 0 (joint_move and
     # latent_distance take the same row sums), so the edit starts from the very latents of the
     # reconstruction and runs the same calls on the same batch composition (one item), hence the
     # same kernels. In both spaces, h moves by the float32 rounding of the tilted normal.
@@ -83,7 +85,7 @@ def test_edits_set_each_latents_projection_to_its_distance(setup):
     """z' = z + (d - z.n) n in each edited space: z'.n = d, and the part of z across the normal is kept."""
     net, ac, grid, inv, normals = setup
     distances = torch.tensor([-30.0, -5.0, 0.0, 12.5, 30.0], dtype=torch.float64)
-    batches = list(iter_edits(net, inv, ac, grid, distances, normals["z"], normals["h"], [list(range(5))],
+    batches = list(iter_edits(net, inv, ac, grid, *moves_along(distances, normals["z"], normals["h"]), [list(range(5))],
                               eta=0.0, batch_size=2))
     assert [k for b in batches for _, k in b.items] == list(range(5))
     for space, original in (("z", inv.z), ("h", inv.h)):
@@ -126,8 +128,9 @@ def test_an_edit_moves_the_image_along_the_normal_by_the_distance(space):
     n = n / n.norm()
     distances = torch.tensor([-30.0, -5.0, 0.0, 12.5, 30.0], dtype=torch.float64)
     recon = reconstruct(_linear_net, inv, ac, grid, inject_h=space == "h")
-    out = edit_sequence(_linear_net, inv, ac, grid, distances, n if space == "z" else None,
-                        n if space == "h" else None, seeds=list(range(5)), eta=0.0)
+    out = edit_sequence(_linear_net, inv, ac, grid, *moves_along(distances, n if space == "z" else None,
+                                                                 n if space == "h" else None),
+                        seeds=list(range(5)), eta=0.0)
     a_t0, a_t1 = ac[grid[-1]], ac[grid[-2]]
     if space == "z":
         shift = (distances - latent_distance(inv.z, n)) / a_t0.sqrt()
@@ -152,21 +155,44 @@ def test_batched_edits_equal_one_at_a_time(setup, eta):
     net, ac, grid, inv, normals = setup
     distances = torch.linspace(-20, 20, 5)
     seeds = [item_seed(1234, k) for k in range(5)]
-    batched = edit_sequence(net, inv, ac, grid, distances, normals["z"], normals["h"], seeds, eta=eta, batch_size=5)
-    ones = edit_sequence(net, inv, ac, grid, distances, normals["z"], normals["h"], seeds, eta=eta, batch_size=1)
+    batched = edit_sequence(net, inv, ac, grid, *moves_along(distances, normals["z"], normals["h"]), seeds, eta=eta, batch_size=5)
+    ones = edit_sequence(net, inv, ac, grid, *moves_along(distances, normals["z"], normals["h"]), seeds, eta=eta, batch_size=1)
     # Batch 5 and batch 1 may run other convolution kernels: equal up to float32 rounding, which
     # the noise of each edit does not amplify (it depends on (seed, k) only).
     tol = float_tolerance(torch.float32, float(ones.abs().max()), ulps=100)
     assert torch.allclose(batched, ones, rtol=0, atol=tol), (batched - ones).abs().max()
     # The noise of edit k depends on (seed, k) only: a different seed for one edit changes only that edit.
     if eta > 0:
-        other = edit_sequence(net, inv, ac, grid, distances, normals["z"], normals["h"],
+        other = edit_sequence(net, inv, ac, grid, *moves_along(distances, normals["z"], normals["h"]),
                               seeds[:4] + [item_seed(99, 4)], eta=eta, batch_size=2)
         assert torch.allclose(other[:4], ones[:4], rtol=0, atol=tol)
         assert (other[4] - ones[4]).abs().max() > 1e-3
 
 
-def test_item_seed_is_stable_and_distinct():
-    assert item_seed(1234, 0) == item_seed(1234, 0)
+def test_item_seed_follows_the_documented_encoding():
+    """The golden values come from np.random.SeedSequence fed the words written out by hand from
+    utils/core/seeds.py's docstring: [domain, count, lo, hi of each integer], domain EDIT = 1."""
+    def oracle(words):
+        return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint64)[0]) >> 1
+    assert item_seed(1234, 5, 0, 7) == oracle([1, 4, 1234, 0, 5, 0, 0, 0, 7, 0])
+    # 2**63 - 1 = 0x7fffffff_ffffffff: low word 2**32 - 1, high word 2**31 - 1; SAMPLE = 3
+    assert item_seed(2 ** 63 - 1, 2, domain=SAMPLE) == oracle([3, 2, 2 ** 32 - 1, 2 ** 31 - 1, 2, 0])
+    assert item_seed(9, domain=RADIUS_NOISE) == oracle([4, 1, 9, 0])
+
+
+def test_item_seed_is_injective_where_seed_sequence_is_not():
+    # SeedSequence alone: trailing zero words vanish, and a 64-bit integer is split into two words.
+    assert np.random.SeedSequence([1234, 5]).generate_state(1) == np.random.SeedSequence([1234, 5, 0]).generate_state(1)
+    assert (np.random.SeedSequence([9, 1, 2 ** 32 * 3 + 7]).generate_state(1)
+            == np.random.SeedSequence([9, 1, 7, 3]).generate_state(1))
+    assert item_seed(1234, 5) != item_seed(1234, 5, 0)
+    assert item_seed(1234) != item_seed(1234, 0)
+    assert item_seed(9, 1, 2 ** 32 * 3 + 7) != item_seed(9, 1, 7, 3)
+    # the old namespace offsets: a sample's noise (then key 10_000 + j) no longer meets an edit key
+    assert item_seed(1234, 10_000, domain=EDIT) != item_seed(1234, 10_000, domain=SAMPLE)
+    assert len({item_seed(1234, 0, domain=d) for d in (EDIT, SAMPLE_EDIT, SAMPLE, RADIUS_NOISE, EVALUATION_NOISE)}) == 5
     assert len({item_seed(1234, k) for k in range(100)}) == 100
     assert item_seed(1, 2) != item_seed(2, 1)
+    for bad in (-1, 2 ** 64):
+        with pytest.raises(ValueError):
+            item_seed(1234, bad)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import main as cli
-from tests.helpers import make_edit_setup, tiny_net
+from tests.helpers import make_edit_setup, moves_along, tiny_net
 from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
 from utils.core.editing import edit_sequence, iter_edits
 from utils.core.seeds import item_seed
@@ -134,23 +134,23 @@ def test_b_by_k_edits_equal_each_image_alone():
     n_z, n_h = n_z / n_z.norm(), n_h / n_h.norm()
     distances = torch.linspace(-10, 10, 3, dtype=torch.float64)
     seeds = [[item_seed(7, b, k) for k in range(3)] for b in range(2)]
-    together = edit_sequence(net, inv, ac, grid, distances, n_z, n_h, seeds, eta=eta, batch_size=4)
+    together = edit_sequence(net, inv, ac, grid, *moves_along(distances, n_z, n_h), seeds, eta=eta, batch_size=4)
     assert together.shape == (2, 3, 3, 16, 16)
     for b in range(2):
         one = type(inv)(inv.z[b:b + 1], inv.h[b:b + 1])
-        alone = edit_sequence(net, one, ac, grid, distances, n_z, n_h, seeds[b], eta=eta, batch_size=2)
+        alone = edit_sequence(net, one, ac, grid, *moves_along(distances, n_z, n_h), seeds[b], eta=eta, batch_size=2)
         assert torch.allclose(together[b], alone, atol=1e-5, rtol=0), (together[b] - alone).abs().max()
     # Batches come out image-major, each with its edited latents (z moved to the distances).
-    batches = list(iter_edits(net, inv, ac, grid, distances, n_z, None, seeds, eta=eta, batch_size=4))
+    batches = list(iter_edits(net, inv, ac, grid, *moves_along(distances, n_z), seeds, eta=eta, batch_size=4))
     assert [b.items for b in batches] == [[(0, 0), (0, 1), (0, 2), (1, 0)], [(1, 1), (1, 2)]]
     assert all(b.h is None for b in batches)
     z = torch.cat([b.z for b in batches]).reshape(6, -1).double()
     assert torch.allclose(z @ n_z.double(), distances.repeat(2), atol=1e-4)
     torch.testing.assert_close(torch.cat([b.images for b in batches]).reshape(2, 3, 3, 16, 16),
-                               edit_sequence(net, inv, ac, grid, distances, n_z, None, seeds, eta=eta, batch_size=4),
+                               edit_sequence(net, inv, ac, grid, *moves_along(distances, n_z), seeds, eta=eta, batch_size=4),
                                rtol=0, atol=0)  # the same batches and inputs: the same kernels
     with pytest.raises(ValueError, match="seeds"):
-        list(iter_edits(net, inv, ac, grid, distances, n_z, n_h, seeds[:1], eta=eta))
+        list(iter_edits(net, inv, ac, grid, *moves_along(distances, n_z, n_h), seeds[:1], eta=eta))
 
 
 def test_edited_latents_are_made_per_batch_not_for_all_distances_at_once(monkeypatch):
@@ -159,20 +159,20 @@ def test_edited_latents_are_made_per_batch_not_for_all_distances_at_once(monkeyp
     import utils.core.editing as editing
 
     calls = []
-    real = editing.edit_latents
+    real = editing.joint_move
 
-    def recording(v, normal, distances):
-        calls.append(len(distances))
-        return real(v, normal, distances)
+    def recording(v, normals, targets, held=None):
+        calls.append(len(targets))
+        return real(v, normals, targets, held)
 
-    monkeypatch.setattr(editing, "edit_latents", recording)
+    monkeypatch.setattr(editing, "joint_move", recording)
     net = tiny_net("ddpm", seed=4)
     ac = make_alphas_cumprod(1e-4, 2e-2, 1000)
     grid = timestep_grid(40, 3)
     inv = invert(net, torch.zeros(1, 3, 16, 16), ac, grid)
     normal = torch.ones(3 * 16 * 16) / (3 * 16 * 16) ** 0.5
     distances = torch.linspace(-1, 1, 10, dtype=torch.float64)
-    batches = list(iter_edits(net, inv, ac, grid, distances, normal, None, [list(range(10))], eta=0.0, batch_size=3))
+    batches = list(iter_edits(net, inv, ac, grid, *moves_along(distances, normal), [list(range(10))], eta=0.0, batch_size=3))
     assert [len(b.items) for b in batches] == [3, 3, 3, 1]
     assert max(calls) <= 3, calls
 
@@ -180,7 +180,7 @@ def test_edited_latents_are_made_per_batch_not_for_all_distances_at_once(monkeyp
 def test_a_folder_goes_through_in_groups_with_the_results_of_one_group(setup, tmp_path, monkeypatch, capsys):
     """Memory: a folder's images are inverted, reconstructed and edited a group at a time; a group
     is a multiple of both batch sizes, so every batch is the one a single group forms: same bits."""
-    import runners.boundary_diffusion as runner
+    import runners.editor as engine
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -189,7 +189,7 @@ def test_a_folder_goes_through_in_groups_with_the_results_of_one_group(setup, tm
     argv = [*setup["common"], "--edit_image_boundary", "--img_path", str(folder), "--bs_train", "2",
             "--edit_batch_size", "2", "--save_tensors", "--no_cache"]
     assert cli.main([*argv, "--exp", str(tmp_path / "one_group")]) == 0, capsys.readouterr().err
-    monkeypatch.setattr(runner, "GROUP_IMAGES", 2)  # groups of 2 + 1
+    monkeypatch.setattr(engine, "GROUP_IMAGES", 2)  # groups of 2 + 1
     assert cli.main([*argv, "--exp", str(tmp_path / "groups")]) == 0, capsys.readouterr().err
     for name in (p.stem for p in sorted(folder.iterdir())):
         a = torch.load(tmp_path / "one_group" / "edit" / name / "tensors.pt", weights_only=True)

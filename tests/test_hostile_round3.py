@@ -448,21 +448,23 @@ def _unit32(rng, dim: int) -> np.ndarray:
     return (v / np.linalg.norm(v)).astype(np.float32)
 
 
-def test_a_condition_equal_to_the_primary_plus_1e7_noise_is_refused():
-    from utils.core.editing import condition_normal
+def _joint(*normals):
+    from utils.core.boundary import check_joint, unit_rows
 
+    return check_joint([f"n{i}" for i in range(len(normals))], unit_rows(np.stack(normals)))
+
+
+def test_a_condition_equal_to_the_primary_plus_1e7_noise_is_refused():
     rng = np.random.default_rng(0)
     dim = 196_608  # a 256-px image's z space
     p = _unit32(rng, dim)
     c = (p.astype(np.float64) + rng.normal(scale=1e-7, size=dim)).astype(np.float32)
-    with pytest.raises(ValueError, match=r"span of the condition boundaries.*float32 normals of 196608 values.*"
-                                         r"[0-9.e-]+ degrees from it, under the 0.003 degrees"):
-        condition_normal(p, [c])
+    with pytest.raises(ValueError, match=r"n0 and n1 are too close to move or hold together \(cos \+1.0000; "
+                                         r"cond\(G\) [0-9.e+]+ for 196608 values\)"):
+        _joint(p, c)
 
 
 def test_a_condition_resaved_with_a_few_values_one_float32_step_apart_is_refused():
-    from utils.core.editing import condition_normal
-
     rng = np.random.default_rng(1)
     dim = 768  # the tiny test models' z space
     p = rng.normal(size=dim) * 1e-3
@@ -472,8 +474,8 @@ def test_a_condition_resaved_with_a_few_values_one_float32_step_apart_is_refused
     for i in range(4):
         c[i] = np.nextafter(c[i], np.float32(2 * np.sign(c[i])))
     assert np.count_nonzero(c != p) == 4
-    with pytest.raises(ValueError, match="span of the condition boundaries"):
-        condition_normal(p, [c])
+    with pytest.raises(ValueError, match="too close to move or hold together"):
+        _joint(p, c)
 
 
 @pytest.mark.parametrize("dim", [768, 196_608])
@@ -523,7 +525,7 @@ def test_the_cli_refuses_a_primary_held_by_its_own_noisy_copy_in_one_line(env, t
             "--boundary_z", str(env["z"]), "--edit_space", "z", "--condition_z", str(copy)]
     assert cli.main(argv) == 1
     line = assert_one_error_line(1, capsys.readouterr().err)
-    assert "cannot condition the z edit" in line and "degrees" in line, line
+    assert "cannot edit the z space" in line and "too close" in line and "cos +1.0000" in line, line
     assert not exp.exists()
 
 

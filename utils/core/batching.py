@@ -18,3 +18,11 @@ def pair_lone(x: Tensor, batch_size: int) -> Tensor:
     """x (1, ...) twice along the batch when it is a lone remainder of batches of ``batch_size`` > 1
     (see ``batch_slices``); otherwise x unchanged. Callers keep the first ``len(x)`` results."""
     return x.repeat(2, *[1] * (x.ndim - 1)) if len(x) == 1 and batch_size > 1 else x
+
+
+def batch_regime(batch_size: int) -> str:
+    """The rounding regime of inverting at ``batch_size``, part of the latent cache's key: 'single'
+    for batches of one, 'batched' for 2 or more (a lone remainder runs as a pair, see
+    ``batch_slices``), so that latents computed at batch 1 are never served to a batched run or
+    the other way round."""
+    return "single" if batch_size == 1 else "batched"

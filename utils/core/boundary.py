@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from utils.core.gram import Reader, array_reader, gram_matrix, row_dots, solve_dual, weighted_row_sum
+from utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ def fit_boundary_rows(train: tuple[Reader, int, int], train_labels: np.ndarray,
     w = weighted_row_sum(read, coef, dim, device=device)
     norm = np.linalg.norm(w)
     if not np.isfinite(norm) or norm == 0:
-        raise ValueError("the SVM found no separating direction (zero normal)")
+        raise UserError("the SVM found no separating direction (zero normal): the latents of the two classes "
+                        "cannot be told apart; check the labels, or try another --svm_c or --t_0")
     train_decision = K[:, dual.support] @ dual.dual_coef + dual.intercept
     test_decision, test_acc = np.zeros(0), float("nan")
     if test is not None and test[1] > 0:
@@ -136,21 +138,105 @@ def edit_latents(v: torch.Tensor, normal: torch.Tensor, distances: torch.Tensor)
 
     v: (B, ...) latents; normal: (D,) unit norm, D = prod(v.shape[1:]); distances: (K,).
     Returns (B, K, ...): v'_k = v + (d_k - v.n) n, so that v'_k . n = d_k (exactly up to v's
-    precision). The shift is computed in float64 and added in v's dtype, so an edit to the
-    distance ``latent_distance(v, normal)`` returns v bit for bit (both take the same row sums of
-    the same unit normal). Every step is per row, so a latent's edits do not depend on the batch.
-    The SVM intercept is ignored: the hyperplane is taken through the origin, as InterFaceGAN's
-    ``linear_interpolate`` does.
+    precision): ``joint_move`` with one normal. The shift is computed in float64 and added in v's
+    dtype, so an edit to the distance ``latent_distance(v, normal)`` returns v bit for bit (both
+    take the same row sums of the same unit normal). Every step is per row, so a latent's edits do
+    not depend on the batch. The SVM intercept is ignored: the hyperplane is taken through the
+    origin, as InterFaceGAN's ``linear_interpolate`` does.
     """
     # Rescaled to unit length: guards against a stored normal that drifted from it.
     n = _unit_float64(normal, v.device)
-    if n.shape[0] != v[0].numel():
-        raise ValueError(f"normal of {n.shape[0]} values does not fit latents of shape {tuple(v.shape[1:])}")
     d = torch.as_tensor(distances, device=v.device).reshape(-1).double()
-    shift = d[None, :] - _row_dots(v, n)[:, None]  # (B, K)
-    delta = (shift[:, :, None] * n[None, None, :]).to(v.dtype)  # (B, K, D)
-    edited = v.reshape(v.shape[0], 1, -1) + delta
-    return edited.reshape(v.shape[0], len(d), *v.shape[1:])
+    return joint_move(v, n[None], d[:, None])
+
+
+def unit_rows(normals) -> torch.Tensor:
+    """Normals (M, D) (or (M, ...)), any float dtype, numpy or torch -> (M, D) float64, each row of
+    unit length, as ``edit_latents`` scales a single normal (so that M = 1 gives its bits)."""
+    rows = torch.as_tensor(normals).reshape(len(normals), -1)
+    return torch.stack([_unit_float64(row, rows.device) for row in rows]) if len(rows) else rows.double()
+
+
+def joint_move(v: torch.Tensor, normals: torch.Tensor, targets: torch.Tensor,
+               held: torch.Tensor | None = None) -> torch.Tensor:
+    """The smallest move of each latent that sets its projection onto every normal to a target.
+
+    v: (B, ...) latents, D = prod(v.shape[1:]); normals: (M, D) float64 unit rows (``unit_rows``),
+    the moved attributes; targets: (K, M) float64, edit k's signed projection onto each; held:
+    (H, D) float64 unit rows or None, attributes whose projection stays where it is (a target of
+    zero change). Returns (B, K, ...) in v's dtype:
+
+        v'_k = v + N G^-1 (t_k - N^T v),    N = [normals; held]^T (D x (M+H)),  G = N^T N,
+
+    the least-norm solution of N^T v' = t_k (t_k holds the held rows' own projections), so
+    v'_k . n_m = t_km for every moved m and v'_k . n_h = v . n_h for every held h, up to v's
+    precision. The plain sum v + sum_m (t_km - v.n_m) n_m misses each target by G's off-diagonal.
+    G's diagonal is 1 by construction (unit rows), so with M = 1 and no held rows the coefficient
+    is the shift itself and the result equals ``edit_latents`` bit for bit.
+
+    Batch-invariant by construction: projections are per-row float64 sums (``_row_dots``), and the
+    coefficients and the move are elementwise float64 products accumulated over the M + H normals
+    in a fixed order, so no BLAS kernel choice (which depends on B or K) enters. G must be well
+    conditioned: ``check_joint`` refuses near-parallel normals before any work.
+    """
+    basis = normals if held is None or len(held) == 0 else torch.cat([normals, held])
+    basis = basis.to(v.device)
+    m = len(normals)
+    if basis.shape[1] != v[0].numel():
+        raise ValueError(f"normal of {basis.shape[1]} values does not fit latents of shape {tuple(v.shape[1:])}")
+    t = torch.as_tensor(targets, device=v.device).double().reshape(-1, m)  # (K, M)
+    own = torch.stack([_row_dots(v, n) for n in basis], dim=1) if len(v) else v.new_zeros((0, len(basis))).double()
+    shift = torch.cat([t[None, :, :] - own[:, None, :m],  # (B, K, M + H): held rows move by zero
+                       torch.zeros((len(v), len(t), len(basis) - m), dtype=torch.float64, device=v.device)], dim=2)
+    if len(basis) == 1:
+        coef = shift
+    else:
+        gram = basis @ basis.T
+        gram.fill_diagonal_(1.0)
+        inverse = torch.linalg.inv(gram)
+        coef = torch.stack([sum_in_order(inverse[i, j] * shift[:, :, j] for j in range(len(basis)))
+                            for i in range(len(basis))], dim=2)
+    delta = sum_in_order(coef[:, :, i, None] * basis[i][None, None, :] for i in range(len(basis)))  # (B, K, D)
+    edited = v.reshape(v.shape[0], 1, -1) + delta.to(v.dtype)
+    return edited.reshape(v.shape[0], len(t), *v.shape[1:])
+
+
+def sum_in_order(terms):
+    """The sum of tensors, first to last: elementwise, so the same bits whatever their shapes."""
+    total = None
+    for term in terms:
+        total = term if total is None else total + term
+    return total
+
+
+#: The most a joint move may amplify the float32 rounding of its normals, relative to the move
+#: (``check_joint``): 1 %.
+JOINT_TOLERANCE = 0.01
+
+
+def check_joint(names: list[str], normals: torch.Tensor) -> np.ndarray:
+    """The cosine matrix (A, A) of unit normals (A, D) float64 that ``joint_move`` may combine, or
+    ValueError naming the most parallel pair and its cosine when the move cannot be trusted:
+
+    - a normal lies within float32 rounding of the span of the others: the smallest singular value
+      of the normals is below ``resolvable_residual(D)`` (the part of a normal float32 resolves);
+    - or cond(G) = (s_max / s_min)^2 times twice that rounding exceeds ``JOINT_TOLERANCE``: the
+      stored normals' float32 rounding, amplified by G^-1, could move the solution by more than
+      1 % (D = 784: |cos| up to about 0.9987 passes; D = 196,608: up to about 0.98).
+    """
+    cos = (normals @ normals.T).cpu().numpy()
+    np.fill_diagonal(cos, 1.0)
+    if len(names) < 2:
+        return cos
+    s = torch.linalg.svdvals(normals).cpu().numpy()
+    rounding = resolvable_residual(normals.shape[1])
+    condition = (s[0] / s[-1]) ** 2 if s[-1] > 0 else float("inf")
+    if s[-1] < rounding or condition * 2 * rounding > JOINT_TOLERANCE:
+        off = np.abs(cos - np.eye(len(names)))
+        i, j = np.unravel_index(int(np.argmax(off)), off.shape)
+        raise ValueError(f"{names[i]} and {names[j]} are too close to move or hold together (cos {cos[i, j]:+.4f}; "
+                         f"cond(G) {condition:.3g} for {normals.shape[1]} values): drop one of them")
+    return cos
 
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)

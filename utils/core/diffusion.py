@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from utils.errors import UserError
+
 Net = Callable[..., tuple[Tensor, Tensor]]
 HPolicy = Literal["lagged", "once"]
 H_POLICIES = ("lagged", "once")
@@ -116,8 +118,9 @@ def _noise_like(x: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
     return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32) for g in generators]).to(x.device)
 
 
-class NonFiniteError(ValueError):
-    """A NaN or an infinity where the arithmetic needs finite numbers."""
+class NonFiniteError(UserError, ValueError):
+    """A NaN or an infinity where the arithmetic needs finite numbers: broken weights or input, or a
+    distance too large, so the user's to fix (a UserError)."""
 
 
 def _check_finite(x: Tensor, what: str) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.core.boundary import edit_latents, project_boundary
+from utils.core.boundary import joint_move, unit_rows
 from utils.core.batching import batch_slices, pair_lone
 from utils.core.diffusion import HPolicy, Inversion, Net, generate
 
@@ -29,6 +29,31 @@ def reconstruct(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Se
 
 
 @dataclass(frozen=True)
+class LatentMove:
+    """How one latent space (z or h) moves: to every target of the move's K edits at once.
+
+    normals: (M, D) float64 unit rows, the moved attributes (``utils.core.boundary.unit_rows``);
+    targets: (K, M) float64, edit k's signed projection onto each; held: (H, D) float64 unit rows
+    or None, the attributes whose projection each edit leaves where it is (``joint_move``)."""
+    normals: Tensor
+    targets: Tensor
+    held: Tensor | None = None
+
+    @classmethod
+    def along(cls, normal: Tensor | np.ndarray, distances: Tensor | Sequence[float]) -> "LatentMove":
+        """One attribute to K distances: normal (D,) (scaled to unit length), distances (K,)."""
+        d = torch.as_tensor(distances).reshape(-1, 1).double()
+        return cls(unit_rows(torch.as_tensor(normal).reshape(1, -1)), d)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def apply(self, latent: Tensor, ks: Sequence[int]) -> Tensor:
+        """Edits ``ks`` of one latent (1, ...) -> (len(ks), ...)."""
+        return joint_move(latent, self.normals, self.targets[list(ks)], self.held)[0]
+
+
+@dataclass(frozen=True)
 class EditBatch:
     """One denoised batch of edits: edit k of image b for each (b, k) in ``items`` (n of them), as
     images (n, C, H, W) in [-1, 1] (not clipped) and the edited latents before denoising, z
@@ -39,46 +64,44 @@ class EditBatch:
     h: Tensor | None
 
 
-def iter_edits(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int], distances: Tensor,
-               normal_z: Tensor | None, normal_h: Tensor | None, seeds: Sequence[Sequence[int]],
-               eta: float = 1.0, h_policy: HPolicy = "lagged", batch_size: int = 8,
-               h_distances: Tensor | None = None) -> Iterator[EditBatch]:
-    """Edit B latent pairs to K distances each, denoising the B x K edits in batches that mix images
-    and distances (image-major: all of image 0's edits, then image 1's, ...), and yield each batch
-    as soon as it is denoised, so that callers write results while later edits are denoised.
+def iter_edits(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int],
+               move_z: LatentMove | None, move_h: LatentMove | None, seeds: Sequence[Sequence[int]],
+               eta: float = 1.0, h_policy: HPolicy = "lagged", batch_size: int = 8) -> Iterator[EditBatch]:
+    """Make the K edits of each of B latent pairs, denoising the B x K edits in batches that mix
+    images and edits (image-major: all of image 0's edits, then image 1's, ...), and yield each
+    batch as soon as it is denoised, so that callers write results while later edits are denoised.
 
-    inversion: z (B, C, H, W), h (B, C_mid, H_mid, W_mid); distances: (K,), the d_k of edit k (in both
-    spaces, unless ``h_distances`` (K,) gives the h space its own, e.g. an ``auto`` range); normal_z: (C*H*W,) or
-    None (z left as is); normal_h: (C_mid*H_mid*W_mid,) or None (no h override); seeds: B rows of K
-    seeds; edit (b, k) draws its noise from its own generator seeded with seeds[b][k], so results do
-    not depend on ``batch_size`` nor on which other images share the run. Memory: one batch of
-    edited latents and outputs at a time, whatever K is (the edited latents are computed per batch;
-    ``edit_latents`` treats each distance alone, so this changes no value).
+    inversion: z (B, C, H, W), h (B, C_mid, H_mid, W_mid); move_z, move_h: each space's move to K
+    targets (``LatentMove``; None: that space is left as is, and h gets no override); seeds: B rows
+    of K seeds; edit (b, k) draws its noise from its own generator seeded with seeds[b][k], so
+    results do not depend on ``batch_size`` nor on which other images share the run. Memory: one
+    batch of edited latents and outputs at a time, whatever K is (the edited latents are computed
+    per batch, image by image; ``joint_move`` treats each target alone, so this changes no value).
     """
-    n_images, k_total = len(inversion.z), len(distances)
+    moves = [m for m in (move_z, move_h) if m is not None]
+    if not moves:
+        raise ValueError("no space to move: give move_z, move_h or both")
+    n_images, k_total = len(inversion.z), len(moves[0])
+    if any(len(m) != k_total for m in moves):
+        raise ValueError(f"the z and h moves must hold the same number of edits, got {[len(m) for m in moves]}")
     if len(seeds) != n_images or any(len(row) != k_total for row in seeds):
         raise ValueError(f"seeds must be {n_images} rows of {k_total}, got {[len(r) for r in seeds]}")
+    if n_images * k_total == 0:
+        return
     batch_size = min(batch_size, n_images * k_total)  # a single edit runs alone, like the reconstruction
 
-    h_distances = distances if h_distances is None else h_distances
-    if len(h_distances) != k_total:
-        raise ValueError(f"h_distances must hold {k_total} values like distances, got {len(h_distances)}")
-
-    def edited(latent: Tensor, normal: Tensor | None, items: list[tuple[int, int]], targets: Tensor) -> Tensor:
+    def edited(latent: Tensor, move: LatentMove | None, items: list[tuple[int, int]]) -> Tensor:
         # The chunk's edited latents, image by image: as a single-image run computes them.
-        if normal is None:
+        if move is None:
             return torch.stack([latent[b] for b, _ in items])
-        parts = []
-        for b in dict.fromkeys(b for b, _ in items):
-            ks = [k for i, k in items if i == b]
-            parts.append(edit_latents(latent[b:b + 1], normal, targets[ks])[0])
-        return torch.cat(parts)
+        return torch.cat([move.apply(latent[b:b + 1], [k for i, k in items if i == b])
+                          for b in dict.fromkeys(b for b, _ in items)])
 
     for chunk in batch_slices(n_images * k_total, batch_size):
         items = [divmod(i, k_total) for i in range(chunk.start, chunk.stop)]
         n = len(items)
-        z_edit = edited(inversion.z, normal_z, items, distances)
-        h_edit = None if normal_h is None else edited(inversion.h, normal_h, items, h_distances)
+        z_edit = edited(inversion.z, move_z, items)
+        h_edit = None if move_h is None else edited(inversion.h, move_h, items)
         z = pair_lone(z_edit, batch_size)
         h = None if h_edit is None else pair_lone(h_edit, batch_size)
         generators = [torch.Generator().manual_seed(int(seeds[b][k])) for b, k in items] if eta > 0 else None
@@ -89,7 +112,7 @@ def iter_edits(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Seq
 
 
 def edit_sequence(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int],
-                  distances: Tensor, normal_z: Tensor | None, normal_h: Tensor | None,
+                  move_z: LatentMove | None, move_h: LatentMove | None,
                   seeds: Sequence[Sequence[int]] | Sequence[int], eta: float = 1.0, h_policy: HPolicy = "lagged",
                   batch_size: int = 8) -> Tensor:
     """The K edited images of each of B latent pairs, (B, K, C, H, W) in [-1, 1] (not clipped).
@@ -101,26 +124,8 @@ def edit_sequence(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: 
     if flat and len(inversion.z) != 1:
         raise ValueError(f"a flat list of seeds serves one image, got {len(inversion.z)}")
     rows = [list(seeds)] if flat else seeds
-    edits = torch.cat([e.images for e in iter_edits(net, inversion, alphas_cumprod, grid, distances, normal_z,
-                                                    normal_h, rows, eta, h_policy, batch_size)])
-    edits = edits.reshape(len(rows), len(distances), *edits.shape[1:])
+    k_total = len(move_z if move_z is not None else move_h)
+    edits = torch.cat([e.images for e in iter_edits(net, inversion, alphas_cumprod, grid, move_z, move_h, rows,
+                                                    eta, h_policy, batch_size)])
+    edits = edits.reshape(len(rows), k_total, *edits.shape[1:])
     return edits[0] if flat else edits
-
-
-def condition_normal(primary: Tensor | np.ndarray, conditions: Sequence[Tensor | np.ndarray]) -> tuple[np.ndarray, list[float]]:
-    """The direction of a conditional edit: the primary unit normal projected orthogonal to every
-    condition normal and renormalised (``utils.core.boundary.project_boundary``), so that moving along
-    it leaves each condition's projection unchanged (docs/algorithm.md section 9).
-
-    primary, conditions: (D,) each. Returns (normal (D,) float32 unit, the angle in degrees between
-    the primary and each condition normal, in the conditions' order).
-    """
-    p = np.asarray(primary, dtype=np.float64).reshape(-1)
-    angles = []
-    for c in conditions:
-        c = np.asarray(c, dtype=np.float64).reshape(-1)
-        if c.shape != p.shape:
-            raise ValueError(f"condition normal of {c.shape[0]} values does not fit a primary of {p.shape[0]}")
-        cos = float(p @ c / (np.linalg.norm(p) * np.linalg.norm(c)))
-        angles.append(float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))))
-    return project_boundary(p, *[np.asarray(c).reshape(-1) for c in conditions]), angles

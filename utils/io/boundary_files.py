@@ -72,6 +72,50 @@ def summary_dict(array: np.ndarray) -> dict:
                     for j, cls in enumerate(CLASSES)} for i, split in enumerate(SPLITS)}
 
 
+#: The largest |d| an auto range may reach: the bound configs put on edit distances
+#: (``edit.start_distance``, ``utils.config``). Class summaries beyond it are damaged, not data: a
+#: 256-px latent's projection is of the order of sqrt(D) < 500.
+MAX_AUTO_DISTANCE = 1e12
+
+
+def _auto_ends(record: BoundaryRecord, split: str) -> tuple[float, float] | str:
+    """(start, end) of ``auto_range`` in projection units, or why there is none (the message)."""
+    where = f"the {record.space} boundary for '{record.attribute}'"
+    if record.class_summary is None:
+        return f"{where} has no class summary (an older file); fit it again with --boundary_search to use auto distances"
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}' (choices: {', '.join(SPLITS)})")
+    stats = record.class_summary[split]
+    for cls in CLASSES:
+        p5, p95 = stats[cls]["p5"], stats[cls]["p95"]
+        if np.isinf(p5) or np.isinf(p95):
+            return (f"{where} is damaged: its {split} class summary holds an infinite percentile ({cls} class: "
+                    f"p5 {p5:g}, p95 {p95:g}); fit it again, or give --start_distance and --end_distance")
+        if p5 > p95:
+            return (f"{where} is damaged: its {split} class summary has p5 above p95 ({cls} class: p5 {p5:g}, "
+                    f"p95 {p95:g}); fit it again, or give --start_distance and --end_distance")
+    low, high = stats["neg"]["p5"], stats["pos"]["p95"]
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return f"{where} has no {split} latents of both classes to derive auto distances from"
+    with np.errstate(all="ignore"):
+        offset = float(record.intercept) / float(np.linalg.norm(np.asarray(record.coef, dtype=np.float64)))
+        ends = (float(low) - offset, float(high) - offset)
+    if not all(np.isfinite(v) and abs(v) <= MAX_AUTO_DISTANCE for v in ends):
+        return (f"{where} is damaged: its {split} class summary puts the auto range at {ends[0]:g} .. {ends[1]:g}, "
+                f"beyond the +-{MAX_AUTO_DISTANCE:g} any edit distance may take; fit it again, or give "
+                "--start_distance and --end_distance")
+    return ends
+
+
+def auto_range_problem(record: BoundaryRecord, split: str = "train") -> str | None:
+    """Why ``record`` gives no ``auto_range`` (the one-line message ``auto_range`` raises), or None
+    when it does: no class summary, no latents of one class, an infinite percentile, p5 above p95
+    within a class, or ends beyond ``MAX_AUTO_DISTANCE`` (so that ``auto_range`` and the range scaled
+    about its centre stay finite). Front ends call it to fall back to the config's range."""
+    ends = _auto_ends(record, split)
+    return ends if isinstance(ends, str) else None
+
+
 def auto_range(record: BoundaryRecord, split: str = "train") -> tuple[float, float]:
     """The edit distances that span where the classes lie: (start, end) from the negative class's
     5th percentile to the positive class's 95th, over ``split``'s latents.
@@ -79,21 +123,14 @@ def auto_range(record: BoundaryRecord, split: str = "train") -> tuple[float, flo
     In the units of the edit's d, the projection v.n onto the unit normal that ``edit_latents``
     sets (the SVM intercept ignored), NOT the hyperplane distance s = v.n + b/||w|| the file's
     summary holds: both ends are shifted by -b/||w||. Valid for the record's own normal (a normal
-    projected orthogonal to conditions moves the projections). UserError for a file without
-    summaries (format version 1) or a split without latents of both classes.
+    projected orthogonal to conditions moves the projections). UserError with the message of
+    ``auto_range_problem`` when there is none (an older file, a split without latents of both
+    classes, a damaged summary); both ends are finite and within +-``MAX_AUTO_DISTANCE``.
     """
-    if record.class_summary is None:
-        raise UserError(f"the {record.space} boundary for '{record.attribute}' has no class summary (an older file); "
-                        "fit it again with --boundary_search to use auto distances")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split '{split}' (choices: {', '.join(SPLITS)})")
-    stats = record.class_summary[split]
-    low, high = stats["neg"]["p5"], stats["pos"]["p95"]
-    if not (np.isfinite(low) and np.isfinite(high)):
-        raise UserError(f"the {record.space} boundary for '{record.attribute}' has no {split} latents of both "
-                        "classes to derive auto distances from")
-    offset = record.intercept / float(np.linalg.norm(np.asarray(record.coef, dtype=np.float64)))
-    return float(low - offset), float(high - offset)
+    ends = _auto_ends(record, split)
+    if isinstance(ends, str):
+        raise UserError(ends)
+    return ends
 
 
 # What each field may hold: its numpy kind ('f' float, 'i' integer, 'U' text) and how many values.

@@ -1,15 +1,21 @@
 """A per-image cache of inverted latents, so that no image is inverted twice.
 
 An entry is keyed by the model's identity (config name and checkpoint hash), the architecture
-and schedule, t_0, the number of inversion steps and the image's content (the pixels the network
+and schedule, t_0, the number of inversion steps, the precision, the device type, the batch
+regime (``utils.core.batching.batch_regime``) and the image's content (the pixels the network
 sees). Entries are written atomically one image at a time, so an interrupted run resumes where it
 stopped, and they load with ``torch.load(weights_only=True)``.
+
+An entry is checked before its data is read: its file size against what latents of the model's
+shapes can take, then its tensors' shapes from a memory-mapped load, which reads the pickled
+header and none of the data; only an entry that passes is read in full.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -29,28 +35,58 @@ class LatentCache:
     missing (and is recomputed); if an entry cannot be written (a read-only folder, a path that is
     a file, a full disk) the cache warns once and the run goes on without writing it."""
 
-    def __init__(self, root: str | Path, identity: dict):
-        """identity: everything besides the image that decides the latents (JSON-serialisable)."""
+    def __init__(self, root: str | Path, identity: dict, shapes: dict[str, tuple[int, ...]] | None = None):
+        """identity: everything besides the image that decides the latents (JSON-serialisable).
+        shapes: the model's latent shapes {'z': ..., 'h': ...}; an entry of other shapes is
+        ignored, found so before its data is read (None: any (C, H, W) pair)."""
         self.root = Path(root)
         self._prefix = json.dumps(identity, sort_keys=True).encode()
+        self.shapes = None if shapes is None else {s: tuple(int(v) for v in shape) for s, shape in shapes.items()}
         self.writable = True
 
-    def key(self, image: torch.Tensor) -> str:
-        """image: (C, H, W) float32 pixels in [-1, 1]."""
+    def key(self, image: torch.Tensor, regime: str = "") -> str:
+        """image: (C, H, W) float32 pixels in [-1, 1]; regime: how it is inverted, when that changes
+        the bits (``utils.core.batching.batch_regime``)."""
         digest = hashlib.sha256(self._prefix)
-        digest.update(str(tuple(image.shape)).encode())
+        digest.update(f"{tuple(image.shape)}|{regime}|".encode())
         digest.update(image.detach().cpu().float().contiguous().numpy().tobytes())
         return digest.hexdigest()
+
+    def _entry_problem(self, path: Path) -> str:
+        """Why the entry at ``path`` cannot hold this model's latents, from its size and its tensors'
+        shapes, before any of its data is read ('' when it may)."""
+        if self.shapes is None:
+            return ""
+        values = sum(math.prod(shape) for shape in self.shapes.values())
+        most = 8 * values + (1 << 20)  # float64 at most, plus the zip's and the pickle's bytes
+        size = path.stat().st_size
+        if size > most:
+            return f"{size} bytes, more than latents of shapes {self.shapes['z']} and {self.shapes['h']} take"
+        header = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # shapes only: nothing is read
+        if not isinstance(header, dict):
+            return "not a dict of latents"
+        for space, shape in self.shapes.items():
+            value = header.get(space)
+            if not isinstance(value, torch.Tensor):
+                return f"no {space} tensor"
+            if tuple(value.shape) != shape:
+                return f"holds {space} of shape {tuple(value.shape)}, the model's is {shape}"
+        return ""
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.pt"
 
     def get(self, key: str) -> Inversion | None:
-        """The cached latents (z (C, H, W), h (C_mid, H_mid, W_mid)), or None; an unreadable entry
-        counts as missing (and is recomputed)."""
+        """The cached latents (z (C, H, W), h (C_mid, H_mid, W_mid)), or None; an unreadable entry,
+        one of other shapes and a non-finite one count as missing (and are recomputed), with one
+        warning each."""
         path = self._path(key)
         try:
             if not path.is_file():
+                return None
+            problem = self._entry_problem(path)
+            if problem:
+                log.warning("ignoring cache entry %s (%s); recomputing it", path, problem)
                 return None
             entry = torch.load(path, map_location="cpu", weights_only=True)
             z, h = entry["z"], entry["h"]
@@ -60,7 +96,8 @@ class LatentCache:
                 raise ValueError("not finite")
             return Inversion(z=z, h=h)
         except Exception as exc:  # a damaged entry (e.g. from a full disk) is recomputed, whatever the error
-            log.warning("ignoring unreadable cache entry %s (%s)", path, type(exc).__name__)
+            log.warning("ignoring unreadable cache entry %s (%s); recomputing it", path,
+                        str(exc)[:80] if isinstance(exc, ValueError) else type(exc).__name__)
             return None
 
     def put(self, key: str, z: torch.Tensor, h: torch.Tensor) -> None:
