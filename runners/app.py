@@ -8,6 +8,7 @@ and writer). Named endpoints for ``gradio_client``: ``/edit`` and ``/sweep`` (do
 import argparse
 import errno
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -24,9 +25,10 @@ from models.checkpoints import default_cache_dir
 from models.loading import LoadedModel
 from runners.app_state import (MAX_SWEEP, AttributeTable, Cancelled, EditService, Result, SessionStore,
                                real_number)
-from runners.editor import Directions, auto_span
+from runners.edit_description import UNITS, auto_span, relative_scale
 from utils.config import Config
 from utils.errors import UserError
+from utils.io.boundary_files import BoundaryRecord, auto_range_problem
 from utils.io.files import new_partial_folder, remove_stale_partials
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ INSTALL = "pip install -r requirements-ui.txt"
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "imgs"
 MAX_UPLOAD = "50mb"          # larger uploads are refused by Gradio with a message
+ENTANGLED_COS = 0.3          # |cos| of two normals above which the page warns that their edits interact
+MAX_MOVES_TEXT = 10_000      # characters of /edit_many's moves given as JSON text
 STOP_WAIT = 60.0             # seconds a stopping server waits for its jobs (each ends at its next network call)
 # Command-line words in the engine's messages, and what the page calls the same thing.
 PAGE_WORDS = {"pass --align_face 0 to skip it": "untick 'Align the face' to skip it",
@@ -47,28 +51,76 @@ CSS = ("#original img, #reconstruction img, #edit img, #gif img, #upload img "
        "#grid img {width: 100%; object-fit: contain}")
 
 
-def slider_range(directions: Directions | None, config: Config) -> tuple[float, float]:
-    """The distance slider's range for an edit along ``directions``: where the primary boundary (z,
-    or h when only h moves) records where its classes lie, the command line's ``auto`` range for that
-    space (``runners.editor.auto_span``); otherwise the config's edit range. The slider's d moves every moved space, as the
-    command line's explicit distances do."""
-    record = None if directions is None else directions.records["z"] or directions.records["h"]
+def slider_range(record: BoundaryRecord | None, config: Config) -> tuple[float, float]:
+    """The distance slider's range for an edit along the boundary ``record`` (an attribute's primary
+    space: z, or h when only h was fitted): where the file records where its classes lie, the
+    command line's ``auto`` range for that space (``runners.edit_description.auto_span``);
+    otherwise (no summary, one class missing, a damaged summary: with a warning) the config's edit
+    range. The slider's d moves every moved space, as the command line's explicit distances do."""
     span = None
     if record is not None and record.class_summary is not None:
+        problem = auto_range_problem(record)
         try:
-            span = auto_span(record)
-        except UserError as exc:  # a summary without one class's latents: the config's range
-            log.warning("the %s boundary of %s: %s; its slider takes the config's range", record.space,
-                        record.attribute, exc)
-        else:
-            if not (all(map(math.isfinite, span)) and abs(span[1] - span[0]) < 1e6 and span[0] < span[1]):
-                log.warning("the %s boundary of %s records an unusable class summary (auto range %s .. %s); "
-                            "its slider takes the config's range", record.space, record.attribute, *span)
-                span = None
+            span = None if problem else auto_span(record)
+        except UserError as exc:
+            problem = str(exc)
+        if problem:
+            log.warning("%s; its slider takes the config's range", problem)
     if span is None:
         span = float(config.edit.start_distance), float(config.edit.end_distance)
     lo, hi = sorted((round(span[0], 2), round(span[1], 2)))
     return (lo - 1.0, hi + 1.0) if lo == hi else (lo, hi)
+
+
+def relative_range(record: BoundaryRecord | None, absolute: tuple[float, float]) -> tuple[float, float]:
+    """A several-attribute slider's range: the attribute's ``absolute`` range (``slider_range``) in
+    its relative unit (``relative_scale``: -1 / +1 at the class medians); ``absolute`` itself when
+    the file has no usable summary (the edit then takes its value as a distance, as the builder
+    does)."""
+    scale = None if record is None else relative_scale(record)
+    if scale is None:
+        return absolute
+    centre, half = scale
+    lo, hi = sorted(round((v - centre) / half, 2) for v in absolute)
+    return (lo - 1.0, hi + 1.0) if lo == hi else (lo, hi)
+
+
+def cosine_view(names: list[str], cosines: dict) -> str:
+    """Markdown: per space the cosine table of the attributes' normals, and a warning naming each
+    pair with |cos| above ``ENTANGLED_COS`` (moving one moves the other unless it is held)."""
+    parts = []
+    for space, matrix in cosines.items():
+        rows = [f"| {space} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        rows += [f"| {a} | " + " | ".join(f"{matrix[i][j]:+.2f}" for j in range(len(names))) + " |"
+                 for i, a in enumerate(names)]
+        parts.append("\n".join(rows))
+    warning = entanglement_warning(names, cosines)
+    return "**Cosines of the normals**\n\n" + "\n\n".join(parts) + "\n\n" + (
+        warning or f"No pair above |cos| {ENTANGLED_COS:g}: each slider moves its own attribute.")
+
+
+def entanglement_warning(names: list[str], cosines: dict) -> str | None:
+    """A plain warning naming each pair of attributes whose normals have |cos| above
+    ``ENTANGLED_COS`` in some space, or None."""
+    pairs = [f"{names[i]} and {names[j]} ({space}: cos {matrix[i][j]:+.2f})"
+             for space, matrix in cosines.items() for i in range(len(names)) for j in range(i + 1, len(names))
+             if abs(matrix[i][j]) > ENTANGLED_COS]
+    if not pairs:
+        return None
+    return ("Warning: entangled attributes: " + "; ".join(pairs) + ". Moving one moves the other along, unless the "
+            "other is held or moved too (the joint move sets both).")
+
+
+def parse_moves(moves) -> dict:
+    """/edit_many's moves: an object {attribute: distance}, or its JSON text (bounded)."""
+    if isinstance(moves, str):
+        if len(moves) > MAX_MOVES_TEXT:
+            raise UserError(f"the moves must be at most {MAX_MOVES_TEXT} characters of JSON")
+        try:
+            moves = json.loads(moves)
+        except ValueError:
+            raise UserError("the moves must be a JSON object {attribute: distance}") from None
+    return moves
 
 
 def is_loopback(host: str) -> bool:
@@ -206,19 +258,17 @@ class WebApp:
         self._closed = False
 
     # ---------------------------------------------------------------- callbacks
-    def _run(self, gr, session_id: str, image, make_request, distances, progress, sweep: bool) -> Result:
-        """The work of one event: ``make_request()`` checks the arguments (a ``Request``, and the
-        distances when ``distances`` is a callable), then the edit; every failure becomes a
-        message in the page (a bad request, stop) or an internal error (a bug; its traceback in
-        the log), and the server keeps serving."""
+    def _run(self, gr, session_id: str, image, make_request, progress, sweep: bool) -> Result:
+        """The work of one event: ``make_request()`` checks the arguments (a ``Request``), then the
+        edit; every failure becomes a message in the page (a bad request, stop) or an internal
+        error (a bug; its traceback in the log), and the server keeps serving."""
         def report(done: int, total: int, stage: str) -> None:
             progress((done, total), desc=stage, unit="network calls")
 
         try:
             request = make_request()
-            distances = distances() if callable(distances) else distances
             session = self.store.get(session_id or "anonymous")
-            return self.service.run(session, image, request, distances, report, sweep=sweep)
+            return self.service.run(session, image, request, report, sweep=sweep)
         except Cancelled:
             raise gr.Error("Stopped.", print_exception=False) from None
         except (UserError, OSError) as exc:  # the server's folders are not named to the client
@@ -228,15 +278,29 @@ class WebApp:
             raise gr.Error(f"internal error: {type(exc).__name__}: {page_message(str(exc), self.root)}",
                            print_exception=False) from None
 
+    def _shown_edit(self, result: Result) -> tuple:
+        """An edit's outputs: the edit, the original, the reconstruction, the caption, the details, the files."""
+        shown = [result.original, result.reconstruction, *result.edits]
+        return (str(result.edits[0]), str(result.original), str(result.reconstruction), self._caption(result),
+                result.info, [str(p) for p in shown])
+
     @staticmethod
     def _caption(result: Result) -> str:
         i = result.info
-        source = ", ".join(f"{s}.n = {v:+.2f}" for s, v in i["source_distances"].items())
+        single = len(i["attributes"]) == 1
+        source = ", ".join(f"{s}.n = {v:+.2f}" if single else
+                           f"{s}: " + ", ".join(f"{a} {d:+.2f}" for a, d in v.items())
+                           for s, v in i["source_distances"].items())
         held = f"; {', '.join(i['held'])} held" if i["held"] else ""
         how = "inversion kept from before" if i["inversion_cached"] else "inverted now"
+        warning = "".join(f" {w}" for w in {entanglement_warning(c["names"], {s: c["matrix"]})
+                                             for s, c in i["cosines"].items()} if w)
+        reached = "" if single or len(i["targets"]) != 1 else " Set: " + "; ".join(
+            f"{a} " + ", ".join(f"{s} {v:+.2f}" for s, v in per_space.items())
+            for a, per_space in i["targets"][0].items()) + "."
         return (f"**{i['attribute']}** at t_0 {i['t_0']} in {' and '.join(i['spaces'])}{held}: "
-                f"{len(i['distances'])} edit(s), {i['steps']} steps, seed {i['seed']}, eta {i['eta']:g}. "
-                f"Unedited: {source}. {how}; edit {i['edit_seconds']:.2f} s, total {i['total_seconds']:.2f} s.")
+                f"{len(i['targets'])} edit(s), {i['steps']} steps, seed {i['seed']}, eta {i['eta']:g}.{reached} "
+                f"Unedited: {source}. {how}; edit {i['edit_seconds']:.2f} s, total {i['total_seconds']:.2f} s.{warning}")
 
     # ---------------------------------------------------------------- layout
     def _build(self, gr):
@@ -246,7 +310,7 @@ class WebApp:
         ranges = {}
         for key in list(table.entries):
             try:
-                ranges[key] = slider_range(self.service.directions_for(key), config)
+                ranges[key] = slider_range(self.service.primary_record(key), config)
             except UserError as exc:  # its files cannot be used: the others are still offered
                 log.warning("not offering %s: %s", key, exc)
                 table.drop(key)
@@ -255,6 +319,9 @@ class WebApp:
         default = table.default(self.default_t_0, self.attribute)
         lo, hi = min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values())
         self.bounds = (lo, hi)
+        joint = table.at(table.t_0)
+        joint_ranges = {e.key: relative_range(self.service.primary_record(e.key), ranges[e.key]) for e in joint}
+        joint_names, joint_cosines = self.service.cosines([e.key for e in joint])
         t_max = max(a.t_0 for a in table.entries.values()) + 1  # each attribute's own limit is checked
 
         with gr.Blocks(title="BoundaryDiffusion", delete_cache=(600, 1800)) as blocks:
@@ -278,6 +345,20 @@ class WebApp:
                     with gr.Row():
                         edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
                         stop_button = gr.Button("Stop", variant="stop", elem_id="stop-button")
+                    with gr.Accordion(f"Several attributes at t_0 {table.t_0} (relative unit)", open=True):
+                        gr.Markdown("Each slider in the relative unit (-1 and +1 at the boundary's class medians, "
+                                    "in z and in h). Moving one edits with the joint move of every non-zero slider; "
+                                    "a held attribute keeps its distances.")
+                        joint_sliders, joint_holds = [], []
+                        for i, entry in enumerate(joint):
+                            with gr.Row(equal_height=True):
+                                s_lo, s_hi = joint_ranges[entry.key]
+                                joint_sliders.append(gr.Slider(s_lo, s_hi, value=0.0, step=0.01, label=entry.name,
+                                                               elem_id=f"joint-{i}", scale=4))
+                                joint_holds.append(gr.Checkbox(False, label="hold", elem_id=f"hold-{i}", scale=1,
+                                                               min_width=60))
+                        reset_button = gr.Button("Reset", elem_id="reset-button", size="sm")
+                        gr.Markdown(cosine_view(joint_names, joint_cosines), elem_id="cosines")
                     with gr.Accordion("Settings", open=False):
                         space = gr.Radio(["both", "z", "h"], value="both", label="Space (latents moved)")
                         hold = gr.Dropdown(table.names(), value=[], multiselect=True, label="Hold fixed",
@@ -295,7 +376,17 @@ class WebApp:
                         with gr.Row():
                             start = gr.Number(lo, label="From")
                             end = gr.Number(hi, label="To")
+                        second = gr.Dropdown([("none", "")] + table.choices(), value="", label="Second attribute",
+                                             info="a K x K grid of the two (the command line's --grid)",
+                                             elem_id="second")
+                        with gr.Row():
+                            second_start = gr.Number(lo, label="Second from")
+                            second_end = gr.Number(hi, label="Second to")
                         sweep_button = gr.Button("Sweep", elem_id="sweep-button")
+                    # /edit_many's own inputs (no control on the page): {attribute: distance} and the unit
+                    many = gr.JSON(visible=False)
+                    unit = gr.Radio(list(UNITS), value="absolute", visible=False)
+                    many_button = gr.Button(visible=False)
                 with gr.Column(scale=2):
                     with gr.Row():
                         original = gr.Image(label="Original", type="filepath", interactive=False, elem_id="original",
@@ -315,7 +406,8 @@ class WebApp:
                         details = gr.JSON(label="Details", show_label=False)
 
             settings = [space, hold, steps, seed, eta, align]
-            for component in (attribute, distance, *settings, k, start, end):
+            for component in (attribute, distance, *settings, k, start, end, second, second_start, second_end, many,
+                              unit, *joint_sliders, *joint_holds):
                 # What is sent reaches the app as it is, to be checked there with its own messages
                 # (Gradio's checks end a string for a number in an empty error and a traceback,
                 # and round 2.5 steps to 2); a bare attribute name means the config's t_0.
@@ -324,21 +416,51 @@ class WebApp:
             def edit(image, attribute, distance, space="both", hold=(), steps=config.edit.n_test_step, seed=1234,
                      eta=1.0, align=bool(config.data.align_face), request: gr.Request = None,
                      progress=gr.Progress()):
-                result = self._run(gr, request.session_hash if request else "", image,
-                                   lambda: self.service.request(attribute, space, hold, steps, seed, eta, align),
-                                   lambda: [real_number(distance, "the distance", lo, hi)], progress, sweep=False)
-                shown = [result.original, result.reconstruction, *result.edits]
-                return (str(result.edits[0]), str(result.original), str(result.reconstruction), self._caption(result),
-                        result.info, [str(p) for p in shown])
+                def make():
+                    if isinstance(attribute, str):
+                        self.table.get(attribute)  # an unknown name before the distance is looked at
+                    return self.service.request({attribute: distance}, space, hold, steps, seed, eta, align,
+                                                bounds=(lo, hi))
+                return self._shown_edit(self._run(gr, request.session_hash if request else "", image, make, progress,
+                                                  sweep=False))
+
+            def edit_many(image, moves, space="both", hold=(), steps=config.edit.n_test_step, seed=1234, eta=1.0,
+                          align=bool(config.data.align_face), unit="absolute", request: gr.Request = None,
+                          progress=gr.Progress()):
+                return self._shown_edit(self._run(
+                    gr, request.session_hash if request else "", image,
+                    lambda: self.service.request(parse_moves(moves), space, hold, steps, seed, eta, align, unit),
+                    progress, sweep=False))
+
+            def edit_joint(image, *values, request: gr.Request = None, progress=gr.Progress()):
+                """A move of one of the several-attribute sliders: the joint move of every non-zero
+                slider, in the relative unit, the attributes whose hold box is ticked held fixed."""
+                n = len(joint)
+                levels, holds, (space, hold, steps, seed, eta, align) = values[:n], values[n:2 * n], values[2 * n:]
+                held = [*(hold or ()), *(e.name for e, h in zip(joint, holds) if h is True)]
+                moves = {e.key: v for e, v, h in zip(joint, levels, holds) if h is not True and v != 0}
+                if not moves:
+                    raise gr.Error("Every slider is at 0: move one to edit.", print_exception=False)
+                return self._shown_edit(self._run(
+                    gr, request.session_hash if request else "", image,
+                    lambda: self.service.request(moves, space, held, steps, seed, eta, align, "relative"),
+                    progress, sweep=False))
 
             def sweep(image, attribute, k=config.edit.edit_img_number, start=lo, end=hi, space="both", hold=(),
                       steps=config.edit.n_test_step, seed=1234, eta=1.0, align=bool(config.data.align_face),
-                      request: gr.Request = None, progress=gr.Progress()):
-                result = self._run(gr, request.session_hash if request else "", image,
-                                   lambda: self.service.request(attribute, space, hold, steps, seed, eta, align),
-                                   lambda: self.service.spaced(start, end, k), progress, sweep=True)
+                      second="", second_start=lo, second_end=hi, request: gr.Request = None, progress=gr.Progress()):
+                def make():
+                    self.service.spaced(start, end, k)  # K and the range checked, with their own messages
+                    moves = {attribute: [start, end]}
+                    if second:
+                        moves[second] = [second_start, second_end]
+                    return self.service.request(moves, space, hold, steps, seed, eta, align, k=k, grid=bool(second))
+                result = self._run(gr, request.session_hash if request else "", image, make, progress, sweep=True)
                 shown = [result.grid, result.gif, result.original, result.reconstruction, *result.edits]
                 return (str(result.grid), str(result.gif), self._caption(result), result.info, [str(p) for p in shown])
+
+            def reset():
+                return [gr.Slider(value=0.0) for _ in joint_sliders] + [gr.Checkbox(value=False) for _ in joint_holds]
 
             def attribute_changed(attribute):
                 """The slider's and the sweep's range for the chosen attribute."""
@@ -360,14 +482,25 @@ class WebApp:
             work = {"concurrency_limit": self.concurrency, "concurrency_id": "model"}
             edit_event = edit_button.click(edit, [image, attribute, distance, *settings], edit_outputs,
                                            api_name="edit", **work)
+            # Every way a slider move ends (a drag, the arrow keys, a typed number) edits the value
+            # shown: the latest waiting move runs once the one in progress ends ("always_last").
             release_event = distance.release(edit, [image, attribute, distance, *settings], edit_outputs,
                                              api_visibility="private", trigger_mode="always_last", **work)
-            sweep_event = sweep_button.click(sweep, [image, attribute, k, start, end, *settings],
-                                             [grid, gif, caption, details, files], api_name="sweep", **work)
+            input_event = distance.input(edit, [image, attribute, distance, *settings], edit_outputs,
+                                         api_visibility="private", trigger_mode="always_last", **work)
+            many_event = many_button.click(edit_many, [image, many, *settings, unit], edit_outputs, api_name="edit_many",
+                                           **work)
+            joint_inputs = [image, *joint_sliders, *joint_holds, *settings]
+            joint_events = [slider.input(edit_joint, joint_inputs, edit_outputs, api_visibility="private",
+                                         trigger_mode="always_last", **work) for slider in joint_sliders]
+            reset_button.click(reset, None, [*joint_sliders, *joint_holds], api_visibility="private")
+            sweep_event = sweep_button.click(sweep, [image, attribute, k, start, end, *settings, second, second_start,
+                                                     second_end], [grid, gif, caption, details, files],
+                                             api_name="sweep", **work)
             attribute.change(attribute_changed, [attribute], [distance, start, end], api_visibility="private")
             blocks.load(attribute_changed, [attribute], [distance, start, end], api_visibility="private")
-            stop_button.click(stop, None, None, cancels=[edit_event, release_event, sweep_event], queue=False,
-                              api_name="stop")
+            stop_button.click(stop, None, None, cancels=[edit_event, release_event, input_event, sweep_event, many_event,
+                                                         *joint_events], queue=False, api_name="stop")
             blocks.unload(unload)
         blocks.queue(default_concurrency_limit=self.concurrency)
         return blocks

@@ -2,7 +2,8 @@
 Gradio: the attributes it offers (a server-side table, so that nothing the browser sends becomes a
 path), the sessions with their inverted images (least recently used dropped past a limit), and the
 edits and sweeps, done by the editing engine (``runners.editor``) exactly as the command line does
-them: the same reader, inversion batch, ``EditPlan``, seed keys, reconstruction and writer.
+them: the same reader, inversion batch, edit description (``runners.edit_description``, the one
+builder of edits), seed keys, reconstruction and writer.
 
 An image is inverted once per session (and through the latent cache when it is on); an edit then
 denoises only its own distance from t_0, and the reconstruction shown beside it is kept per number
@@ -24,15 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 from torch import Tensor
 
 from models.loading import LoadedModel
-from runners.editor import MOVED, BoundaryChoice, Directions, EditPlan, Editor, ImageReader, restrict
-from runners.outputs import SequenceWriter
+from runners.edit_description import (MAX_ATTRIBUTES, MOVED, UNITS, Denoising, EditDescription, EditRequest, Move,
+                                      describe_edit, spaced)
+from runners.editor import Editor, ImageReader
+from runners.outputs import SequenceWriter, edit_file_name
+from utils.core.boundary import unit_rows
 from utils.core.diffusion import Inversion
 from utils.core.seeds import image_key
 from utils.errors import UserError
-from utils.io.boundary_files import discover_boundaries, matching_boundaries
+from utils.io.boundary_files import BoundaryRecord, discover_boundaries, matching_boundaries
 
 log = logging.getLogger(__name__)
 
@@ -196,27 +201,21 @@ class AttributeTable:
         """Stop offering ``key`` (its files cannot be used)."""
         self.entries.pop(key, None)
 
-    def choice(self, key: str, space: str, held: Sequence[str] = ()) -> BoundaryChoice:
-        """The boundary files of an edit of ``key`` in ``space`` with the attributes ``held`` fixed,
-        as the command line builds them (``--edit_attr``, ``--edit_space``, ``--condition_attr``)."""
-        primary = self.get(key)
-        if space not in MOVED:
-            raise UserError(f"unknown space {space!r} (choices: both, z, h)")
-        if space == "both" and len(primary.paths) == 1:
-            space = next(iter(primary.paths))  # only one space was fitted
-        missing = [s for s in MOVED[space] if s not in primary.paths]
-        if missing:
-            raise UserError(f"{primary.name} has no {missing[0]} boundary at t_0 {primary.t_0}")
-        conditions: dict[str, list[Path]] = {"z": [], "h": []}
-        for name in name_list(held, "hold fixed"):
-            match = [a for a in self.entries.values() if a.name.lower() == str(name).lower() and a.t_0 == primary.t_0]
+    def at(self, t_0: int) -> list[Attribute]:
+        """The attributes offered at ``t_0``, in the table's order."""
+        return [a for a in self.entries.values() if a.t_0 == t_0]
+
+    def held_paths(self, names: Sequence[str], t_0: int) -> dict[str, tuple[Path, ...]]:
+        """The boundary files of the attributes ``names`` held fixed at ``t_0``, per space (the
+        command line's ``--condition_attr``); UserError naming one that has none."""
+        paths: dict[str, list[Path]] = {"z": [], "h": []}
+        for name in names:
+            match = [a for a in self.at(t_0) if a.name.lower() == str(name).lower()]
             if not match:
-                raise UserError(f"cannot hold {name!r} fixed: no boundary of it at t_0 {primary.t_0}")
-            for s, path in match[0].paths.items():
-                conditions[s].append(path)
-        choice = BoundaryChoice(z=primary.paths.get("z"), h=primary.paths.get("h"),
-                                conditions_z=tuple(conditions["z"]), conditions_h=tuple(conditions["h"]))
-        return restrict(choice, space)
+                raise UserError(f"cannot hold {_shown(name)} fixed: no boundary of it at t_0 {t_0}")
+            for space, path in match[0].paths.items():
+                paths[space].append(path)
+        return {space: tuple(found) for space, found in paths.items() if found}
 
 
 # ---------------------------------------------------------------------------------------- sessions
@@ -392,11 +391,16 @@ def _file_digest(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Request:
-    """One edit or sweep, its arguments checked (``EditService.request``): ``attribute`` a key of
-    the table, the attributes ``held`` at most ``MAX_HELD`` distinct names."""
-    attribute: str
+    """One edit or sweep, its arguments checked (``EditService.request``): the moved attributes
+    (keys of the table, all at one t_0), each with its (start, end) (equal: one value); K points
+    along them (``grid``: K x K over exactly two); the space; the attributes held fixed (at most
+    ``MAX_HELD`` distinct names, none of them moved); the unit of the values; the denoising."""
+    moves: tuple[tuple[str, float, float], ...]
+    k: int = 1
+    grid: bool = False
     space: str = "both"
     held: tuple[str, ...] = ()
+    unit: str = "absolute"
     steps: int | None = None      # None: the config's n_test_step
     seed: int = 1234
     eta: float = 1.0
@@ -430,7 +434,6 @@ class EditService:
         self.output_root = store.root.resolve()  # the sessions' outputs are never read as images
         self._idle: dict[int, list[Editor]] = {}   # per t_0, editors not in use
         self._readers: dict[bool | None, ImageReader] = {}
-        self._directions: OrderedDict[tuple, Directions] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"inversions": 0, "edits": 0, "sweeps": 0, "network_calls": 0}
 
@@ -465,11 +468,27 @@ class EditService:
             with self._lock:
                 self._idle[t_0].append(editor)
 
-    def directions_for(self, attribute: str, space: str = "both") -> Directions:
-        """The checked directions of an attribute (for the slider's range)."""
+    def primary_record(self, attribute: str) -> BoundaryRecord:
+        """The checked boundary record of an attribute's primary space (z, or h when only h was
+        fitted): the one its slider's range comes from."""
         entry = self.table.get(attribute)
+        space = "z" if "z" in entry.paths else "h"
         with self.editor(entry.t_0, threading.Event(), None) as editor:
-            return self.directions(editor, Request(entry.key, space))
+            return editor.check_boundary(entry.paths[space], space, f"{entry.name} ({space})")
+
+    def cosines(self, keys: Sequence[str]) -> tuple[list[str], dict[str, list[list[float]]]]:
+        """The attributes' names and, per space every one of them was fitted in, the cosines of
+        their unit normals (M x M), read from their files."""
+        entries = [self.table.get(key) for key in keys]
+        matrices = {}
+        for space in MOVED["both"]:
+            if not entries or not all(space in e.paths for e in entries):
+                continue
+            with self.editor(entries[0].t_0, threading.Event(), None) as editor:
+                records = [editor.check_boundary(e.paths[space], space, f"{e.name} ({space})") for e in entries]
+            normals = unit_rows(np.stack([r.normal for r in records]))
+            matrices[space] = (normals @ normals.T).tolist()
+        return [e.name for e in entries], matrices
 
     @staticmethod
     def spaced(start, end, k) -> tuple[float, ...]:
@@ -479,25 +498,13 @@ class EditService:
         start, end = real_number(start, "the sweep's start"), real_number(end, "the sweep's end")
         if not math.isfinite(end - start):
             raise UserError(f"the sweep's range must be finite, got {start:g} .. {end:g}")
-        return EditPlan.spaced(start, end, k)
+        return spaced(start, end, k)
 
     def reader(self, align: bool | None) -> ImageReader:
         with self._lock:
             if align not in self._readers:
                 self._readers[align] = ImageReader.for_config(self.config, align)
             return self._readers[align]
-
-    def directions(self, editor: Editor, request: Request) -> Directions:
-        key = (request.attribute, request.space, tuple(sorted(h.lower() for h in request.held)), editor.t_0)
-        with self._lock:
-            found = self._directions.get(key)
-        if found is None:
-            found = editor.directions(self.table.choice(request.attribute, request.space, request.held))
-            with self._lock:
-                self._directions[key] = found
-                while len(self._directions) > 32:
-                    self._directions.popitem(last=False)
-        return found
 
     def check_path(self, path: str | Path | None) -> Path:
         """``path`` if it lies in an allowed folder (Gradio's copy of an upload, a bundled example)."""
@@ -511,25 +518,52 @@ class EditService:
             raise UserError("the image must be uploaded (or be one of the examples)")
         return resolved
 
-    def request(self, attribute, space="both", hold=(), steps=None, seed=1234, eta=1.0, align=None) -> Request:
+    def request(self, moves, space="both", hold=(), steps=None, seed=1234, eta=1.0, align=None, unit="absolute",
+                k=1, grid=False, bounds: tuple[float, float] = (-math.inf, math.inf)) -> Request:
         """A ``Request`` from what the page or an API client sent, every argument checked (type,
-        range, a whole number where one is counted, lists bounded), the held attributes' boundary
-        files looked up (not yet read): UserError before any work."""
-        entry = self.table.get(attribute)
+        range, a whole number where one is counted, lists bounded), before any work: UserError.
+
+        moves: {attribute: value or [start, end]} (a bare name means the config's t_0), every
+        value finite and in ``bounds``; the attributes at one t_0, none also held."""
+        if not isinstance(moves, dict) or not moves:
+            raise UserError(f"the attributes to move must be an object {{attribute: distance}}, got {_shown(moves)}")
+        if len(moves) > MAX_HELD:
+            raise UserError(f"at most {MAX_HELD} attributes can be moved at once, got {len(moves)}")
+        checked, t_0s = [], set()
+        for name, value in moves.items():
+            entry = self.table.get(name)
+            ends = value if isinstance(value, (list, tuple)) else [value]
+            if len(ends) not in (1, 2):
+                raise UserError(f"{entry.name}: give one distance or [start, end], got {_shown(value)}")
+            start, end = (real_number(v, f"the distance of {entry.name}", *bounds) for v in (ends[0], ends[-1]))
+            checked.append((entry.key, start, end))
+            t_0s.add(entry.t_0)
+        if len(t_0s) > 1:
+            raise UserError(f"the attributes moved together must share one t_0, got {', '.join(k for k, _, _ in checked)}")
+        if len({key for key, _, _ in checked}) < len(checked):
+            raise UserError("an attribute is named twice: give it one distance")
+        t_0 = t_0s.pop()
         space = short_text(space, "space")
+        if space not in MOVED:
+            raise UserError(f"unknown space {_shown(space)} (choices: {', '.join(MOVED)})")
+        unit = short_text(unit, "unit")
+        if unit not in UNITS:
+            raise UserError(f"unknown unit {_shown(unit)} (choices: {', '.join(UNITS)})")
         held = name_list(hold, "hold fixed")
-        self.table.choice(entry.key, space, held)  # the space and every held name exist at this t_0
-        return Request(entry.key, space, held,
-                       None if steps is None else whole_number(steps, "steps", 2, entry.t_0 + 1),
+        self.table.held_paths(held, t_0)  # each held name has boundaries at this t_0
+        moved = {self.table.get(key).name.lower() for key, _, _ in checked}
+        both = [h for h in held if h.lower() in moved]
+        if both:
+            raise UserError(f"{both[0]} cannot be moved and held at once")
+        if len(checked) + len(held) > MAX_ATTRIBUTES:
+            raise UserError(f"at most {MAX_ATTRIBUTES} attributes can be moved and held at once")
+        k = whole_number(k, "K", 1, MAX_SWEEP)
+        if grid and len(checked) != 2:
+            raise UserError(f"a two-attribute sweep takes exactly two attributes, got {len(checked)}")
+        return Request(tuple(checked), k, bool(grid), space, held, unit,
+                       None if steps is None else whole_number(steps, "steps", 2, t_0 + 1),
                        whole_number(seed, "seed", 0, 2 ** 63 - 1), real_number(eta, "eta", 0.0),
                        None if align is None else flag(align, "align"))
-
-    @staticmethod
-    def distances(values: Sequence, bounds: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, ...]:
-        """At most ``MAX_SWEEP`` finite distances in ``bounds``."""
-        if not isinstance(values, (list, tuple)) or not 1 <= len(values) <= MAX_SWEEP:
-            raise UserError(f"an edit takes 1 to {MAX_SWEEP} distances")
-        return tuple(real_number(v, "the distance", *bounds) for v in values)
 
     def align_flag(self, align: bool | None) -> bool | None:
         """The reader's alignment: None (follow the config, as the command line's default) when
@@ -554,58 +588,71 @@ class EditService:
         session.keep(key, prepared)
         return prepared, False
 
-    def reconstruction(self, editor: Editor, prepared: Prepared, plan: EditPlan, directions: Directions) -> Tensor:
-        key = (plan.n_test_step, directions.records["h"] is not None, plan.h_policy)
+    def reconstruction(self, editor: Editor, prepared: Prepared, description: EditDescription) -> Tensor:
+        denoising = description.denoising
+        key = (denoising.n_test_step, "h" in description.spaces, denoising.h_policy)
         if key not in prepared.reconstructions:
-            prepared.reconstructions[key] = editor.reconstruct(prepared.latents, plan, directions)[0]
+            prepared.reconstructions[key] = editor.reconstruct(prepared.latents, description)[0]
         return prepared.reconstructions[key]
 
-    def plan(self, request: Request, distances: Sequence[float], t_0: int) -> EditPlan:
-        """The command line's plan for a checked request (``request``, ``distances``)."""
+    def edit_request(self, request: Request) -> EditRequest:
+        """The request as the one edit builder takes it (``runners.edit_description``): each
+        attribute's files from the table (nothing the browser sends becomes a path), the held
+        attributes' files as the command line's ``--condition_attr`` finds them, the command
+        line's denoising (its batch size, the h policy ``lagged``)."""
+        entries = [self.table.get(key) for key, _, _ in request.moves]
+        t_0 = entries[0].t_0
         steps = self.config.edit.n_test_step if request.steps is None else request.steps
         if not 2 <= steps <= t_0 + 1:  # the config's own count at another attribute's t_0
             raise UserError(f"steps must be in [2, {t_0 + 1}], got {steps}")
-        return EditPlan(self.distances(distances), steps, request.eta, "lagged", request.seed, self.bs_edit)
+        moves = tuple(Move(entry.name, start, end, paths=dict(entry.paths))
+                      for entry, (_, start, end) in zip(entries, request.moves))
+        return EditRequest(moves, Denoising(steps, request.eta, "lagged", request.seed, self.bs_edit), request.k,
+                           held_paths=self.table.held_paths(request.held, t_0), space=request.space,
+                           unit=request.unit, grid=request.grid)
 
-    def run(self, session: Session, path: str | Path | None, request: Request, distances: Sequence[float],
-            progress: ProgressFn | None = None, sweep: bool = False) -> Result:
-        """Edit the image at ``path`` to ``distances`` (one: a slider edit; several: a sweep, with the
-        command line's grid and GIF). Writes the command line's files into a fresh job folder.
-        Everything is checked before any work; stop ends the job at its next network call or stage
-        (``Cancelled``)."""
-        attribute = self.table.get(request.attribute)
-        plan = self.plan(request, distances, attribute.t_0)
+    def run(self, session: Session, path: str | Path | None, request: Request, progress: ProgressFn | None = None,
+            sweep: bool = False) -> Result:
+        """Edit the image at ``path`` as ``request`` says (one edit: a slider move; several: a
+        sweep, with the command line's grid and GIF). Writes the command line's files into a fresh
+        job folder. Everything is checked before any work; stop ends the job at its next network
+        call or stage (``Cancelled``)."""
+        edit_request = self.edit_request(request)
+        t_0 = self.table.get(request.moves[0][0]).t_0
         path = self.check_path(path)
         start = time.perf_counter()
         stage = {"name": "reading the boundaries"}
-        with self.store.job(session) as cancel, self.editor(attribute.t_0, cancel, progress, stage) as editor:
+        with self.store.job(session) as cancel, self.editor(t_0, cancel, progress, stage) as editor:
             def stage_ends(name: str) -> None:
                 if cancel.is_set():
                     raise Cancelled("stopped")
                 stage["name"] = name
 
             stage_ends("reading the boundaries")
-            directions = self.directions(editor, request)
+            description = self.describe(editor, edit_request)
             stage_ends("inverting")
             prepared, cached = self.prepare(session, editor, path, request.align)
             inverted = time.perf_counter()
             stage_ends("reconstructing")
-            recon = self.reconstruction(editor, prepared, plan, directions)
+            recon = self.reconstruction(editor, prepared, description)
             stage_ends("editing")
             folder = session.job_folder()
-            writer = SequenceWriter([folder], [{"original": prepared.image, "reconstruction": recon}],
-                                    plan.distances, gif=sweep)
+            writer = SequenceWriter([folder], [{"original": prepared.image, "reconstruction": recon}], description,
+                                    gif=sweep)
             edit_start = time.perf_counter()
-            for batch in editor.edits(prepared.latents, directions, plan, [(prepared.key,)]):
+            for batch in editor.edits(prepared.latents, description, [(prepared.key,)]):
                 writer.add(batch, 0)
             done = time.perf_counter()
         self.stats["sweeps" if sweep else "edits"] += 1
-        edits = [folder / f"edit_{k:02d}_d{d:+.2f}.png" for k, d in enumerate(plan.distances)]
-        source = editor.source_distances(prepared.latents, directions)[0]
-        info = {"attribute": attribute.name, "t_0": attribute.t_0, "distances": list(plan.distances),
-                "steps": plan.n_test_step, "seed": plan.seed, "eta": plan.eta,
-                "spaces": [s for s in ("z", "h") if directions.records[s] is not None],
-                "held": [c["attribute"] for cs in directions.conditions.values() for c in cs],
+        edits = [folder / edit_file_name(description, k) for k in range(len(description))]
+        source = description.source_distances(prepared.latents)[0]
+        info = {"attribute": ", ".join(description.attributes), "attributes": list(description.attributes),
+                "t_0": t_0, "distances": description.distances(), "unit": request.unit,
+                "targets": [description.targets(k) for k in range(len(description))],
+                "steps": description.denoising.n_test_step, "seed": description.denoising.seed,
+                "eta": description.denoising.eta, "spaces": list(description.spaces), "held": list(description.held),
+                "cosines": {s: {"names": [*e.attributes, *e.held], "matrix": e.cosines.tolist()}
+                            for s, e in description.spaces.items()},
                 "source_distances": source, "inversion_cached": cached,
                 "prepare_seconds": inverted - start, "edit_seconds": done - edit_start,
                 "total_seconds": done - start}
@@ -613,3 +660,7 @@ class EditService:
             (folder / "grid.png").unlink(missing_ok=True)  # a one-edit strip: the page shows the three images
         return Result(folder / "original.png", folder / "reconstruction.png", edits,
                       folder / "grid.png" if sweep else None, folder / "edits.gif" if sweep else None, info)
+
+    def describe(self, editor: Editor, edit_request: EditRequest) -> EditDescription:
+        """The checked edit description (the boundary files read; a near-parallel pair refused)."""
+        return describe_edit(editor, edit_request, None)

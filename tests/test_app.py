@@ -32,10 +32,11 @@ from gradio_client import Client, handle_file  # noqa: E402  (comes with gradio)
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from models.loading import load_model  # noqa: E402
-from runners.app import WebApp, check_address, exposure_warning, page_message, slider_range  # noqa: E402
+from runners.app import (WebApp, check_address, entanglement_warning, exposure_warning, page_message,  # noqa: E402
+                         slider_range)
 from runners.app_state import (JOBS_KEPT, MAX_HELD, MAX_IMAGES_PER_SESSION, AttributeTable,  # noqa: E402
                                Cancelled, EditService, Prepared, Request, SessionStore)
-from runners.editor import BoundaryChoice, Editor  # noqa: E402
+from runners.editor import Editor  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.io.boundary_files import load_boundary, save_boundary  # noqa: E402
 from utils.io.face_align import FaceAligner  # noqa: E402
@@ -225,7 +226,7 @@ def test_service_refuses_paths_outside_the_upload_folder(tmp_path):
         table.get("thick@250")  # keys name the mixing step
     assert table.get("thick").key == table.get("THICK@200").key == "thick@200"  # a bare name: the config's t_0
     with pytest.raises(UserError, match="no boundary of it"):
-        table.choice("thick@300", "both", ["slant"])  # slant was fitted at t_0 200 only
+        table.held_paths(["slant"], 300)  # slant was fitted at t_0 200 only
 
 
 def test_stop_flag_raises_at_the_next_network_call(tmp_path):
@@ -244,25 +245,24 @@ def test_stop_flag_raises_at_the_next_network_call(tmp_path):
         if done == 3 and len(seen) == 3:  # the first job only
             session.stop()
 
+    request = Request((("thick@200", -3.0, -3.0),), steps=10)
     with pytest.raises(Cancelled):
-        service.run(session, image, Request("thick@200", steps=10), [-3.0], progress)
+        service.run(session, image, request, progress)
     assert seen[-1] == (3, 39, "inverting")  # the inversion grid has 40 points: 39 calls
-    result = service.run(session, image, Request("thick@200", steps=10), [-3.0], progress)  # the next job runs
+    result = service.run(session, image, request, progress)  # the next job runs
     assert result.edits[0].is_file() and service.stats["inversions"] == 1
 
 
 def test_slider_range_is_the_boundarys_auto_range_else_the_configs():
     model = load_model("digits.yml")
     assert slider_range(None, model.config) == (-5.5, 0.5)  # digits.yml's edit.start/end_distance
-    editor = Editor(model, 200, 40)
-    directions = editor.directions(BoundaryChoice(z=REPO / "boundary" / "digits_thick_t200_z.npz",
-                                                  h=REPO / "boundary" / "digits_thick_t200_h.npz"))
+    record = Editor(model, 200, 40).check_boundary(REPO / "boundary" / "digits_thick_t200_z.npz", "z", "thick")
     # By hand from digits_thick_t200_z.npz: its train summary puts the negative class's 5th percentile
     # at s = -1.8308 and the positive class's 95th at s = 2.0642 (hyperplane distances); the edit's
     # v.n = s - b/||w|| with b/||w|| = 5.2006 / 2.0215 = 2.5726, so -4.4034 .. -0.5084 (3.8950 wide);
     # widened by 2 about its centre -2.4559 (docs/modes.md): -2.4559 -/+ 3.8950 = -6.3509 .. 1.4391.
-    assert slider_range(directions, model.config) == (-6.35, 1.44)
-    assert directions.records["z"].intercept == pytest.approx(5.2006, abs=1e-4)  # the file the numbers came from
+    assert slider_range(record, model.config) == (-6.35, 1.44)
+    assert record.intercept == pytest.approx(5.2006, abs=1e-4)  # the file the numbers came from
 
 
 def unusable_summary(record, how: str):
@@ -283,9 +283,8 @@ def unusable_summary(record, how: str):
 def test_a_boundary_whose_summary_is_unusable_takes_the_configs_range(how, caplog):
     model = load_model("digits.yml")
     record = load_boundary(REPO / "boundary" / "digits_slant_t200_z.npz", model.shapes)
-    directions = SimpleNamespace(records={"z": unusable_summary(record, how), "h": None})
     with caplog.at_level("WARNING"):
-        assert slider_range(directions, model.config) == (-5.5, 0.5)
+        assert slider_range(unusable_summary(record, how), model.config) == (-5.5, 0.5)
     assert "slant" in caplog.text and "config's range" in caplog.text
 
 
@@ -408,7 +407,7 @@ def test_sigterm_during_a_sweep_stops_the_server_cleanly(tmp_path):
 
 # ------------------------------------------------------------------ hostile requests (issue 26)
 WRONG_TYPES = {  # what is sent (after the image and attribute) -> the message
-    "a string for the distance": ("/edit", ["abc"], "the distance must be a number, got 'abc'"),
+    "a string for the distance": ("/edit", ["abc"], "the distance of thick must be a number, got 'abc'"),
     "a string for the steps": ("/edit", [-3.0, "both", [], "x"], "steps must be a whole number, got 'x'"),
     "fractional steps": ("/edit", [-3.0, "both", [], 10.5], "steps must be a whole number, got 10.5"),
     "a fractional seed": ("/edit", [-3.0, "both", [], 10, 7.5], "seed must be a whole number, got 7.5"),
@@ -438,7 +437,7 @@ def test_a_list_as_the_image_gets_a_message_and_no_traceback(client, capfd):
 
 def test_a_hold_given_as_one_string_is_one_attribute(client):
     details = client.predict(handle_file(str(DIGIT)), "thick@200", -3.0, "both", "slant", 10, api_name="/edit")[4]
-    assert details["held"] == ["slant", "slant"]  # held in z and in h, not as 's', 'l', 'a', ...
+    assert details["held"] == ["slant"]  # not as 's', 'l', 'a', ...
 
 
 def test_a_long_list_of_held_attributes_is_refused_before_any_work(app, client):
@@ -496,16 +495,16 @@ def test_stop_ends_a_job_between_stages(tmp_path):
     image.write_bytes(DIGIT.read_bytes())
     service = EditService(model, table, store, 40, (8, 8), allowed_roots=[tmp_path / "up"])
     session = store.get("s")
-    read = service.directions
+    read = service.describe
 
-    def stop_while_reading(editor, request):
-        found = read(editor, request)
+    def stop_while_reading(editor, edit_request):
+        found = read(editor, edit_request)
         session.stop()  # the user presses stop while the condition files load
         return found
 
-    service.directions = stop_while_reading
+    service.describe = stop_while_reading
     with pytest.raises(Cancelled):
-        service.run(session, image, service.request("thick@200", hold=["slant"], steps=10), [-3.0])
+        service.run(session, image, service.request({"thick@200": -3.0}, hold=["slant"], steps=10))
     assert service.stats["network_calls"] == 0 and service.stats["inversions"] == 0
 
 
@@ -550,3 +549,92 @@ def test_the_servers_files_stay_bounded_and_no_route_serves_other_files(app, tmp
                  REPO / "checkpoints" / "digits_ddpm_ema.pt", app.root / ".boundarydiffusion-partial",
                  newest / "job0" / "edit_00_d-3.00.png", newest, uploads / ".." / ".." / "etc" / "passwd"):
         assert served(path) in (403, 404), path
+
+
+# ------------------------------------------------------------------ several attributes (issue 24)
+def test_edit_many_equals_the_command_lines_two_attribute_edit(client, tmp_path):
+    """/edit_many with {thick: -3, slant: 1} (absolute distances) is the command line's
+    --edit thick=-3:-3 --edit slant=1:1 --edit_img_number 1, pixel for pixel: one edit builder."""
+    edit, original, recon, caption, details, files = client.predict(
+        handle_file(str(DIGIT)), {"thick": -3.0, "slant": 1.0}, api_name="/edit_many")
+    assert details["attributes"] == ["thick", "slant"] and details["spaces"] == ["z", "h"]
+    assert details["targets"] == [{"thick": {"z": -3.0, "h": -3.0}, "slant": {"z": 1.0, "h": 1.0}}]
+    argv = ["--edit_image_boundary", "--edit", "thick=-3:-3", "--edit", "slant=1:1", "--edit_img_number", "1",
+            "--img_path", str(DIGIT), "--exp", str(tmp_path / "cli"), "--no_cache"]
+    assert cli.main(argv) == 0
+    run = tmp_path / "cli" / "edit"
+    theirs = [p for p in run.glob("edit_00_*.png")]
+    assert [p.name for p in theirs] == [Path(edit).name]  # the one naming function
+    for mine, other in ((edit, theirs[0]), (original, run / "original.png"), (recon, run / "reconstruction.png")):
+        np.testing.assert_array_equal(pixels(mine), pixels(other))
+    single = client.predict(handle_file(str(DIGIT)), "thick@200", -3.0, api_name="/edit")[0]
+    assert np.abs(pixels(edit).astype(int) - pixels(single).astype(int)).max() > 0  # slant moved it too
+
+
+def test_edit_many_holds_an_attribute_as_the_command_line_does(client, tmp_path):
+    edit, _, _, _, details, _ = client.predict(handle_file(str(DIGIT)), '{"thick": -3}', "both", ["slant"], 12,
+                                               api_name="/edit_many")
+    assert details["held"] == ["slant"] and details["cosines"]["z"]["names"] == ["thick", "slant"]
+    run = cli_edit(tmp_path, "--start_distance", -3, "--end_distance", -3, "--edit_img_number", 1,
+                   "--condition_attr", "slant", "--n_test_step", 12)
+    np.testing.assert_array_equal(pixels(edit), pixels(run / Path(edit).name))
+
+
+@pytest.mark.parametrize("moves, message", [
+    ({}, "the attributes to move must be an object"),
+    ({"thick": -3, "THICK@200": 1}, "named twice"),
+    ({"thick@200": -3, "thick@300": 1}, "share one t_0"),
+    ({"thick": [1, 2, 3]}, "give one distance or [start, end]"),
+    ("[1, 2", "must be a JSON object"),
+])
+def test_edit_many_refuses_bad_moves_with_a_message(client, moves, message):
+    with pytest.raises(AppError, match=re.escape(message)):
+        client.predict(handle_file(str(DIGIT)), moves, api_name="/edit_many")
+
+
+def test_moving_and_holding_one_attribute_is_refused(client):
+    with pytest.raises(AppError, match="slant cannot be moved and held at once"):
+        client.predict(handle_file(str(DIGIT)), {"slant": 1.0}, "both", ["slant"], api_name="/edit_many")
+
+
+def test_a_near_parallel_pair_is_refused_and_the_service_keeps_working(tmp_path):
+    """Two boundaries whose normals are (nearly) the same cannot be moved to two targets at once:
+    the builder refuses it with a message; the next request is served."""
+    model = load_model("digits.yml")
+    for space in ("z", "h"):
+        name = f"digits_thick_t200_{space}.npz"
+        (tmp_path / name).write_bytes((REPO / "boundary" / name).read_bytes())
+        twin = dataclasses.replace(load_boundary(REPO / "boundary" / name, model.shapes), attribute="twin")
+        save_boundary(tmp_path / f"digits_twin_t200_{space}.npz", twin)
+    table = AttributeTable(tmp_path, model)
+    store = SessionStore(tmp_path / "sessions")
+    (tmp_path / "up").mkdir()
+    image = tmp_path / "up" / "digit.png"
+    image.write_bytes(DIGIT.read_bytes())
+    service = EditService(model, table, store, 40, (8, 8), allowed_roots=[tmp_path / "up"])
+    session = store.get("s")
+    with pytest.raises(UserError, match="cannot edit the z space"):
+        service.run(session, image, service.request({"thick": -3.0, "twin": 1.0}, steps=5))
+    assert service.stats["network_calls"] == 0
+    assert service.run(session, image, service.request({"twin": 1.0}, steps=5)).edits[0].is_file()
+
+
+def test_the_entanglement_warning_names_each_pair_above_the_threshold():
+    names = ["age", "glasses", "smile"]
+    cosines = {"z": [[1, 0.72, 0.1], [0.72, 1, -0.05], [0.1, -0.05, 1]],
+               "h": [[1, 0.2, -0.31], [0.2, 1, 0.0], [-0.31, 0.0, 1]]}
+    warning = entanglement_warning(names, cosines)
+    assert "age and glasses (z: cos +0.72)" in warning and "age and smile (h: cos -0.31)" in warning
+    assert "glasses and smile" not in warning
+    assert entanglement_warning(names, {"z": [[1, 0.1, 0], [0.1, 1, 0], [0, 0, 1]]}) is None
+
+
+def test_a_two_attribute_sweep_is_the_command_lines_grid(client, tmp_path):
+    grid, gif, caption, details, files = client.predict(
+        handle_file(str(DIGIT)), "thick@200", 2, -5.0, 0.0, "both", [], 10, 1234, 1.0, False, "slant@200", -2.0, 2.0,
+        api_name="/sweep")
+    assert len(details["targets"]) == 4
+    argv = ["--edit_image_boundary", "--edit", "thick=-5:0", "--edit", "slant=-2:2", "--grid", "--edit_img_number",
+            "2", "--n_test_step", "10", "--gif", "--img_path", str(DIGIT), "--exp", str(tmp_path / "cli"), "--no_cache"]
+    assert cli.main(argv) == 0
+    np.testing.assert_array_equal(pixels(grid), pixels(tmp_path / "cli" / "edit" / "grid.png"))
