@@ -82,20 +82,27 @@ def time_to_page(repeats: int) -> list[float]:
     return times
 
 
-def slider_moves(client, image: Path, attribute: str, steps: int, distances: list[float], align: bool = False) -> dict:
+def slider_moves(client, image: Path, attribute: str, steps: int, distances: list[float], align: bool = False,
+                 second: tuple[str, float] | None = None) -> dict:
     """Edit requests at ``distances`` after a first one (which inverts and reconstructs, not counted
-    in the moves): the time of each move as the client sees it, and the denoising alone."""
+    in the moves): the time of each move as the client sees it, and the denoising alone. ``second``:
+    (attribute, distance) moved with it, a two-attribute move through /edit_many."""
     from gradio_client import handle_file
 
+    def move(d: float) -> dict:
+        if second is None:
+            return client.predict(handle_file(str(image)), attribute, d, "both", [], steps, 1234, 1.0, align,
+                                  api_name="/edit")[4]
+        return client.predict(handle_file(str(image)), {attribute: d, second[0]: second[1]}, "both", [], steps, 1234,
+                              1.0, align, api_name="/edit_many")[4]
+
     start = time.perf_counter()
-    client.predict(handle_file(str(image)), attribute, distances[0], "both", [], steps, 1234, 1.0, align,
-                   api_name="/edit")
+    move(distances[0])
     first = time.perf_counter() - start
     seen, denoise = [], []
     for d in distances[1:]:
         start = time.perf_counter()
-        details = client.predict(handle_file(str(image)), attribute, d, "both", [], steps, 1234, 1.0, align,
-                                 api_name="/edit")[4]
+        details = move(d)
         seen.append(time.perf_counter() - start)
         denoise.append(details["edit_seconds"])
         assert details["inversion_cached"]
@@ -113,8 +120,12 @@ def digits(preview: int, moves: int) -> dict:
     try:
         client = Client(app.launch(port=free_port()), verbose=False)
         distances = list(np.linspace(-5.0, 0.0, moves + 1))
-        return {"default": slider_moves(client, DIGIT, "thick@200", model.config.edit.n_test_step, distances),
-                "preview": slider_moves(client, DIGIT, "thick@200", preview, distances)}
+        steps = model.config.edit.n_test_step
+        pair = ("slant@200", 1.0)  # two attributes: thick at each distance, slant at 1
+        return {"default": slider_moves(client, DIGIT, "thick@200", steps, distances),
+                "preview": slider_moves(client, DIGIT, "thick@200", preview, distances),
+                "two_attributes_default": slider_moves(client, DIGIT, "thick@200", steps, distances, second=pair),
+                "two_attributes_preview": slider_moves(client, DIGIT, "thick@200", preview, distances, second=pair)}
     finally:
         app.close()
 

@@ -199,6 +199,19 @@ def test_stop_ends_the_work_in_progress(app, monkeypatch):
 
 
 # ------------------------------------------------------------------ without a server
+def local_service(tmp_path: Path, boundary_dir: Path = REPO / "boundary") -> tuple[EditService, object, Path]:
+    """The app's work without a server, on the digits model and ``boundary_dir``'s boundaries:
+    (the service, one session, the example digit as an upload it may read)."""
+    model = load_model("digits.yml")
+    store = SessionStore(tmp_path / "sessions")
+    (tmp_path / "up").mkdir()
+    image = tmp_path / "up" / "digit.png"
+    image.write_bytes(DIGIT.read_bytes())
+    service = EditService(model, AttributeTable(boundary_dir, model), store, 40, (8, 8),
+                          allowed_roots=[tmp_path / "up"])
+    return service, store.get("s"), image
+
+
 def test_session_store_is_bounded(tmp_path):
     store = SessionStore(tmp_path, max_sessions=2, max_images=2)
     first = store.get("a")
@@ -230,14 +243,7 @@ def test_service_refuses_paths_outside_the_upload_folder(tmp_path):
 
 
 def test_stop_flag_raises_at_the_next_network_call(tmp_path):
-    model = load_model("digits.yml")
-    table = AttributeTable(REPO / "boundary", model)
-    store = SessionStore(tmp_path / "sessions")
-    (tmp_path / "up").mkdir()
-    image = tmp_path / "up" / "digit.png"
-    image.write_bytes(DIGIT.read_bytes())
-    service = EditService(model, table, store, 40, (8, 8), allowed_roots=[tmp_path / "up"])
-    session = store.get("s")
+    service, session, image = local_service(tmp_path)
     seen = []
 
     def progress(done, total, stage):
@@ -487,14 +493,7 @@ def test_page_messages_do_not_name_command_line_flags():
 def test_stop_ends_a_job_between_stages(tmp_path):
     """Stop pressed while the boundary files are read (no network call runs then) ends the job
     before its inversion starts: not one network call."""
-    model = load_model("digits.yml")
-    table = AttributeTable(REPO / "boundary", model)
-    store = SessionStore(tmp_path / "sessions")
-    (tmp_path / "up").mkdir()
-    image = tmp_path / "up" / "digit.png"
-    image.write_bytes(DIGIT.read_bytes())
-    service = EditService(model, table, store, 40, (8, 8), allowed_roots=[tmp_path / "up"])
-    session = store.get("s")
+    service, session, image = local_service(tmp_path)
     read = service.describe
 
     def stop_while_reading(editor, edit_request):
@@ -606,13 +605,7 @@ def test_a_near_parallel_pair_is_refused_and_the_service_keeps_working(tmp_path)
         (tmp_path / name).write_bytes((REPO / "boundary" / name).read_bytes())
         twin = dataclasses.replace(load_boundary(REPO / "boundary" / name, model.shapes), attribute="twin")
         save_boundary(tmp_path / f"digits_twin_t200_{space}.npz", twin)
-    table = AttributeTable(tmp_path, model)
-    store = SessionStore(tmp_path / "sessions")
-    (tmp_path / "up").mkdir()
-    image = tmp_path / "up" / "digit.png"
-    image.write_bytes(DIGIT.read_bytes())
-    service = EditService(model, table, store, 40, (8, 8), allowed_roots=[tmp_path / "up"])
-    session = store.get("s")
+    service, session, image = local_service(tmp_path, tmp_path)
     with pytest.raises(UserError, match="cannot edit the z space"):
         service.run(session, image, service.request({"thick": -3.0, "twin": 1.0}, steps=5))
     assert service.stats["network_calls"] == 0
