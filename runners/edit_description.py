@@ -355,12 +355,16 @@ def describe_edit(editor: "Editor", request: EditRequest, index: BoundaryIndex |
 
     move_paths = [files(m.attribute, m.paths) for m in request.moves]
     spaces = _spaces(request, move_paths)
-    held_found = [index.find(name, t_0) if index is not None else {} for name in request.held]
+    held_found = [files(name, None) for name in request.held]
+    for name, found in zip(request.held, held_found):
+        missing = [s for s in spaces if s not in found]
+        if missing:
+            raise UserError(f"cannot hold {name} fixed: it has no {missing[0]} boundary at t_0 {t_0}")
     edits = {}
     for space in spaces:
         records = [editor.check_boundary(p[space], space, f"{m.attribute} ({space})", force)
                    for m, p in zip(request.moves, move_paths)]
-        held_paths = [p[space] for p in held_found if space in p] + list(request.held_paths.get(space, ()))
+        held_paths = [p[space] for p in held_found] + list(request.held_paths.get(space, ()))
         held = [editor.check_boundary(p, space, f"held ({space})", force) for p in held_paths]
         names = tuple(m.attribute if m.paths is None else (r.attribute or m.attribute)
                       for m, r in zip(request.moves, records))

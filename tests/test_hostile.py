@@ -276,8 +276,8 @@ def test_two_concurrent_boundary_searches_keep_both_results(env, tmp_path):
     assert len(written) == 2
     for path in bd.iterdir():
         load_boundary(path)
-    # the shared cache holds one complete entry per image, and nothing half-written
-    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 12 and not list((tmp_path / "cache").rglob("*.tmp"))
+    # the shared cache holds one complete entry per image and batch regime (batch 1, batched), nothing half-written
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 2 * 12 and not list((tmp_path / "cache").rglob("*.tmp"))
 
 
 def test_numbered_names_are_taken_atomically(tmp_path):

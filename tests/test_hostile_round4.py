@@ -7,16 +7,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import main as cli
 import runners.boundary_diffusion
 import runners.editor
-from tests.helpers import assert_one_error_line, make_edit_setup
+from tests.helpers import REPO, assert_one_error_line, make_edit_setup
 from models import build_model, latent_shapes
 from models.loading import LoadedModel
 from runners.edit_description import Denoising, EditRequest, Move, auto_span, describe_edit
@@ -300,7 +304,7 @@ def test_user_errors_once_raised_as_value_errors_stay_user_errors(tmp_path):
 
 
 def test_a_folder_summary_counts_every_groups_edit_seconds(setup, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(runners.boundary_diffusion, "GROUP_IMAGES", 1)  # each image a group of its own
+    monkeypatch.setattr(runners.editor, "GROUP_IMAGES", 1)  # each image a group of its own
     b = setup["boundaries"]["bright"]
     code, err = run(["--edit_image_boundary", *setup["common"], "--exp", tmp_path, "--img_path", setup["images"],
                      "--boundary_z", b["z"], "--boundary_h", b["h"], "--bs_train", 1, "--edit_batch_size", 1,
@@ -311,3 +315,73 @@ def test_a_folder_summary_counts_every_groups_edit_seconds(setup, tmp_path, caps
     assert per_image[0] != per_image[1]  # two groups, timed apart
     folder = json.loads((run_dir / "summary.json").read_text())["edit_seconds"]
     assert folder == pytest.approx([per_image[0][i] + per_image[1][i] for i in range(2)], rel=1e-12)
+
+
+# ------------------------------------------------------------------ item 15: YAML aliases
+
+def _laughs(levels: int = 9) -> list[str]:
+    """A "billion laughs": anchor i is a list of 9 aliases of anchor i - 1 (9**9 strings expanded)."""
+    lines = ['l0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return lines
+
+
+def _config_with(tmp_path: Path, extra: str, data: dict | None = None) -> Path:
+    raw = tiny_config("ddpm")
+    if data is not None:
+        raw["data"].update(data)
+    path = tmp_path / "aliases.yml"
+    path.write_text(yaml.safe_dump(raw) + extra)
+    return path
+
+
+LOAD_CAPPED = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB of address space for the whole process
+from utils.config import load_config
+from utils.errors import UserError
+try:
+    load_config(sys.argv[1])
+except UserError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("where", ["ignored_section", "known_key", "mapping"])
+def test_an_alias_bomb_is_refused_before_it_is_expanded(tmp_path, where):
+    if where == "ignored_section":  # a section the config ignores: expanded all the same before
+        extra = "training:\n" + "".join(f"  {line}\n" for line in _laughs())
+    elif where == "known_key":
+        extra = "sampling:\n" + "".join(f"  {line}\n" for line in _laughs(6)) + "edit:\n  t_0: [*a5, *a5, *a5]\n"
+    else:  # nested mappings of aliases, the kind a plain copy of the config expands
+        extra = "optim:\n  m0: &m0 {a: lol, b: lol, c: lol, d: lol}\n" + "".join(
+            f"  m{i}: &m{i} {{a: *m{i - 1}, b: *m{i - 1}, c: *m{i - 1}, d: *m{i - 1}}}\n" for i in range(1, 14))
+    path = _config_with(tmp_path, extra)
+    assert path.stat().st_size < 4096
+    proc = subprocess.run([sys.executable, "-c", LOAD_CAPPED, str(path)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (line,) = proc.stdout.splitlines()
+    assert str(path) in line and "aliases are expanded" in line and len(line) < 300, line
+    assert {"ignored_section": "training.", "known_key": "sampling.", "mapping": "optim."}[where] in line
+
+
+def test_a_self_referencing_alias_gets_one_line_naming_file_and_field(tmp_path, capsys):
+    path = _config_with(tmp_path, "sampling: &s {steps: 3, again: *s}\n")
+    code, err = run(["--radius", "--config", path, "--exp", tmp_path / "r"], capsys)
+    assert_one_error_line(code, err, str(path), "sampling.again", "refers to a value that holds it")
+
+
+def test_messages_quote_a_short_prefix_of_a_value(tmp_path, capsys):
+    long_text = "x" * 5000
+    listed = "sampling:\n  big: &big [" + ", ".join([f'"{"y" * 90}"'] * 200) + "]\n"  # 18 KB: within the budget
+    for extra, data in (("", {"dataset": ["a" * 3000] * 3}), ("", {"category": {"k": long_text}}),
+                        (listed, None)):
+        path = _config_with(tmp_path, extra + ("data:\n  dataset: *big\n  image_size: 16\n" if data is None else ""),
+                            data)
+        if data is None:  # the data section given after the aliases (the YAML dump wrote one before)
+            text = path.read_text()
+            path.write_text(text.replace("data:\n  channels: 3\n  dataset: synthetic\n  image_size: 16\n", ""))
+        code, err = run(["--radius", "--config", path, "--exp", tmp_path / "r"], capsys)
+        line = assert_one_error_line(code, err, str(path), "data.")
+        assert len(line) < len(str(path)) + 250, line

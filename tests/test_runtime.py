@@ -10,6 +10,7 @@ import torch
 
 from models.runtime import InferenceNet, cpu_flags, default_batch_size
 from tests.helpers import REPO, assert_one_error_line, tiny_model, tiny_net
+from utils.errors import UserError
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "adm"])
@@ -49,7 +50,7 @@ def test_unknown_or_unsupported_precision_is_refused():
     model = tiny_model("ddpm")
     with pytest.raises(ValueError, match="unknown precision"):
         InferenceNet(model, "fp8")
-    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+    with pytest.raises(UserError, match="needs a CUDA GPU"):  # the user's to fix: one line, not an internal error
         InferenceNet(model, "fp16")
 
 

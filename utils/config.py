@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,15 +118,29 @@ def latent_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     return {"z": (m.in_channels, size, size), "h": (m.ch * m.ch_mult[-1], side, side)}
 
 
+#: The most characters of a value that a message quotes.
+QUOTE_CHARS = 40
+_REPR = reprlib.Repr()  # (Python 3.11's takes no arguments)
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 2, 3, 3, 3, 3
+_REPR.maxstring = _REPR.maxlong = _REPR.maxother = QUOTE_CHARS
+
+
+def quote(value: Any) -> str:
+    """``repr(value)`` cut to about ``QUOTE_CHARS`` characters, without building the whole repr of a
+    large or self-referencing value first (reprlib stops at a few items and levels)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= QUOTE_CHARS + 5 else text[:QUOTE_CHARS] + "..."
+
+
 def _build(cls, section: str, raw: Any, ignored: set[str] = frozenset()):
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
         raise UserError(f"config section '{section}' must be a mapping, got {type(raw).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in raw if k not in known and k not in ignored)
+    unknown = sorted((k for k in raw if k not in known and k not in ignored), key=str)
     if unknown:
-        raise UserError(f"unknown key '{section}.{unknown[0]}' in config (known: {', '.join(known)})")
+        raise UserError(f"unknown key '{section}.{str(unknown[0])[:QUOTE_CHARS]}' in config (known: {', '.join(known)})")
     kwargs = {}
     for name, f in known.items():
         if name not in raw:
@@ -159,21 +174,21 @@ def parse_config(raw: Any, name: str = "config") -> Config:
     if not isinstance(raw, Mapping):
         raise UserError(f"config {name} is not a mapping")
     sections = {"data", "model", "diffusion", "checkpoint", "edit", "name"}
-    unknown = sorted(k for k in raw if k not in sections and k not in _IGNORED_SECTIONS)
+    unknown = sorted((k for k in raw if k not in sections and k not in _IGNORED_SECTIONS), key=str)
     if unknown:
-        raise UserError(f"unknown section '{unknown[0]}' in config {name}")
+        raise UserError(f"unknown section {quote(unknown[0])} in config {name}")
     for required in ("data", "model", "diffusion"):
         if required not in raw:
             raise UserError(f"config {name} lacks the section '{required}'")
     model = _build(ModelConfig, "model", raw["model"], _IGNORED_MODEL_KEYS)
-    model_type = {"simple": "ddpm"}.get(model.type, model.type)
+    model_type = {"simple": "ddpm"}.get(model.type, model.type) if isinstance(model.type, str) else model.type
     if model_type not in ("ddpm", "adm"):
-        raise UserError(f"unknown model.type '{model.type}' (choices: ddpm, adm)")
+        raise UserError(f"unknown model.type {quote(model.type)} (choices: ddpm, adm)")
     model = dataclasses.replace(model, type=model_type)
     edit = _build(EditConfig, "edit", raw.get("edit"))
     diffusion = _build(DiffusionConfig, "diffusion", raw["diffusion"])
     if diffusion.beta_schedule != "linear":
-        raise UserError(f"diffusion.beta_schedule '{diffusion.beta_schedule}' is not supported (choices: linear)")
+        raise UserError(f"diffusion.beta_schedule {quote(diffusion.beta_schedule)} is not supported (choices: linear)")
     return _validated(Config(
         name=raw.get("name", name),
         data=_build(DataConfig, "data", raw["data"], _IGNORED_DATA_KEYS),
@@ -252,7 +267,7 @@ def _check_value(key: str, value: Any, kind: str) -> None:
     names = {"int": "an integer", "float": "a number", "str": "text", "bool": "true or false",
              "tuple[int, ...]": "a list of integers", "tuple[str, ...]": "a list of text"}
     if not _type_ok(value, kind):
-        raise ConfigError(f"config key '{key}' must be {names.get(kind, kind)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"config key '{key}' must be {names.get(kind, kind)}, got {quote(value)} ({type(value).__name__})")
     for v in value if isinstance(value, tuple) else (value,):
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"config key '{key}' must be finite, got {v}")
@@ -260,13 +275,13 @@ def _check_value(key: str, value: Any, kind: str) -> None:
             low, high = _RANGES[key]
             if not low <= v <= high or (key in _OPEN_BELOW and v == low) or (key in _OPEN_ABOVE and v == high):
                 interval = f"{'(' if key in _OPEN_BELOW else '['}{low:g}, {high:g}{')' if key in _OPEN_ABOVE else ']'}"
-                raise ConfigError(f"config key '{key}' must be in {interval}, got {v}")
+                raise ConfigError(f"config key '{key}' must be in {interval}, got {quote(v)}")
 
 
 def _validated(config: Config) -> Config:
     """``config`` if every value is of its type, finite and in range, and the values agree."""
     if not isinstance(config.name, str) or not _SAFE_NAME.match(config.name):
-        raise ConfigError(f"config key 'name' must be a plain name (letters, digits, _ . -), got {config.name!r}")
+        raise ConfigError(f"config key 'name' must be a plain name (letters, digits, _ . -), got {quote(config.name)}")
     for section in ("data", "model", "diffusion", "checkpoint", "edit"):
         part = getattr(config, section)
         for f in dataclasses.fields(part):
@@ -274,11 +289,11 @@ def _validated(config: Config) -> Config:
     ck = config.checkpoint
     if ck.filename and (not _CACHE_FILE_NAME.match(ck.filename) or ck.filename.endswith(".sha256")):
         raise ConfigError(f"config key 'checkpoint.filename' must be a plain file name inside the cache folder "
-                          f"(letters, digits, _ . + -; no folder part), got {ck.filename!r}")
+                          f"(letters, digits, _ . + -; no folder part), got {quote(ck.filename)}")
     for url in ck.urls:
         problem = mirror_problem(url)
         if problem:
-            raise ConfigError(f"config key 'checkpoint.urls' has a mirror that is refused: {url[:200]!r}: {problem}")
+            raise ConfigError(f"config key 'checkpoint.urls' has a mirror that is refused: {quote(url)}: {problem}")
     d, m, diff, e = config.data, config.model, config.diffusion, config.edit
     if m.in_channels != d.channels:
         raise ConfigError(f"config key 'data.channels' is {d.channels}, but the model takes {m.in_channels} "
@@ -314,13 +329,22 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 MAX_CONFIG_BYTES = 1 << 20
 _MAX_CONFIG_DEPTH = 16       # a config is sections of keys (and short lists): 3 levels
 _MAX_CONFIG_DIGITS = 1000    # Python refuses to convert integers past 4300 digits
+#: The largest a config may grow when its YAML aliases are expanded, in characters of its scalars
+#: (plus one per value): what the largest file read holds without aliases. A "billion laughs" file
+#: of a few hundred bytes would expand to gigabytes when copied or quoted.
+MAX_CONFIG_EXPANDED = MAX_CONFIG_BYTES
 
 
 def _yaml_problem(text: str) -> str:
     """What makes ``text`` unfit to be composed (nesting deeper than any config's, which would
-    exhaust Python's recursion, or an integer of more digits than Python converts), naming the
-    field; '' if nothing does. Reads the event stream, which keeps no recursion of its own."""
-    stack: list[list] = []  # per open collection: [kind, label, index or expecting-a-key, pending key]
+    exhaust Python's recursion; an integer of more digits than Python converts; an alias inside
+    the value it names, which would make the config contain itself; aliases that expand it beyond
+    ``MAX_CONFIG_EXPANDED``), naming the field; '' if nothing does. Reads the event stream, which
+    keeps no recursion of its own and expands no alias: each anchor's expanded size is summed as
+    its value closes, and an alias adds its anchor's."""
+    stack: list[list] = []  # per open collection: [kind, label, index or expecting-a-key, pending key, size, anchor]
+    sizes: dict[str, int] = {}  # expanded size of each anchor whose value is complete
+    total = 0
 
     def label_of_next() -> str:
         if not stack:
@@ -335,7 +359,11 @@ def _yaml_problem(text: str) -> str:
 
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            stack.pop()
+            closed = stack.pop()
+            if closed[5] is not None:
+                sizes[closed[5]] = closed[4]
+            if stack:
+                stack[-1][4] += closed[4]
             if stack and stack[-1][0] == "map":
                 stack[-1][2] = True
             continue
@@ -343,6 +371,23 @@ def _yaml_problem(text: str) -> str:
             continue
         is_key = bool(stack) and stack[-1][0] == "map" and stack[-1][2]
         label = label_of_next()
+        if isinstance(event, yaml.AliasEvent):
+            if any(entry[5] == event.anchor for entry in stack):
+                return f"key '{label or '(top level)'}' refers to a value that holds it (alias *{event.anchor[:40]})"
+            size = sizes.get(event.anchor, 1)  # an unknown anchor is the composer's to report
+        elif isinstance(event, yaml.ScalarEvent):
+            size = 1 + len(event.value)
+        else:
+            size = 1
+        total += size
+        if total > MAX_CONFIG_EXPANDED:
+            return (f"key '{label or '(top level)'}' makes the config larger than {MAX_CONFIG_EXPANDED} characters "
+                    "once its YAML aliases are expanded")
+        if isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
+            if stack:
+                stack[-1][4] += size
+            if isinstance(event, yaml.ScalarEvent) and event.anchor is not None:
+                sizes[event.anchor] = size
         if isinstance(event, yaml.ScalarEvent):
             if is_key:
                 stack[-1][3], stack[-1][2] = event.value[:100], False
@@ -355,7 +400,8 @@ def _yaml_problem(text: str) -> str:
                 return "a key is a list or mapping"
             if len(stack) >= _MAX_CONFIG_DEPTH:
                 return f"key '{label}' is nested more than {_MAX_CONFIG_DEPTH} levels deep"
-            stack.append(["map" if isinstance(event, yaml.MappingStartEvent) else "seq", label, True, ""])
+            stack.append(["map" if isinstance(event, yaml.MappingStartEvent) else "seq", label, True, "", 1,
+                          event.anchor])
             if stack[-1][0] == "seq":
                 stack[-1][2] = 0
             continue
