@@ -321,7 +321,6 @@ class WebApp:
         self.bounds = (lo, hi)
         joint = table.at(table.t_0)
         joint_ranges = {e.key: relative_range(self.service.primary_record(e.key), ranges[e.key]) for e in joint}
-        joint_names, joint_cosines = self.service.cosines([e.key for e in joint])
         t_max = max(a.t_0 for a in table.entries.values()) + 1  # each attribute's own limit is checked
 
         with gr.Blocks(title="BoundaryDiffusion", delete_cache=(600, 1800)) as blocks:
@@ -350,15 +349,17 @@ class WebApp:
                                     "in z and in h). Moving one edits with the joint move of every non-zero slider; "
                                     "a held attribute keeps its distances.")
                         joint_sliders, joint_holds = [], []
-                        for i, entry in enumerate(joint):
+                        for entry in joint:
+                            element = re.sub(r"[^A-Za-z0-9_-]", "_", entry.name)
                             with gr.Row(equal_height=True):
                                 s_lo, s_hi = joint_ranges[entry.key]
                                 joint_sliders.append(gr.Slider(s_lo, s_hi, value=0.0, step=0.01, label=entry.name,
-                                                               elem_id=f"joint-{i}", scale=4))
-                                joint_holds.append(gr.Checkbox(False, label="hold", elem_id=f"hold-{i}", scale=1,
+                                                               elem_id=f"joint-{element}", scale=4))
+                                joint_holds.append(gr.Checkbox(False, label="hold", elem_id=f"hold-{element}", scale=1,
                                                                min_width=60))
                         reset_button = gr.Button("Reset", elem_id="reset-button", size="sm")
-                        gr.Markdown(cosine_view(joint_names, joint_cosines), elem_id="cosines")
+                        cosines = gr.Markdown("The cosines of the moved and held attributes' normals appear here "
+                                              "after a move.", elem_id="cosines")
                     with gr.Accordion("Settings", open=False):
                         space = gr.Radio(["both", "z", "h"], value="both", label="Space (latents moved)")
                         hold = gr.Dropdown(table.names(), value=[], multiselect=True, label="Hold fixed",
@@ -441,10 +442,12 @@ class WebApp:
                 moves = {e.key: v for e, v, h in zip(joint, levels, holds) if h is not True and v != 0}
                 if not moves:
                     raise gr.Error("Every slider is at 0: move one to edit.", print_exception=False)
-                return self._shown_edit(self._run(
-                    gr, request.session_hash if request else "", image,
-                    lambda: self.service.request(moves, space, held, steps, seed, eta, align, "relative"),
-                    progress, sweep=False))
+                result = self._run(gr, request.session_hash if request else "", image,
+                                   lambda: self.service.request(moves, space, held, steps, seed, eta, align,
+                                                                "relative"), progress, sweep=False)
+                names = next(iter(result.info["cosines"].values()))["names"]
+                return (*self._shown_edit(result),
+                        cosine_view(names, {s: c["matrix"] for s, c in result.info["cosines"].items()}))
 
             def sweep(image, attribute, k=config.edit.edit_img_number, start=lo, end=hi, space="both", hold=(),
                       steps=config.edit.n_test_step, seed=1234, eta=1.0, align=bool(config.data.align_face),
@@ -491,7 +494,7 @@ class WebApp:
             many_event = many_button.click(edit_many, [image, many, *settings, unit], edit_outputs, api_name="edit_many",
                                            **work)
             joint_inputs = [image, *joint_sliders, *joint_holds, *settings]
-            joint_events = [slider.input(edit_joint, joint_inputs, edit_outputs, api_visibility="private",
+            joint_events = [slider.input(edit_joint, joint_inputs, [*edit_outputs, cosines], api_visibility="private",
                                          trigger_mode="always_last", **work) for slider in joint_sliders]
             reset_button.click(reset, None, [*joint_sliders, *joint_holds], api_visibility="private")
             sweep_event = sweep_button.click(sweep, [image, attribute, k, start, end, *settings, second, second_start,

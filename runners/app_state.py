@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 from torch import Tensor
 
 from models.loading import LoadedModel
@@ -33,7 +32,6 @@ from runners.edit_description import (MAX_ATTRIBUTES, MOVED, UNITS, Denoising, E
                                       describe_edit, spaced)
 from runners.editor import Editor, ImageReader
 from runners.outputs import SequenceWriter, edit_file_name
-from utils.core.boundary import unit_rows
 from utils.core.diffusion import Inversion
 from utils.core.seeds import image_key
 from utils.errors import UserError
@@ -475,20 +473,6 @@ class EditService:
         space = "z" if "z" in entry.paths else "h"
         with self.editor(entry.t_0, threading.Event(), None) as editor:
             return editor.check_boundary(entry.paths[space], space, f"{entry.name} ({space})")
-
-    def cosines(self, keys: Sequence[str]) -> tuple[list[str], dict[str, list[list[float]]]]:
-        """The attributes' names and, per space every one of them was fitted in, the cosines of
-        their unit normals (M x M), read from their files."""
-        entries = [self.table.get(key) for key in keys]
-        matrices = {}
-        for space in MOVED["both"]:
-            if not entries or not all(space in e.paths for e in entries):
-                continue
-            with self.editor(entries[0].t_0, threading.Event(), None) as editor:
-                records = [editor.check_boundary(e.paths[space], space, f"{e.name} ({space})") for e in entries]
-            normals = unit_rows(np.stack([r.normal for r in records]))
-            matrices[space] = (normals @ normals.T).tolist()
-        return [e.name for e in entries], matrices
 
     @staticmethod
     def spaced(start, end, k) -> tuple[float, ...]:

@@ -180,31 +180,38 @@ def test_edit_in_a_real_browser_equals_the_command_line(server, tmp_path):
             # the sweep: the command line's labelled strip and GIF, for the screenshot
             page.get_by_text("Sweep", exact=True).first.click()
             page.locator("#sweep-button").click()
+            page.locator("#grid").scroll_into_view_if_needed()  # its image loads lazily, once in view
             page.locator("#grid img").wait_for(timeout=60_000)
             page.locator("#gif img").wait_for(timeout=60_000)
             page.wait_for_timeout(300)
 
-            # several attributes: sliders 0, 1, 2 are slant, thick, three_vs_eight (the table's order)
-            names = ["slant", "thick", "three_vs_eight"]
-            for i, name in enumerate(names):
-                assert page.locator(f"#joint-{i}").get_by_text(name).count() >= 1
-            assert "Cosines of the normals" in page.locator("#cosines").inner_text()
-            values = {"thick": drag(page, "#joint-1", 0.2)}
+            # several attributes: one slider and one hold box per attribute at t_0 200
+            for name in ("slant", "thick", "three_vs_eight"):
+                assert page.locator(f"#joint-{name}").get_by_text(name).count() >= 1
+            values = {"thick": drag(page, "#joint-thick", 0.2)}
             assert values["thick"] != 0
             wait_for_edit(page, cli_joint_edit(tmp_path, values))
-            values["slant"] = drag(page, "#joint-0", 0.8)
+            values["slant"] = drag(page, "#joint-slant", 0.8)
             assert values["slant"] != 0
             wait_for_edit(page, cli_joint_edit(tmp_path, values))
-            keys = page.locator("#joint-2 input[type=range]")
+            keys = page.locator("#joint-three_vs_eight input[type=range]")
             keys.focus()
             for _ in range(20):  # twenty presses, faster than the edits: the last value's edit is shown
                 keys.press("ArrowRight")
-            values["three_vs_eight"] = float(page.locator("#joint-2 input[type=number]").input_value())
+            values["three_vs_eight"] = float(page.locator("#joint-three_vs_eight input[type=number]").input_value())
             assert values["three_vs_eight"] == pytest.approx(0.2)  # 20 steps of 0.01
             wait_for_edit(page, cli_joint_edit(tmp_path, values))
+            cosines = page.locator("#cosines").inner_text()  # the three moved attributes' normals, z and h
+            assert "Cosines of the normals" in cosines and "three_vs_eight" in cosines and "No pair above" in cosines
             page.wait_for_timeout(300)
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
+            page.locator("#hold-slant input").check()
+            page.locator("#reset-button").click()  # every slider back to 0, every hold box cleared
+            for name in values:
+                page.wait_for_function("(s) => document.querySelector(s).value == '0'",
+                                       arg=f"#joint-{name} input[type=number]", timeout=10_000)
+            assert not page.locator("#hold-slant input").is_checked()
         finally:
             browser.close()
     assert screenshot.stat().st_size > 10_000
