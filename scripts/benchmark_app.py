@@ -130,6 +130,25 @@ def digits(preview: int, moves: int) -> dict:
         app.close()
 
 
+def files_after_edits(n: int) -> list[tuple[int, int]]:
+    """``n`` edits of the example digit through /edit in one session (2 steps): the number of files
+    in the app's folder after every 40 (Gradio's copies included)."""
+    from gradio_client import Client, handle_file
+
+    app = WebApp(load_model("digits.yml"), REPO / "boundary")
+    try:
+        client = Client(app.launch(port=free_port()), verbose=False)
+        counts = []
+        for i in range(n):
+            client.predict(handle_file(str(DIGIT)), "thick@200", -5 + 5 * i / max(n - 1, 1), "both", [], 2,
+                           api_name="/edit")
+            if (i + 1) % 40 == 0 or i + 1 == n:
+                counts.append((i + 1, sum(1 for f in app.root.rglob("*") if f.is_file())))
+        return counts
+    finally:
+        app.close()
+
+
 def random_256(preview: int, full: bool, root: Path) -> dict:
     """A random-weight 256-px DDPM (celeba.yml's architecture) with a random boundary, served."""
     from gradio_client import Client
@@ -181,6 +200,7 @@ def main() -> int:
     parser.add_argument("--starts", type=int, default=3, help="server starts timed")
     parser.add_argument("--skip_256", action="store_true")
     parser.add_argument("--full_256", action="store_true", help="also time a 256-px move at the default steps")
+    parser.add_argument("--files", type=int, default=0, help="also count the app's files after this many edits")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
 
@@ -200,6 +220,10 @@ def main() -> int:
               f"{row['move_median_seconds'] * 1000:.0f} ms, max {row['move_max_seconds'] * 1000:.0f} ms "
               f"(denoising {row['denoise_median_seconds'] * 1000:.0f} ms; first request with the inversion "
               f"{row['first_request_seconds']:.2f} s)")
+    if args.files:
+        results["files_after_edits"] = files_after_edits(args.files)
+        print("files in the app's folder after N edits: " + ", ".join(f"{n}: {c}" for n, c in
+                                                                       results["files_after_edits"]))
     if not args.skip_256:
         with tempfile.TemporaryDirectory() as tmp:
             row = results["256px"] = random_256(args.preview_256, args.full_256, Path(tmp))
