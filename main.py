@@ -75,6 +75,19 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _svm_c(text: str) -> float:
+    """--svm_c within ``utils.core.gram.SVM_C_RANGE``: outside it the fit cannot succeed."""
+    from utils.core.gram import SVM_C_RANGE
+
+    value = _positive_float(text)
+    low, high = SVM_C_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}], got {text}: below, the hinge loss has no "
+                                         "weight and the intercept puts every latent on one side; above, libsvm "
+                                         "takes tiny steps and never converges where the classes overlap")
+    return value
+
+
 def _distance(text: str) -> float | str:
     return "auto" if text == "auto" else _finite_float(text)
 
@@ -131,15 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--eta", type=_non_negative_float, default=1.0, help="DDIM eta of the edits (reconstruction uses 0)")
 
     data = parser.add_argument_group("boundary search")
-    data.add_argument("--edit_attr", default=None, help="attribute column (case-insensitive), e.g. smiling")
+    data.add_argument("--edit_attr", default=None,
+                      help="attribute column (case-insensitive), e.g. smiling; --boundary_search also takes "
+                           "a,b,c or all: every attribute from one inversion pass, with an atlas")
     data.add_argument("--data_dir", type=Path, default=None, help="image folder (default: config data.data_dir)")
     data.add_argument("--attr_file", type=Path, default=None, help="CelebA-format attribute file (default: config)")
     data.add_argument("--pos_dir", type=Path, default=None, help="folder of positive images (instead of an attribute file)")
     data.add_argument("--neg_dir", type=Path, default=None, help="folder of negative images")
     data.add_argument("--n_train_img", type=_positive_int, default=100, help="images to fit the SVMs on")
     data.add_argument("--n_test_img", type=_positive_int, default=100, help="held-out images to report accuracy on")
-    data.add_argument("--svm_c", type=_positive_float, default=1.0,
-                      help="the linear SVM's C (hinge-loss weight against the margin), as sklearn's SVC; default 1")
+    data.add_argument("--svm_c", type=_svm_c, default=1.0,
+                      help="the linear SVM's C (hinge-loss weight against the margin), as sklearn's SVC, in "
+                           "[1e-6, 1e6]; default 1")
+    data.add_argument("--balance", action="store_true",
+                      help="weigh each class's hinge loss by n / (2 n_class) (sklearn's class_weight='balanced'), "
+                           "for rare attributes")
     data.add_argument("--bs_train", type=_positive_int, default=None, help="inversion batch size (default: 1 for 256-px models on the CPU, else 8)")
     data.add_argument("--bs_test", type=_positive_int, default=None, help="batch size of the radius analysis (default: 1 for 256-px models on the CPU, else 8)")
     data.add_argument("--boundary_dir", type=Path, default=Path("boundary"), help="where boundary files are written")
@@ -155,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--boundary_h", type=Path, default=None, help="boundary file of the h space (.npz)")
     edit.add_argument("--boundary_z", type=Path, default=None, help="boundary file of the z space (.npz)")
     edit.add_argument("--condition_attr", default=None,
-                      help="attributes to hold fixed, A[,B...]: their boundaries (found in --boundary_dir like "
-                           "--edit_attr's) are projected out of the edit direction")
+                      help="attributes to hold fixed, A[,B...] or auto (those the atlas of --boundary_dir suggests): "
+                           "their boundaries (found in --boundary_dir like --edit_attr's) keep each image's projection "
+                           "while the edit moves")
     edit.add_argument("--condition_z", type=Path, nargs="+", default=None, help="z boundary files to hold fixed")
     edit.add_argument("--condition_h", type=Path, nargs="+", default=None, help="h boundary files to hold fixed")
     edit.add_argument("--edit_space", default="both", choices=("both", "z", "h"), help="latents to move")

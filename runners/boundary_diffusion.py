@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -20,15 +21,18 @@ from runners.editor import Editor, ImageReader, folder_batches
 from runners.outputs import SequenceWriter, edit_label, folder_names, write_contact_sheet, write_radius_table, write_summary
 from runners.settings import Settings
 from utils.core.batching import batch_slices
-from utils.core.boundary import class_summary, fit_boundary_rows, split_indices
+from utils.core.atlas import phi_matrix
+from utils.core.boundary import MIN_CLASS_COUNT, class_counts, class_summary, fit_attributes, split_indices
+from utils.core.gram import FitError, OneSided
 from utils.core.diffusion import Inversion, sampling_pairs
 from utils.core.seeds import EDIT, RADIUS_NOISE, SAMPLE_EDIT, image_key, item_seed
 from utils.distributed import (SINGLE, ProcessContext, broadcast_from_main, gather_to_main, gram_across_ranks, shard,
                                unshard)
 from utils.errors import UserError
-from utils.io.boundary_files import BoundaryRecord, boundary_name, boundary_path, save_boundary
-from utils.io.datasets import check_two_classes, labelled_set
-from utils.io.files import RunFolder, check_writable_dir, write_json
+from utils.io.atlas import atlas_from_records, write_atlas
+from utils.io.boundary_files import BoundaryRecord, boundary_name, boundary_path, boundary_writer
+from utils.io.datasets import attribute_table, check_two_classes, labelled_set, search_attributes
+from utils.io.files import RunFolder, StagedFiles, check_writable_dir, write_json
 from utils.io.images import expand_image_paths, list_images
 from utils.io.latent_cache import entry_rows
 from utils.io.plots import boundary_report, radius_plot
@@ -38,6 +42,66 @@ log = logging.getLogger(__name__)
 #: Each mode's subfolder of --exp.
 SUBFOLDERS = {"boundary_search": "boundary_search", "edit_image_boundary": "edit", "unconditional": "unconditional",
               "radius": "radius"}
+
+
+#: What ``--balance`` does (utils.core.boundary.BALANCES; the choice is measured in docs/modes.md).
+SEARCH_BALANCE = "weight"
+
+
+@dataclass(frozen=True)
+class SearchSet:
+    """The images a boundary search inverts and what each attribute is fitted on.
+
+    paths: N images; names: the A attributes fitted; labels: (N, A) int64 in {-1, 0, 1} (0: not
+    labelled for it); train, test: indices into paths (the seeded split); skipped: {attribute:
+    {"train": {"neg", "pos"}, "test": {...}}} for the attributes of a multi-attribute search with
+    fewer than ``MIN_CLASS_COUNT`` training images of a class."""
+    paths: tuple[Path, ...]
+    names: tuple[str, ...]
+    labels: np.ndarray
+    train: np.ndarray
+    test: np.ndarray
+    skipped: dict
+
+
+def search_set(s: Settings) -> SearchSet:
+    """The boundary search's images, labels and split, every label check done (UserError in one
+    line). One attribute: the images labelled for it, as ever. Several (``--edit_attr all`` or
+    ``a,b,c``): every image with a row in the attribute file, split once; each attribute is then
+    fitted on the images of that split labelled for it."""
+    config = s.config
+    data_dir, attr_file = s.data_dir or config.data.data_dir, s.attr_file or config.data.attr_file
+    wanted = () if s.pos_dir or s.neg_dir else search_attributes(s.edit_attr)
+    if wanted == ():
+        data, attribute = labelled_set(s.edit_attr, data_dir, attr_file, s.pos_dir, s.neg_dir)
+        check_two_classes(data.labels, "labelled set")
+        paths, names, labels = data.paths, (attribute,), (2 * data.labels - 1)[:, None]
+    else:
+        if not data_dir or not attr_file:
+            raise UserError("the config names no data folder; pass --data_dir and --attr_file")
+        table = attribute_table(data_dir, attr_file, wanted)
+        if not len(table):
+            raise UserError(f"no image in {data_dir} has a row in {attr_file} (matched by file name)")
+        paths, names, labels = table.paths, table.names, table.labels
+    n_train = min(s.n_train_img, len(paths) - min(s.n_test_img, len(paths) // 2))
+    n_test = min(s.n_test_img, len(paths) - n_train)
+    train, test = split_indices(len(paths), n_train, n_test, np.random.default_rng(s.seed))
+    if wanted == ():
+        check_two_classes((labels[train, 0] > 0).astype(np.int64), "training split", minimum=1)
+        return SearchSet(tuple(paths), names, labels, train, test, {})
+    counts = {split: class_counts(labels[idx]) for split, idx in (("train", train), ("test", test))}
+    described = {name: {split: {"neg": int(c[a, 0]), "pos": int(c[a, 1])} for split, c in counts.items()}
+                 for a, name in enumerate(names)}
+    keep = [a for a in range(len(names)) if counts["train"][a].min() >= MIN_CLASS_COUNT]
+    skipped = {names[a]: described[names[a]] for a in range(len(names)) if a not in keep}
+    for name, c in skipped.items():
+        log.warning("skipping '%s': %d positive and %d negative training images, fewer than %d of a class",
+                    name, c["train"]["pos"], c["train"]["neg"], MIN_CLASS_COUNT)
+    if not keep:
+        shown = ", ".join(f"{n} {c['train']['pos']}/{c['train']['neg']}" for n, c in list(skipped.items())[:5])
+        raise UserError(f"no attribute has {MIN_CLASS_COUNT} training images of each class among the {n_train} "
+                        f"of the split (positive/negative: {shown}{', ...' if len(skipped) > 5 else ''})")
+    return SearchSet(tuple(paths), tuple(names[a] for a in keep), labels[:, keep], train, test, skipped)
 
 
 class BoundaryDiffusion:
@@ -145,56 +209,94 @@ class BoundaryDiffusion:
 
     # ------------------------------------------------------------------ modes
     def boundary_search(self, folder: RunFolder | None, run_dir: Path | None) -> dict:
-        """Invert labelled images to t_0, fit one SVM per space, save both boundaries (docs/algorithm.md section 4)."""
+        """Invert labelled images to t_0 and fit one SVM per space, for one attribute or for several
+        (``--edit_attr all`` or ``a,b,c``: one set of images inverted once, every attribute fitted from
+        one Gram matrix per space); the boundary files are written as a set, with an atlas of how the
+        attributes' normals align when there are several (docs/algorithm.md section 4, docs/modes.md)."""
         s, config = self.settings, self.settings.config
-        data, attribute = labelled_set(s.edit_attr, s.data_dir or config.data.data_dir,
-                                       s.attr_file or config.data.attr_file, s.pos_dir, s.neg_dir)
-        check_two_classes(data.labels, "labelled set")
-        n_train = min(s.n_train_img, len(data) - min(s.n_test_img, len(data) // 2))
-        n_test = min(s.n_test_img, len(data) - n_train)
-        train_idx, test_idx = split_indices(len(data), n_train, n_test, np.random.default_rng(s.seed))
-        check_two_classes(data.labels[train_idx], "training split", minimum=1)
-        order = np.concatenate([train_idx, test_idx])
+        job = search_set(s)  # every label check before any image is inverted
+        n_train = len(job.train)
         if folder is not None:  # before the long inversion: the boundaries can be written
             folder.created_dirs(check_writable_dir(Path(s.boundary_dir)))
         start = time.perf_counter()
-        rows, shared, sharding = self._latent_rows([data.paths[i] for i in order],
+        order = np.concatenate([job.train, job.test])
+        rows, shared, sharding = self._latent_rows([job.paths[i] for i in order],
                                                    ImageReader.for_config(config, align_face=False))
         invert_seconds = time.perf_counter() - start
         dims = {space: int(np.prod(self.editor.shapes[space])) for space in ("h", "z")}
         # Under torchrun every rank computes its share of each Gram matrix, rank 0 gets them (a single
-        # process computes the same tiles in fit_boundary_rows: the same K).
+        # process computes the same tiles in fit_attributes: the same K).
         grams = {space: gram_across_ranks(rows[space], n_train, dims[space], self.process, self.editor.device)
                  for space in ("h", "z")} if self.process.world_size > 1 and shared else {}
         if folder is None:  # rank 0 fits and writes everything
             return {}
-        y_train, y_test = data.labels[train_idx], data.labels[test_idx]
-        summary = {"mode": "boundary_search", "attribute": attribute, "arguments": s.to_dict(),
-                   "n_train": len(train_idx), "n_test": len(test_idx), "invert_seconds": invert_seconds, **sharding,
-                   "train_images": [str(data.paths[i]) for i in train_idx],
-                   "test_images": [str(data.paths[i]) for i in test_idx], **self.editor.identity(), "spaces": {}}
-        records, report = {}, {}
+        start = time.perf_counter()
+        labels_train, labels_test = job.labels[job.train], job.labels[job.test]
+        records, report = {name: {} for name in job.names}, {}
         for space in ("h", "z"):
             read, dim = rows[space], dims[space]
-            fit = fit_boundary_rows((read, n_train, dim), y_train,
-                                    (lambda a, b, read=read: read(n_train + a, n_train + b), n_test, dim), y_test,
-                                    C=s.svm_c, device=self.editor.device, gram=grams.get(space))
-            report[space] = {"train": (fit.train_distances, y_train), "test": (fit.test_distances, y_test),
-                             "train_acc": fit.boundary.train_acc, "test_acc": fit.boundary.test_acc}
-            records[space] = BoundaryRecord.from_boundary(
-                fit.boundary, shape=self.editor.shapes[space], space=space, t_0=s.t_0, n_inv_step=s.n_inv_step,
-                attribute=attribute, n_train=n_train, n_test=n_test,
-                n_pos=int(data.labels[order].sum()), n_neg=int((data.labels[order] == 0).sum()),
-                config_name=config.name, checkpoint_sha256=self.editor.model.checkpoint_sha256,
-                class_summary={"train": class_summary(fit.train_distances, y_train),
-                               "test": class_summary(fit.test_distances, y_test)})
-        for space, record in records.items():  # written last, and removed again if the run fails after all
-            path = save_boundary(boundary_path(s.boundary_dir, boundary_name(config.name, attribute, s.t_0, space)),
-                                 record, overwrite=s.ni)
-            folder.undo(path)
-            summary["spaces"][space] = {"path": str(path), "train_acc": record.train_acc, "test_acc": record.test_acc}
-            print(f"boundary {space}: {path}  train acc {record.train_acc:.3f}  test acc {record.test_acc:.3f}")
-        boundary_report(report, run_dir / "report.png", title=f"{config.name}: {attribute} at t_0 {s.t_0}")
+            try:
+                fits = fit_attributes((read, n_train, dim), labels_train,
+                                      (lambda a, b, read=read: read(n_train + a, n_train + b), len(job.test), dim),
+                                      labels_test, C=s.svm_c, device=self.editor.device, gram=grams.get(space),
+                                      balance=SEARCH_BALANCE if s.balance else "none", seed=s.seed, names=job.names)
+            except FitError as exc:
+                hint = ("raise --svm_c: so small a C gives the hinge loss no weight against the intercept"
+                        if isinstance(exc, OneSided) else
+                        "lower --svm_c: the classes overlap, and a large C keeps libsvm taking tiny steps")
+                raise UserError(f"the {space} boundary cannot be fitted at --svm_c {s.svm_c:g}: {exc}; {hint}") \
+                    from None
+            for a, (name, fit) in enumerate(zip(job.names, fits)):
+                y_train = (labels_train[fit.train_rows, a] > 0).astype(np.int64)
+                y_test = (labels_test[fit.test_rows, a] > 0).astype(np.int64)
+                labelled = job.labels[order, a]
+                report[(name, space)] = {"train": (fit.train_distances, y_train), "test": (fit.test_distances, y_test),
+                                         "train_acc": fit.boundary.train_acc, "test_acc": fit.boundary.test_acc}
+                records[name][space] = BoundaryRecord.from_boundary(
+                    fit.boundary, shape=self.editor.shapes[space], space=space, t_0=s.t_0, n_inv_step=s.n_inv_step,
+                    attribute=name, n_train=len(fit.train_rows), n_test=len(fit.test_rows),
+                    n_pos=int((labelled > 0).sum()), n_neg=int((labelled < 0).sum()), config_name=config.name,
+                    checkpoint_sha256=self.editor.model.checkpoint_sha256,
+                    class_summary={"train": class_summary(fit.train_distances, y_train),
+                                   "test": class_summary(fit.test_distances, y_test)})
+        fit_seconds = time.perf_counter() - start
+        # The set is written as a set: every file complete under a temporary name first, all moved
+        # into place together, the files they replace (--ni) kept until the run folder is in place.
+        staged = StagedFiles()
+        folder.attach(staged)
+        for name in job.names:
+            for space in ("h", "z"):
+                staged.stage(boundary_path(s.boundary_dir, boundary_name(config.name, name, s.t_0, space)),
+                             boundary_writer(records[name][space]))
+        if len(job.names) == 1:
+            name = job.names[0]
+            boundary_report({space: report[(name, space)] for space in ("h", "z")}, run_dir / "report.png",
+                            title=f"{config.name}: {name} at t_0 {s.t_0}")
+        else:
+            atlas = atlas_from_records(records, phi_matrix(job.labels[order]), job.skipped)
+            write_atlas(run_dir, atlas)
+        paths = iter(staged.publish(overwrite=s.ni))
+        summary = {"mode": "boundary_search", "arguments": s.to_dict(), "n_train": n_train, "n_test": len(job.test),
+                   "invert_seconds": invert_seconds, "fit_seconds": fit_seconds, **sharding,
+                   "train_images": [str(job.paths[i]) for i in job.train],
+                   "test_images": [str(job.paths[i]) for i in job.test], **self.editor.identity()}
+        attributes = {}
+        for name in job.names:
+            spaces = {}
+            for space in ("h", "z"):
+                record, path = records[name][space], next(paths)
+                spaces[space] = {"path": str(path), "train_acc": record.train_acc, "test_acc": record.test_acc,
+                                 "n_train": record.n_train, "n_test": record.n_test}
+                print(f"boundary {space}{'' if len(job.names) == 1 else ' ' + name}: {path}  "
+                      f"train acc {record.train_acc:.3f}  test acc {record.test_acc:.3f}")
+            attributes[name] = spaces
+        if len(job.names) == 1:
+            summary.update(attribute=job.names[0], spaces=attributes[job.names[0]])
+        else:
+            summary.update(attributes=attributes, skipped=job.skipped)
+            print(f"atlas of {len(job.names)} attributes: atlas.json and atlas.png in the run folder"
+                  + (f"; skipped (fewer than {MIN_CLASS_COUNT} training images of a class): "
+                     f"{', '.join(job.skipped)}" if job.skipped else ""))
         write_json(run_dir / "summary.json", summary)
         return summary
 

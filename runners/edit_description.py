@@ -32,6 +32,7 @@ from utils.core.diffusion import HPolicy, Inversion
 from utils.core.editing import LatentMove
 from utils.core.seeds import EDIT, item_seed
 from utils.errors import UserError
+from utils.io.atlas import atlas_from_dir, suggested_holds
 from utils.io.boundary_files import BoundaryRecord, auto_range, discover_boundaries
 
 if TYPE_CHECKING:  # the editor imports this module
@@ -153,7 +154,7 @@ class EditRequest:
     moves: tuple[Move, ...]
     denoising: Denoising
     k: int = 1
-    held: tuple[str, ...] = ()
+    held: tuple[str, ...] = ()    # "auto" among them: the attributes the atlas suggests (``suggested_holds``)
     held_paths: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
     space: EditSpace = "both"
     unit: str = "absolute"
@@ -318,6 +319,8 @@ def _targets(request: EditRequest, records: Sequence[BoundaryRecord]) -> tuple[n
 def _check_request(request: EditRequest) -> None:
     if not request.moves:
         raise UserError("nothing to edit: name at least one attribute")
+    if isinstance(request.held, str):
+        raise UserError("held attributes are a list of names, not one string")
     if len(request.moves) + len(request.held) > MAX_ATTRIBUTES:
         raise UserError(f"at most {MAX_ATTRIBUTES} attributes can be moved and held at once, "
                         f"got {len(request.moves) + len(request.held)}")
@@ -332,8 +335,28 @@ def _check_request(request: EditRequest) -> None:
         if names.count(name) > 1:
             raise UserError(f"{name} is moved twice: give it one range")
     for name in request.held:
-        if str(name).lower() in names:
+        if not isinstance(name, str):
+            raise UserError(f"held attributes are names, got {type(name).__name__}")
+        if name.lower() in names:
             raise UserError(f"{name} cannot be moved and held at once")
+
+
+def _held(request: EditRequest, index: BoundaryIndex | None, t_0: int) -> tuple[str, ...]:
+    """The held attribute names, with ``auto`` replaced by those the atlas of ``index``'s folder
+    suggests holding for the moved attributes (|cos| of their normals at least the atlas's
+    threshold, in z or h: ``utils.io.atlas.suggested_holds``), the moved ones left out."""
+    if not any(str(name).lower() == "auto" for name in request.held):
+        return tuple(request.held)
+    if index is None:
+        raise UserError("--condition_attr auto needs a boundary folder to build the atlas from")
+    atlas = atlas_from_dir(index.folder, index.config_name, t_0)
+    moved = {m.attribute.lower() for m in request.moves}
+    named = [n for n in request.held if str(n).lower() != "auto"]
+    suggested = [n for m in request.moves for n in suggested_holds(atlas, m.attribute)]
+    chosen = tuple(dict.fromkeys(n for n in [*named, *suggested] if n.lower() not in moved))
+    log.info("holding %s: %s", "the attributes the atlas suggests (|cos| >= %g)" % atlas["hold_threshold"],
+             ", ".join(chosen) if chosen else "none (no attribute's normal is that close to the edited ones)")
+    return chosen
 
 
 def describe_edit(editor: "Editor", request: EditRequest, index: BoundaryIndex | None, force: bool = False
@@ -355,8 +378,9 @@ def describe_edit(editor: "Editor", request: EditRequest, index: BoundaryIndex |
 
     move_paths = [files(m.attribute, m.paths) for m in request.moves]
     spaces = _spaces(request, move_paths)
-    held_found = [files(name, None) for name in request.held]
-    for name, found in zip(request.held, held_found):
+    held_names = _held(request, index, t_0)
+    held_found = [files(name, None) for name in held_names]
+    for name, found in zip(held_names, held_found):
         missing = [s for s in spaces if s not in found]
         if missing:
             raise UserError(f"cannot hold {name} fixed: it has no {missing[0]} boundary at t_0 {t_0}")

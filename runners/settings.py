@@ -53,6 +53,7 @@ class Settings:
     n_train_img: int
     n_test_img: int
     svm_c: float
+    balance: bool
     boundary_dir: Path
     align_face: bool | None
     # editing
@@ -193,6 +194,7 @@ def resolve_settings(args: argparse.Namespace, config: Config, default_batch_siz
         dist_timeout=args.dist_timeout, t_0=t_0, n_iter=args.n_iter, eta=args.eta, h_policy=args.h_policy,
         edit_attr=args.edit_attr, data_dir=args.data_dir, attr_file=args.attr_file, pos_dir=args.pos_dir,
         neg_dir=args.neg_dir, n_train_img=args.n_train_img, n_test_img=args.n_test_img, svm_c=args.svm_c,
+        balance=args.balance,
         boundary_dir=args.boundary_dir, align_face=None if args.align_face is None else bool(args.align_face),
         img_path=args.img_path, edit=request, n_samples=args.n_samples, gif=args.gif,
         save_tensors=args.save_tensors, radius_step=args.radius_step, radius_eps=args.radius_eps, **steps, **batch)

@@ -11,6 +11,7 @@ takes longer than ``--old_timeout`` the larger ones of that dimension print 'ski
     python -m scripts.benchmark_fit --n 100 1000 --dims 32768 --skip_cache
     python -m scripts.benchmark_fit --n 4000 --dims 196608 --skip_old --skip_cache
     python -m scripts.benchmark_fit --cache_n 10000 --n --dims    # the cache case alone
+    python -m scripts.benchmark_fit --cache_n 10000 --n --dims --attributes 1 40 --cache_dir /tmp/c  # 40 columns vs 1
 """
 from __future__ import annotations
 
@@ -41,13 +42,25 @@ def synthetic(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def run_case(kind: str, n: int, dim: int, device: str, cache: str | None, save: str | None = None) -> dict:
+def attribute_labels(y: np.ndarray, n_attributes: int, seed: int = 2) -> np.ndarray:
+    """(n, A) labels in {-1, 1}: column 0 is ``y`` (the class the latents are shifted by), the others
+    independent, with positive rates spread from 2 % to 50 % (CelebA's attributes range so)."""
+    rng = np.random.default_rng(seed)
+    rates = np.linspace(0.02, 0.5, max(1, n_attributes - 1))
+    others = [np.where(rng.random(len(y)) < rate, 1, -1) for rate in rates[:n_attributes - 1]]
+    for column in others:  # each class at least once, however small the set
+        column[:2] = (1, -1)
+    return np.stack([2 * np.asarray(y) - 1, *others], axis=1).astype(np.int64)
+
+
+def run_case(kind: str, n: int, dim: int, device: str, cache: str | None, save: str | None = None,
+             attributes: int = 1) -> dict:
     """One measurement, in this process: the fit's seconds and the process's peak memory."""
     import torch
 
     from sklearn.svm import SVC
 
-    from utils.core.boundary import fit_boundary, fit_boundary_rows
+    from utils.core.boundary import fit_attributes, fit_boundary
     from utils.io.latent_cache import LatentCache
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -58,13 +71,13 @@ def run_case(kind: str, n: int, dim: int, device: str, cache: str | None, save: 
     if kind == "cache":
         keys = sorted(p.stem for p in Path(cache).glob("*/*.pt"))[:n]
         store = LatentCache(cache, {})
-        y = np.random.default_rng(0).integers(0, 2, len(keys))
+        y = attribute_labels(np.random.default_rng(0).integers(0, 2, len(keys)), attributes)
         n_train = len(keys) - len(keys) // 5
         start = time.perf_counter()
         for space, shape in (("h", H_SHAPE), ("z", Z_SHAPE)):  # as the boundary search does
             read, _, d = store.rows(keys, space, shape)
-            fit_boundary_rows((read, n_train, d), y[:n_train], (lambda a, b, read=read: read(n_train + a, n_train + b),
-                              len(keys) - n_train, d), y[n_train:], device=device)
+            fit_attributes((read, n_train, d), y[:n_train], (lambda a, b, read=read: read(n_train + a, n_train + b),
+                           len(keys) - n_train, d), y[n_train:], device=device)
         seconds = time.perf_counter() - start
     else:
         # With ``save``, n // 5 held-out rows more, and the hyperplane and its test accuracy are saved
@@ -87,10 +100,11 @@ def run_case(kind: str, n: int, dim: int, device: str, cache: str | None, save: 
 
 
 def measure(kind: str, n: int, dim: int, device: str, timeout: float | None, cache: str | None = None,
-            save: str | None = None) -> dict | None:
+            save: str | None = None, attributes: int = 1) -> dict | None:
     """``run_case`` in a fresh subprocess; None if it ran past ``timeout``."""
     cmd = [sys.executable, "-m", "scripts.benchmark_fit", "--case", kind, "--n", str(n), "--dims", str(dim),
-           "--device", device] + (["--cache_dir", cache] if cache else []) + (["--save", save] if save else [])
+           "--device", device, "--attributes", str(attributes)] + (["--cache_dir", cache] if cache else []) \
+        + (["--save", save] if save else [])
     try:
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=True)
     except subprocess.TimeoutExpired:
@@ -140,12 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache_n", type=int, default=10000, help="entries of the latent-cache case")
     parser.add_argument("--cache_dir", default=None, help="keep the synthetic cache here (default: a temporary folder)")
     parser.add_argument("--device", default="cpu", help="where the Gram products run (cpu, cuda)")
+    parser.add_argument("--attributes", type=int, nargs="*", default=[1],
+                        help="label columns fitted together in the latent-cache case, e.g. 1 40 (one Gram matrix, "
+                             "one solve per column)")
     parser.add_argument("--case", choices=("old", "new", "cache"), help=argparse.SUPPRESS)
     parser.add_argument("--save", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(args.case, args.n[0], args.dims[0] if args.dims else 0, args.device, args.cache_dir,
-                                  args.save)))
+                                  args.save, args.attributes[0])))
         return 0
     print(f"{'D':>7} {'n':>6}  {'old SVC(linear)':>24}  {'Gram fit':>24}  speed-up  same hyperplane? "
           "(1 - cos, |intercept diff|, test acc old / new)", flush=True)
@@ -166,10 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             make_cache(root, args.cache_n)
             made = time.perf_counter() - start
-            result = measure("cache", args.cache_n, 0, args.device, None, str(root))
-            print(f"boundary search fit from a latent cache of {args.cache_n} 256-px entries "
-                  f"(train {args.cache_n - args.cache_n // 5}, test {args.cache_n // 5}; h and z): {_cell(result)} "
-                  f"(cache written in {made:.0f} s)")
+            print(f"latent cache of {args.cache_n} 256-px entries written in {made:.0f} s", flush=True)
+            for attributes in args.attributes:
+                result = measure("cache", args.cache_n, 0, args.device, None, str(root), attributes=attributes)
+                print(f"boundary search fit from the cache (train {args.cache_n - args.cache_n // 5}, test "
+                      f"{args.cache_n // 5}; h and z), {attributes} attribute(s): {_cell(result)}", flush=True)
     return 0
 
 

@@ -1,9 +1,11 @@
-"""Convert boundaries: ``import-sav`` (the original's pickled SVC -> this project's .npz) and
-``export-npy`` (.npz -> an InterFaceGAN-style (1, D) unit normal).
+"""Convert boundaries: ``import-sav`` (the original's pickled SVC -> this project's .npz),
+``export-npy`` (.npz -> an InterFaceGAN-style (1, D) unit normal), and ``atlas`` (the attribute atlas,
+atlas.json and atlas.png, of the boundary files in a folder: utils/io/atlas.py).
 
     python -m scripts.boundary_tools import-sav smile_z.sav --space z --config celeba.yml --t_0 500 \\
         --n_inv_step 40 --attribute smiling --out boundary/celeba_smiling_t500_z.npz
     python -m scripts.boundary_tools export-npy boundary/celeba_smiling_t500_z.npz smiling_z.npy
+    python -m scripts.boundary_tools atlas boundary/ --config_name digits --t_0 200 --out runs/atlas
 """
 from __future__ import annotations
 
@@ -49,6 +51,14 @@ def export_npy(args: argparse.Namespace) -> Path:
     return out
 
 
+def atlas(args: argparse.Namespace) -> Path:
+    from utils.io.atlas import atlas_from_dir, write_atlas
+
+    found = atlas_from_dir(args.dir, args.config_name, args.t_0)
+    json_path, _ = write_atlas(args.out or args.dir, found)
+    return json_path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,9 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     npy = sub.add_parser("export-npy", help="write the unit normal as a (1, D) float32 .npy")
     npy.add_argument("npz", type=Path)
     npy.add_argument("out", type=Path)
+    at = sub.add_parser("atlas", help="atlas.json and atlas.png of the boundary files in a folder")
+    at.add_argument("dir", type=Path, help="folder of boundary files")
+    at.add_argument("--config_name", default=None, help="the config whose boundaries to take (if several)")
+    at.add_argument("--t_0", type=int, default=None, help="the t_0 whose boundaries to take (if several)")
+    at.add_argument("--out", type=Path, default=None, help="folder to write into (default: dir)")
     args = parser.parse_args(argv)
     try:
-        written = import_sav(args) if args.command == "import-sav" else export_npy(args)
+        written = {"import-sav": import_sav, "export-npy": export_npy, "atlas": atlas}[args.command](args)
     except (UserError, OSError, ValueError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1

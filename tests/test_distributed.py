@@ -206,3 +206,25 @@ def test_two_processes_edit_a_folder_as_one_process_does(search, tmp_path):
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5, msg=f"{path.stem} {key}")
         assert json.loads((two / path.stem / "summary.json").read_text())["seeds"] == \
             json.loads((one / path.stem / "summary.json").read_text())["seeds"]
+
+
+def test_two_processes_fit_every_attribute_as_one_process_does(search, tmp_path):
+    """--edit_attr all under torchrun: the ranks share the Gram panels, rank 0 fits every attribute
+    (issue 23); the boundary files and the atlas equal a single process's."""
+    args, _ = search
+    args = [a for a in args]
+    for flag, value in (("--edit_attr", "all"), ("--n_train_img", "60"), ("--n_test_img", "20")):
+        args[args.index(flag) + 1] = value
+    single = tmp_path / "single"
+    assert cli.main([*args, "--exp", str(single / "run"), "--boundary_dir", str(single / "bd"),
+                     "--cache_dir", str(single / "cache")]) == 0
+    proc, _ = torchrun(args, tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = {p.name: p for p in (single / "bd").iterdir()}
+    assert len(expected) >= 4  # thick and slant at least; the digit classes have too few of a class here
+    assert_same_boundaries(tmp_path / "two" / "bd", expected)
+    atlases = [json.loads((root / "run" / "boundary_search" / "atlas.json").read_text())
+               for root in (single, tmp_path / "two")]
+    assert atlases[0]["attributes"] == atlases[1]["attributes"] and atlases[0]["skipped"] == atlases[1]["skipped"]
+    for space in ("z", "h"):
+        np.testing.assert_allclose(atlases[1]["cosines"][space], atlases[0]["cosines"][space], rtol=0, atol=1e-5)

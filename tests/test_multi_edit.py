@@ -77,6 +77,32 @@ def test_a_held_attribute_stays_at_the_inverted_latents_projection(tmp_path, cap
     assert max(abs(p - own) for p in projections(free, "h", "slant")) > 0.05
 
 
+def test_condition_auto_holds_what_the_atlas_of_the_boundary_folder_suggests(tmp_path, capsys):
+    """The shipped three_vs_eight normal lies within |cos| 0.3 of digit_3's and digit_8's (the atlas's
+    threshold), thick's of none."""
+    from utils.io.atlas import atlas_from_dir
+
+    atlas = atlas_from_dir(REPO / "boundary", "digits", 200)
+    cos = {s: np.array(atlas["cosines"][s]) for s in ("z", "h")}
+    names = atlas["attributes"]
+    want = sorted(n for n in names if n != "three_vs_eight" and max(
+        abs(cos[s][names.index("three_vs_eight"), names.index(n)]) for s in cos) >= 0.3)
+    assert want == ["digit_3", "digit_8"]
+    code, err = run([*FAST, "--edit_attr", "three_vs_eight", "--condition_attr", "auto", "--edit_img_number", 2,
+                     "--save_tensors", "--exp", tmp_path], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "edit" / "summary.json").read_text())
+    assert sorted(summary["edit"]["held"]) == want
+    tensors = torch.load(tmp_path / "edit" / "tensors.pt", weights_only=True)
+    for space in ("z", "h"):
+        for held in want:
+            own = projections(tensors, space, held, key=space)[0]
+            assert projections(tensors, space, held) == pytest.approx([own] * 2, abs=1e-3), (space, held)
+    code, err = run([*FAST, "--edit_attr", "thick", "--condition_attr", "auto", "--edit_img_number", 2,
+                     "--exp", tmp_path / "thick"], capsys)
+    assert code == 0 and "holding the attributes the atlas suggests (|cos| >= 0.3): none" in err
+
+
 def test_a_grid_sweeps_two_attributes_over_k_by_k_points(tmp_path, capsys):
     code, err = run([*FAST, "--edit", "thick=-5:0", "--edit", "slant=2:-2", "--edit_img_number", 3, "--grid",
                      "--exp", tmp_path], capsys)

@@ -178,37 +178,24 @@ def _init_within(backend: str, timeout: timedelta, device: torch.device | None) 
 
     torch's TCPStore client can wait for ever, whatever its timeout, on a MASTER_PORT where
     something accepts the connection and never answers; blocked in C++ it also never runs Python's
-    signal handlers. So the rendezvous runs in a daemon thread while this (main) thread waits for it
-    in short slices, during which SIGTERM's handler runs; past the timeout (plus
-    ``RENDEZVOUS_GRACE``) a TimeoutError naming the address ends the wait, and the thread is left
-    behind to die with the process."""
-    import threading
-    import time
-
+    signal handlers. So the rendezvous runs through ``utils.interruptible.call_interruptibly``:
+    SIGTERM's handler runs while it waits, and past the timeout (plus ``RENDEZVOUS_GRACE``) a
+    TimeoutError naming the address ends the wait, the thread left behind to die with the process."""
     import torch.distributed as dist
 
-    outcome: dict[str, BaseException] = {}
+    from utils.interruptible import call_interruptibly
 
     def join() -> None:
-        try:
-            if device is not None:
-                torch.cuda.set_device(device)  # the current device is per thread
-            dist.init_process_group(backend, timeout=timeout, **({"device_id": device} if device is not None else {}))
-        except BaseException as exc:  # handed to the waiting thread
-            outcome["error"] = exc
+        if device is not None:
+            torch.cuda.set_device(device)  # the current device is per thread
+        dist.init_process_group(backend, timeout=timeout, **({"device_id": device} if device is not None else {}))
 
-    worker = threading.Thread(target=join, name="process-group-rendezvous", daemon=True)
-    worker.start()
-    deadline = time.monotonic() + timeout.total_seconds() + RENDEZVOUS_GRACE
-    while worker.is_alive():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-            raise TimeoutError(f"no answer from the rendezvous at {address} (MASTER_ADDR:MASTER_PORT); is rank 0 "
-                               "running there, and is the port its own?")
-        worker.join(min(left, 0.25))
-    if "error" in outcome:
-        raise outcome["error"]
+    def no_answer() -> TimeoutError:
+        address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        return TimeoutError(f"no answer from the rendezvous at {address} (MASTER_ADDR:MASTER_PORT); is rank 0 "
+                            "running there, and is the port its own?")
+
+    call_interruptibly(join, "process-group-rendezvous", timeout.total_seconds() + RENDEZVOUS_GRACE, no_answer)
 
 
 def _stop_handler(process: ProcessContext):

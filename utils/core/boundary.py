@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
-from utils.core.gram import Reader, array_reader, gram_matrix, row_dots, solve_dual, weighted_row_sum
+from utils.core.gram import (NotConverged, OneSided, Reader, array_reader, gram_matrix, row_dots, solve_dual,
+                             weighted_row_sum)
 from utils.errors import UserError
 
 
@@ -43,6 +45,9 @@ class BoundaryFit:
     boundary: Boundary
     train_distances: np.ndarray
     test_distances: np.ndarray
+    #: The training and test rows those distances belong to (indices into the fit's rows).
+    train_rows: np.ndarray | None = None
+    test_rows: np.ndarray | None = None
 
 
 def fit_boundary(train_latents: np.ndarray, train_labels: np.ndarray,
@@ -64,38 +69,127 @@ def fit_boundary(train_latents: np.ndarray, train_labels: np.ndarray,
 def fit_boundary_rows(train: tuple[Reader, int, int], train_labels: np.ndarray,
                       test: tuple[Reader, int, int] | None = None, test_labels: np.ndarray | None = None, *,
                       C: float = 1.0, device: torch.device | str = "cpu", gram: np.ndarray | None = None,
-                      panel_rows: int | None = None) -> BoundaryFit:
+                      panel_rows: int | None = None, balance: Balance = "none") -> BoundaryFit:
     """``fit_boundary`` on rows from readers, (read, N, D) each (``array_reader`` or the latent cache's).
 
     gram: the training rows' Gram matrix (N, N) float64 when already computed (e.g. by several
     processes); else it is computed here. The normal is summed from the dual block by block, the
-    training distances come from the Gram matrix and the test rows are read once.
+    training distances come from the Gram matrix and the test rows are read once. One attribute
+    of ``fit_attributes``.
+    """
+    y = _binary(train_labels)
+    yt = None if test is None or test[1] == 0 else 2 * _binary(test_labels) - 1
+    return fit_attributes(train, (2 * y - 1)[:, None], test, None if yt is None else yt[:, None], C=C,
+                          device=device, gram=gram, panel_rows=panel_rows, balance=balance)[0]
+
+
+#: The fewest training rows of each class an attribute of a multi-attribute search needs; one
+#: with fewer is skipped (and its counts reported). Ten per class: with fewer, a linear SVM in
+#: hundreds of dimensions separates any labelling, and one test image moves the accuracy by 10 %.
+MIN_CLASS_COUNT = 10
+
+
+def class_counts(labels: np.ndarray) -> np.ndarray:
+    """Per attribute, how many rows are labelled negative and positive: labels (N, A) in {-1, 0, 1}
+    -> (A, 2) int64 [negative, positive]."""
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    return np.stack([(labels < 0).sum(axis=0), (labels > 0).sum(axis=0)], axis=1).astype(np.int64)
+
+
+#: How the classes are weighed: 'none' (every row alike, as ``SVC``), 'weight' (sklearn's
+#: ``class_weight='balanced'``: C of class c times n / (2 n_c)), 'equal' (a seeded random subset of
+#: the larger class, as many rows as the smaller has).
+Balance = Literal["none", "weight", "equal"]
+BALANCES = ("none", "weight", "equal")
+
+
+def attribute_rows(labels: np.ndarray, balance: Balance = "none", seed: int = 0) -> np.ndarray:
+    """The rows an attribute's fit uses, increasing: those labelled (+1 or -1, not 0) in ``labels``
+    (N,), and with ``balance='equal'`` a seeded random subset of the larger class's as large as the
+    smaller class."""
+    labels = np.asarray(labels).reshape(-1)
+    rows = np.flatnonzero(labels != 0)
+    if balance != "equal":
+        return rows
+    pos, neg = rows[labels[rows] > 0], rows[labels[rows] < 0]
+    keep = min(len(pos), len(neg))
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.choice(pos, keep, replace=False), rng.choice(neg, keep, replace=False)]))
+
+
+def fit_attributes(train: tuple[Reader, int, int], train_labels: np.ndarray,
+                   test: tuple[Reader, int, int] | None = None, test_labels: np.ndarray | None = None, *,
+                   C: float = 1.0, device: torch.device | str = "cpu", gram: np.ndarray | None = None,
+                   panel_rows: int | None = None, balance: Balance = "none", seed: int = 0,
+                   names: Sequence[str] | None = None) -> list[BoundaryFit]:
+    """One linear SVM per attribute on one set of rows, all from one Gram matrix.
+
+    train_labels: (N, A) in {-1, 0, 1} (0: not labelled for that attribute); test_labels (N_test, A)
+    likewise. Attribute a is fitted, exactly as ``SVC(kernel='linear', C=C)`` would on them alone,
+    on its ``attribute_rows`` (each class at least one row), through the slice of K = X X^T at those
+    rows; K is computed once (or given as ``gram``), every normal is summed in one more pass over
+    the training rows and every test decision in one pass over the test rows. Returns one
+    BoundaryFit per attribute, whose distances are those of its own rows (training: its
+    ``attribute_rows``; test: the rows labelled for it), in row order. Memory: K, one slice of it
+    (none where an attribute uses every row), the (A, D) normals, a panel.
+    FitError (NotConverged, OneSided) when an attribute's SVM has no usable solution at this C;
+    messages name attribute a as ``names[a]`` (default: its index).
     """
     read, n, dim = train
-    y = _binary(train_labels)
-    if len(y) != n:
-        raise ValueError(f"{n} training latents but {len(y)} labels")
-    counts = np.bincount(y, minlength=2)
-    if counts.min() < 1:
-        raise ValueError(f"the training labels hold one class only ({int(counts[0])} negative, {int(counts[1])} positive)")
+    labels = np.asarray(train_labels).reshape(n, -1) if n else np.zeros((0, 1))
+    if len(np.asarray(train_labels)) != n:
+        raise ValueError(f"{n} training latents but {len(np.asarray(train_labels))} labels")
+    if not np.isin(labels, (-1, 0, 1)).all():
+        raise ValueError("attribute labels must be -1, 0 or 1")
+    n_attr = labels.shape[1]
+    names = [f"attribute {a}" for a in range(n_attr)] if names is None else [f"'{a}'" for a in names]
     K = gram_matrix(read, n, dim, panel_rows=panel_rows, device=device) if gram is None else gram
-    dual = solve_dual(K, y, C)
-    coef = np.zeros(n)
-    coef[dual.support] = dual.dual_coef
-    w = weighted_row_sum(read, coef, dim, device=device)
-    norm = np.linalg.norm(w)
-    if not np.isfinite(norm) or norm == 0:
-        raise UserError("the SVM found no separating direction (zero normal): the latents of the two classes "
-                        "cannot be told apart; check the labels, or try another --svm_c or --t_0")
-    train_decision = K[:, dual.support] @ dual.dual_coef + dual.intercept
-    test_decision, test_acc = np.zeros(0), float("nan")
+    coef, solved = np.zeros((n, n_attr)), []
+    for a in range(n_attr):
+        rows = attribute_rows(labels[:, a], balance, seed)
+        y = (labels[rows, a] > 0).astype(np.int64)
+        counts = np.bincount(y, minlength=2)
+        if counts.min() < 1:
+            raise ValueError(f"{names[a]}: the training labels hold one class only "
+                             f"({int(counts[0])} negative, {int(counts[1])} positive)")
+        # Every row labelled: K itself, no copy.
+        K_a = K if len(rows) == n else K[np.ix_(rows, rows)]
+        try:
+            dual = solve_dual(K_a, y, C, class_weight="balanced" if balance == "weight" else None)
+        except NotConverged as exc:
+            raise NotConverged(f"{names[a]}: {exc}") from None
+        coef[rows[dual.support], a] = dual.dual_coef
+        train_decision = K_a[:, dual.support] @ dual.dual_coef + dual.intercept
+        if np.all(train_decision > 0) or np.all(train_decision <= 0):
+            raise OneSided(f"{names[a]}: the hyperplane puts all {len(rows)} training rows on one side "
+                           f"(intercept {dual.intercept:.3g})")
+        solved.append((rows, y, dual, train_decision))
+        del K_a
+    W = weighted_row_sum(read, coef, dim, device=device)  # (A, D)
+    norms = np.linalg.norm(W, axis=1)
+    test_decisions = None
     if test is not None and test[1] > 0:
-        yt = _binary(test_labels)
-        test_decision = row_dots(test[0], test[1], w, device=device) + dual.intercept
-        test_acc = float(np.mean((test_decision > 0) == yt))
-    boundary = Boundary(normal=(w / norm).astype(np.float32), coef=w.astype(np.float32), intercept=dual.intercept,
-                        train_acc=float(np.mean((train_decision > 0) == y)), test_acc=test_acc)
-    return BoundaryFit(boundary, train_decision / norm, test_decision / norm)
+        test_decisions = row_dots(test[0], test[1], W, device=device)  # (N_test, A)
+        test_labels = np.asarray(test_labels).reshape(test[1], -1)
+    fits = []
+    for a, (rows, y, dual, train_decision) in enumerate(solved):
+        norm = norms[a]
+        if not np.isfinite(norm) or norm == 0:
+            raise UserError(f"{names[a]}: the SVM found no separating direction (zero normal): the latents of the "
+                            "two classes cannot be told apart; check the labels, or try another --svm_c or --t_0")
+        test_distances, test_acc, test_rows = np.zeros(0), float("nan"), np.zeros(0, dtype=np.int64)
+        if test_decisions is not None:
+            labelled = test_labels[:, a] != 0
+            test_rows = np.flatnonzero(labelled)
+            decision = test_decisions[labelled, a] + dual.intercept
+            if labelled.any():
+                test_acc = float(np.mean((decision > 0) == (test_labels[labelled, a] > 0)))
+            test_distances = decision / norm
+        boundary = Boundary(normal=(W[a] / norm).astype(np.float32), coef=W[a].astype(np.float32),
+                            intercept=dual.intercept, train_acc=float(np.mean((train_decision > 0) == y)),
+                            test_acc=test_acc)
+        fits.append(BoundaryFit(boundary, train_decision / norm, test_distances, rows, test_rows))
+    return fits
 
 
 def _binary(labels: np.ndarray) -> np.ndarray:
@@ -222,7 +316,7 @@ def check_joint(names: list[str], normals: torch.Tensor) -> np.ndarray:
       of the normals is below ``resolvable_residual(D)`` (the part of a normal float32 resolves);
     - or cond(G) = (s_max / s_min)^2 times twice that rounding exceeds ``JOINT_TOLERANCE``: the
       stored normals' float32 rounding, amplified by G^-1, could move the solution by more than
-      1 % (D = 784: |cos| up to about 0.9987 passes; D = 196,608: up to about 0.98).
+      1 % (D = 256: |cos| up to about 0.9992 passes; D = 196,608: up to about 0.98).
     """
     cos = (normals @ normals.T).cpu().numpy()
     np.fill_diagonal(cos, 1.0)

@@ -21,12 +21,16 @@ block in float64 on ``device``, plus whatever the reader returns for one of them
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import SVC
+
+from utils.interruptible import call_interruptibly
 
 Reader = Callable[[int, int], "np.ndarray | torch.Tensor"]
 
@@ -131,13 +135,54 @@ def gram_matrix(read: Reader, n: int, dim: int, *, panel_rows: int | None = None
     return symmetrize(gram_panels(read, n, dim, panel_rows=panel_rows, device=device), panel_rows)
 
 
-def solve_dual(K: np.ndarray, labels: np.ndarray, C: float = 1.0) -> DualSolution:
+#: The most iterations libsvm may take for one fit (its ``max_iter``). A converging fit of the
+#: boundary search takes far fewer (hundreds to a few tens of thousands at n up to 10,000); a large C
+#: on classes that overlap can keep libsvm stepping for ever. Measured on the 2-core EPYC: 10^7
+#: iterations take 7.5 s at n = 40 (each costs O(n), so minutes at n in the thousands).
+MAX_SVM_ITERATIONS = 10_000_000
+
+
+#: The C values a fit may take. Below 1e-6 the hinge loss weighs nothing against the margin: every
+#: row becomes a bounded support vector, ||w|| shrinks with C while the intercept stays of order 1,
+#: so the hyperplane puts every row on one side (and distances grow as 1/C: at 1e-30 they overflow
+#: the report). Above 1e6, on classes that overlap, libsvm's steps become so small that it runs
+#: into ``MAX_SVM_ITERATIONS``. Inside the range both are still checked after the fit.
+SVM_C_RANGE = (1e-6, 1e6)
+
+
+class FitError(ValueError):
+    """The SVM has no usable solution at this C (the caller names the flag that sets it)."""
+
+
+class NotConverged(FitError):
+    """libsvm stopped at its iteration bound before it converged."""
+
+
+class OneSided(FitError):
+    """The solution puts every training row on one side of its hyperplane."""
+
+
+def solve_dual(K: np.ndarray, labels: np.ndarray, C: float = 1.0, *, class_weight: str | None = None,
+               max_iter: int = MAX_SVM_ITERATIONS) -> DualSolution:
     """``SVC(kernel='linear', C=C)``'s dual solution from the Gram matrix K (n, n) float64 of the
     training rows; labels (n,) in {0, 1} (1 positive). The same libsvm solver on the same problem,
-    so the hyperplane is the one ``kernel='linear'`` finds (up to float64 rounding of K)."""
+    so the hyperplane is the one ``kernel='linear'`` finds (up to float64 rounding of K).
+
+    class_weight: None, or 'balanced' (sklearn's: C of class c times n / (2 n_c)). libsvm runs in a
+    thread of its own while this thread waits (``utils.interruptible``), so SIGINT / SIGTERM are
+    handled during the solve; it stops after ``max_iter`` iterations: NotConverged.
+    """
     if not C > 0:
         raise ValueError(f"the SVM's C must be positive, got {C}")
-    svm = SVC(kernel="precomputed", C=C).fit(K, labels)
+
+    def fit() -> SVC:
+        with warnings.catch_warnings():  # fit_status_ says it, below
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return SVC(kernel="precomputed", C=C, class_weight=class_weight, max_iter=max_iter).fit(K, labels)
+
+    svm = call_interruptibly(fit, "svm-solve")
+    if svm.fit_status_ == 1:
+        raise NotConverged(f"libsvm stopped after {max_iter} iterations without converging (C {C:g})")
     # sklearn already flips the binary dual and intercept so that positive decisions mean class 1.
     return DualSolution(support=svm.support_.astype(np.int64), dual_coef=svm.dual_coef_[0].astype(np.float64),
                         intercept=float(svm.intercept_[0]))
@@ -145,25 +190,33 @@ def solve_dual(K: np.ndarray, labels: np.ndarray, C: float = 1.0) -> DualSolutio
 
 def weighted_row_sum(read: Reader, coef: np.ndarray, dim: int, *, block_rows: int | None = None,
                      device: torch.device | str = "cpu") -> np.ndarray:
-    """sum_i coef[i] * x_i, (D,) float64, block by block; coef: (n,), blocks of zeros are not read."""
+    """sum_i coef[i] * x_i in one pass over the rows, block by block: coef (n,) -> (D,) float64, or
+    coef (n, A), one column per normal -> (A, D) float64. Blocks whose coefficients are all zero are
+    not read."""
     coef = np.asarray(coef, dtype=np.float64)
+    columns = coef.reshape(len(coef), -1)
     block_rows = block_rows or max(1, panel_rows_for(dim) // 4)
     device = torch.device(device)
-    total = torch.zeros(dim, dtype=torch.float64, device=device)
+    total = torch.zeros((columns.shape[1], dim), dtype=torch.float64, device=device)
     buf = torch.empty((min(block_rows, max(len(coef), 1)), dim), dtype=torch.float64, device=device)
     for s, e in panel_bounds(len(coef), block_rows):
-        if coef[s:e].any():
-            total += torch.as_tensor(coef[s:e], device=device) @ _load(read, s, e, buf)
-    return total.cpu().numpy()
+        if columns[s:e].any():
+            total += torch.as_tensor(columns[s:e].T.copy(), device=device) @ _load(read, s, e, buf)
+    out = total.cpu().numpy()
+    return out[0] if coef.ndim == 1 else out
 
 
 def row_dots(read: Reader, n: int, w: np.ndarray, *, block_rows: int | None = None,
              device: torch.device | str = "cpu") -> np.ndarray:
-    """x_i . w for every row, (n,) float64, block by block; w: (D,)."""
-    dim = len(w)
+    """x_i . w for every row in one pass, block by block: w (D,) -> (n,) float64, or w (A, D) ->
+    (n, A) float64."""
+    w = np.asarray(w, dtype=np.float64)
+    rows_w = w.reshape(-1, w.shape[-1])
+    dim = rows_w.shape[1]
     block_rows = block_rows or max(1, panel_rows_for(dim) // 4)
     device = torch.device(device)
-    wt = torch.as_tensor(np.asarray(w, dtype=np.float64), device=device)
+    wt = torch.as_tensor(rows_w.T.copy(), device=device)  # (D, A)
     buf = torch.empty((min(block_rows, max(n, 1)), dim), dtype=torch.float64, device=device)
     out = [(_load(read, s, e, buf) @ wt).cpu().numpy() for s, e in panel_bounds(n, block_rows)]
-    return np.concatenate(out) if out else np.zeros(0)
+    dots = np.concatenate(out) if out else np.zeros((0, len(rows_w)))
+    return dots[:, 0] if w.ndim == 1 else dots

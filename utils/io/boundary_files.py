@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import logging
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -156,13 +157,9 @@ def boundary_path(folder: str | Path, name: str) -> Path:
     return Path(folder) / f"{name}.npz"
 
 
-def save_boundary(path: str | Path, record: BoundaryRecord, overwrite: bool = True) -> Path:
-    """Write ``record`` to ``path`` (``.npz`` appended if missing), atomically. Unless
-    ``overwrite``, an existing file is kept and the first free ``<stem>-1.npz``, ... is taken
-    (atomically: concurrent writers never take the same name). Returns the path written."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
+def boundary_writer(record: BoundaryRecord) -> Callable[[Path], None]:
+    """A function that writes ``record`` as a boundary file to the path it is given (for
+    ``utils.io.files.StagedFiles.stage``; ``save_boundary`` writes one file on its own)."""
     if record.space not in SPACES:
         raise ValueError(f"unknown space '{record.space}' (choices: h, z)")
     arrays = {}
@@ -176,10 +173,21 @@ def save_boundary(path: str | Path, record: BoundaryRecord, overwrite: bool = Tr
     arrays["normal"] = arrays["normal"].astype(np.float32).reshape(-1)
     arrays["coef"] = arrays["coef"].astype(np.float32).reshape(-1)
     arrays["format_version"] = np.asarray(FORMAT_VERSION)
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-    return write_new_file(path, write, overwrite)
+    return write
+
+
+def save_boundary(path: str | Path, record: BoundaryRecord, overwrite: bool = True) -> Path:
+    """Write ``record`` to ``path`` (``.npz`` appended if missing), atomically. Unless
+    ``overwrite``, an existing file is kept and the first free ``<stem>-1.npz``, ... is taken
+    (atomically: concurrent writers never take the same name). Returns the path written."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    return write_new_file(path, boundary_writer(record), overwrite)
 
 
 def _headers(zf: zipfile.ZipFile) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -314,7 +322,7 @@ class Discovered:
     paths: dict[str, Path]
 
 
-def _save_number(path: Path) -> int:
+def save_number(path: Path) -> int:
     """N of a file saved as ``<name>-N.npz`` (``save_boundary`` takes the first free N, so a larger N
     was written later), 0 for ``<name>.npz``: an order that no checkout or copy can change."""
     stem, _, number = path.stem.rpartition("-")
@@ -343,7 +351,7 @@ def discover_boundaries(folder: str | Path, config_name: str, shapes: dict[str, 
         if len(values) > 1:
             raise UserError(f"{folder} holds boundaries of several {what} for config {config_name}"
                             f"{' and ' + attribute if attribute else ''}: {', '.join(values)}; {hint}")
-    newest = {space: max(space_hits, key=lambda hit: (_save_number(hit[0]), hit[0].name))[0]
+    newest = {space: max(space_hits, key=lambda hit: (save_number(hit[0]), hit[0].name))[0]
               for space, space_hits in found.items()}
     first = hits[0][1]
     return Discovered(first.attribute, first.t_0, newest)

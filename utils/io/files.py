@@ -46,16 +46,26 @@ def _umask() -> int:
     return mask
 
 
-@contextlib.contextmanager
-def _temp_beside(target: Path) -> Iterator[Path]:
-    """A fresh temporary file in ``target``'s folder, with the permissions the umask gives (as
-    ``open`` would, not mkstemp's 0600); removed on exit unless renamed away."""
+def _new_temp(target: Path) -> Path:
+    """A fresh empty temporary file in ``target``'s folder (created if missing), with the
+    permissions the umask gives (as ``open`` would, not mkstemp's 0600)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+@contextlib.contextmanager
+def _temp_beside(target: Path) -> Iterator[Path]:
+    """``_new_temp(target)``, removed on exit unless renamed away."""
+    tmp = _new_temp(target)
+    try:
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
@@ -255,6 +265,93 @@ def publish_file(tmp: Path, target: Path, overwrite: bool) -> Path:
     raise AssertionError("unreachable")
 
 
+class StagedFiles:
+    """Files written as a set: all of them or none, and no file they replace lost before the run
+    that wrote them has succeeded.
+
+    ``stage`` writes each file complete under a temporary name beside its target. ``publish``
+    then moves them all into place with SIGINT and SIGTERM blocked: with ``overwrite`` each under
+    its target, the file it replaces kept under a hidden name beside it (a hard link, so the target
+    always holds one complete file), else under the first free numbered name (``publish_file``);
+    if one move fails, the others are undone before the error is raised. ``rollback`` removes what
+    was published and puts every replaced file back; ``commit`` drops the kept ones. ``RunFolder``
+    does one or the other when its run fails or succeeds (``RunFolder.attach``).
+    """
+
+    KEPT = ".kept-"  # a replaced file waits under .<name>.kept-<random>
+
+    def __init__(self):
+        self._staged: list[tuple[Path, Path]] = []       # (temporary file, target)
+        self._published: list[Path] = []                # names this set took
+        self._kept: list[tuple[Path, Path]] = []         # (kept old file, the target it came from)
+
+    def stage(self, target: str | Path, write: Callable[[Path], None]) -> None:
+        """``write(tmp)`` the complete file for ``target`` to a temporary name beside it."""
+        target = Path(target)
+        tmp = _new_temp(target)
+        self._staged.append((tmp, target))
+        write(tmp)
+
+    def publish(self, overwrite: bool) -> list[Path]:
+        """Move every staged file into place (see the class); returns the names taken, in order."""
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            taken = []
+            for tmp, target in self._staged:
+                if overwrite:
+                    self._keep(target)
+                    os.replace(tmp, target)
+                    self._published.append(target)
+                    taken.append(target)
+                else:
+                    name = publish_file(tmp, target, overwrite=False)
+                    self._published.append(name)
+                    taken.append(name)
+            self._staged = []
+            return taken
+        except BaseException:
+            self.rollback()
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _keep(self, target: Path) -> None:
+        """Keep the file at ``target`` (if any) under a hidden name until ``commit`` or ``rollback``."""
+        if not target.exists():
+            return
+        kept = target.with_name(f".{target.name}{self.KEPT}{secrets.token_hex(4)}")
+        try:
+            os.link(target, kept)
+        except OSError as exc:  # no hard links here: a copy
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            shutil.copy2(target, kept)
+        self._kept.append((kept, target))
+
+    def rollback(self) -> None:
+        """Undo ``publish`` and ``stage``: new files removed, replaced ones back (may run more than once)."""
+        for path in self._published:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for kept, target in reversed(self._kept):
+            with contextlib.suppress(OSError):
+                if target.exists() and os.path.samefile(kept, target):
+                    kept.unlink()  # never replaced; rename() between two links of one file does nothing
+                else:
+                    os.replace(kept, target)
+        for tmp, _ in self._staged:
+            tmp.unlink(missing_ok=True)
+        self._published, self._kept, self._staged = [], [], []
+
+    def commit(self) -> None:
+        """The run succeeded: drop the kept old files."""
+        for kept, _ in self._kept:
+            with contextlib.suppress(OSError):
+                kept.unlink()
+        self._kept, self._published = [], []
+
+
 def is_within(path: str | Path, folder: str | Path) -> bool:
     """Whether ``path`` is ``folder`` or lies inside it (symbolic links resolved)."""
     path, folder = Path(path).resolve(), Path(folder).resolve()
@@ -357,7 +454,7 @@ class RunFolder:
     not exist: the name is reserved with ``mkdir``, which fails if it exists, so two concurrent
     runs never take the same one. With ``overwrite`` a finished folder is replaced as a whole. If
     the block fails (an exception, SIGINT, SIGTERM turned into an exception) the hidden folder,
-    the files registered with ``undo`` and the folders this run created are removed. ``inputs``:
+    the files of the ``attach``ed sets and the folders this run created are removed. ``inputs``:
     paths the run reads; one inside the folder that would be replaced is refused.
     """
 
@@ -366,12 +463,13 @@ class RunFolder:
         self.inputs = [Path(p) for p in inputs if p]
         self.partial: Path | None = None
         self.final: Path | None = None
-        self._undo: list[Path] = []
+        self._sets: list[StagedFiles] = []
         self._created: list[Path] = []
 
-    def undo(self, path: Path) -> None:
-        """Remove ``path`` (a file this run wrote outside its folder) if the run fails."""
-        self._undo.append(Path(path))
+    def attach(self, files: StagedFiles) -> None:
+        """Files this run writes outside its folder: rolled back if the run fails, committed (the
+        files they replaced dropped) once its folder is in place."""
+        self._sets.append(files)
 
     def created_dirs(self, folders: Iterable[Path]) -> None:
         """Remove these folders (created by this run) if the run fails and they are empty."""
@@ -403,10 +501,12 @@ class RunFolder:
             if exc_type is None:
                 try:
                     self.final = self._commit()
-                    return
                 except BaseException:
                     self._discard()
                     raise
+                for files in self._sets:
+                    files.commit()
+                return
             self._discard()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -444,9 +544,8 @@ class RunFolder:
     def _discard(self) -> None:
         if self.partial is not None:
             shutil.rmtree(self.partial, ignore_errors=True)
-        for path in self._undo:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        for files in self._sets:
+            files.rollback()
         self._remove_created()
 
     def _remove_created(self) -> None:

@@ -255,3 +255,84 @@ def boundary_report(spaces: dict[str, dict], path: str | Path, title: str = "", 
                     panel.histograms.append((counts, edges, f"{name} ({int((labels == cls).sum())})"))
             panels.append(panel)
     return draw_panels(panels, path, ncol=2, title=title, backend=backend)
+
+
+def _cos_colour(value: float | None) -> tuple[int, int, int]:
+    """A diverging colour: -1 blue, 0 white, +1 red; grey for a missing value."""
+    if value is None or not np.isfinite(value):
+        return (200, 200, 200)
+    v = float(np.clip(value, -1.0, 1.0))
+    fade = int(round(255 * (1 - abs(v))))
+    return (255, fade, fade) if v >= 0 else (fade, fade, 255)
+
+
+def _vertical_text(text: str, font: ImageFont.ImageFont) -> Image.Image:
+    """``text`` drawn bottom-to-top (for column labels), black on white."""
+    width = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)) + 4
+    height = font.getbbox("Ag")[3] + 4
+    label = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(label).text((2, 1), text, fill="black", font=font)
+    return label.rotate(90, expand=True)
+
+
+def atlas_picture(atlas: dict, path: str | Path, cell: int = 30) -> None:
+    """The atlas (utils/io/atlas.py) as one PNG: per space a heatmap of the A x A cosines of the unit
+    normals (red +1, white 0, blue -1, each cell's value written while A <= 24), the attributes
+    named along both sides; then a table of each attribute's train / test accuracy in z and h, its
+    positive / negative counts and the attributes it suggests holding; and the skipped attributes
+    with their counts. Drawn with Pillow."""
+    names = list(atlas["attributes"])
+    n = len(names)
+    font, small = _font(12), _font(max(8, min(11, cell // 3)))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(int(measure.textlength(name, font=font)) for name in names) + 8
+    line_h = font.getbbox("Ag")[3] + 6
+    spaces = [space for space in ("z", "h") if space in atlas["cosines"]]
+    map_w = label_w + n * cell
+    top = line_h * 2 + label_w  # title, space name, rotated column labels
+    rows = [["attribute", "z train", "z test", "h train", "h test", "pos", "neg", f"hold (|cos| >= {atlas['hold_threshold']:g})"]]
+    for name in names:
+        a = atlas["per_attribute"][name]
+        accs = [a[f"{split}_acc"][space] for space in ("z", "h") for split in ("train", "test")]
+        rows.append([name, *("-" if v is None or not np.isfinite(v) else f"{v:.3f}" for v in accs), str(a["n_pos"]),
+                     str(a["n_neg"]), ", ".join(a["holds"]) or "-"])
+    for name, counts in atlas.get("skipped", {}).items():
+        rows.append([f"{name} (skipped)", "", "", "", "", f"{counts['train']['pos']} train",
+                     f"{counts['train']['neg']} train", "too few of a class"])
+    col_w = [max(int(measure.textlength(r[c], font=font)) for r in rows) + 14 for c in range(len(rows[0]))]
+    width = max(len(spaces) * (map_w + 20) + 20, sum(col_w) + 40)
+    height = top + n * cell + 20 + line_h * (len(rows) + 1) + 10
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    title = f"attribute atlas: {atlas.get('config_name', '')} at t_0 {atlas.get('t_0', '')}, cosines of the unit normals (red +1, white 0, blue -1)"
+    draw.text((10, 4), title, fill="black", font=font)
+    for k, space in enumerate(spaces):
+        x0 = 10 + k * (map_w + 20)
+        draw.text((x0 + label_w, line_h + 2), f"{space} space", fill="black", font=font)
+        matrix = atlas["cosines"][space]
+        for j, name in enumerate(names):
+            label = _vertical_text(name, font)
+            canvas.paste(label, (x0 + label_w + j * cell + (cell - label.width) // 2, top - label.height - 2))
+        for i, name in enumerate(names):
+            y = top + i * cell
+            draw.text((x0 + label_w - 4 - int(measure.textlength(name, font=font)), y + (cell - line_h) // 2 + 2),
+                      name, fill="black", font=font)
+            for j in range(n):
+                value = matrix[i][j]
+                box = (x0 + label_w + j * cell, y, x0 + label_w + (j + 1) * cell - 1, y + cell - 1)
+                draw.rectangle(box, fill=_cos_colour(value), outline=(235, 235, 235))
+                if n <= 24 and value is not None:
+                    text = f"{value:.2f}".replace("0.", ".")
+                    tw = measure.textlength(text, font=small)
+                    draw.text((box[0] + (cell - tw) / 2, box[1] + cell / 2 - 6), text, font=small,
+                              fill="white" if abs(value) > 0.6 else "black")
+    y = top + n * cell + 20
+    for r, row in enumerate(rows):
+        x = 10
+        for c, text in enumerate(row):
+            draw.text((x, y), text, fill="black" if r else (60, 60, 60), font=font)
+            x += col_w[c]
+        y += line_h
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    write_bytes(path, buffer.getvalue())

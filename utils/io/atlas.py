@@ -1,0 +1,141 @@
+"""The attribute atlas of a multi-attribute boundary search: ``atlas.json`` and ``atlas.png``.
+
+``atlas.json`` (format 1) holds ``attributes`` (the names, in the order of every matrix),
+``cosines`` ({"z": A x A, "h": A x A}: cosines of the unit normals as the boundary files store them),
+``phi`` (A x A phi correlation of the labels over the search's images, null where undefined or when
+built from boundary files alone), ``hold_threshold`` (``utils.core.atlas.HOLD_THRESHOLD``),
+``per_attribute`` ({name: {"train_acc": {"z", "h"}, "test_acc": {...}, "n_train", "n_test", "n_pos",
+"n_neg", "holds": [names]}}; ``holds``: the others whose |cos| reaches the threshold in z or h,
+largest first), ``skipped`` ({name: {"train": {"neg", "pos"}, "test": {...}}}: too few images of a
+class to be fitted), ``config_name`` and ``t_0``. ``suggested_holds`` reads it for the edit modes.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from utils.core.atlas import HOLD_THRESHOLD, cosine_matrix, holds
+from utils.errors import UserError
+from utils.io.boundary_files import SPACES, BoundaryRecord, load_boundary, matching_boundaries, save_number
+from utils.io.files import read_json, write_json
+
+ATLAS_FORMAT = 1
+ATLAS_FILE, ATLAS_PICTURE = "atlas.json", "atlas.png"
+#: The largest atlas.json read: 1,000 attributes' two matrices as text are about 40 MB.
+MAX_ATLAS_BYTES = 64 << 20
+
+
+def _matrix(m: np.ndarray) -> list[list[float | None]]:
+    return [[float(v) if math.isfinite(v) else None for v in row] for row in np.asarray(m, dtype=np.float64)]
+
+
+def atlas_from_records(records: dict[str, dict[str, BoundaryRecord]], phi: np.ndarray | None = None,
+                       skipped: dict | None = None) -> dict:
+    """The atlas of boundaries {attribute: {space: record}} (every attribute with both spaces, one
+    config and t_0), in the order of ``records``; phi: (A, A) label correlations, or None."""
+    names = list(records)
+    if len(names) < 2:
+        raise UserError(f"an atlas needs at least two attributes with z and h boundaries, got {len(names)}")
+    for name, spaces in records.items():
+        if set(spaces) != set(SPACES):
+            raise UserError(f"attribute '{name}' has boundaries of {', '.join(sorted(spaces))} only; "
+                            "the atlas needs both z and h")
+    firsts = [spaces["z"] for spaces in records.values()]
+    for what in ("config_name", "t_0"):
+        values = sorted({str(getattr(r, what)) for r in firsts})
+        if len(values) > 1:
+            raise UserError(f"the boundaries are of several {what.replace('_', ' ')}s ({', '.join(values)}); "
+                            "an atlas takes one")
+    cosines = {space: cosine_matrix(np.stack([records[n][space].normal for n in names])) for space in SPACES}
+    held = holds(cosines, names, HOLD_THRESHOLD)
+    per_attribute = {}
+    for name in names:
+        z = records[name]["z"]
+        per_attribute[name] = {
+            "train_acc": {space: records[name][space].train_acc for space in SPACES},
+            "test_acc": {space: records[name][space].test_acc for space in SPACES},
+            "n_train": z.n_train, "n_test": z.n_test, "n_pos": z.n_pos, "n_neg": z.n_neg, "holds": held[name]}
+    return {"format_version": ATLAS_FORMAT, "config_name": firsts[0].config_name, "t_0": firsts[0].t_0,
+            "attributes": names, "cosines": {space: _matrix(c) for space, c in cosines.items()},
+            "phi": None if phi is None else _matrix(phi), "hold_threshold": HOLD_THRESHOLD,
+            "per_attribute": per_attribute, "skipped": skipped or {}}
+
+
+def write_atlas(folder: str | Path, atlas: dict) -> tuple[Path, Path]:
+    """Write ``atlas.json`` and ``atlas.png`` into ``folder``; returns their paths."""
+    from utils.io.plots import atlas_picture
+
+    folder = Path(folder)
+    write_json(folder / ATLAS_FILE, atlas)
+    atlas_picture(atlas, folder / ATLAS_PICTURE)
+    return folder / ATLAS_FILE, folder / ATLAS_PICTURE
+
+
+def load_atlas(path: str | Path) -> dict:
+    """An atlas from ``atlas.json`` or a folder holding one; UserError if it is missing or malformed."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ATLAS_FILE
+    if not path.is_file():
+        raise UserError(f"no atlas at {path}; write one with --boundary_search --edit_attr all or "
+                        "python -m scripts.boundary_tools atlas DIR")
+    atlas = read_json(path, "atlas file", MAX_ATLAS_BYTES)
+    names = atlas.get("attributes") if isinstance(atlas, dict) else None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) \
+            or not isinstance(atlas.get("per_attribute"), dict) \
+            or not all(isinstance(atlas["per_attribute"].get(n, {}).get("holds"), list) for n in names):
+        raise UserError(f"atlas file {path} is not an atlas (no 'attributes' list with their 'holds')")
+    if int(atlas.get("format_version", 0) or 0) > ATLAS_FORMAT:
+        raise UserError(f"atlas file {path} has format version {atlas['format_version']}, newer than this code "
+                        f"reads ({ATLAS_FORMAT}); update BoundaryDiffusion")
+    return atlas
+
+
+def suggested_holds(atlas_or_dir: dict | str | Path, attribute: str) -> list[str]:
+    """The attributes the atlas suggests holding fixed when editing ``attribute`` (case-insensitive):
+    those whose normals reach |cos| >= the atlas's threshold with its normal, in z or h, largest
+    first. atlas_or_dir: an atlas dict, an ``atlas.json`` or a folder holding one. UserError for an
+    attribute the atlas does not have."""
+    atlas = atlas_or_dir if isinstance(atlas_or_dir, dict) else load_atlas(atlas_or_dir)
+    by_lower = {n.lower(): n for n in atlas["attributes"]}
+    if attribute.lower() not in by_lower:
+        raise UserError(f"the atlas has no attribute '{attribute}' (it has: {', '.join(atlas['attributes'])})")
+    return list(atlas["per_attribute"][by_lower[attribute.lower()]]["holds"])
+
+
+def atlas_from_dir(folder: str | Path, config_name: str | None = None, t_0: int | None = None) -> dict:
+    """The atlas of the boundary files in ``folder`` (e.g. the original's, imported with
+    ``boundary_tools import-sav``): of each attribute and space the newest by save number (as the
+    edit modes pick), for the one config and t_0 there, or the ones given. Phi is null (no labels)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of boundary files")
+    records: dict[tuple, dict[str, tuple[Path, BoundaryRecord]]] = {}
+    configs = {config_name} if config_name else {r.config_name for _, r in _all_records(folder)}
+    for config in sorted(configs):
+        for space, hits in matching_boundaries(folder, config, t_0=t_0).items():
+            for path, record in hits:
+                key = (record.config_name, record.t_0, record.attribute.lower())
+                best = records.setdefault(key, {}).get(space)
+                if best is None or (save_number(path), path.name) > (save_number(best[0]), best[0].name):
+                    records[key][space] = (path, record)
+    groups = sorted({key[:2] for key in records})
+    if not groups:
+        raise UserError(f"no boundary files in {folder}")
+    if len(groups) > 1:
+        raise UserError(f"{folder} holds boundaries of several configs or t_0 values "
+                        f"({', '.join(f'{c} t_0 {t}' for c, t in groups)}); choose one with --config_name / --t_0")
+    chosen = {spaces["z"][1].attribute: {space: hit[1] for space, hit in spaces.items()}
+              for key, spaces in sorted(records.items()) if set(spaces) == set(SPACES)}
+    return atlas_from_records(chosen)
+
+
+def _all_records(folder: Path):
+    """(path, record) of every file in ``folder`` that loads as a boundary."""
+    for path in sorted(folder.glob("*.npz")):
+        try:
+            yield path, load_boundary(path)
+        except (UserError, OSError):
+            continue
