@@ -28,6 +28,8 @@ from runners.app_state import (MAX_SWEEP, AttributeTable, Cancelled, EditService
 from runners.edit_description import UNITS, auto_span, relative_scale
 from utils.config import Config
 from utils.errors import UserError
+from utils.core.atlas import HOLD_THRESHOLD
+from utils.io.atlas import load_atlas
 from utils.io.boundary_files import BoundaryRecord, auto_range_problem
 from utils.io.files import new_partial_folder, remove_stale_partials
 
@@ -37,7 +39,6 @@ INSTALL = "pip install -r requirements-ui.txt"
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "imgs"
 MAX_UPLOAD = "50mb"          # larger uploads are refused by Gradio with a message
-ENTANGLED_COS = 0.3          # |cos| of two normals above which the page warns that their edits interact
 MAX_MOVES_TEXT = 10_000      # characters of /edit_many's moves given as JSON text
 STOP_WAIT = 60.0             # seconds a stopping server waits for its jobs (each ends at its next network call)
 # Command-line words in the engine's messages, and what the page calls the same thing.
@@ -85,30 +86,44 @@ def relative_range(record: BoundaryRecord | None, absolute: tuple[float, float])
     return (lo - 1.0, hi + 1.0) if lo == hi else (lo, hi)
 
 
-def cosine_view(names: list[str], cosines: dict) -> str:
+def cosine_view(names: list[str], cosines: dict, threshold: float = HOLD_THRESHOLD) -> str:
     """Markdown: per space the cosine table of the attributes' normals, and a warning naming each
-    pair with |cos| above ``ENTANGLED_COS`` (moving one moves the other unless it is held)."""
+    pair with |cos| above ``threshold`` (moving one moves the other unless it is held)."""
     parts = []
     for space, matrix in cosines.items():
         rows = [f"| {space} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         rows += [f"| {a} | " + " | ".join(f"{matrix[i][j]:+.2f}" for j in range(len(names))) + " |"
                  for i, a in enumerate(names)]
         parts.append("\n".join(rows))
-    warning = entanglement_warning(names, cosines)
+    warning = entanglement_warning(names, cosines, threshold)
     return "**Cosines of the normals**\n\n" + "\n\n".join(parts) + "\n\n" + (
-        warning or f"No pair above |cos| {ENTANGLED_COS:g}: each slider moves its own attribute.")
+        warning or f"No pair above |cos| {threshold:g}: each slider moves its own attribute.")
 
 
-def entanglement_warning(names: list[str], cosines: dict) -> str | None:
-    """A plain warning naming each pair of attributes whose normals have |cos| above
-    ``ENTANGLED_COS`` in some space, or None."""
+def entanglement_warning(names: list[str], cosines: dict, threshold: float = HOLD_THRESHOLD) -> str | None:
+    """A plain warning naming each pair of attributes whose normals have |cos| above ``threshold``
+    (the atlas's hold threshold) in some space, or None."""
     pairs = [f"{names[i]} and {names[j]} ({space}: cos {matrix[i][j]:+.2f})"
              for space, matrix in cosines.items() for i in range(len(names)) for j in range(i + 1, len(names))
-             if abs(matrix[i][j]) > ENTANGLED_COS]
+             if abs(matrix[i][j]) > threshold]
     if not pairs:
         return None
     return ("Warning: entangled attributes: " + "; ".join(pairs) + ". Moving one moves the other along, unless the "
             "other is held or moved too (the joint move sets both).")
+
+
+def atlas_threshold(boundary_dir: Path) -> float:
+    """The |cos| above which two attributes are called entangled: the hold threshold of the boundary
+    folder's atlas (``atlas.json``) when it has one, else the atlas's default."""
+    if not (Path(boundary_dir) / "atlas.json").is_file():
+        return HOLD_THRESHOLD
+    try:
+        threshold = float(load_atlas(boundary_dir).get("hold_threshold", HOLD_THRESHOLD))
+    except (UserError, TypeError, ValueError) as exc:
+        log.warning("the atlas in %s cannot be used (%s); entanglement is |cos| above %g", boundary_dir, exc,
+                    HOLD_THRESHOLD)
+        return HOLD_THRESHOLD
+    return threshold if 0 < threshold < 1 else HOLD_THRESHOLD
 
 
 def parse_moves(moves) -> dict:
@@ -252,6 +267,7 @@ class WebApp:
         self.service = EditService(model, self.table, self.store, n_inv_step or self.config.edit.n_inv_step,
                                    batch_sizes, cache_root, precision, allowed_roots=[uploads, EXAMPLES])
         self.default_t_0 = t_0 if t_0 is not None else self.config.edit.t_0
+        self.entangled = atlas_threshold(Path(boundary_dir))
         self.attribute = attribute
         self.blocks = self._build(gr)
         self.url: str | None = None
@@ -284,8 +300,7 @@ class WebApp:
         return (str(result.edits[0]), str(result.original), str(result.reconstruction), self._caption(result),
                 result.info, [str(p) for p in shown])
 
-    @staticmethod
-    def _caption(result: Result) -> str:
+    def _caption(self, result: Result) -> str:
         i = result.info
         single = len(i["attributes"]) == 1
         source = ", ".join(f"{s}.n = {v:+.2f}" if single else
@@ -293,7 +308,7 @@ class WebApp:
                            for s, v in i["source_distances"].items())
         held = f"; {', '.join(i['held'])} held" if i["held"] else ""
         how = "inversion kept from before" if i["inversion_cached"] else "inverted now"
-        warning = "".join(f" {w}" for w in {entanglement_warning(c["names"], {s: c["matrix"]})
+        warning = "".join(f" {w}" for w in {entanglement_warning(c["names"], {s: c["matrix"]}, self.entangled)
                                              for s, c in i["cosines"].items()} if w)
         reached = "" if single or len(i["targets"]) != 1 else " Set: " + "; ".join(
             f"{a} " + ", ".join(f"{s} {v:+.2f}" for s, v in per_space.items())
@@ -447,7 +462,8 @@ class WebApp:
                                                                 "relative"), progress, sweep=False)
                 names = next(iter(result.info["cosines"].values()))["names"]
                 return (*self._shown_edit(result),
-                        cosine_view(names, {s: c["matrix"] for s, c in result.info["cosines"].items()}))
+                        cosine_view(names, {s: c["matrix"] for s, c in result.info["cosines"].items()},
+                                    self.entangled))
 
             def sweep(image, attribute, k=config.edit.edit_img_number, start=lo, end=hi, space="both", hold=(),
                       steps=config.edit.n_test_step, seed=1234, eta=1.0, align=bool(config.data.align_face),

@@ -32,8 +32,8 @@ from gradio_client import Client, handle_file  # noqa: E402  (comes with gradio)
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from models.loading import load_model  # noqa: E402
-from runners.app import (WebApp, check_address, entanglement_warning, exposure_warning, page_message,  # noqa: E402
-                         slider_range)
+from runners.app import (WebApp, atlas_threshold, check_address, entanglement_warning, exposure_warning,  # noqa: E402
+                         page_message, slider_range)
 from runners.app_state import (JOBS_KEPT, MAX_HELD, MAX_IMAGES_PER_SESSION, AttributeTable,  # noqa: E402
                                Cancelled, EditService, Prepared, Request, SessionStore)
 from runners.editor import Editor  # noqa: E402
@@ -631,3 +631,21 @@ def test_a_two_attribute_sweep_is_the_command_lines_grid(client, tmp_path):
             "2", "--n_test_step", "10", "--gif", "--img_path", str(DIGIT), "--exp", str(tmp_path / "cli"), "--no_cache"]
     assert cli.main(argv) == 0
     np.testing.assert_array_equal(pixels(grid), pixels(tmp_path / "cli" / "edit" / "grid.png"))
+
+
+def test_the_entanglement_threshold_is_the_atlas_s(tmp_path):
+    """Without an atlas the threshold is the atlas's default (0.3); with one, its hold threshold:
+    at 0.05, the shipped slant and thick normals (h: cos +0.08) are named as entangled."""
+    from utils.io.atlas import atlas_from_dir, write_atlas
+
+    for name in ("slant", "thick"):
+        for space in ("z", "h"):
+            path = REPO / "boundary" / f"digits_{name}_t200_{space}.npz"
+            (tmp_path / path.name).write_bytes(path.read_bytes())
+    assert atlas_threshold(tmp_path) == 0.3
+    atlas = atlas_from_dir(tmp_path)
+    write_atlas(tmp_path, {**atlas, "hold_threshold": 0.05})
+    assert atlas_threshold(tmp_path) == 0.05
+    names = atlas["attributes"]
+    warning = entanglement_warning(names, {s: atlas["cosines"][s] for s in ("z", "h")}, atlas_threshold(tmp_path))
+    assert "slant and thick (h: cos +0.08)" in warning and "(z:" not in warning  # z: cos -0.01
