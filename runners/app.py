@@ -1,9 +1,11 @@
 """The web app, ``python main.py --serve``: Gradio wiring around ``runners.app_state.EditService``.
 
 One model, loaded once; per browser tab (session) the uploaded images inverted once each. Moving the
-distance slider denoises that one edit from t_0; 'Sweep' renders K distances as the command line's
-labelled strip and GIF. The pixels equal the command line's for the same settings (same engine, seeds
-and writer). Named endpoints for ``gradio_client``: ``/edit`` and ``/sweep`` (docs/app.md).
+distance slider denoises that one edit from t_0; the several-attribute sliders (relative unit, hold
+boxes) edit with the joint move of every non-zero one; 'Sweep' renders K distances (or a K x K grid of
+two attributes) as the command line's labelled strip and GIF. Every edit is built by the one builder
+(``runners.edit_description``), so the pixels equal the command line's for the same settings. Named
+endpoints for ``gradio_client``: ``/edit``, ``/edit_many``, ``/sweep`` and ``/stop`` (docs/app.md).
 """
 import argparse
 import errno
