@@ -2,7 +2,8 @@
 Gradio: the attributes it offers (a server-side table, so that nothing the browser sends becomes a
 path), the sessions with their inverted images (least recently used dropped past a limit), and the
 edits and sweeps, done by the editing engine (``runners.editor``) exactly as the command line does
-them: the same reader, inversion batch, ``EditPlan``, seed keys, reconstruction and writer.
+them: the same reader, inversion batch, edit description (``runners.edit_description``, the one
+builder of edits), seed keys, reconstruction and writer.
 
 An image is inverted once per session (and through the latent cache when it is on); an edit then
 denoises only its own distance from t_0, and the reconstruction shown beside it is kept per number
@@ -14,6 +15,8 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import math
+import secrets
 import shutil
 import threading
 import time
@@ -22,30 +25,101 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import torch
 from torch import Tensor
 
 from models.loading import LoadedModel
-from runners.editor import MOVED, BoundaryChoice, Directions, EditPlan, Editor, ImageReader, restrict
-from runners.outputs import SequenceWriter
+from runners.edit_description import (MAX_ATTRIBUTES, MOVED, UNITS, Denoising, EditDescription, EditRequest, Move,
+                                      describe_edit, spaced)
+from runners.editor import Editor, ImageReader
+from runners.outputs import SequenceWriter, edit_file_name
 from utils.core.diffusion import Inversion
 from utils.core.seeds import image_key
 from utils.errors import UserError
-from utils.io.boundary_files import discover_boundaries, matching_boundaries
+from utils.io.boundary_files import BoundaryRecord, discover_boundaries, matching_boundaries
 
 log = logging.getLogger(__name__)
 
 MAX_IMAGES_PER_SESSION = 4   # inverted images a session keeps (least recently used dropped first)
 MAX_SESSIONS = 16            # sessions kept at once (the least recently active one dropped first)
 MAX_SWEEP = 32               # distances of one sweep
-JOBS_KEPT = 2                # output folders a session keeps (Gradio copies what it shows)
+JOBS_KEPT = 2                # output folders a session keeps (Gradio serves them from where they are)
+MAX_HELD = 16                # attributes one request may hold fixed
+MAX_TEXT = 200               # characters of a text argument (an attribute or space name)
 
 #: (network calls done, calls in this stage, stage name), after every network call
 ProgressFn = Callable[[int, int, str], None]
 
 
 class Cancelled(Exception):
-    """The user pressed stop: raised from the network-call hook, so the work ends at the next call."""
+    """The user pressed stop (or the server is stopping): raised from the network-call hook and
+    between the stages of a job, so the work ends at the next call or stage."""
+
+
+# ---------------------------------------------------------------------------------------- arguments
+# What the page or an API client sends is checked here, before any work: its type, that numbers are
+# whole where they count something, finite and in range, and that lists are bounded.
+def _shown(value) -> str:
+    """``value`` for a message: its repr, cut to a few dozen characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def whole_number(value, what: str, low: int, high: int) -> int:
+    """``value`` as an int in [low, high]: an int or a float without a fractional part (2.0, not
+    2.5, a string or a bool); UserError naming ``what`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{what} must be a whole number, got {_shown(value)}")
+    if isinstance(value, float) and not value.is_integer():  # also nan and infinity
+        raise UserError(f"{what} must be a whole number, got {value!r}")
+    number = int(value)
+    if not low <= number <= high:
+        raise UserError(f"{what} must be in [{low}, {high}], got {number}")
+    return number
+
+
+def real_number(value, what: str, low: float = -math.inf, high: float = math.inf) -> float:
+    """``value`` as a finite float in [low, high] (an int or a float, not a string or a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{what} must be a number, got {_shown(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise UserError(f"{what} must be a finite number, got {value!r}")
+    if not low <= number <= high:
+        raise UserError(f"{what} must be in [{low:g}, {high:g}], got {number:g}")
+    return number
+
+
+def short_text(value, what: str) -> str:
+    """``value`` as a string of at most ``MAX_TEXT`` characters."""
+    if not isinstance(value, str):
+        raise UserError(f"{what} must be text, got {_shown(value)}")
+    if len(value) > MAX_TEXT:
+        raise UserError(f"{what} must be at most {MAX_TEXT} characters, got {len(value)}")
+    return value
+
+
+def name_list(value, what: str, limit: int = MAX_HELD) -> tuple[str, ...]:
+    """``value`` as a tuple of distinct names (case-insensitive, first spelling kept), at most
+    ``limit``: None or an empty list is none, one string is one name (not its letters)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{what} must be a list of attribute names, got {_shown(value)}")
+    if len(value) > limit:
+        raise UserError(f"{what}: at most {limit} attributes, got {len(value)}")
+    names: dict[str, str] = {}
+    for item in value:
+        names.setdefault(short_text(item, what).lower(), item)
+    return tuple(names.values())
+
+
+def flag(value, what: str) -> bool:
+    """``value`` as a bool (a checkbox): True or False only."""
+    if not isinstance(value, bool):
+        raise UserError(f"{what} must be true or false, got {_shown(value)}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------- attributes
@@ -71,6 +145,7 @@ class AttributeTable:
 
     def __init__(self, boundary_dir: Path, model: LoadedModel, t_0: int | None = None):
         config, shapes = model.config, model.shapes
+        self.t_0 = config.edit.t_0 if t_0 is None else t_0  # what a bare name means, as on the command line
         found = matching_boundaries(boundary_dir, config.name, t_0=t_0, checkpoint_sha256=model.checkpoint_sha256,
                                     shapes=shapes)
         pairs = sorted({(r.attribute.lower(), r.t_0) for hits in found.values() for _, r in hits})
@@ -107,32 +182,38 @@ class AttributeTable:
         return keys[0] if keys else None
 
     def get(self, key: str) -> Attribute:
-        try:
+        """The attribute named ``key``: ``<attribute>@<t_0>``, or a bare name, which means the
+        config's t_0 (or the one ``--t_0`` chose), as ``--edit_attr`` does; case-insensitive."""
+        key = short_text(key, "attribute")
+        if key in self.entries:
             return self.entries[key]
-        except (KeyError, TypeError):
-            raise UserError(f"unknown attribute {key!r} (choices: {', '.join(self.entries) or 'none'})") from None
+        name, at, t_0 = key.partition("@")
+        wanted = f"{name}@{t_0 if at else self.t_0}".lower()
+        for entry in self.entries.values():
+            if entry.key.lower() == wanted:
+                return entry
+        raise UserError(f"unknown attribute {_shown(key)} (choices: {', '.join(self.entries) or 'none'}; a bare "
+                        f"name means t_0 {self.t_0})")
 
-    def choice(self, key: str, space: str, held: Sequence[str] = ()) -> BoundaryChoice:
-        """The boundary files of an edit of ``key`` in ``space`` with the attributes ``held`` fixed,
-        as the command line builds them (``--edit_attr``, ``--edit_space``, ``--condition_attr``)."""
-        primary = self.get(key)
-        if space not in MOVED:
-            raise UserError(f"unknown space {space!r} (choices: both, z, h)")
-        if space == "both" and len(primary.paths) == 1:
-            space = next(iter(primary.paths))  # only one space was fitted
-        missing = [s for s in MOVED[space] if s not in primary.paths]
-        if missing:
-            raise UserError(f"{primary.name} has no {missing[0]} boundary at t_0 {primary.t_0}")
-        conditions: dict[str, list[Path]] = {"z": [], "h": []}
-        for name in held:
-            match = [a for a in self.entries.values() if a.name.lower() == str(name).lower() and a.t_0 == primary.t_0]
+    def drop(self, key: str) -> None:
+        """Stop offering ``key`` (its files cannot be used)."""
+        self.entries.pop(key, None)
+
+    def at(self, t_0: int) -> list[Attribute]:
+        """The attributes offered at ``t_0``, in the table's order."""
+        return [a for a in self.entries.values() if a.t_0 == t_0]
+
+    def held_paths(self, names: Sequence[str], t_0: int) -> dict[str, tuple[Path, ...]]:
+        """The boundary files of the attributes ``names`` held fixed at ``t_0``, per space (the
+        command line's ``--condition_attr``); UserError naming one that has none."""
+        paths: dict[str, list[Path]] = {"z": [], "h": []}
+        for name in names:
+            match = [a for a in self.at(t_0) if a.name.lower() == str(name).lower()]
             if not match:
-                raise UserError(f"cannot hold {name!r} fixed: no boundary of it at t_0 {primary.t_0}")
-            for s, path in match[0].paths.items():
-                conditions[s].append(path)
-        choice = BoundaryChoice(z=primary.paths.get("z"), h=primary.paths.get("h"),
-                                conditions_z=tuple(conditions["z"]), conditions_h=tuple(conditions["h"]))
-        return restrict(choice, space)
+                raise UserError(f"cannot hold {_shown(name)} fixed: no boundary of it at t_0 {t_0}")
+            for space, path in match[0].paths.items():
+                paths[space].append(path)
+        return {space: tuple(found) for space, found in paths.items() if found}
 
 
 # ---------------------------------------------------------------------------------------- sessions
@@ -147,23 +228,16 @@ class Prepared:
 
 @dataclass
 class Session:
-    """One browser tab (or API client): its inverted images, its stop flag and its output folders."""
+    """One browser tab (or API client): its inverted images, its stop flags, its output folders
+    (under a random name: a file is served only to whoever was sent its path) and the uploads its
+    kept images came from."""
     number: int                   # the server's own name for it (never the browser's session id)
     folder: Path
     max_images: int
     images: OrderedDict = field(default_factory=OrderedDict)
     running: set = field(default_factory=set)   # the stop flags of its jobs in progress
     jobs: itertools.count = field(default_factory=itertools.count)
-
-    @contextlib.contextmanager
-    def job(self) -> Iterator[threading.Event]:
-        """A stop flag for one job, set by ``stop`` while the job runs."""
-        flag = threading.Event()
-        self.running.add(flag)
-        try:
-            yield flag
-        finally:
-            self.running.discard(flag)
+    uploads: OrderedDict = field(default_factory=OrderedDict)  # upload paths, least recently used first
 
     def stop(self) -> None:
         for flag in list(self.running):
@@ -194,26 +268,97 @@ class Session:
 
 class SessionStore:
     """The sessions, at most ``max_sessions`` (least recently active dropped first, with its files),
-    each keeping at most ``max_images`` inverted images: memory is bounded whatever the clients do."""
+    each keeping at most ``max_images`` inverted images: memory is bounded whatever the clients do.
 
-    def __init__(self, root: Path, max_sessions: int = MAX_SESSIONS, max_images: int = MAX_IMAGES_PER_SESSION):
+    ``upload_root``: where the web framework stores uploads. An upload that no session's kept
+    images came from any more is deleted, so that its copies do not pile up (the framework's own
+    clean-up only removes files after half an hour). The store also counts the jobs in progress,
+    so that ``close`` can stop them and wait for them before the server exits."""
+
+    def __init__(self, root: Path, max_sessions: int = MAX_SESSIONS, max_images: int = MAX_IMAGES_PER_SESSION,
+                 upload_root: Path | None = None):
         self.root, self.max_sessions, self.max_images = Path(root), max_sessions, max_images
+        self.upload_root = None if upload_root is None else Path(upload_root).resolve()
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._numbers = itertools.count()
         self._lock = threading.Lock()
+        self._upload_users: dict[Path, set[int]] = {}
+        self._jobs = threading.Condition()
+        self._running = 0
+        self._closing = False
 
     def get(self, session_id: str) -> Session:
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None:
                 number = next(self._numbers)
-                session = Session(number, self.root / f"session{number}", self.max_images)
+                session = Session(number, self.root / secrets.token_hex(16), self.max_images)
                 self._sessions[session_id] = session
             self._sessions.move_to_end(session_id)
             while len(self._sessions) > self.max_sessions:
                 _, old = self._sessions.popitem(last=False)
-                shutil.rmtree(old.folder, ignore_errors=True)
+                self._forget(old)
             return session
+
+    @contextlib.contextmanager
+    def job(self, session: Session) -> Iterator[threading.Event]:
+        """A stop flag for one job of ``session``, set by ``stop`` (or ``close``) while it runs."""
+        flag = threading.Event()
+        with self._jobs:
+            if self._closing:
+                raise Cancelled("the server is stopping")
+            self._running += 1
+            session.running.add(flag)
+        try:
+            yield flag
+        finally:
+            with self._jobs:
+                session.running.discard(flag)
+                self._running -= 1
+                self._jobs.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Refuse new jobs, stop those in progress, and wait up to ``timeout`` seconds for them to
+        end (each ends at its next network call). Whether none is left."""
+        with self._jobs:
+            self._closing = True
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.stop()
+        with self._jobs:
+            return self._jobs.wait_for(lambda: self._running == 0, timeout)
+
+    def use_upload(self, session: Session, path: Path) -> None:
+        """Note that ``session`` keeps an image read from ``path``; of its uploads it keeps those of
+        its last ``max_images`` images, and an upload no session keeps is deleted."""
+        if self.upload_root is None or not path.is_relative_to(self.upload_root):
+            return  # a bundled example
+        with self._lock:
+            session.uploads[path] = None
+            session.uploads.move_to_end(path)
+            self._upload_users.setdefault(path, set()).add(session.number)
+            while len(session.uploads) > self.max_images:
+                old, _ = session.uploads.popitem(last=False)
+                self._release(old, session.number)
+
+    def _release(self, path: Path, number: int) -> None:
+        users = self._upload_users.get(path, set())
+        users.discard(number)
+        if users:
+            return
+        self._upload_users.pop(path, None)
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the framework's folder for that upload, once empty
+            path.parent.rmdir()
+
+    def _forget(self, session: Session) -> None:
+        """A session dropped (lock held): its work stops, its files and unshared uploads go."""
+        session.stop()
+        shutil.rmtree(session.folder, ignore_errors=True)
+        for path in list(session.uploads):
+            self._release(path, session.number)
+        session.uploads.clear()
 
     def stop(self, session_id: str) -> None:
         """Stop the session's work in progress (at its next network call)."""
@@ -226,9 +371,8 @@ class SessionStore:
         """Forget a session (its tab closed): its work stops, its images and files go."""
         with self._lock:
             session = self._sessions.pop(session_id, None)
-        if session is not None:
-            session.stop()
-            shutil.rmtree(session.folder, ignore_errors=True)
+            if session is not None:
+                self._forget(session)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -245,10 +389,16 @@ def _file_digest(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Request:
-    """One edit or sweep, as the page or the API sends it (after the table lookup of ``attribute``)."""
-    attribute: str
+    """One edit or sweep, its arguments checked (``EditService.request``): the moved attributes
+    (keys of the table, all at one t_0), each with its (start, end) (equal: one value); K points
+    along them (``grid``: K x K over exactly two); the space; the attributes held fixed (at most
+    ``MAX_HELD`` distinct names, none of them moved); the unit of the values; the denoising."""
+    moves: tuple[tuple[str, float, float], ...]
+    k: int = 1
+    grid: bool = False
     space: str = "both"
     held: tuple[str, ...] = ()
+    unit: str = "absolute"
     steps: int | None = None      # None: the config's n_test_step
     seed: int = 1234
     eta: float = 1.0
@@ -279,9 +429,9 @@ class EditService:
         self.n_inv_step, self.cache_root, self.precision = n_inv_step, cache_root, precision
         self.bs_invert, self.bs_edit = batch_sizes
         self.allowed_roots = [Path(r).resolve() for r in allowed_roots]
+        self.output_root = store.root.resolve()  # the sessions' outputs are never read as images
         self._idle: dict[int, list[Editor]] = {}   # per t_0, editors not in use
         self._readers: dict[bool | None, ImageReader] = {}
-        self._directions: OrderedDict[tuple, Directions] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"inversions": 0, "edits": 0, "sweeps": 0, "network_calls": 0}
 
@@ -316,17 +466,23 @@ class EditService:
             with self._lock:
                 self._idle[t_0].append(editor)
 
-    def directions_for(self, attribute: str, space: str = "both") -> Directions:
-        """The checked directions of an attribute (for the slider's range)."""
-        with self.editor(self.table.get(attribute).t_0, threading.Event(), None) as editor:
-            return self.directions(editor, Request(attribute, space))
+    def primary_record(self, attribute: str) -> BoundaryRecord:
+        """The checked boundary record of an attribute's primary space (z, or h when only h was
+        fitted): the one its slider's range comes from."""
+        entry = self.table.get(attribute)
+        space = "z" if "z" in entry.paths else "h"
+        with self.editor(entry.t_0, threading.Event(), None) as editor:
+            return editor.check_boundary(entry.paths[space], space, f"{entry.name} ({space})")
 
     @staticmethod
-    def spaced(start: float, end: float, k: int) -> tuple[float, ...]:
-        """K distances from ``start`` to ``end``, spaced as the command line spaces them."""
-        if not all(map(lambda v: abs(v) < float("inf"), (start, end, end - start))):
-            raise UserError(f"the sweep's range must be finite, got {start} .. {end}")
-        return EditPlan.spaced(start, end, k)
+    def spaced(start, end, k) -> tuple[float, ...]:
+        """K (a whole number in [1, ``MAX_SWEEP``]) distances from ``start`` to ``end`` (finite),
+        spaced as the command line spaces them."""
+        k = whole_number(k, "K", 1, MAX_SWEEP)
+        start, end = real_number(start, "the sweep's start"), real_number(end, "the sweep's end")
+        if not math.isfinite(end - start):
+            raise UserError(f"the sweep's range must be finite, got {start:g} .. {end:g}")
+        return spaced(start, end, k)
 
     def reader(self, align: bool | None) -> ImageReader:
         with self._lock:
@@ -334,26 +490,64 @@ class EditService:
                 self._readers[align] = ImageReader.for_config(self.config, align)
             return self._readers[align]
 
-    def directions(self, editor: Editor, request: Request) -> Directions:
-        key = (request.attribute, request.space, tuple(sorted(h.lower() for h in request.held)), editor.t_0)
-        with self._lock:
-            found = self._directions.get(key)
-        if found is None:
-            found = editor.directions(self.table.choice(request.attribute, request.space, request.held))
-            with self._lock:
-                self._directions[key] = found
-                while len(self._directions) > 32:
-                    self._directions.popitem(last=False)
-        return found
-
     def check_path(self, path: str | Path | None) -> Path:
         """``path`` if it lies in an allowed folder (Gradio's copy of an upload, a bundled example)."""
         if not path:
             raise UserError("no image: upload one or pick an example")
+        if not isinstance(path, (str, Path)) or len(str(path)) > 4096:
+            raise UserError(f"the image must be an uploaded file, got {_shown(path)}")
         resolved = Path(path).resolve()
-        if not any(resolved.is_relative_to(root) for root in self.allowed_roots):
+        if not any(resolved.is_relative_to(root) for root in self.allowed_roots) \
+                or resolved.is_relative_to(self.output_root):
             raise UserError("the image must be uploaded (or be one of the examples)")
         return resolved
+
+    def request(self, moves, space="both", hold=(), steps=None, seed=1234, eta=1.0, align=None, unit="absolute",
+                k=1, grid=False, bounds: tuple[float, float] = (-math.inf, math.inf)) -> Request:
+        """A ``Request`` from what the page or an API client sent, every argument checked (type,
+        range, a whole number where one is counted, lists bounded), before any work: UserError.
+
+        moves: {attribute: value or [start, end]} (a bare name means the config's t_0), every
+        value finite and in ``bounds``; the attributes at one t_0, none also held."""
+        if not isinstance(moves, dict) or not moves:
+            raise UserError(f"the attributes to move must be an object {{attribute: distance}}, got {_shown(moves)}")
+        if len(moves) > MAX_HELD:
+            raise UserError(f"at most {MAX_HELD} attributes can be moved at once, got {len(moves)}")
+        checked, t_0s = [], set()
+        for name, value in moves.items():
+            entry = self.table.get(name)
+            ends = value if isinstance(value, (list, tuple)) else [value]
+            if len(ends) not in (1, 2):
+                raise UserError(f"{entry.name}: give one distance or [start, end], got {_shown(value)}")
+            start, end = (real_number(v, f"the distance of {entry.name}", *bounds) for v in (ends[0], ends[-1]))
+            checked.append((entry.key, start, end))
+            t_0s.add(entry.t_0)
+        if len(t_0s) > 1:
+            raise UserError(f"the attributes moved together must share one t_0, got {', '.join(k for k, _, _ in checked)}")
+        if len({key for key, _, _ in checked}) < len(checked):
+            raise UserError("an attribute is named twice: give it one distance")
+        t_0 = t_0s.pop()
+        space = short_text(space, "space")
+        if space not in MOVED:
+            raise UserError(f"unknown space {_shown(space)} (choices: {', '.join(MOVED)})")
+        unit = short_text(unit, "unit")
+        if unit not in UNITS:
+            raise UserError(f"unknown unit {_shown(unit)} (choices: {', '.join(UNITS)})")
+        held = name_list(hold, "hold fixed")
+        self.table.held_paths(held, t_0)  # each held name has boundaries at this t_0
+        moved = {self.table.get(key).name.lower() for key, _, _ in checked}
+        both = [h for h in held if h.lower() in moved]
+        if both:
+            raise UserError(f"{both[0]} cannot be moved and held at once")
+        if len(checked) + len(held) > MAX_ATTRIBUTES:
+            raise UserError(f"at most {MAX_ATTRIBUTES} attributes can be moved and held at once")
+        k = whole_number(k, "K", 1, MAX_SWEEP)
+        if grid and len(checked) != 2:
+            raise UserError(f"a two-attribute sweep takes exactly two attributes, got {len(checked)}")
+        return Request(tuple(checked), k, bool(grid), space, held, unit,
+                       None if steps is None else whole_number(steps, "steps", 2, t_0 + 1),
+                       whole_number(seed, "seed", 0, 2 ** 63 - 1), real_number(eta, "eta", 0.0),
+                       None if align is None else flag(align, "align"))
 
     def align_flag(self, align: bool | None) -> bool | None:
         """The reader's alignment: None (follow the config, as the command line's default) when
@@ -367,6 +561,7 @@ class EditService:
         path = self.check_path(path)
         align = self.align_flag(align)
         key = (_file_digest(path), align, editor.t_0)  # the same image uploaded again is found
+        self.store.use_upload(session, path)
         found = session.lookup(key)
         if found is not None:
             return found, True
@@ -377,57 +572,71 @@ class EditService:
         session.keep(key, prepared)
         return prepared, False
 
-    def reconstruction(self, editor: Editor, prepared: Prepared, plan: EditPlan, directions: Directions) -> Tensor:
-        key = (plan.n_test_step, directions.records["h"] is not None, plan.h_policy)
+    def reconstruction(self, editor: Editor, prepared: Prepared, description: EditDescription) -> Tensor:
+        denoising = description.denoising
+        key = (denoising.n_test_step, "h" in description.spaces, denoising.h_policy)
         if key not in prepared.reconstructions:
-            prepared.reconstructions[key] = editor.reconstruct(prepared.latents, plan, directions)[0]
+            prepared.reconstructions[key] = editor.reconstruct(prepared.latents, description)[0]
         return prepared.reconstructions[key]
 
-    def steps(self, request: Request, t_0: int) -> int:
-        steps = self.config.edit.n_test_step if request.steps is None else int(request.steps)
-        if not 2 <= steps <= t_0 + 1:
+    def edit_request(self, request: Request) -> EditRequest:
+        """The request as the one edit builder takes it (``runners.edit_description``): each
+        attribute's files from the table (nothing the browser sends becomes a path), the held
+        attributes' files as the command line's ``--condition_attr`` finds them, the command
+        line's denoising (its batch size, the h policy ``lagged``)."""
+        entries = [self.table.get(key) for key, _, _ in request.moves]
+        t_0 = entries[0].t_0
+        steps = self.config.edit.n_test_step if request.steps is None else request.steps
+        if not 2 <= steps <= t_0 + 1:  # the config's own count at another attribute's t_0
             raise UserError(f"steps must be in [2, {t_0 + 1}], got {steps}")
-        return steps
+        moves = tuple(Move(entry.name, start, end, paths=dict(entry.paths))
+                      for entry, (_, start, end) in zip(entries, request.moves))
+        return EditRequest(moves, Denoising(steps, request.eta, "lagged", request.seed, self.bs_edit), request.k,
+                           held_paths=self.table.held_paths(request.held, t_0), space=request.space,
+                           unit=request.unit, grid=request.grid)
 
-    def plan(self, request: Request, distances: Sequence[float], t_0: int) -> EditPlan:
-        if not all(torch.isfinite(torch.tensor(distances, dtype=torch.float64))):
-            raise UserError("distances must be finite numbers")
-        if not 0 <= request.seed < 2 ** 63:
-            raise UserError(f"seed must be an integer in [0, 2**63), got {request.seed}")
-        if not (request.eta >= 0 and request.eta < float("inf")):
-            raise UserError(f"eta must be >= 0, got {request.eta}")
-        return EditPlan(tuple(float(d) for d in distances), self.steps(request, t_0), float(request.eta),
-                        "lagged", int(request.seed), self.bs_edit)
-
-    def run(self, session: Session, path: str | Path | None, request: Request, distances: Sequence[float],
-            progress: ProgressFn | None = None, sweep: bool = False) -> Result:
-        """Edit the image at ``path`` to ``distances`` (one: a slider edit; several: a sweep, with the
-        command line's grid and GIF). Writes the command line's files into a fresh job folder."""
-        attribute = self.table.get(request.attribute)
+    def run(self, session: Session, path: str | Path | None, request: Request, progress: ProgressFn | None = None,
+            sweep: bool = False) -> Result:
+        """Edit the image at ``path`` as ``request`` says (one edit: a slider move; several: a
+        sweep, with the command line's grid and GIF). Writes the command line's files into a fresh
+        job folder. Everything is checked before any work; stop ends the job at its next network
+        call or stage (``Cancelled``)."""
+        edit_request = self.edit_request(request)
+        t_0 = self.table.get(request.moves[0][0]).t_0
+        path = self.check_path(path)
         start = time.perf_counter()
-        stage = {"name": "inverting"}
-        with session.job() as cancel, self.editor(attribute.t_0, cancel, progress, stage) as editor:
-            directions = self.directions(editor, request)
-            plan = self.plan(request, distances, attribute.t_0)
+        stage = {"name": "reading the boundaries"}
+        with self.store.job(session) as cancel, self.editor(t_0, cancel, progress, stage) as editor:
+            def stage_ends(name: str) -> None:
+                if cancel.is_set():
+                    raise Cancelled("stopped")
+                stage["name"] = name
+
+            stage_ends("reading the boundaries")
+            description = self.describe(editor, edit_request)
+            stage_ends("inverting")
             prepared, cached = self.prepare(session, editor, path, request.align)
             inverted = time.perf_counter()
-            stage["name"] = "reconstructing"
-            recon = self.reconstruction(editor, prepared, plan, directions)
-            stage["name"] = "editing"
+            stage_ends("reconstructing")
+            recon = self.reconstruction(editor, prepared, description)
+            stage_ends("editing")
             folder = session.job_folder()
-            writer = SequenceWriter([folder], [{"original": prepared.image, "reconstruction": recon}],
-                                    plan.distances, gif=sweep)
+            writer = SequenceWriter([folder], [{"original": prepared.image, "reconstruction": recon}], description,
+                                    gif=sweep)
             edit_start = time.perf_counter()
-            for batch in editor.edits(prepared.latents, directions, plan, [(prepared.key,)]):
+            for batch in editor.edits(prepared.latents, description, [(prepared.key,)]):
                 writer.add(batch, 0)
             done = time.perf_counter()
         self.stats["sweeps" if sweep else "edits"] += 1
-        edits = [folder / f"edit_{k:02d}_d{d:+.2f}.png" for k, d in enumerate(plan.distances)]
-        source = editor.source_distances(prepared.latents, directions)[0]
-        info = {"attribute": attribute.name, "t_0": attribute.t_0, "distances": list(plan.distances),
-                "steps": plan.n_test_step, "seed": plan.seed, "eta": plan.eta,
-                "spaces": [s for s in ("z", "h") if directions.records[s] is not None],
-                "held": [c["attribute"] for cs in directions.conditions.values() for c in cs],
+        edits = [folder / edit_file_name(description, k) for k in range(len(description))]
+        source = description.source_distances(prepared.latents)[0]
+        info = {"attribute": ", ".join(description.attributes), "attributes": list(description.attributes),
+                "t_0": t_0, "distances": description.distances(), "unit": request.unit,
+                "targets": [description.targets(k) for k in range(len(description))],
+                "steps": description.denoising.n_test_step, "seed": description.denoising.seed,
+                "eta": description.denoising.eta, "spaces": list(description.spaces), "held": list(description.held),
+                "cosines": {s: {"names": [*e.attributes, *e.held], "matrix": e.cosines.tolist()}
+                            for s, e in description.spaces.items()},
                 "source_distances": source, "inversion_cached": cached,
                 "prepare_seconds": inverted - start, "edit_seconds": done - edit_start,
                 "total_seconds": done - start}
@@ -435,3 +644,7 @@ class EditService:
             (folder / "grid.png").unlink(missing_ok=True)  # a one-edit strip: the page shows the three images
         return Result(folder / "original.png", folder / "reconstruction.png", edits,
                       folder / "grid.png" if sweep else None, folder / "edits.gif" if sweep else None, info)
+
+    def describe(self, editor: Editor, edit_request: EditRequest) -> EditDescription:
+        """The checked edit description (the boundary files read; a near-parallel pair refused)."""
+        return describe_edit(editor, edit_request, None)

@@ -82,20 +82,27 @@ def time_to_page(repeats: int) -> list[float]:
     return times
 
 
-def slider_moves(client, image: Path, attribute: str, steps: int, distances: list[float], align: bool = False) -> dict:
+def slider_moves(client, image: Path, attribute: str, steps: int, distances: list[float], align: bool = False,
+                 second: tuple[str, float] | None = None) -> dict:
     """Edit requests at ``distances`` after a first one (which inverts and reconstructs, not counted
-    in the moves): the time of each move as the client sees it, and the denoising alone."""
+    in the moves): the time of each move as the client sees it, and the denoising alone. ``second``:
+    (attribute, distance) moved with it, a two-attribute move through /edit_many."""
     from gradio_client import handle_file
 
+    def move(d: float) -> dict:
+        if second is None:
+            return client.predict(handle_file(str(image)), attribute, d, "both", [], steps, 1234, 1.0, align,
+                                  api_name="/edit")[4]
+        return client.predict(handle_file(str(image)), {attribute: d, second[0]: second[1]}, "both", [], steps, 1234,
+                              1.0, align, api_name="/edit_many")[4]
+
     start = time.perf_counter()
-    client.predict(handle_file(str(image)), attribute, distances[0], "both", [], steps, 1234, 1.0, align,
-                   api_name="/edit")
+    move(distances[0])
     first = time.perf_counter() - start
     seen, denoise = [], []
     for d in distances[1:]:
         start = time.perf_counter()
-        details = client.predict(handle_file(str(image)), attribute, d, "both", [], steps, 1234, 1.0, align,
-                                 api_name="/edit")[4]
+        details = move(d)
         seen.append(time.perf_counter() - start)
         denoise.append(details["edit_seconds"])
         assert details["inversion_cached"]
@@ -113,8 +120,31 @@ def digits(preview: int, moves: int) -> dict:
     try:
         client = Client(app.launch(port=free_port()), verbose=False)
         distances = list(np.linspace(-5.0, 0.0, moves + 1))
-        return {"default": slider_moves(client, DIGIT, "thick@200", model.config.edit.n_test_step, distances),
-                "preview": slider_moves(client, DIGIT, "thick@200", preview, distances)}
+        steps = model.config.edit.n_test_step
+        pair = ("slant@200", 1.0)  # two attributes: thick at each distance, slant at 1
+        return {"default": slider_moves(client, DIGIT, "thick@200", steps, distances),
+                "preview": slider_moves(client, DIGIT, "thick@200", preview, distances),
+                "two_attributes_default": slider_moves(client, DIGIT, "thick@200", steps, distances, second=pair),
+                "two_attributes_preview": slider_moves(client, DIGIT, "thick@200", preview, distances, second=pair)}
+    finally:
+        app.close()
+
+
+def files_after_edits(n: int) -> list[tuple[int, int]]:
+    """``n`` edits of the example digit through /edit in one session (2 steps): the number of files
+    in the app's folder after every 40 (Gradio's copies included)."""
+    from gradio_client import Client, handle_file
+
+    app = WebApp(load_model("digits.yml"), REPO / "boundary")
+    try:
+        client = Client(app.launch(port=free_port()), verbose=False)
+        counts = []
+        for i in range(n):
+            client.predict(handle_file(str(DIGIT)), "thick@200", -5 + 5 * i / max(n - 1, 1), "both", [], 2,
+                           api_name="/edit")
+            if (i + 1) % 40 == 0 or i + 1 == n:
+                counts.append((i + 1, sum(1 for f in app.root.rglob("*") if f.is_file())))
+        return counts
     finally:
         app.close()
 
@@ -170,6 +200,7 @@ def main() -> int:
     parser.add_argument("--starts", type=int, default=3, help="server starts timed")
     parser.add_argument("--skip_256", action="store_true")
     parser.add_argument("--full_256", action="store_true", help="also time a 256-px move at the default steps")
+    parser.add_argument("--files", type=int, default=0, help="also count the app's files after this many edits")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
 
@@ -189,6 +220,10 @@ def main() -> int:
               f"{row['move_median_seconds'] * 1000:.0f} ms, max {row['move_max_seconds'] * 1000:.0f} ms "
               f"(denoising {row['denoise_median_seconds'] * 1000:.0f} ms; first request with the inversion "
               f"{row['first_request_seconds']:.2f} s)")
+    if args.files:
+        results["files_after_edits"] = files_after_edits(args.files)
+        print("files in the app's folder after N edits: " + ", ".join(f"{n}: {c}" for n, c in
+                                                                       results["files_after_edits"]))
     if not args.skip_256:
         with tempfile.TemporaryDirectory() as tmp:
             row = results["256px"] = random_256(args.preview_256, args.full_256, Path(tmp))

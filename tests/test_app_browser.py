@@ -1,7 +1,9 @@
 """The web app in a real browser: ``python main.py --serve`` on a free port, headless Chromium (from
 the system's packages, driven by Playwright) uploads the example digit, sets the distance, and the
 edit the page shows -- its pixels read back from the page -- equals the command line's edit at that
-distance. It also takes the screenshot the README shows.
+distance. Then it moves two of the several-attribute sliders with the mouse and a third with the
+arrow keys: each time the edit shown equals the command line's joint edit (``--edit A=u:u ...
+--edit_unit relative``) for the values the sliders show. It also takes the screenshot the README shows.
 
 Without Chromium or Playwright the test is skipped, saying how to install them; with
 BOUNDARYDIFFUSION_REQUIRE_BROWSER=1 (set by .ci/run) that is a failure instead.
@@ -100,6 +102,50 @@ def wait_until_served(url: str, log: Path, proc: subprocess.Popen, timeout: floa
         time.sleep(0.2)
 
 
+def cli_joint_edit(tmp_path: Path, values: dict[str, float]) -> np.ndarray:
+    """The command line's joint edit of the example digit in the relative unit: its RGB pixels."""
+    run = tmp_path / f"cli-{len(list(tmp_path.glob('cli-*')))}"
+    moves = [arg for name, u in values.items() for arg in ("--edit", f"{name}={u}:{u}")]
+    assert cli.main(["--edit_image_boundary", *moves, "--edit_unit", "relative", "--edit_img_number", "1",
+                     "--img_path", str(DIGIT), "--exp", str(run), "--no_cache"]) == 0
+    (edit,) = (run / "edit").glob("edit_00_*.png")
+    with Image.open(edit) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def shown_edit(page) -> np.ndarray:
+    shown = page.evaluate(READ_PIXELS, "#edit img")
+    return np.array(shown["data"], dtype=np.uint8).reshape(shown["height"], shown["width"], 4)[..., :3]
+
+
+def wait_for_edit(page, expected: np.ndarray, timeout: float = 90) -> None:
+    """Until the edit the page shows is ``expected`` (the command line's), or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if np.array_equal(shown_edit(page), expected):
+                return
+        except Exception:  # the image is being replaced
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail("the page's edit never equalled the command line's for the values shown")
+        page.wait_for_timeout(200)
+
+
+def drag(page, selector: str, fraction: float) -> float:
+    """Drag the slider ``selector`` with the mouse to ``fraction`` of its track; the value it shows."""
+    track = page.locator(f"{selector} input[type=range]")
+    track.scroll_into_view_if_needed()
+    box = track.bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] / 2, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * (fraction + 0.5) / 2, y, steps=5)
+    page.mouse.move(box["x"] + box["width"] * fraction, y, steps=5)
+    page.mouse.up()
+    return float(page.locator(f"{selector} input[type=number]").input_value())
+
+
 def test_edit_in_a_real_browser_equals_the_command_line(server, tmp_path):
     sync_api, chromium = _browser()
     url, log, proc = server
@@ -134,11 +180,38 @@ def test_edit_in_a_real_browser_equals_the_command_line(server, tmp_path):
             # the sweep: the command line's labelled strip and GIF, for the screenshot
             page.get_by_text("Sweep", exact=True).first.click()
             page.locator("#sweep-button").click()
+            page.locator("#grid").scroll_into_view_if_needed()  # its image loads lazily, once in view
             page.locator("#grid img").wait_for(timeout=60_000)
             page.locator("#gif img").wait_for(timeout=60_000)
             page.wait_for_timeout(300)
+
+            # several attributes: one slider and one hold box per attribute at t_0 200
+            for name in ("slant", "thick", "three_vs_eight"):
+                assert page.locator(f"#joint-{name}").get_by_text(name).count() >= 1
+            values = {"thick": drag(page, "#joint-thick", 0.2)}
+            assert values["thick"] != 0
+            wait_for_edit(page, cli_joint_edit(tmp_path, values))
+            values["slant"] = drag(page, "#joint-slant", 0.8)
+            assert values["slant"] != 0
+            wait_for_edit(page, cli_joint_edit(tmp_path, values))
+            keys = page.locator("#joint-three_vs_eight input[type=range]")
+            keys.focus()
+            for _ in range(20):  # twenty presses, faster than the edits: the last value's edit is shown
+                keys.press("ArrowRight")
+            values["three_vs_eight"] = float(page.locator("#joint-three_vs_eight input[type=number]").input_value())
+            assert values["three_vs_eight"] == pytest.approx(0.2)  # 20 steps of 0.01
+            wait_for_edit(page, cli_joint_edit(tmp_path, values))
+            cosines = page.locator("#cosines").inner_text()  # the three moved attributes' normals, z and h
+            assert "Cosines of the normals" in cosines and "three_vs_eight" in cosines and "No pair above" in cosines
+            page.wait_for_timeout(300)
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
+            page.locator("#hold-slant input").check()
+            page.locator("#reset-button").click()  # every slider back to 0, every hold box cleared
+            for name in values:
+                page.wait_for_function("(s) => document.querySelector(s).value == '0'",
+                                       arg=f"#joint-{name} input[type=number]", timeout=10_000)
+            assert not page.locator("#hold-slant input").is_checked()
         finally:
             browser.close()
     assert screenshot.stat().st_size > 10_000

@@ -404,6 +404,20 @@ def remove_stale_partials(folder: Path) -> list[Path]:
     return removed
 
 
+def new_partial_folder(parent: Path, name: str) -> Path:
+    """A fresh hidden folder ``<parent>/.partial-<name>-<pid>-<start>-<random>`` with its marker:
+    ``remove_stale_partials(parent)`` removes it once this process is gone (killed with SIGKILL)."""
+    pid = os.getpid()
+    folder = parent / f"{PARTIAL_PREFIX}{name}-{pid}-{_start_time(pid)}-{secrets.token_hex(4)}"
+    folder.mkdir(mode=0o777)
+    try:
+        (folder / PARTIAL_MARKER).write_text(folder.name + "\n", encoding="utf-8")
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
 def _make_dirs(path: Path) -> list[Path]:
     """mkdir -p, returning the folders it created (outermost first)."""
     missing = []
@@ -470,11 +484,7 @@ class RunFolder:
         try:
             self._created = _make_dirs(self.exp)
             remove_stale_partials(self.exp)
-            pid = os.getpid()
-            partial = self.exp / f"{PARTIAL_PREFIX}{self.name}-{pid}-{_start_time(pid)}-{secrets.token_hex(4)}"
-            partial.mkdir(mode=0o777)
-            self.partial = partial
-            (partial / PARTIAL_MARKER).write_text(partial.name + "\n", encoding="utf-8")
+            self.partial = new_partial_folder(self.exp, self.name)
         except OSError as exc:
             if self.partial is not None:
                 shutil.rmtree(self.partial, ignore_errors=True)
