@@ -203,6 +203,14 @@ def test_edit_in_a_real_browser_equals_the_command_line(server, tmp_path):
             wait_for_edit(page, cli_joint_edit(tmp_path, values))
             cosines = page.locator("#cosines").inner_text()  # the three moved attributes' normals, z and h
             assert "Cosines of the normals" in cosines and "three_vs_eight" in cosines and "No pair above" in cosines
+            # digit_3's normal lies at cos 0.61 (z) and 0.64 (h) to three_vs_eight's: the page warns
+            values["digit_3"] = drag(page, "#joint-digit_3", 0.6)
+            assert values["digit_3"] != 0
+            wait_for_edit(page, cli_joint_edit(tmp_path, values))
+            page.locator("#cosines").get_by_text("Warning: entangled attributes").wait_for(timeout=30_000)
+            warning = page.locator("#cosines").inner_text()
+            assert re.search(r"(three_vs_eight and digit_3|digit_3 and three_vs_eight) \(z: cos \+0\.61\)", warning), warning
+            assert re.search(r"(three_vs_eight and digit_3|digit_3 and three_vs_eight) \(h: cos \+0\.64\)", warning), warning
             page.wait_for_timeout(300)
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
