@@ -5,9 +5,10 @@ edits and sweeps, done by the editing engine (``runners.editor``) exactly as the
 them: the same reader, inversion batch, edit description (``runners.edit_description``, the one
 builder of edits), seed keys, reconstruction and writer.
 
-An image is inverted once per session (and through the latent cache when it is on); an edit then
-denoises only its own distance from t_0, and the reconstruction shown beside it is kept per number
-of steps.
+An image is inverted once (the engine keeps the latents of as many images as the sessions do,
+``runners.editor.RecentLatents``, in front of the latent cache when it is on); an edit then
+denoises only its own distance from t_0, and the reconstruction shown beside it is kept per
+session and number of steps.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from torch import Tensor
 from models.loading import LoadedModel
 from runners.edit_description import (MAX_ATTRIBUTES, MOVED, UNITS, Denoising, EditDescription, EditRequest, Move,
                                       describe_edit, spaced)
-from runners.editor import Editor, ImageReader
+from runners.editor import Editor, ImageReader, RecentLatents
 from runners.outputs import SequenceWriter, edit_file_name
 from utils.core.diffusion import Inversion
 from utils.core.seeds import image_key
@@ -219,10 +220,10 @@ class AttributeTable:
 # ---------------------------------------------------------------------------------------- sessions
 @dataclass
 class Prepared:
-    """An image as the model sees it and its inversion at one t_0, with its reconstructions."""
+    """An image as the model sees it, with its reconstructions at one t_0 (its latents are the
+    engine's: ``runners.editor.RecentLatents``, shared by the service's editors)."""
     image: Tensor                 # (C, S, S) in [-1, 1], as ``ImageReader.read`` returns it
     key: int                      # image_key(image): the per-image part of the edit seeds
-    latents: Inversion            # (1, ...) each
     reconstructions: dict[tuple, Tensor] = field(default_factory=dict)  # (steps, inject_h, policy) -> (C, S, S)
 
 
@@ -431,6 +432,8 @@ class EditService:
         self.allowed_roots = [Path(r).resolve() for r in allowed_roots]
         self.output_root = store.root.resolve()  # the sessions' outputs are never read as images
         self._idle: dict[int, list[Editor]] = {}   # per t_0, editors not in use
+        # The inverted images, one store for every editor: as many as the sessions keep.
+        self.recent = RecentLatents(store.max_sessions * store.max_images)
         self._readers: dict[bool | None, ImageReader] = {}
         self._lock = threading.Lock()
         self.stats = {"inversions": 0, "edits": 0, "sweeps": 0, "network_calls": 0}
@@ -449,7 +452,8 @@ class EditService:
         if editor is None:
             if not 2 <= self.n_inv_step <= t_0 + 1:
                 raise UserError(f"n_inv_step {self.n_inv_step} does not fit t_0 {t_0} (at most {t_0 + 1})")
-            editor = Editor(self.model, t_0, self.n_inv_step, self.cache_root, self.precision, show_progress=False)
+            editor = Editor(self.model, t_0, self.n_inv_step, self.cache_root, self.precision, show_progress=False,
+                            recent=self.recent)
 
         def on_call(done: int, total: int) -> None:
             self.stats["network_calls"] += 1
@@ -555,28 +559,31 @@ class EditService:
         return None if align is None or bool(align) == bool(self.config.data.align_face) else bool(align)
 
     # ---------------------------------------------------------------- steps of a job
-    def prepare(self, session: Session, editor: Editor, path: str | Path | None, align: bool | None) -> tuple[Prepared, bool]:
-        """The upload read (pixel cap, decoding, modes, alignment) and inverted, or found in the
-        session: (prepared image, whether it was found)."""
+    def prepare(self, session: Session, editor: Editor, path: str | Path | None, align: bool | None
+                ) -> tuple[Prepared, Inversion, bool]:
+        """The upload read (pixel cap, decoding, modes, alignment), or found in the session, and its
+        latents from the engine (inverted once: ``RecentLatents``, then the latent cache):
+        (prepared image, latents (1, ...) each, whether they were inverted before)."""
         path = self.check_path(path)
         align = self.align_flag(align)
         key = (_file_digest(path), align, editor.t_0)  # the same image uploaded again is found
         self.store.use_upload(session, path)
-        found = session.lookup(key)
-        if found is not None:
-            return found, True
-        image = self.reader(align).read(path)
-        latents, _ = editor.invert(image[None], self.bs_invert)  # the command line's batch: a lone image as a pair
-        self.stats["inversions"] += 1
-        prepared = Prepared(image, image_key(image), latents)
-        session.keep(key, prepared)
-        return prepared, False
+        prepared = session.lookup(key)
+        if prepared is None:
+            image = self.reader(align).read(path)
+            prepared = Prepared(image, image_key(image))
+            session.keep(key, prepared)
+        latents, hits = editor.invert(prepared.image[None], self.bs_invert)  # the CLI's batch: a lone image as a pair
+        if not hits:
+            self.stats["inversions"] += 1
+        return prepared, latents, hits > 0
 
-    def reconstruction(self, editor: Editor, prepared: Prepared, description: EditDescription) -> Tensor:
+    def reconstruction(self, editor: Editor, prepared: Prepared, latents: Inversion,
+                       description: EditDescription) -> Tensor:
         denoising = description.denoising
         key = (denoising.n_test_step, "h" in description.spaces, denoising.h_policy)
         if key not in prepared.reconstructions:
-            prepared.reconstructions[key] = editor.reconstruct(prepared.latents, description)[0]
+            prepared.reconstructions[key] = editor.reconstruct(latents, description)[0]
         return prepared.reconstructions[key]
 
     def edit_request(self, request: Request) -> EditRequest:
@@ -615,21 +622,21 @@ class EditService:
             stage_ends("reading the boundaries")
             description = self.describe(editor, edit_request)
             stage_ends("inverting")
-            prepared, cached = self.prepare(session, editor, path, request.align)
+            prepared, latents, cached = self.prepare(session, editor, path, request.align)
             inverted = time.perf_counter()
             stage_ends("reconstructing")
-            recon = self.reconstruction(editor, prepared, description)
+            recon = self.reconstruction(editor, prepared, latents, description)
             stage_ends("editing")
             folder = session.job_folder()
             writer = SequenceWriter([folder], [{"original": prepared.image, "reconstruction": recon}], description,
                                     gif=sweep)
             edit_start = time.perf_counter()
-            for batch in editor.edits(prepared.latents, description, [(prepared.key,)]):
+            for batch in editor.edits(latents, description, [(prepared.key,)]):
                 writer.add(batch, 0)
             done = time.perf_counter()
         self.stats["sweeps" if sweep else "edits"] += 1
         edits = [folder / edit_file_name(description, k) for k in range(len(description))]
-        source = description.source_distances(prepared.latents)[0]
+        source = description.source_distances(latents)[0]
         info = {"attribute": ", ".join(description.attributes), "attributes": list(description.attributes),
                 "t_0": t_0, "distances": description.distances(), "unit": request.unit,
                 "targets": [description.targets(k) for k in range(len(description))],

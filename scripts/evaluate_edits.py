@@ -50,7 +50,7 @@ from models.loading import LoadedModel, load_model
 from models.runtime import PRECISIONS, retain_freed_memory
 from runners.edit_description import (AUTO_SCALE, MOVED, Denoising, EditDescription, EditRequest, Move,
                                       describe_edit)
-from runners.editor import Editor
+from runners.editor import Editor, RecentLatents
 from utils.config import load_config
 from utils.core.boundary import latent_distance
 from utils.core.diffusion import Inversion
@@ -162,12 +162,13 @@ class Evaluator:
         self.n_inv_step, self.batch_size = n_inv_step, batch_size
         self.seed_keys = [(image_key(image),) for image in images]
         self._editors: dict[int, Editor] = {}
-        self._inversions: dict[int, Inversion] = {}
+        # every digit's latents at every t_0 evaluated, kept by the engine (its one inversion store)
+        self._recent = RecentLatents(capacity=len(images) * 8)
         self._plain_recon: dict[int, torch.Tensor] = {}
 
     def editor(self, t_0: int) -> Editor:
         if t_0 not in self._editors:
-            self._editors[t_0] = Editor(self.model, t_0, self.n_inv_step)
+            self._editors[t_0] = Editor(self.model, t_0, self.n_inv_step, recent=self._recent)
         return self._editors[t_0]
 
     def describe(self, t_0: int, request: EditRequest) -> EditDescription:
@@ -175,10 +176,9 @@ class Evaluator:
         return describe_edit(self.editor(t_0), request, None)
 
     def inversion(self, t_0: int) -> Inversion:
-        """Latents of the digits at t_0 (computed once per t_0)."""
-        if t_0 not in self._inversions:
-            self._inversions[t_0] = self.editor(t_0).invert(self.images, self.batch_size)[0]
-        return self._inversions[t_0]
+        """Latents of the digits at t_0 (inverted once per t_0, then served by the engine's
+        ``RecentLatents``)."""
+        return self.editor(t_0).invert(self.images, self.batch_size)[0]
 
     def plain_reconstruction(self, t_0: int, description: EditDescription) -> torch.Tensor:
         """Invert + regenerate with eta 0 and no h injection (``description`` moves z only): the
