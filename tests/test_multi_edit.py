@@ -38,12 +38,17 @@ def run(argv, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_two_attributes_move_together_each_to_its_target(tmp_path, capsys):
-    code, err = run([*FAST, "--edit", "thick=-5:0", "--edit", "slant=2:-2", "--edit_img_number", 3, "--save_tensors",
-                     "--exp", tmp_path], capsys)
+def edit_tensors(argv, exp: Path, capsys) -> tuple[dict, str]:
+    """A successful --save_tensors edit of the example digit into ``exp``: its tensors.pt and stderr."""
+    code, err = run([*FAST, *argv, "--save_tensors", "--exp", exp], capsys)
     assert code == 0, err
+    return torch.load(exp / "edit" / "tensors.pt", weights_only=True), err
+
+
+def test_two_attributes_move_together_each_to_its_target(tmp_path, capsys):
+    tensors, err = edit_tensors(["--edit", "thick=-5:0", "--edit", "slant=2:-2", "--edit_img_number", 3], tmp_path,
+                                capsys)
     out = tmp_path / "edit"
-    tensors = torch.load(out / "tensors.pt", weights_only=True)
     want = {"thick": [-5.0, -2.5, 0.0], "slant": [2.0, 0.0, -2.0]}
     for space in ("z", "h"):
         assert tensors[f"targets_{space}"].tolist() == [list(t) for t in zip(want["thick"], want["slant"])]
@@ -61,18 +66,14 @@ def test_two_attributes_move_together_each_to_its_target(tmp_path, capsys):
 
 
 def test_a_held_attribute_stays_at_the_inverted_latents_projection(tmp_path, capsys):
-    code, err = run([*FAST, "--edit", "thick=-5:0", "--condition_attr", "slant", "--edit_img_number", 3,
-                     "--save_tensors", "--exp", tmp_path], capsys)
-    assert code == 0, err
-    tensors = torch.load(tmp_path / "edit" / "tensors.pt", weights_only=True)
+    tensors, _ = edit_tensors(["--edit", "thick=-5:0", "--condition_attr", "slant", "--edit_img_number", 3], tmp_path,
+                              capsys)
     for space in ("z", "h"):
         assert projections(tensors, space, "thick") == pytest.approx([-5.0, -2.5, 0.0], abs=1e-3)
         own = projections(tensors, space, "slant", key=space)[0]
         assert projections(tensors, space, "slant") == pytest.approx([own] * 3, abs=1e-3)
     # and without holding it, slant moves with thick in h (cos 0.084 there)
-    code, err = run([*FAST, "--edit", "thick=-5:0", "--edit_img_number", 3, "--save_tensors",
-                     "--exp", tmp_path / "free"], capsys)
-    free = torch.load(tmp_path / "free" / "edit" / "tensors.pt", weights_only=True)
+    free, _ = edit_tensors(["--edit", "thick=-5:0", "--edit_img_number", 3], tmp_path / "free", capsys)
     own = projections(free, "h", "slant", key="h")[0]
     assert max(abs(p - own) for p in projections(free, "h", "slant")) > 0.05
 
@@ -88,12 +89,10 @@ def test_condition_auto_holds_what_the_atlas_of_the_boundary_folder_suggests(tmp
     want = sorted(n for n in names if n != "three_vs_eight" and max(
         abs(cos[s][names.index("three_vs_eight"), names.index(n)]) for s in cos) >= 0.3)
     assert want == ["digit_3", "digit_8"]
-    code, err = run([*FAST, "--edit_attr", "three_vs_eight", "--condition_attr", "auto", "--edit_img_number", 2,
-                     "--save_tensors", "--exp", tmp_path], capsys)
-    assert code == 0, err
+    tensors, _ = edit_tensors(["--edit_attr", "three_vs_eight", "--condition_attr", "auto", "--edit_img_number", 2],
+                              tmp_path, capsys)
     summary = json.loads((tmp_path / "edit" / "summary.json").read_text())
     assert sorted(summary["edit"]["held"]) == want
-    tensors = torch.load(tmp_path / "edit" / "tensors.pt", weights_only=True)
     for space in ("z", "h"):
         for held in want:
             own = projections(tensors, space, held, key=space)[0]
@@ -120,10 +119,8 @@ def test_a_grid_sweeps_two_attributes_over_k_by_k_points(tmp_path, capsys):
 
 
 def test_relative_unit_places_minus_and_plus_one_at_the_class_medians(tmp_path, capsys):
-    code, err = run([*FAST, "--edit", "thick=-1:1", "--edit_unit", "relative", "--edit_img_number", 2,
-                     "--save_tensors", "--exp", tmp_path], capsys)
-    assert code == 0, err
-    tensors = torch.load(tmp_path / "edit" / "tensors.pt", weights_only=True)
+    tensors, _ = edit_tensors(["--edit", "thick=-1:1", "--edit_unit", "relative", "--edit_img_number", 2], tmp_path,
+                              capsys)
     for space in ("z", "h"):
         record = load_boundary(REPO / "boundary" / f"digits_thick_t200_{space}.npz")
         stats = record.class_summary["train"]
