@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetch (or build) a data set into DEST/data/<name>.
 #
+#   bash data_download.sh faces [DEST]       offline: render the synthetic faces (32x32, factors, masks) -> DEST/data/faces
 #   bash data_download.sh digits [DEST]      offline: scikit-learn's bundled 8x8 digits -> DEST/data/digits
 #   bash data_download.sh celeba_hq [DEST]   CelebA-HQ 256 (Google Drive, needs gdown)  -> DEST/data/celeba_hq
 #   bash data_download.sh afhq [DEST] [URL]  AFHQ (StarGAN v2's release; URL overrides)  -> DEST/data/afhq
@@ -10,7 +11,8 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: bash data_download.sh {digits|celeba_hq|afhq} [DEST] [URL]" >&2
+    echo "usage: bash data_download.sh {faces|digits|celeba_hq|afhq} [DEST] [URL]" >&2
+    echo "  faces      render the synthetic faces offline (32x32 RGB, every factor known, part masks, attributes)" >&2
     echo "  digits     build the bundled handwritten-digits set offline (16x16, train/test split, attributes)" >&2
     echo "  celeba_hq  download CelebA-HQ 256 (Google Drive id ${CELEBA_HQ_ID}) with gdown" >&2
     echo "  afhq       download AFHQ from StarGAN v2's release (or from URL, a Drive id/URL or http(s) link)" >&2
@@ -63,6 +65,11 @@ unpack() {  # unpack ZIP FOLDER
 }
 
 case "$NAME" in
+    faces)
+        mkdir -p "$DATA"
+        DATA_ABS="$(cd "$DATA" && pwd)"  # the renderer runs from the repository (python -m), so the path must not be relative
+        (cd "$HERE" && "$PYTHON" -m scripts.make_faces "$DATA_ABS")
+        ;;
     digits)
         mkdir -p "$DATA"
         "$PYTHON" "$HERE/scripts/make_digits.py" "$DATA"
