@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import signal
 import sys
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 def _int(text: str) -> int:
@@ -42,11 +40,11 @@ def _positive_int(text: str) -> int:
 
 def _edit_count(text: str) -> int:
     """--edit_img_number: every edit is held in memory until written, so the count is capped."""
-    from utils.config import MAX_EDIT_IMG_NUMBER
+    from runners.engine import MAX_POINTS
 
     value = _positive_int(text)
-    if value > MAX_EDIT_IMG_NUMBER:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_EDIT_IMG_NUMBER} (every edit is held in memory "
+    if value > MAX_POINTS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_POINTS} (every edit is held in memory "
                                          f"until it is written), got {text}")
     return value
 
@@ -76,8 +74,8 @@ def _non_negative_float(text: str) -> float:
 
 
 def _svm_c(text: str) -> float:
-    """--svm_c within ``utils.core.gram.SVM_C_RANGE``: outside it the fit cannot succeed."""
-    from utils.core.gram import SVM_C_RANGE
+    """--svm_c within the engine's ``SVM_C_RANGE``: outside it the fit cannot succeed."""
+    from runners.engine import SVM_C_RANGE
 
     value = _positive_float(text)
     low, high = SVM_C_RANGE
@@ -237,56 +235,19 @@ def _install_signal_handlers() -> dict:
     return {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
-def pick_device(name: str):
-    import torch
-    from utils.errors import UserError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is available")
-    return device
-
-
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad flag (1, already reported in one line)
         return int(exc.code or 0)
     logging.basicConfig(level=args.verbose.upper(), format="%(levelname)s %(name)s: %(message)s", force=True)
-    from models.loading import load_model
-    from models.runtime import default_batch_size, retain_freed_memory
-    from runners import BoundaryDiffusion
-    from runners.settings import resolve_settings
-    from utils import distributed
-    from utils.config import load_config
-    from utils.errors import UserError
+    from runners.boundary_diffusion import run_command
+    from runners.engine import UserError
 
-    retain_freed_memory()  # large activations are reused, not page-faulted in again at every call
     previous = _install_signal_handlers()
     try:
-        config = load_config(args.config)
-        if args.serve:  # no run folder and no boundary on the command line: the page chooses
-            from runners.app import serve
-            return serve(args, config, pick_device(args.device))
-        # torchrun (RANK, WORLD_SIZE, ... set): one process group, one device per local rank. Else SINGLE, no group.
-        process = distributed.context_from_env(os.environ)
-        device = distributed.local_device(pick_device(args.device), process)
-        settings = resolve_settings(args, config, default_batch_size(device, config.data.image_size))
-        if process.world_size > 1 and settings.mode not in BoundaryDiffusion.SHARDED_MODES:
-            raise UserError(f"--{settings.mode} does not run across processes; start it with python main.py, not "
-                            f"torchrun (modes that do: {', '.join('--' + m for m in BoundaryDiffusion.SHARDED_MODES)})")
-        with distributed.process_group(process, device, timedelta(seconds=settings.dist_timeout)):
-            model = load_model(config, settings.model_path, settings.cache_dir, device, settings.precision)
-            result = BoundaryDiffusion(settings, model, process).run()
-        if isinstance(result, dict) and result.get("failed"):  # a folder run keeps the others' results
-            names = ", ".join(Path(p).name for p in result["failed"])
-            print(f"error: {len(result['failed'])} image(s) could not be edited: {names}", file=sys.stderr)
-            return 1
+        return run_command(args, parser)
     except KeyboardInterrupt as exc:  # the run folder has been removed on the way here
         print("error: interrupted", file=sys.stderr)
         return 128 + getattr(exc, "signum", signal.SIGINT)
@@ -301,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from models import build_model
 from models.diffusers_map import check_diffusers_config, diffusers_to_ddpm
+from models.identity import ModelIdentity, model_identity
 from models.runtime import InferenceNet
 from models.checkpoints import load_weights, locate_weights, read_state_dict, resolve_checkpoint, sha256_file
 from utils.config import Config, latent_shapes, load_config, parse_config
@@ -30,9 +31,11 @@ class LoadedModel:
     """A frozen network ready for inference, and what identifies it.
 
     checkpoint: the weights file read (inside the folder for a diffusers model);
-    checkpoint_sha256: its SHA-256 (the model identity in boundary files and the latent cache);
+    checkpoint_sha256: its SHA-256 (in boundary files);
     net: ``out, h = net(x, t, h_override=None)``, float32 outside (``InferenceNet``);
-    alphas_cumprod: (T,) float64; shapes: ``latent_shapes(config)``.
+    alphas_cumprod: (T,) float64; shapes: ``latent_shapes(config)``;
+    identity: everything that names the model and decides its bits (``models.identity``), derived
+    once here: the boundary checks, the latent cache and the in-memory latents key on it.
     """
     config: Config
     checkpoint: Path
@@ -40,6 +43,11 @@ class LoadedModel:
     net: InferenceNet
     alphas_cumprod: Tensor
     shapes: dict[str, tuple[int, ...]]
+    identity: ModelIdentity
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.model.parameters()).device
 
 
 def load_model(config: Config | str | Path | Any, model_path: str | Path | None = None,
@@ -64,6 +72,8 @@ def load_model(config: Config | str | Path | Any, model_path: str | Path | None 
         raise RuntimeError(f"{type(model).__name__} has tensors outside its state dict: {', '.join(unloaded[:3])}")
     net = InferenceNet(model.to(device), precision, channels_last)
     d = config.diffusion
+    shapes = latent_shapes(config)
     return LoadedModel(config=config, checkpoint=files.weights, checkpoint_sha256=sha256, net=net,
                        alphas_cumprod=make_alphas_cumprod(d.beta_start, d.beta_end, d.num_diffusion_timesteps),
-                       shapes=latent_shapes(config))
+                       shapes=shapes, identity=model_identity(config, files.weights, sha256, shapes, precision,
+                                                              device))

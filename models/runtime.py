@@ -60,7 +60,7 @@ class InferenceNet:
         device = next(model.parameters()).device
         if precision == "fp16" and device.type != "cuda":
             raise UserError("--precision fp16 needs a CUDA GPU; use bf16 on the CPU")
-        self.dtype = PRECISIONS[precision]
+        self.precision, self.dtype = precision, PRECISIONS[precision]
         if precision == "bf16" and device.type == "cpu":
             warn_if_bf16_is_emulated()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -102,3 +102,17 @@ def retain_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's <malloc.h>
     libc = ctypes.CDLL(None)
     return bool(libc.mallopt(m_mmap_threshold, threshold_bytes)) and bool(libc.mallopt(m_trim_threshold, threshold_bytes))
+
+
+def pick_device(name: str) -> torch.device:
+    """The device a run computes on: ``auto`` (a CUDA GPU when there is one, else the CPU), or a
+    torch device name (cpu, cuda, cuda:1, ...); UserError for an unknown one or a missing GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is available")
+    return device

@@ -1,3 +1,2 @@
-from runners.boundary_diffusion import BoundaryDiffusion
-
-__all__ = ["BoundaryDiffusion"]
+"""The front ends (the command line's modes, the web app) and the engine they share
+(``runners.engine``). Importing this package imports none of them."""

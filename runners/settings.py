@@ -1,5 +1,6 @@
-"""A run's settings: the command line resolved once, against the config and the boundary files,
-into a frozen, typed object that the runner reads and nothing mutates."""
+"""The command line resolved once: flags and the config's defaults turned into one typed, frozen
+``Settings`` per run (the run-level choices and the engine's job), with every check that needs no
+model done before any model loads (``runners.engine.check_job``)."""
 from __future__ import annotations
 
 import argparse
@@ -8,88 +9,49 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from runners.edit_description import MOVED, Denoising, EditRequest, Move
-from utils.config import Config, latent_shapes
-from utils.errors import UserError
-from utils.io.boundary_files import discover_boundaries, load_boundary
+from runners.engine import (MOVED, BoundaryIndex, Config, Denoising, EditJob, EditRequest, Inverting, Move, RadiusJob,
+                            SampleJob, SearchJob, UserError, check_request, check_steps, fitted_t_0, latent_shapes)
 
 log = logging.getLogger(__name__)
 
 MODES = ("boundary_search", "edit_image_boundary", "unconditional", "radius")
 EDIT_MODES = ("edit_image_boundary", "unconditional")
+#: The flags each run-level field comes from, and those --serve honours besides them.
+SERVE_FLAGS = {"config", "model_path", "cache_dir", "no_cache", "device", "precision", "verbose", "t_0",
+               "n_inv_step", "boundary_dir", "edit_attr", "bs_train", "edit_batch_size", "host", "port",
+               "concurrency", "serve", "n_test_step", "h_policy"}
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every run-level choice, resolved (config defaults filled in, batch sizes set for the device,
-    ranges checked); complete when built. Field names are the command line's flags; ``edit`` is
-    the edit modes' request (``runners.edit_description``), None in the other modes."""
-    mode: str
+class RunSettings:
+    """What every mode shares: the model and where it computes, the run folder and its writing."""
     config: Config
     exp: Path
-    seed: int
-    # model and run folder
     model_path: str | None
     cache_dir: Path | None
     no_cache: bool
     device: str
     precision: str
-    ni: bool
-    force: bool
+    overwrite: bool          # --ni
     dist_timeout: int
-    # diffusion
-    t_0: int
-    n_inv_step: int
-    n_test_step: int
-    n_iter: int
-    eta: float
-    h_policy: str
-    # boundary search
-    edit_attr: str | None
-    data_dir: Path | None
-    attr_file: Path | None
-    pos_dir: Path | None
-    neg_dir: Path | None
-    n_train_img: int
-    n_test_img: int
-    svm_c: float
-    balance: bool
-    boundary_dir: Path
-    align_face: bool | None
-    # editing
-    img_path: Path | None
-    edit: EditRequest | None
-    n_samples: int
-    gif: bool
-    save_tensors: bool
-    # mixing step
-    radius_step: int
-    radius_eps: float
-    # batch sizes
-    bs_train: int
-    bs_test: int
-    edit_batch_size: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A run: its run-level settings and the engine's job (``runners.engine``), complete when built."""
+    run: RunSettings
+    job: SearchJob | EditJob | SampleJob | RadiusJob
+
+    @property
+    def mode(self) -> str:
+        return {SearchJob: "boundary_search", EditJob: "edit_image_boundary", SampleJob: "unconditional",
+                RadiusJob: "radius"}[type(self.job)]
 
     def to_dict(self) -> dict:
         """The settings as plain values, for summary.json."""
-        plain = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "config":
-                value = value.name
-            elif f.name == "edit" and value is not None:
-                value = _plain(dataclasses.asdict(value))
-            elif isinstance(value, Path):
-                value = str(value)
-            plain[f.name] = value
-        return plain
-
-    def boundary_files(self) -> list[Path]:
-        """The boundary files the edit names explicitly (not those looked up by name)."""
-        if self.edit is None:
-            return []
-        named = [p for m in self.edit.moves for p in (m.paths or {}).values()]
-        return named + [p for paths in self.edit.held_paths.values() for p in paths]
+        run = {f.name: getattr(self.run, f.name) for f in dataclasses.fields(self.run)}
+        run["config"] = self.run.config.name
+        return _plain({"mode": self.mode, **run, "job": dataclasses.asdict(self.job)})
 
 
 def _plain(value):
@@ -101,32 +63,41 @@ def _plain(value):
     return str(value) if isinstance(value, Path) else value
 
 
-def _first_boundaries(args: argparse.Namespace, config: Config, shapes: dict, attribute: str | None
-                      ) -> tuple[str, int, dict[str, Path]]:
-    """The boundaries of ``attribute`` (None: the only attribute there is) in --boundary_dir, as
-    the original README's commands find them: the newest fitted, preferring the run's t_0 (the
-    config's unless --t_0 is given). Returns (attribute, t_0, {space: file})."""
-    found = discover_boundaries(args.boundary_dir, config.name, shapes, attribute, args.t_0 or config.edit.t_0)
-    if found is None and args.t_0 is None:
-        found = discover_boundaries(args.boundary_dir, config.name, shapes, attribute)
-    if found is None:
-        raise UserError(f"no --boundary_h/--boundary_z given and no boundary for config {config.name}"
-                        f"{' and ' + attribute if attribute else ''} in {args.boundary_dir}; "
-                        "run --boundary_search first or pass the files")
-    log.info("using the %s boundaries at t_0 %d: %s", found.attribute, found.t_0,
-             ", ".join(str(p) for p in found.paths.values()))
-    return found.attribute, found.t_0, dict(found.paths)
+def _index(args: argparse.Namespace, config: Config) -> BoundaryIndex:
+    return BoundaryIndex.of(args.boundary_dir, config.name, latent_shapes(config))
 
 
-def _edit_request(args: argparse.Namespace, config: Config, shapes: dict, batch_size: int
-                  ) -> tuple[EditRequest, int]:
-    """The edit modes' request and t_0 (--t_0, else that of the first attribute's boundaries).
+def _first_boundaries(index: BoundaryIndex, args: argparse.Namespace, config: Config, attribute: str | None
+                      ) -> tuple[str, int]:
+    """The attribute (None: the only one there is) and t_0 an edit uses when no file is named, as
+    the original README's commands find them: the newest fitted at the run's t_0 (--t_0, else the
+    config's), else at the only t_0 it has. UserError naming the attributes and t_0 values there are."""
+    t_0 = args.t_0 if args.t_0 is not None else config.edit.t_0
+    try:
+        found = index.find(attribute, t_0)
+    except UserError:
+        if args.t_0 is not None:
+            raise
+        found = index.find(attribute, None)
+    log.info("using the %s boundaries at t_0 %d: %s", found[0], found[1], ", ".join(map(str, found[2].values())))
+    return found[0], found[1]
 
-    Two spellings: ``--edit ATTR=START:END`` (repeatable; ``ATTR=auto``, ``ATTR=VALUE``) or the
-    original's ``--edit_attr A --start_distance S --end_distance E`` (or named files
-    ``--boundary_z/--boundary_h``)."""
-    edit = {name: getattr(args, name) if getattr(args, name) is not None else getattr(config.edit, name)
-            for name in ("start_distance", "end_distance", "edit_img_number")}
+
+def _named_files(args: argparse.Namespace, start, end, auto: bool, shapes: dict) -> tuple[Move, int | None]:
+    """The move of ``--boundary_z/--boundary_h`` (files named on the command line) and the t_0 they
+    were fitted at (the first file's)."""
+    paths = {s: p for s, p in (("z", args.boundary_z), ("h", args.boundary_h)) if p is not None}
+    missing = [s for s in MOVED[args.edit_space] if s not in paths]
+    if missing:
+        raise UserError(f"--edit_space {args.edit_space} needs --boundary_{missing[0]}")
+    t_0 = fitted_t_0(next(iter(paths.values())), shapes)  # from the file's header, before the model loads
+    return Move(args.edit_attr or "", start, end, auto, paths), t_0
+
+
+def _moves(args: argparse.Namespace, config: Config, index: BoundaryIndex) -> tuple[tuple[Move, ...], int]:
+    """The moved attributes and the t_0 (--t_0, else that of the first attribute's boundaries), from
+    ``--edit ATTR=START:END`` (repeatable) or the original's ``--edit_attr A --start_distance S
+    --end_distance E`` (or the files ``--boundary_z/--boundary_h``)."""
     if args.edit:
         clash = [flag for flag, given in (("--edit_attr", args.edit_attr), ("--boundary_z", args.boundary_z),
                                           ("--boundary_h", args.boundary_h), ("--start_distance", args.start_distance),
@@ -134,33 +105,75 @@ def _edit_request(args: argparse.Namespace, config: Config, shapes: dict, batch_
         if clash:
             raise UserError(f"--edit names each attribute with its range; drop {clash[0]}")
         moves = tuple(Move.parse(text) for text in args.edit)
-        _, t_0, _ = _first_boundaries(args, config, shapes, moves[0].attribute)
-        t_0 = args.t_0 if args.t_0 is not None else t_0
+        t_0 = _first_boundaries(index, args, config, moves[0].attribute)[1]
+        return moves, args.t_0 if args.t_0 is not None else t_0
+    ends = [v if v is not None else getattr(config.edit, name)
+            for v, name in ((args.start_distance, "start_distance"), (args.end_distance, "end_distance"))]
+    if (ends[0] == "auto") != (ends[1] == "auto"):
+        raise UserError("auto distances take both ends: --start_distance auto --end_distance auto")
+    auto = ends[0] == "auto"
+    start, end = (None, None) if auto else ends
+    if args.boundary_h is not None or args.boundary_z is not None:
+        move, t_0 = _named_files(args, start, end, auto, latent_shapes(config))
     else:
-        if (edit["start_distance"] == "auto") != (edit["end_distance"] == "auto"):
-            raise UserError("auto distances take both ends: --start_distance auto --end_distance auto")
-        auto = edit["start_distance"] == "auto"
-        start, end = (None, None) if auto else (edit["start_distance"], edit["end_distance"])
-        if args.boundary_h is not None or args.boundary_z is not None:
-            paths = {s: p for s, p in (("z", args.boundary_z), ("h", args.boundary_h)) if p is not None}
-            missing = [s for s in MOVED[args.edit_space] if s not in paths]
-            if missing:
-                raise UserError(f"--edit_space {args.edit_space} needs --boundary_{missing[0]}")
-            t_0 = args.t_0 if args.t_0 is not None else load_boundary(next(iter(paths.values())), shapes).t_0
-            move = Move(args.edit_attr or "", start, end, auto, paths)
-        else:
-            attribute, t_0, _ = _first_boundaries(args, config, shapes, args.edit_attr)
-            t_0 = args.t_0 if args.t_0 is not None else t_0
-            move = Move(attribute, start, end, auto)
-        moves = (move,)
-        if not auto:
-            move.values(1)  # ranges too wide for float64 are refused before any work
+        attribute, t_0 = _first_boundaries(index, args, config, args.edit_attr or config.edit.attribute or None)
+        move = Move(attribute, start, end, auto)
+    return (move,), args.t_0 if args.t_0 is not None else t_0
+
+
+def edit_request(args: argparse.Namespace, config: Config, batch_size: int) -> tuple[EditRequest, int]:
+    """The edit modes' request (checked: ``check_request``) and its t_0."""
+    moves, t_0 = _moves(args, config, _index(args, config))
     held = tuple(a.strip() for a in (args.condition_attr or "").split(",") if a.strip())
     held_paths = {s: tuple(p) for s, p in (("z", args.condition_z), ("h", args.condition_h)) if p}
-    denoising = Denoising(args.n_test_step if args.n_test_step is not None else config.edit.n_test_step,
-                          args.eta, args.h_policy, args.seed, batch_size)
-    return EditRequest(moves, denoising, edit["edit_img_number"], held, held_paths, args.edit_space,
-                       args.edit_unit, args.grid), t_0
+    k = args.edit_img_number if args.edit_img_number is not None else config.edit.edit_img_number
+    steps = args.n_test_step if args.n_test_step is not None else config.edit.n_test_step
+    denoising = Denoising(steps, args.eta, args.h_policy, args.seed, batch_size)
+    request = EditRequest(moves, denoising, k, held, held_paths, args.edit_space, args.edit_unit, args.grid,
+                          args.force)
+    return check_request(request), t_0
+
+
+def _inverting(args: argparse.Namespace, config: Config, t_0: int, batch_size: int, mode: str) -> Inverting:
+    """The inversion grid, its points checked against t_0 (unconditional: sampling steps from T - 1)."""
+    T = config.diffusion.num_diffusion_timesteps
+    if not 1 <= t_0 <= T - 1:
+        raise UserError(f"--t_0 must be in [1, {T - 1}], got {t_0}")
+    n_inv_step = args.n_inv_step if args.n_inv_step is not None else config.edit.n_inv_step
+    if mode == "unconditional":
+        if not 2 <= n_inv_step <= T - t_0:
+            raise UserError(f"--n_inv_step must be in [2, {T - t_0}], got {n_inv_step}")
+    else:
+        check_steps(n_inv_step, t_0, "--n_inv_step")
+    return Inverting(t_0, n_inv_step, batch_size)
+
+
+def _edit_job(args, config, mode: str, batches: dict) -> EditJob | SampleJob:
+    request, t_0 = edit_request(args, config, batches["edit_batch_size"])
+    check_steps(request.denoising.n_test_step, t_0)
+    inverting = _inverting(args, config, t_0, batches["bs_train"], mode)
+    if mode == "unconditional":
+        return SampleJob(inverting, request, args.boundary_dir, args.n_samples, args.seed, args.n_iter, args.gif,
+                         args.save_tensors)
+    if args.img_path is None:
+        raise UserError("--edit_image_boundary needs --img_path")
+    align = None if args.align_face is None else bool(args.align_face)
+    return EditJob(inverting, args.img_path, request, args.boundary_dir, align, args.n_iter, args.gif,
+                   args.save_tensors)
+
+
+def _job(args: argparse.Namespace, config: Config, mode: str, batches: dict):
+    if mode in EDIT_MODES:
+        return _edit_job(args, config, mode, batches)
+    if args.edit or args.grid:
+        raise UserError(f"--edit and --grid are for the edit modes, not --{mode}")
+    t_0 = args.t_0 if args.t_0 is not None else config.edit.t_0
+    if mode == "radius":
+        return RadiusJob(args.img_path, args.data_dir or (Path(config.data.data_dir) if config.data.data_dir else None),
+                         args.n_test_img, args.radius_step, args.radius_eps, batches["bs_test"], args.seed)
+    return SearchJob(_inverting(args, config, t_0, batches["bs_train"], mode), args.edit_attr, args.data_dir,
+                     args.attr_file, args.pos_dir, args.neg_dir, args.n_train_img, args.n_test_img, args.svm_c,
+                     args.balance, args.boundary_dir, args.seed, args.ni)
 
 
 def resolve_settings(args: argparse.Namespace, config: Config, default_batch_size: int = 8) -> Settings:
@@ -168,33 +181,20 @@ def resolve_settings(args: argparse.Namespace, config: Config, default_batch_siz
     boundary file when one is used), batch sizes not given set to ``default_batch_size`` (the
     device's), boundaries found, ranges checked. ``args`` is not changed."""
     mode = next(m for m in MODES if getattr(args, m))
-    shapes = latent_shapes(config)  # boundary files for another model are passed over from their headers
-    batch = {name: getattr(args, name) or default_batch_size for name in ("bs_train", "bs_test", "edit_batch_size")}
-    request, t_0 = None, args.t_0
-    if mode in EDIT_MODES:
-        request, t_0 = _edit_request(args, config, shapes, batch["edit_batch_size"])
-    elif args.edit or args.grid:
-        raise UserError(f"--edit and --grid are for the edit modes, not --{mode}")
-    elif t_0 is None:
-        t_0 = config.edit.t_0
-    if mode == "edit_image_boundary" and args.img_path is None:
-        raise UserError("--edit_image_boundary needs --img_path")
-    steps = {name: getattr(args, name) if getattr(args, name) is not None else getattr(config.edit, name)
-             for name in ("n_inv_step", "n_test_step")}
-    T = config.diffusion.num_diffusion_timesteps
-    if not 1 <= t_0 <= T - 1:
-        raise UserError(f"--t_0 must be in [1, {T - 1}], got {t_0}")
-    for name in ("n_inv_step", "n_test_step"):
-        limit = T - t_0 if (mode == "unconditional" and name == "n_inv_step") else t_0 + 1
-        if not 2 <= steps[name] <= limit:
-            raise UserError(f"--{name} must be in [2, {limit}], got {steps[name]}")
-    return Settings(
-        mode=mode, config=config, exp=args.exp, seed=args.seed, model_path=args.model_path, cache_dir=args.cache_dir,
-        no_cache=args.no_cache, device=args.device, precision=args.precision, ni=args.ni, force=args.force,
-        dist_timeout=args.dist_timeout, t_0=t_0, n_iter=args.n_iter, eta=args.eta, h_policy=args.h_policy,
-        edit_attr=args.edit_attr, data_dir=args.data_dir, attr_file=args.attr_file, pos_dir=args.pos_dir,
-        neg_dir=args.neg_dir, n_train_img=args.n_train_img, n_test_img=args.n_test_img, svm_c=args.svm_c,
-        balance=args.balance,
-        boundary_dir=args.boundary_dir, align_face=None if args.align_face is None else bool(args.align_face),
-        img_path=args.img_path, edit=request, n_samples=args.n_samples, gif=args.gif,
-        save_tensors=args.save_tensors, radius_step=args.radius_step, radius_eps=args.radius_eps, **steps, **batch)
+    batches = {name: getattr(args, name) or default_batch_size for name in ("bs_train", "bs_test", "edit_batch_size")}
+    run = RunSettings(config=config, exp=args.exp, model_path=args.model_path, cache_dir=args.cache_dir,
+                      no_cache=args.no_cache, device=args.device, precision=args.precision, overwrite=args.ni,
+                      dist_timeout=args.dist_timeout)
+    return Settings(run, _job(args, config, mode, batches))
+
+
+def check_serve_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--serve takes only the flags the app honours (``SERVE_FLAGS``); any other flag given (a value
+    other than its default) is refused in one line, rather than silently ignored."""
+    for action in parser._actions:  # argparse keeps no other record of the flags
+        name = action.dest
+        if name in SERVE_FLAGS or name == "help" or not hasattr(args, name):
+            continue
+        if getattr(args, name) != action.default:
+            flag = action.option_strings[0] if action.option_strings else name
+            raise UserError(f"--serve does not use {flag}: the page sets each edit's own settings; drop it")

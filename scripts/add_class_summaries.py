@@ -33,9 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    from models.checkpoints import default_cache_dir
-    from models.loading import load_model
-    from runners.editor import Editor, ImageReader
+    from runners.engine import Engine, EngineOptions, latent_cache_root, load_model
     from utils.core.boundary import Boundary, class_summary, hyperplane_distances, split_indices
     from utils.io.boundary_files import load_boundary, save_boundary
     from utils.io.datasets import from_attr_file
@@ -50,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         if model.checkpoint_sha256 != record.checkpoint_sha256:
             sys.exit(f"error: {path} was fitted with checkpoint {record.checkpoint_sha256[:12]}..., "
                      f"this model is {model.checkpoint_sha256[:12]}...")
-        editor = Editor(model, record.t_0, record.n_inv_step, Path(args.cache_dir or default_cache_dir()) / "latents")
-        reader = ImageReader.for_config(model.config, align_face=False)
+        engine = Engine(model, EngineOptions(latent_cache_root(args.cache_dir)))
+        reader = engine.reader(align_face=False)
         images = torch.stack([reader.read(data.paths[i]) for i in np.concatenate([train_idx, test_idx])])
-        latents = getattr(editor.invert(images, args.bs_train, f"inverting for {path.name}")[0], record.space)
+        with engine.session(record.t_0, record.n_inv_step) as editor:
+            latents = getattr(editor.invert(images, args.bs_train, f"inverting for {path.name}")[0], record.space)
         boundary = Boundary(record.normal, record.coef, record.intercept, record.train_acc, record.test_acc)
         distances = hyperplane_distances(latents.flatten(1).numpy(), boundary)
         n = record.n_train

@@ -14,8 +14,7 @@ import argparse
 
 import torch
 
-from models.loading import load_model
-from runners.editor import Editor
+from runners.engine import Engine, EngineOptions, load_model
 
 
 def main() -> None:
@@ -25,12 +24,12 @@ def main() -> None:
     parser.add_argument("--n_inv_step", type=int, default=10)
     args = parser.parse_args()
     model = load_model(args.config, device=torch.device(args.device))
-    editor = Editor(model, model.config.edit.t_0, args.n_inv_step, show_progress=False)
     x = torch.rand(8, *model.shapes["z"], generator=torch.Generator().manual_seed(0)) * 2 - 1
-    reference, _ = editor.invert(x[:2], batch_size=2)
+    with Engine(model, EngineOptions(show_progress=False)).session(model.config.edit.t_0, args.n_inv_step) as editor:
+        reference, _ = editor.invert(x[:2], batch_size=2)
+        inverted = {b: editor.invert(x[:b], batch_size=b)[0] for b in (1, 2, 3, 4, 8)}
     print(f"{args.config} on {args.device} ({torch.__version__}): max |difference| from batch 2, first image")
-    for batch_size in (1, 2, 3, 4, 8):
-        latents, _ = editor.invert(x[:batch_size], batch_size=batch_size)
+    for batch_size, latents in inverted.items():
         dz = float((latents.z[0] - reference.z[0]).abs().max())
         dh = float((latents.h[0] - reference.h[0]).abs().max())
         print(f"batch {batch_size}: z {dz:.3g}  h {dh:.3g}")

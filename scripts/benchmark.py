@@ -34,13 +34,9 @@ from pathlib import Path
 
 import torch
 
-from models import build_model, latent_shapes
-from models.loading import LoadedModel, load_model
-from models.runtime import PRECISIONS, InferenceNet, cpu_flags, default_batch_size, retain_freed_memory
-from runners.edit_description import Denoising, EditRequest, Move, describe_edit
-from runners.editor import Editor
-from utils.config import load_config
-from utils.io.boundary_files import BoundaryRecord, save_boundary
+from runners.engine import (PRECISIONS, BoundaryRecord, Denoising, EditRequest, Engine, EngineOptions, InferenceNet,
+                            LoadedModel, Move, build_model, cpu_flags, default_batch_size, latent_shapes, load_config,
+                            load_model, retain_freed_memory, save_boundary)
 
 CONFIGS = {"ddpm": "celeba.yml", "adm": "afhq.yml"}
 # CPU features that decide which convolution kernels run: matrix units, bf16 and vector widths.
@@ -178,18 +174,20 @@ def time_calls(calls: dict, x, t, repeats) -> dict[str, tuple[float, torch.Tenso
 def edit_job(model: LoadedModel, x0, normals, steps, k, batch_size, device) -> tuple[float, int]:
     """Invert one image, reconstruct it, and make k edits, through the editing engine: the README's
     edit command (t_0 500, ``steps`` grid points both ways)."""
-    editor = Editor(model, 500, steps, show_progress=False)
+    engine = Engine(model, EngineOptions(show_progress=False))
     with tempfile.TemporaryDirectory() as folder:
         paths = {s: save_boundary(Path(folder) / f"random_{s}.npz", _record(s, n, model.shapes[s]))
                  for s, n in normals.items()}
-        request = EditRequest((Move("random", -150, 150, paths=paths),), Denoising(steps, batch_size=batch_size), k=k)
-        description = describe_edit(editor, request, None, force=True)
-    _sync(device)
-    start = time.perf_counter()
-    latents, _ = editor.invert(x0, batch_size)
-    editor.reconstruct(latents, description)
-    editor.edit_all(latents, description, [(0,)])
-    _sync(device)
+        request = EditRequest((Move("random", -150, 150, paths=paths),), Denoising(steps, batch_size=batch_size), k=k,
+                              force=True)
+        description = engine.describe(request, 500, steps, None)
+    with engine.session(500, steps) as editor:
+        _sync(device)
+        start = time.perf_counter()
+        latents, _ = editor.invert(x0, batch_size)
+        editor.reconstruct(latents, description)
+        editor.edit_all(latents, description, [(0,)])
+        _sync(device)
     return time.perf_counter() - start, 1 + k
 
 
@@ -201,11 +199,11 @@ def _record(space: str, normal: torch.Tensor, shape) -> BoundaryRecord:
 
 def search_job(model: LoadedModel, images, steps, batch_size, device) -> float:
     """Invert N images to t_0 500 (the network part of boundary search), through the editing engine."""
-    editor = Editor(model, 500, steps, show_progress=False)
-    _sync(device)
-    start = time.perf_counter()
-    editor.invert(images, batch_size)
-    _sync(device)
+    with Engine(model, EngineOptions(show_progress=False)).session(500, steps) as editor:
+        _sync(device)
+        start = time.perf_counter()
+        editor.invert(images, batch_size)
+        _sync(device)
     return time.perf_counter() - start
 
 

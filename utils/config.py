@@ -89,6 +89,7 @@ class EditConfig:
     start_distance: float = -150.0
     end_distance: float = 150.0
     edit_img_number: int = 20
+    attribute: str = ""  # the attribute an edit names when none is given (the web app opens on it)
 
 
 #: The most distances (--edit_img_number, edit.edit_img_number) one run may ask for: every edit of

@@ -18,7 +18,8 @@ import numpy as np
 
 from utils.core.atlas import HOLD_THRESHOLD, cosine_matrix, holds
 from utils.errors import UserError
-from utils.io.boundary_files import SPACES, BoundaryRecord, load_boundary, matching_boundaries, save_number
+from utils.core.spaces import SPACES
+from utils.io.boundary_files import BoundaryRecord, current_file, load_boundary, scan_boundaries, select
 from utils.io.files import read_json, write_json
 
 ATLAS_FORMAT = 1
@@ -107,35 +108,29 @@ def suggested_holds(atlas_or_dir: dict | str | Path, attribute: str) -> list[str
 
 def atlas_from_dir(folder: str | Path, config_name: str | None = None, t_0: int | None = None) -> dict:
     """The atlas of the boundary files in ``folder`` (e.g. the original's, imported with
-    ``boundary_tools import-sav``): of each attribute and space the newest by save number (as the
-    edit modes pick), for the one config and t_0 there, or the ones given. Phi is null (no labels)."""
+    ``boundary_tools import-sav``): of each attribute and space the current file (``current_file``,
+    as the edit modes pick), for the one config and t_0 there, or the ones given. Phi is null (no
+    labels). Each file's header is read once; only the chosen files' normals are read."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of boundary files")
-    records: dict[tuple, dict[str, tuple[Path, BoundaryRecord]]] = {}
-    configs = {config_name} if config_name else {r.config_name for _, r in _all_records(folder)}
+    scan = scan_boundaries(folder)
+    configs = {config_name} if config_name else {r.config_name for _, r in scan}
+    candidates: dict[tuple, dict[str, list[Path]]] = {}
     for config in sorted(configs):
-        for space, hits in matching_boundaries(folder, config, t_0=t_0).items():
+        for space, hits in select(scan, config, t_0=t_0).items():
             for path, record in hits:
                 key = (record.config_name, record.t_0, record.attribute.lower())
-                best = records.setdefault(key, {}).get(space)
-                if best is None or (save_number(path), path.name) > (save_number(best[0]), best[0].name):
-                    records[key][space] = (path, record)
-    groups = sorted({key[:2] for key in records})
+                candidates.setdefault(key, {}).setdefault(space, []).append(path)
+    groups = sorted({key[:2] for key in candidates})
     if not groups:
         raise UserError(f"no boundary files in {folder}")
     if len(groups) > 1:
         raise UserError(f"{folder} holds boundaries of several configs or t_0 values "
                         f"({', '.join(f'{c} t_0 {t}' for c, t in groups)}); choose one with --config_name / --t_0")
-    chosen = {spaces["z"][1].attribute: {space: hit[1] for space, hit in spaces.items()}
-              for key, spaces in sorted(records.items()) if set(spaces) == set(SPACES)}
+    chosen = {}
+    for key, spaces in sorted(candidates.items()):
+        if set(spaces) == set(SPACES):
+            records = {space: load_boundary(current_file(paths)) for space, paths in spaces.items()}
+            chosen[records["z"].attribute] = records
     return atlas_from_records(chosen)
-
-
-def _all_records(folder: Path):
-    """(path, record) of every file in ``folder`` that loads as a boundary."""
-    for path in sorted(folder.glob("*.npz")):
-        try:
-            yield path, load_boundary(path)
-        except (UserError, OSError):
-            continue

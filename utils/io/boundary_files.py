@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from utils.core.boundary import SUMMARY_STATS, Boundary
+from utils.core.spaces import SPACES
 from utils.errors import UserError
 from utils.io.files import write_new_file
 
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 SPLITS, CLASSES = ("train", "test"), ("neg", "pos")
-SPACES = ("h", "z")
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,14 @@ def summary_dict(array: np.ndarray) -> dict:
 MAX_AUTO_DISTANCE = 1e12
 
 
+def hyperplane_offset(record: BoundaryRecord) -> float:
+    """-b / ||w||: where the SVM's hyperplane w.x + b = 0 crosses the unit normal, in v.n. A
+    hyperplane distance s = (w.x + b) / ||w|| (what class summaries hold) is the projection v.n
+    minus this offset. nan or infinite for a damaged file (the callers check)."""
+    with np.errstate(all="ignore"):
+        return float(-float(record.intercept) / float(np.linalg.norm(np.asarray(record.coef, dtype=np.float64))))
+
+
 def _auto_ends(record: BoundaryRecord, split: str) -> tuple[float, float] | str:
     """(start, end) of ``auto_range`` in projection units, or why there is none (the message)."""
     where = f"the {record.space} boundary for '{record.attribute}'"
@@ -98,9 +106,9 @@ def _auto_ends(record: BoundaryRecord, split: str) -> tuple[float, float] | str:
     low, high = stats["neg"]["p5"], stats["pos"]["p95"]
     if not (np.isfinite(low) and np.isfinite(high)):
         return f"{where} has no {split} latents of both classes to derive auto distances from"
+    offset = hyperplane_offset(record)
     with np.errstate(all="ignore"):
-        offset = float(record.intercept) / float(np.linalg.norm(np.asarray(record.coef, dtype=np.float64)))
-        ends = (float(low) - offset, float(high) - offset)
+        ends = (float(low) + offset, float(high) + offset)
     if not all(np.isfinite(v) and abs(v) <= MAX_AUTO_DISTANCE for v in ends):
         return (f"{where} is damaged: its {split} class summary puts the auto range at {ends[0]:g} .. {ends[1]:g}, "
                 f"beyond the +-{MAX_AUTO_DISTANCE:g} any edit distance may take; fit it again, or give "
@@ -141,13 +149,39 @@ _SCALAR_KINDS = {"intercept": "fi", "t_0": "i", "n_inv_step": "i", "train_acc": 
 _MAX_TEXT = 1024          # characters of a text field
 _MAX_DIMS = 8             # entries of ``shape``
 MAX_VALUES = 1 << 24      # entries of a normal when the model is not known (64 MiB as float32)
+#: Characters of an attribute name a boundary file may carry (its ``attribute`` field is text of at
+#: most ``_MAX_TEXT`` characters; CelebA's longest name has 19).
+MAX_ATTRIBUTE_NAME = 200
+_SLUG_CHARS = 60          # characters of the attribute's part of a file name
+
+
+def attribute_slug(attribute: str) -> str:
+    """The attribute's part of a boundary file name: lower-cased, anything but ASCII letters, digits,
+    ``-`` and ``_`` as ``_``, at most 60 characters (``boundary_name``; ``check_attribute_names``)."""
+    return "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "_" for c in attribute.lower())[:_SLUG_CHARS] \
+        or "attribute"
 
 
 def boundary_name(config_name: str, attribute: str, t_0: int, space: str) -> str:
-    """The name a boundary search gives its file: ``<config>_<attribute>_t<t_0>_<space>``, the
-    attribute lower-cased with anything but letters, digits, ``-`` and ``_`` as ``_``."""
-    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in attribute.lower())[:60] or "attribute"
-    return f"{config_name}_{slug}_t{t_0}_{space}"
+    """The name a boundary search gives its file: ``<config>_<attribute slug>_t<t_0>_<space>``."""
+    return f"{config_name}_{attribute_slug(attribute)}_t{t_0}_{space}"
+
+
+def check_attribute_names(names) -> None:
+    """That the attributes ``names`` can each have boundary files of their own that load again: no
+    name longer than ``MAX_ATTRIBUTE_NAME`` characters, and no two names with one file name
+    (``attribute_slug``: ``a.b``, ``a,b`` and ``a_b`` are all ``a_b``). UserError naming them, before
+    any work."""
+    owners: dict[str, str] = {}
+    for name in names:
+        if len(name) > MAX_ATTRIBUTE_NAME:
+            raise UserError(f"the attribute name {name[:40]!r}... has {len(name)} characters, more than the "
+                            f"{MAX_ATTRIBUTE_NAME} a boundary file keeps; rename the column")
+        slug = attribute_slug(name)
+        if slug in owners:
+            raise UserError(f"the attributes {owners[slug]!r} and {name!r} would share the boundary file name "
+                            f"'{slug}'; rename one of the columns")
+        owners[slug] = name
 
 
 def boundary_path(folder: str | Path, name: str) -> Path:
@@ -161,7 +195,7 @@ def boundary_writer(record: BoundaryRecord) -> Callable[[Path], None]:
     """A function that writes ``record`` as a boundary file to the path it is given (for
     ``utils.io.files.StagedFiles.stage``; ``save_boundary`` writes one file on its own)."""
     if record.space not in SPACES:
-        raise ValueError(f"unknown space '{record.space}' (choices: h, z)")
+        raise ValueError(f"unknown space '{record.space}' (choices: {', '.join(SPACES)})")
     arrays = {}
     for f in dataclasses.fields(record):
         value = getattr(record, f.name)
@@ -242,7 +276,30 @@ def load_boundary(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = 
     shapes: the model's latent shapes {'z': ..., 'h': ...}; the normal's size is checked against
     them from its header, before its data is read. Memory is bounded by the header checks either way.
     """
-    path = Path(path)
+    values = _read_fields(Path(path), shapes, arrays=True)
+    values.setdefault("coef", values["normal"])
+    values.setdefault("intercept", 0.0)
+    record = BoundaryRecord(**values)
+    norm = float(np.linalg.norm(record.normal))
+    if not np.isfinite(norm) or abs(norm - 1) > 1e-3 or not np.isfinite(record.coef).all() \
+            or not np.isfinite(record.intercept):
+        raise UserError(f"boundary file {path} is corrupt: its normal is not a finite unit vector of shape {record.shape}")
+    return record
+
+
+def load_header(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None) -> BoundaryRecord:
+    """A boundary file's fields without its arrays (``normal`` and ``coef`` are empty): what a folder
+    scan needs, read without the D-value arrays. The same checks as ``load_boundary`` but the
+    normal's length."""
+    values = _read_fields(Path(path), shapes, arrays=False)
+    values.update(normal=np.zeros(0, np.float32), coef=np.zeros(0, np.float32))
+    values.setdefault("intercept", 0.0)
+    return BoundaryRecord(**values)
+
+
+def _read_fields(path: Path, shapes: dict[str, tuple[int, ...]] | None, arrays: bool) -> dict:
+    """The fields of a boundary file (``normal`` and ``coef`` only with ``arrays``), every header
+    checked before any data is read."""
     if not path.is_file():
         raise UserError(f"boundary file {path} does not exist")
     if path.suffix == ".sav":
@@ -267,7 +324,8 @@ def load_boundary(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = 
                 raise UserError(f"boundary file {path} has format version {version}, newer than this code reads "
                                 f"({FORMAT_VERSION}); update BoundaryDiffusion")
             if values["space"] not in SPACES:
-                raise UserError(f"boundary file {path} has unknown space '{values['space']}' (choices: h, z)")
+                raise UserError(f"boundary file {path} has unknown space '{values['space']}' "
+                                f"(choices: {', '.join(SPACES)})")
             size = int(np.prod(headers["normal"][0]))
             if size != int(np.prod(values["shape"])) or min(values["shape"]) < 1:
                 raise UserError(f"boundary file {path} is corrupt: its normal has {size} values for shape "
@@ -275,43 +333,60 @@ def load_boundary(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = 
             if shapes is not None and values["space"] in shapes and tuple(values["shape"]) != tuple(shapes[values["space"]]):
                 raise UserError(f"{path} is a boundary for {values['space']} latents of shape {values['shape']}, "
                                 f"but this model's are {tuple(shapes[values['space']])}")
-            for name in ("normal", "coef"):
+            for name in ("normal", "coef") if arrays else ():
                 if name in headers:
                     values[name] = _read(zf, name).astype(np.float32).reshape(-1)
     except UserError:
         raise
     except Exception as exc:  # zipfile's and numpy's parsers fail on damaged files with many error types
         raise UserError(f"boundary file {path} is corrupt or not a boundary file ({type(exc).__name__})") from None
-    values.setdefault("coef", values["normal"])
-    values.setdefault("intercept", 0.0)
-    record = BoundaryRecord(**values)
-    norm = float(np.linalg.norm(record.normal))
-    if not np.isfinite(norm) or abs(norm - 1) > 1e-3 or not np.isfinite(record.coef).all() \
-            or not np.isfinite(record.intercept):
-        raise UserError(f"boundary file {path} is corrupt: its normal is not a finite unit vector of shape {record.shape}")
-    return record
+    return values
 
 
-def matching_boundaries(folder: str | Path, config_name: str, attribute: str | None = None, t_0: int | None = None,
-                        checkpoint_sha256: str | None = None, shapes: dict[str, tuple[int, ...]] | None = None
-                        ) -> dict[str, list[tuple[Path, BoundaryRecord]]]:
-    """Every readable boundary file in ``folder`` fitted for ``config_name`` (and for ``attribute``,
-    ``t_0``, the checkpoint with ``checkpoint_sha256`` and latents of ``shapes`` when given), as
-    {space: [(path, record)]} in path order. A record without a checkpoint hash matches any
-    checkpoint; a file that does not load as such a boundary is passed over (a debug-level note)."""
-    found: dict[str, list[tuple[Path, BoundaryRecord]]] = {}
-    for path in sorted(Path(folder).glob("*.npz")) if Path(folder).is_dir() else []:
+#: Most boundary files a folder scan reads (each header a few kilobytes): a folder with more is
+#: not a boundary folder.
+MAX_FOLDER_FILES = 100_000
+
+
+def scan_boundaries(folder: str | Path, shapes: dict[str, tuple[int, ...]] | None = None
+                    ) -> list[tuple[Path, BoundaryRecord]]:
+    """(path, header) of every boundary file in ``folder`` (``load_header``: fields without the
+    arrays), in path order; each file's header is read once. A file that does not load as a
+    boundary (of latents of ``shapes`` when given) is passed over with a debug-level note."""
+    folder = Path(folder)
+    found = []
+    paths = sorted(folder.glob("*.npz")) if folder.is_dir() else []
+    if len(paths) > MAX_FOLDER_FILES:
+        raise UserError(f"{folder} holds {len(paths)} .npz files, more than {MAX_FOLDER_FILES}; "
+                        "point --boundary_dir at a folder of boundaries")
+    for path in paths:
         try:
-            record = load_boundary(path, shapes)
+            found.append((path, load_header(path, shapes)))
         except (UserError, OSError) as exc:
             log.debug("passing over %s: %s", path, exc)
-            continue
+    return found
+
+
+def select(scan: list[tuple[Path, BoundaryRecord]], config_name: str, attribute: str | None = None,
+           t_0: int | None = None, checkpoint_sha256: str | None = None) -> dict[str, list[tuple[Path, BoundaryRecord]]]:
+    """The entries of a scan fitted for ``config_name`` (and ``attribute``, ``t_0``, the checkpoint
+    ``checkpoint_sha256`` when given; a file without a hash matches any checkpoint), as {space:
+    [(path, header)]} in path order."""
+    found: dict[str, list[tuple[Path, BoundaryRecord]]] = {}
+    for path, record in scan:
         if record.config_name != config_name or (attribute and record.attribute.lower() != attribute.lower()) \
                 or (t_0 is not None and record.t_0 != t_0) \
                 or (checkpoint_sha256 and record.checkpoint_sha256 and record.checkpoint_sha256 != checkpoint_sha256):
             continue
         found.setdefault(record.space, []).append((path, record))
     return found
+
+
+def matching_boundaries(folder: str | Path, config_name: str, attribute: str | None = None, t_0: int | None = None,
+                        checkpoint_sha256: str | None = None, shapes: dict[str, tuple[int, ...]] | None = None
+                        ) -> dict[str, list[tuple[Path, BoundaryRecord]]]:
+    """``select`` on a fresh ``scan_boundaries`` of ``folder``: the headers, without arrays."""
+    return select(scan_boundaries(folder, shapes), config_name, attribute, t_0, checkpoint_sha256)
 
 
 @dataclass(frozen=True)
@@ -324,22 +399,44 @@ class Discovered:
 
 def save_number(path: Path) -> int:
     """N of a file saved as ``<name>-N.npz`` (``save_boundary`` takes the first free N, so a larger N
-    was written later), 0 for ``<name>.npz``: an order that no checkout or copy can change."""
+    was written later), 0 for ``<name>.npz`` (and for any name whose tail is not ASCII digits):
+    an order that no checkout or copy can change."""
     stem, _, number = path.stem.rpartition("-")
-    return int(number) if stem and number.isdigit() else 0
+    return int(number) if stem and number.isascii() and number.isdigit() else 0
 
 
-def discover_boundaries(folder: str | Path, config_name: str, shapes: dict[str, tuple[int, ...]],
-                        attribute: str | None = None, t_0: int | None = None) -> Discovered | None:
-    """The boundaries an edit uses when none is named: those of ``matching_boundaries`` (for
-    ``attribute`` and ``t_0`` when given), or None when there are none.
+def current_file(paths: list[Path]) -> Path:
+    """THE rule for which of several files of one boundary is current: the largest save number
+    (``save_number``), then the name. Edits, the web app and the atlas read this one; a search with
+    --ni replaces this one (``current_target``), so a re-fit is what they read next."""
+    return max(paths, key=lambda p: (save_number(p), p.name))
+
+
+def current_target(folder: str | Path, name: str) -> Path:
+    """Where a search with --ni writes boundary ``name``: the file ``current_file`` picks among
+    ``<name>.npz`` and ``<name>-N.npz`` in ``folder``, or ``<name>.npz`` when there is none."""
+    base = boundary_path(folder, name)
+    numbered = [p for p in Path(folder).glob(f"{glob_escape(name)}-*.npz") if p.stem.rpartition("-")[0] == name
+                and save_number(p) > 0] if Path(folder).is_dir() else []
+    candidates = numbered + ([base] if base.exists() else [])
+    return current_file(candidates) if candidates else base
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob's special characters taken literally."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def discover(scan: list[tuple[Path, BoundaryRecord]], folder: str | Path, config_name: str,
+             attribute: str | None = None, t_0: int | None = None) -> Discovered | None:
+    """The boundaries an edit uses when none is named, from a folder's scan: those of ``select``
+    (for ``attribute`` and ``t_0`` when given), or None when there are none.
 
     A z and an h boundary are only paired when they share attribute, t_0 and checkpoint; several
     attributes, t_0 values or checkpoints among the candidates is a UserError that lists them, never
-    a silent pick. Of several files of one space the newest by save number is taken (``-2`` after
-    ``-1`` after none), not by file time, which a checkout or a copy sets.
+    a silent pick. Of several files of one space the current one is taken (``current_file``).
     """
-    found = matching_boundaries(folder, config_name, attribute, t_0, shapes=shapes)
+    found = select(scan, config_name, attribute, t_0)
     hits = [(path, record) for space_hits in found.values() for path, record in space_hits]
     if not hits:
         return None
@@ -351,7 +448,12 @@ def discover_boundaries(folder: str | Path, config_name: str, shapes: dict[str, 
         if len(values) > 1:
             raise UserError(f"{folder} holds boundaries of several {what} for config {config_name}"
                             f"{' and ' + attribute if attribute else ''}: {', '.join(values)}; {hint}")
-    newest = {space: max(space_hits, key=lambda hit: (save_number(hit[0]), hit[0].name))[0]
-              for space, space_hits in found.items()}
+    newest = {space: current_file([p for p, _ in space_hits]) for space, space_hits in found.items()}
     first = hits[0][1]
     return Discovered(first.attribute, first.t_0, newest)
+
+
+def discover_boundaries(folder: str | Path, config_name: str, shapes: dict[str, tuple[int, ...]],
+                        attribute: str | None = None, t_0: int | None = None) -> Discovered | None:
+    """``discover`` on a fresh scan of ``folder``."""
+    return discover(scan_boundaries(folder, shapes), folder, config_name, attribute, t_0)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from runners.edit_description import EditDescription
+from runners.engine.describe import EditDescription
 from utils.core.diffusion import Inversion
 from utils.core.editing import EditBatch
 from utils.io.files import atomic_path, write_json
@@ -24,6 +24,9 @@ from utils.io.plots import back_and_forth_gif, labelled_grid
 RUN_OUTPUTS = ("summary.json", "contact_sheet.png")
 THUMBNAIL = 64  # largest side of a contact-sheet tile (the grid of each image keeps full size)
 _MAX_NAME = 100
+#: The longest file name an edit gets (in UTF-8 bytes; file systems allow 255): beyond it the
+#: targets are left out of the names (``edit_03.png``), and summary.json's ``targets`` hold them.
+MAX_FILE_NAME = 160
 
 
 def folder_names(paths: Sequence[Path]) -> list[str]:
@@ -82,12 +85,16 @@ def _targets_text(description: EditDescription, k: int, for_file: bool) -> str:
                                            for a, per_space in description.targets(k).items())
 
 
-def edit_file_name(description: EditDescription, k: int, prefix: str = "") -> str:
-    """The file name of edit k (the writer's and the web app's): ``edit_03_d-3.00.png`` and the
+def edit_file_names(description: EditDescription, prefix: str = "") -> list[str]:
+    """The file names of the K edits (the writer's and the web app's): ``edit_03_d-3.00.png`` and the
     like (``_targets_text``); the index zero-padded to the width of K - 1 (at least 2), so names
-    sort in edit order."""
+    sort in edit order. When the targets of many attributes would make a name longer than
+    ``MAX_FILE_NAME`` bytes, every edit is named by its index alone (``edit_03.png``)."""
     width = max(2, len(str(len(description) - 1)))
-    return f"{prefix}edit_{k:0{width}d}_{_targets_text(description, k, for_file=True)}.png"
+    texts = [_targets_text(description, k, for_file=True) for k in range(len(description))]
+    if len(prefix.encode()) + width + len("edit__.png") + max(len(t.encode()) for t in texts) > MAX_FILE_NAME:
+        return [f"{prefix}edit_{k:0{width}d}.png" for k in range(len(texts))]
+    return [f"{prefix}edit_{k:0{width}d}_{text}.png" for k, text in enumerate(texts)]
 
 
 def edit_label(description: EditDescription, k: int) -> str:
@@ -97,7 +104,8 @@ def edit_label(description: EditDescription, k: int) -> str:
 
 class SequenceWriter:
     """Writes the edit sequences of B images (or sampled latents), one folder each, as
-    ``Editor.edits`` yields them.
+    ``Editor.edits`` yields them; each sequence's labelled ``grid.png`` unless ``grid`` is False
+    (the web app's one-edit strips).
 
     folders: B output folders; first_images: B dicts of named images (N, C, H, W) shown before the
     edits in each grid (e.g. original, reconstruction); description: the K edits. A 2-D sweep
@@ -105,10 +113,12 @@ class SequenceWriter:
     """
 
     def __init__(self, folders: Sequence[Path], first_images: Sequence[dict[str, Tensor]],
-                 description: EditDescription, n_iter: int = 1, gif: bool = False, save_tensors: bool = False):
+                 description: EditDescription, n_iter: int = 1, gif: bool = False, save_tensors: bool = False,
+                 grid: bool = True):
         self.folders, self.first_images, self.description = list(folders), list(first_images), description
-        self.n_iter, self.gif, self.save_tensors = n_iter, gif, save_tensors
+        self.n_iter, self.gif, self.save_tensors, self.grid = n_iter, gif, save_tensors, grid
         self.n_edits = len(description)
+        self._names: dict[str, list[str]] = {}  # per file-name prefix (an iteration's)
         self.column_labels = [*self.first_images[0], *(edit_label(description, k) for k in range(self.n_edits))]
         self._shown: list[list[Tensor]] = [[] for _ in self.folders]  # 8-bit edits of the open sequence
         self._kept = [{"edits": [], "z": [], "h": []} for _ in self.folders]  # floats, --save_tensors only
@@ -124,7 +134,9 @@ class SequenceWriter:
         k_last = self.n_edits - 1
         for j, (b, k) in enumerate(batch.items):
             image = batch.images[j]
-            save_image(image, self.folders[b] / edit_file_name(self.description, k, prefix))
+            if prefix not in self._names:
+                self._names[prefix] = edit_file_names(self.description, prefix)
+            save_image(image, self.folders[b] / self._names[prefix][k])
             self._shown[b].append(quantize(image))
             if self.save_tensors:
                 self._kept[b]["edits"].append(image.clamp(-1, 1))
@@ -137,9 +149,9 @@ class SequenceWriter:
         firsts = [quantize(v) for v in self.first_images[b].values()]
         row = torch.stack([*firsts, *self._shown[b]])
         self._shown[b] = []
-        if self.description.grid is None:
+        if self.grid and self.description.grid is None:
             labelled_grid(dequantize(row), self.folders[b] / f"{prefix}grid.png", self.column_labels)
-        else:
+        elif self.grid:
             self._write_sweep(row[len(firsts):], self.folders[b] / f"{prefix}grid.png")
         if self.gif:
             back_and_forth_gif(dequantize(row[len(firsts):]), self.folders[b] / f"{prefix}edits.gif")

@@ -1,10 +1,9 @@
-"""The editing engine: one loaded model with its latent cache and timestep grid, and the operations
-every front end uses -- the command-line modes, ``scripts/evaluate_edits.py``, the benchmark and
-the web app. No argparse and no file writing here; reading images and boundary files is allowed.
+"""One loaded model at one mixing step: its latent cache and timestep grid, and the operations every
+mode of the engine is made of (``runners.engine.engine`` wires them). No file writing here; reading
+images and the latent cache is allowed.
 
     editor = Editor(load_model("digits.yml"), t_0=200, n_inv_step=40)
     latents, _ = editor.invert(images)                       # (N, C, H, W) in [-1, 1]; cached
-    description = describe_edit(editor, EditRequest((Move("thick", -3, 3),), Denoising(40), k=3), index)
     for batch in editor.edits(latents, description, seed_keys=[(image_key(img),) for img in images]):
         ...                                                  # batch.items[j] = (image b, edit k)
 
@@ -32,15 +31,16 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models.loading import LoadedModel
+from runners.engine.describe import EditDescription
+from runners.engine.requests import Denoising
 from utils.config import Config
 from utils.core.batching import batch_regime, batch_slices, pair_lone
 from utils.core.diffusion import HPolicy, Inversion, generate, invert, sample_latents, sampling_pairs, timestep_grid
 from utils.core.editing import EditBatch, iter_edits, reconstruct
 from utils.core.mixing import radius_curves
 from utils.core.seeds import EDIT, SAMPLE, item_seed
+from utils.core.spaces import SPACES
 from utils.errors import UserError
-from runners.edit_description import EditDescription
-from utils.io.boundary_files import BoundaryRecord, load_boundary
 from utils.io.face_align import INSTALL as FACE_INSTALL, FaceAligner, FaceExtraMissing
 from utils.io.images import image_to_tensor, open_image
 from utils.io.latent_cache import LatentCache
@@ -76,17 +76,23 @@ class RecentLatents:
     """The latest ``capacity`` inversions, kept in memory in front of the latent cache (least
     recently used dropped first; thread-safe), to be shared by the editors of one process: the web
     app keeps its sessions' images here, whether or not a disk cache is on. An entry is keyed by
-    what decides its bits besides the model (t_0, the inversion steps, the batch regime) and the
-    pixels."""
+    everything that decides its bits: the model's identity (``models.identity``: checkpoint,
+    architecture, precision, device and kernels), t_0, the inversion steps, the batch regime, and
+    the pixels.
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+    Fairness: with ``per_owner``, each owner (a web session) holds at most that many entries; its
+    own least recently used one is dropped first, so one owner's uploads never evict another's."""
+
+    def __init__(self, capacity: int, per_owner: int | None = None):
+        self.capacity, self.per_owner = capacity, per_owner
         self._entries: OrderedDict[tuple, Inversion] = OrderedDict()
+        self._owners: dict[object, OrderedDict] = {}   # owner -> its keys, least recently used first
         self._lock = threading.Lock()
 
     @staticmethod
     def key(image: Tensor, *setting) -> tuple:
-        """image: (C, H, W) pixels; setting: what else decides the latents."""
+        """image: (C, H, W) pixels; setting: what else decides the latents (the model's identity
+        key first)."""
         pixels = image.detach().cpu().float().contiguous()
         return (*setting, tuple(pixels.shape), hashlib.sha256(pixels.numpy().tobytes()).hexdigest())
 
@@ -97,15 +103,67 @@ class RecentLatents:
                 self._entries.move_to_end(key)
             return found
 
-    def put(self, key: tuple, latents: Inversion) -> None:
+    def put(self, key: tuple, latents: Inversion, owner: object = None) -> None:
         with self._lock:
             self._entries[key] = latents
             self._entries.move_to_end(key)
+            if owner is not None and self.per_owner is not None:
+                mine = self._owners.setdefault(owner, OrderedDict())
+                mine[key] = None
+                mine.move_to_end(key)
+                while len(mine) > self.per_owner:
+                    old, _ = mine.popitem(last=False)
+                    if not any(old in keys for keys in self._owners.values()):
+                        self._entries.pop(old, None)
             while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+                old, _ = self._entries.popitem(last=False)
+                for keys in self._owners.values():
+                    keys.pop(old, None)
+
+    def forget_owner(self, owner: object) -> None:
+        """The owner is gone (a closed session): its entries no other owner holds are dropped."""
+        with self._lock:
+            for key in self._owners.pop(owner, {}):
+                if not any(key in keys for keys in self._owners.values()):
+                    self._entries.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class RecentReconstructions:
+    """The unedited reconstructions of recently edited images, at most ``per_image`` settings
+    (steps, h injection, h policy) per image and ``images`` images, least recently used dropped
+    first (thread-safe): a slider's edit is shown beside its reconstruction without denoising it
+    again, and memory does not grow with the settings a client sends."""
+
+    def __init__(self, images: int, per_image: int = 2):
+        self.images, self.per_image = images, per_image
+        self._entries: OrderedDict[tuple, OrderedDict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, image_key: tuple, setting: tuple) -> Tensor | None:
+        with self._lock:
+            kept = self._entries.get(image_key)
+            if kept is None or setting not in kept:
+                return None
+            self._entries.move_to_end(image_key)
+            kept.move_to_end(setting)
+            return kept[setting]
+
+    def put(self, image_key: tuple, setting: tuple, image: Tensor) -> None:
+        with self._lock:
+            kept = self._entries.setdefault(image_key, OrderedDict())
+            kept[setting] = image
+            kept.move_to_end(setting)
+            self._entries.move_to_end(image_key)
+            while len(kept) > self.per_image:
+                kept.popitem(last=False)
+            while len(self._entries) > self.images:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return sum(len(kept) for kept in self._entries.values())
 
 
 class CallCounter:
@@ -177,46 +235,45 @@ class Editor:
     grid up to t_0 and the latent cache, built once."""
 
     def __init__(self, model: LoadedModel, t_0: int, n_inv_step: int, cache_root: Path | None = None,
-                 precision: str = "fp32", show_progress: bool = True, recent: RecentLatents | None = None):
-        """cache_root: folder of the inverted-latent cache (None: no cache). precision: the
-        network's compute precision, part of the cache key. recent: inversions kept in memory
-        (``RecentLatents``, shared with other editors of the same model), looked up first."""
+                 show_progress: bool = True, recent: RecentLatents | None = None):
+        """cache_root: folder of the inverted-latent cache (None: no cache). recent: inversions kept
+        in memory (``RecentLatents``, shared with other editors), looked up first. Both key on the
+        model's identity (``model.identity``), so editors of other models never share an entry."""
         T = model.config.diffusion.num_diffusion_timesteps
         if not 1 <= t_0 <= T - 1:
             raise UserError(f"t_0 must be in [1, {T - 1}], got {t_0}")
         self.model, self.config, self.t_0, self.n_inv_step = model, model.config, t_0, n_inv_step
         self.net = CallCounter(model.net, show=show_progress)
-        self.device = next(model.net.model.parameters()).device
+        self.device = model.device
         self.shapes, self.alphas_cumprod = model.shapes, model.alphas_cumprod
         self.grid = timestep_grid(t_0, n_inv_step)
         self.recent = recent
-        # The key holds what changes the bits: besides the model and grid, the precision, the device
-        # type (other kernels) and, per entry, the batch regime (``cache_key``).
+        self._setting = (model.identity.key(), t_0, n_inv_step)
+        # The key holds what changes the bits: the model's identity (weights, architecture,
+        # precision, device, kernels), the grid and, per entry, the batch regime (``_keys``).
         self.cache = None if cache_root is None else LatentCache(
-            Path(cache_root), {"config": self.config.name, "checkpoint": model.checkpoint_sha256,
-                               "model": self.config.to_dict()["model"], "diffusion": self.config.to_dict()["diffusion"],
-                               "t_0": t_0, "n_inv_step": n_inv_step, "precision": precision,
-                               "device": self.device.type}, self.shapes)
+            Path(cache_root), {"model": model.identity.key(), "t_0": t_0, "n_inv_step": n_inv_step}, self.shapes)
 
-    def cache_key(self, image: Tensor, batch_size: int) -> str:
-        """The latent cache's key of ``image`` (C, H, W) inverted in batches of ``batch_size``."""
-        return self.cache.key(image, batch_regime(batch_size))
+    def image_key(self, image: Tensor, batch_size: int) -> tuple:
+        """What names the latents of ``image`` (C, H, W) inverted in batches of ``batch_size`` on this
+        model and grid (``RecentLatents.key``): the key of anything derived from them."""
+        return RecentLatents.key(image, *self._setting, batch_regime(batch_size))
 
-    def identity(self) -> dict:
-        """What names the model in summaries and boundary files."""
-        return {"config_name": self.config.name, "checkpoint": str(self.model.checkpoint),
-                "checkpoint_sha256": self.model.checkpoint_sha256}
+    def _keys(self, images: Tensor, batch_size: int) -> tuple[list, list]:
+        """Each image's key in the in-memory store and in the latent cache (None where there is none)."""
+        regime = batch_regime(batch_size)
+        memory = [self.image_key(img, batch_size) if self.recent is not None else None for img in images]
+        disk = [self.cache.key(img, regime) if self.cache else None for img in images]
+        return memory, disk
 
     # ------------------------------------------------------------------ inversion
-    def invert(self, images: Tensor, batch_size: int = 8, desc: str = "inverting") -> tuple[Inversion, int]:
+    def invert(self, images: Tensor, batch_size: int = 8, desc: str = "inverting", owner: object = None
+               ) -> tuple[Inversion, int]:
         """Latents of images (N, C, H, W) in [-1, 1]: (Inversion z (N, ...), h (N, ...) on the CPU,
         how many came from memory or the cache). The rest are inverted in batches (a lone remainder
         as a pair, ``utils.core.batching``) and cached image by image, so an interrupted run resumes."""
-        regime = batch_regime(batch_size)
-        memory = [RecentLatents.key(img, self.t_0, self.n_inv_step, regime) for img in images] \
-            if self.recent is not None else [None] * len(images)
+        memory, keys = self._keys(images, batch_size)
         found = [self.recent.get(k) if k is not None else None for k in memory]
-        keys = [self.cache_key(img, batch_size) for img in images] if self.cache else [None] * len(images)
         found = [f if f is not None or not self.cache else self.cache.get(k) for f, k in zip(found, keys)]
         todo = [i for i, f in enumerate(found) if f is None]
         log.info("%s: %d images, %d from the cache", desc, len(images), len(images) - len(todo))
@@ -231,11 +288,20 @@ class Editor:
                         self.cache.put(keys[i], found[i].z, found[i].h)
         if self.recent is not None:
             for key, latents in zip(memory, found):
-                self.recent.put(key, latents)
+                self.recent.put(key, latents, owner)
         if not found:
             return Inversion(z=torch.empty((0, *self.shapes["z"])), h=torch.empty((0, *self.shapes["h"]))), 0
         return Inversion(z=torch.stack([f.z for f in found]), h=torch.stack([f.h for f in found])), \
             len(images) - len(todo)
+
+    def latent_entries(self, images: Tensor, batch_size: int, desc: str = "inverting") -> tuple[list, int]:
+        """Invert ``images`` (N, C, H, W) and give back, per image, its latent cache key when the
+        cache holds it (read back row by row later: ``utils.io.latent_cache.entry_rows``), else its
+        latents flattened, {space: (D,) float32}; and how many came from memory or the cache."""
+        latents, cached = self.invert(images, batch_size, desc)
+        if self.cache is not None and self.cache.writable:
+            return self._keys(images, batch_size)[1], cached
+        return [{s: getattr(latents, s)[j].flatten().numpy() for s in SPACES} for j in range(len(images))], cached
 
     def sample_latents(self, seed: int, index: int) -> Inversion:
         """Latents at t_0 reached from noise (docs/algorithm.md section 6): x_T drawn from a generator
@@ -269,57 +335,29 @@ class Editor:
             return radius_curves(self.net, images.to(self.device), noise.to(self.device), self.alphas_cumprod,
                                  candidates, epsilon, batch_size)
 
-    # ------------------------------------------------------------------ boundaries
-    def check_boundary(self, path: Path, space: str, label: str, force: bool = False) -> BoundaryRecord:
-        """A boundary file of ``space`` that fits this model's latents, model and t_0 (the last two
-        may be overridden by ``force``). label: how the user named it (for messages).
-
-        The model: the file's ``checkpoint_sha256`` when it has one (then its ``config_name`` may
-        differ: the same weights under a renamed config); else its ``config_name`` (files
-        imported from the original's ``.sav`` have no hash); a file with neither is used with a
-        warning. Another ``n_inv_step`` is a warning, not a refusal: the inversion grid moves the
-        latents by little next to the classes' spread, and a direction fitted on one grid still
-        separates latents of another (docs/reliability.md, "Boundary checks")."""
-        record = load_boundary(path, self.shapes)  # the normal's size checked from its header first
-        if record.space != space:
-            raise UserError(f"{path} is a boundary of the {record.space} space, given as {label}")
-        sha = self.model.checkpoint_sha256
-        if record.checkpoint_sha256 and record.checkpoint_sha256 != sha and not force:
-            raise UserError(f"{path} was fitted on another checkpoint (sha256 {record.checkpoint_sha256[:12]}...); "
-                            "pass --force to use it anyway")
-        if not record.checkpoint_sha256 and record.config_name and record.config_name != self.config.name \
-                and not force:
-            raise UserError(f"{path} was fitted for the model of config '{record.config_name[:40]}' (field "
-                            f"config_name; it has no checkpoint_sha256), this run uses '{self.config.name}'; "
-                            "pass --force to use it anyway")
-        if not record.checkpoint_sha256 and not record.config_name:
-            log.warning("%s names no model (fields checkpoint_sha256 and config_name are empty): it cannot be "
-                        "checked against %s; using it", path, self.config.name)
-        if record.n_inv_step != self.n_inv_step:
-            log.warning("%s was fitted on latents inverted in %d steps (field n_inv_step); this run's --n_inv_step "
-                        "is %d", path, record.n_inv_step, self.n_inv_step)
-        if record.t_0 != self.t_0 and not force:
-            raise UserError(f"{path} was fitted at t_0 {record.t_0}, this run uses t_0 {self.t_0}; "
-                            "pass --force to use it anyway")
-        return record
-
     # ------------------------------------------------------------------ generation
     def reconstruct(self, latents: Inversion, description: EditDescription, batch_size: int | None = None) -> Tensor:
-        """The unedited images (B, C, H, W) on the CPU the edits are compared with: eta 0 from z,
-        with the edits' h injection when the edit moves h (``utils.core.editing.reconstruct``);
-        in batches of ``batch_size`` (default: the edits' batch size, or B when smaller: a lone
-        image alone), a lone remainder of a larger batch size as a pair (``utils.core.batching``)."""
-        inject_h = "h" in description.spaces
-        grid = timestep_grid(self.t_0, description.denoising.n_test_step)
+        """The unedited images (B, C, H, W) on the CPU the edits of ``description`` are compared
+        with: eta 0 from z, with the edits' h injection when the edit moves h
+        (``utils.core.editing.reconstruct``); in batches of ``batch_size`` (default: the edits'
+        batch size, or B when smaller: a lone image alone), a lone remainder of a larger batch size
+        as a pair (``utils.core.batching``)."""
+        return self.regenerate(latents, description.denoising, "h" in description.spaces, batch_size)
+
+    def regenerate(self, latents: Inversion, denoising: Denoising, inject_h: bool,
+                   batch_size: int | None = None) -> Tensor:
+        """``reconstruct`` for given denoising settings: with ``inject_h`` False, the plain
+        inversion + regeneration (eta 0, no h injection) that measures fidelity."""
+        grid = timestep_grid(self.t_0, denoising.n_test_step)
         n = len(latents.z)
-        batch_size = batch_size or max(1, min(description.denoising.batch_size, n))
+        batch_size = batch_size or max(1, min(denoising.batch_size, n))
         parts = []
         with self.net.progress(-(-n // batch_size) * len(grid), "reconstructing"):
             for chunk in batch_slices(n, batch_size):
                 part = Inversion(pair_lone(latents.z[chunk], batch_size).to(self.device),
                                  pair_lone(latents.h[chunk], batch_size).to(self.device))
                 parts.append(reconstruct(self.net, part, self.alphas_cumprod, grid, inject_h=inject_h,
-                                         h_policy=description.denoising.h_policy)[:chunk.stop - chunk.start].cpu())
+                                         h_policy=denoising.h_policy)[:chunk.stop - chunk.start].cpu())
         return torch.cat(parts) if parts else torch.empty((0, *self.shapes["z"]))
 
     def edits(self, latents: Inversion, description: EditDescription, seed_keys: Sequence[tuple[int, ...]],
@@ -334,7 +372,7 @@ class Editor:
         if n_edits == 0:
             return
         on_device = Inversion(latents.z.to(self.device), latents.h.to(self.device))
-        moves = {s: description.move(s) for s in ("z", "h")}
+        moves = {s: description.move(s) for s in SPACES}
         calls = -(-n_edits // denoising.batch_size) * len(grid)  # one batch when fewer edits than its size
         with self.net.progress(calls, "editing" if iteration == 0 else f"editing, iteration {iteration + 1}"):
             for batch in iter_edits(self.net, on_device, self.alphas_cumprod, grid, moves["z"], moves["h"],

@@ -1,0 +1,52 @@
+"""The engine: what every front end calls (docs/engine.md). One loaded model behind one typed call
+per mode; front ends build the requests below and show the results.
+
+    model = load_model("faces.yml")
+    engine = Engine(model, EngineOptions(cache_root=default_cache_root()))
+    engine.run(EditJob(Inverting(400, 40), Path("imgs/face_example.png"),
+                       EditRequest((Move("Smiling", -10, 10),), Denoising(40), k=7), Path("boundary")),
+               exp=Path("runs/demo"))
+
+The front ends import only the names of ``__all__`` (tests/test_engine_imports.py checks it).
+"""
+from models import build_model
+from models.checkpoints import default_cache_dir
+from models.loading import LoadedModel, load_model
+from models.runtime import PRECISIONS, InferenceNet, cpu_flags, default_batch_size, pick_device, retain_freed_memory
+from runners.engine.boundaries import AUTO_SCALE, BoundaryIndex, auto_span, fitted_t_0, relative_scale
+from runners.engine.describe import MAX_HOLD_RATIO, EditDescription
+from runners.engine.editor import Editor
+from runners.engine.engine import Engine, EngineOptions, OneEdit, RunResult, check_job, latent_cache_root
+from runners.engine.outputs import edit_file_names
+from runners.engine.requests import (MAX_ATTRIBUTES, MAX_DISTANCE, MAX_EDITS, MAX_POINTS, UNITS, Denoising,
+                                     EditJob, EditLimits, EditRequest, Inverting, Move, RadiusJob, SampleJob,
+                                     SearchJob, check_request, check_steps, spaced)
+from utils.config import Config, latent_shapes, load_config
+from utils.core.atlas import HOLD_THRESHOLD
+from utils.core.gram import SVM_C_RANGE
+from utils.core.diffusion import H_POLICIES, Inversion
+from utils.core.spaces import MOVED, SPACES
+from utils.distributed import ProcessContext, local_device, process_group
+from utils.distributed import context_from_env as distributed_process
+from utils.errors import UserError
+from utils.io.boundary_files import BoundaryRecord, save_boundary
+
+__all__ = [
+    # the model
+    "Config", "InferenceNet", "LoadedModel", "PRECISIONS", "build_model", "cpu_flags", "default_batch_size",
+    "default_cache_dir", "latent_shapes", "load_config", "load_model", "pick_device", "retain_freed_memory",
+    # where it computes (torchrun: one process per device, docs/distributed.md)
+    "ProcessContext", "distributed_process", "local_device", "process_group",
+    # the engine and its results
+    "Editor", "Engine", "EngineOptions", "EditDescription", "Inversion", "OneEdit", "RunResult",
+    "check_job", "edit_file_names", "latent_cache_root",
+    # requests
+    "Denoising", "EditJob", "EditLimits", "EditRequest", "Inverting", "Move", "RadiusJob", "SampleJob", "SearchJob",
+    "check_request", "check_steps", "spaced",
+    # boundaries, units and limits
+    "AUTO_SCALE", "BoundaryIndex", "H_POLICIES", "HOLD_THRESHOLD", "MAX_ATTRIBUTES", "MAX_DISTANCE", "MAX_EDITS",
+    "BoundaryRecord", "save_boundary",
+    "MAX_HOLD_RATIO", "MAX_POINTS", "MOVED", "SVM_C_RANGE", "SPACES", "UNITS", "auto_span", "fitted_t_0", "relative_scale",
+    # errors
+    "UserError",
+]

@@ -1,0 +1,221 @@
+"""The edit modes and the mixing-step analysis: real images (a file, a folder or a glob), latents
+sampled from noise, and the radius curves (docs/algorithm.md sections 5 to 7).
+
+Each function takes the editor, the checked edit description and the job, writes into the run
+folder it is given, and returns the summary; the runs' files are named by ``runners.engine.outputs``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from runners.engine.describe import EditDescription
+from runners.engine.editor import Editor, ImageReader, folder_batches
+from runners.engine.outputs import (SequenceWriter, edit_label, folder_names, write_contact_sheet, write_radius_table,
+                                    write_summary)
+from runners.engine.requests import EditJob, RadiusJob, SampleJob
+from utils.core.diffusion import Inversion, sampling_pairs
+from utils.core.seeds import EDIT, RADIUS_NOISE, SAMPLE_EDIT, image_key, item_seed
+from utils.distributed import ProcessContext, broadcast_from_main, gather_to_main, shard, unshard
+from utils.errors import UserError
+from utils.io.files import write_json
+from utils.io.images import expand_image_paths, list_images
+from utils.io.plots import radius_plot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """What ``edit_sequences`` writes for B latent pairs: how many times, with what extras."""
+    n_iter: int = 1
+    gif: bool = False
+    save_tensors: bool = False
+    seed_domain: int = EDIT
+    summary: dict = field(default_factory=dict)  # fields every image's summary.json starts with
+
+
+def edit_sequences(editor: Editor, description: EditDescription, folders: Sequence[Path], latents: Inversion,
+                   first_images: Sequence[dict[str, Tensor]], seed_keys: Sequence[tuple[int, ...]],
+                   extras: Sequence[dict], how: Sequences) -> tuple[list[dict], list[Tensor]]:
+    """Make every edit of B latent pairs (``how.n_iter`` times), write each image's files and
+    summary into its folder; returns the summaries and each image's contact-sheet row. seed_keys and
+    ``how.seed_domain``: the seed rule's (``utils.core.seeds``)."""
+    writer = SequenceWriter(folders, first_images, description, how.n_iter, how.gif, how.save_tensors)
+    seeds, timings = [], []
+    for iteration in range(how.n_iter):
+        start = time.perf_counter()
+        for batch in editor.edits(latents, description, seed_keys, iteration, how.seed_domain):
+            writer.add(batch, iteration)
+        timings.append(time.perf_counter() - start)
+        seeds.append(description.seeds(seed_keys, iteration, how.seed_domain))
+    own = description.source_distances(latents)
+    targets = [description.targets(k) for k in range(len(description))]
+    summaries = []
+    for b, folder in enumerate(folders):
+        if how.save_tensors:
+            writer.write_tensors(b, latents)
+        summary = {**how.summary, "distances": description.distances(),
+                   "targets": targets,  # edit k: {attribute: {space: v.n}}
+                   "source_distances": own[b],  # where the unedited latents sit along each normal
+                   "seeds": [rows[b] for rows in seeds], "edit_seconds": timings,
+                   "images_edited_together": len(folders), **editor.model.identity.summary(),
+                   "edit": description.describe(), **extras[b]}
+        write_summary(folder, summary)
+        summaries.append(summary)
+    return summaries, writer.rows
+
+
+@dataclass
+class FolderRun:
+    """A folder edit in progress on one rank: per image its (summary, contact-sheet row) or its error."""
+    done: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
+    invert_seconds: float = 0.0
+    group_seconds: list = field(default_factory=list)
+
+
+def _edit_group(editor: Editor, description: EditDescription, job: EditJob, run_dir: Path, names: dict,
+                collection: bool, pending: dict, state: FolderRun, summary: dict, reconstruction_batch: int) -> None:
+    """Invert, reconstruct and edit one group of images (``folder_batches``) and write them."""
+    start = time.perf_counter()
+    # A lone image is inverted as a pair when --bs_train > 1 (utils.core.batching.pair_lone),
+    # so its latents equal, bit for bit, those it gets in a folder run.
+    latents, _ = editor.invert(torch.stack(list(pending.values())), job.inverting.batch_size)
+    state.invert_seconds += time.perf_counter() - start
+    recon = editor.reconstruct(latents, description, reconstruction_batch)
+    extras = [{"image": str(p), "folder": names[p] if collection else ".",
+               "reconstruction_mse": float(((recon[b].clamp(-1, 1) - image) ** 2).mean())}
+              for b, (p, image) in enumerate(pending.items())]
+    summaries, rows = edit_sequences(
+        editor, description, [run_dir / names[p] if collection else run_dir for p in pending], latents,
+        [{"original": image, "reconstruction": recon[b]} for b, image in enumerate(pending.values())],
+        [(image_key(image),) for image in pending.values()], extras,
+        Sequences(job.n_iter, job.gif, job.save_tensors, EDIT, summary))
+    state.done.update(zip(pending, zip(summaries, rows)))
+    state.group_seconds.append(summaries[0]["edit_seconds"])  # per iteration, shared by the group
+
+
+def _edit_shard(editor: Editor, description: EditDescription, job: EditJob, run_dir: Path, paths: list[Path],
+                names: dict, collection: bool, process: ProcessContext, summary: dict) -> FolderRun:
+    """This rank's images, read and edited a group at a time (memory does not grow with the folder);
+    in a folder, an image that cannot be read is recorded and skipped."""
+    reader = ImageReader.for_config(editor.config, job.align_face)
+    mine = shard(paths, process.rank, process.world_size)
+    batches = folder_batches(len(paths), job.inverting.batch_size, description.denoising.batch_size)
+    state, pending = FolderRun(), {}
+    for i, path in enumerate(mine):
+        try:
+            pending[path] = reader.read(path)
+        except UserError as exc:
+            if not collection:
+                raise
+            state.errors[path] = str(exc)
+            log.error("skipping %s: %s", path, exc)
+        if pending and (len(pending) == batches.group or i == len(mine) - 1):
+            _edit_group(editor, description, job, run_dir, names, collection, pending, state, summary,
+                        batches.reconstruction)
+            pending = {}
+    return state
+
+
+def edit_images(editor: Editor, description: EditDescription, job: EditJob, run_dir: Path | None,
+                process: ProcessContext, summary: dict) -> dict:
+    """Invert real images and edit each to the description's K targets. ``job.images`` is a file
+    (results in the run folder itself) or a folder or glob (one subfolder per image, named by
+    ``folder_names``, plus a summary and a contact sheet of all). Under torchrun each rank edits its
+    shard into the folder rank 0 made; seeds depend on the pixels alone (``image_key``), so sharding
+    changes no result. Returns the summary (empty on other ranks); ``summary["failed"]`` lists the
+    images of a folder that could not be read."""
+    paths, collection = expand_image_paths(job.images)
+    names = dict(zip(paths, folder_names(paths)))  # the tool's own names, fixed before any work
+    run_dir = broadcast_from_main(run_dir, process)
+    if not run_dir.is_dir():
+        raise UserError(f"rank {process.rank} cannot see the run folder {run_dir} that rank 0 made: "
+                        "editing across machines needs --exp on a file system all machines share")
+    state = _edit_shard(editor, description, job, run_dir, paths, names, collection, process,
+                        {"mode": "edit_image_boundary", **summary})
+    mine = shard(paths, process.rank, process.world_size)
+    parts = gather_to_main(([state.done.get(p, state.errors.get(p)) for p in mine], state.group_seconds), process)
+    if parts is None:  # not rank 0: its images are written, rank 0 writes the rest
+        return {}
+    results = dict(zip(paths, unshard([part[0] for part in parts])))
+    failed = {str(p): r for p, r in results.items() if isinstance(r, str)}
+    edited = {p: r for p, r in results.items() if not isinstance(r, str)}
+    if not edited:
+        raise UserError(f"none of the {len(paths)} images in {job.images} can be read (first: "
+                        f"{next(iter(failed.values()))})")
+    if not collection:
+        return {**next(iter(edited.values()))[0], "n_written": len(description) * job.n_iter}
+    # per iteration, the seconds of every group of every rank (ranks run at once: compute, not wall time)
+    edit_seconds = [sum(group[i] for part in parts for group in part[1]) for i in range(job.n_iter)]
+    write_contact_sheet([row for _, row in edited.values()], [names[p] for p in edited],
+                        ["original", "reconstruction", *(edit_label(description, k) for k in range(len(description)))],
+                        run_dir / "contact_sheet.png")
+    folder_summary = {"mode": "edit_image_boundary", **summary, "invert_seconds": state.invert_seconds,
+                      "edit_seconds": edit_seconds, **editor.model.identity.summary(),
+                      "images": [{"image": str(p), "folder": names[p],
+                                  **{k: r[k] for k in ("reconstruction_mse", "source_distances")}}
+                                 for p, (r, _) in edited.items()],
+                      "failed": failed, "world_size": process.world_size,
+                      "images_per_rank": [len(part[0]) for part in parts]}
+    write_summary(run_dir, folder_summary)
+    return {**folder_summary, "n_edited": len(edited)}
+
+
+def edit_samples(editor: Editor, description: EditDescription, job: SampleJob, run_dir: Path, summary: dict) -> dict:
+    """Sample latents at t_0 from noise, then the same edit (docs/algorithm.md section 6). Sample
+    i's edits are keyed (i,) in a domain of their own (``utils.core.seeds``), so no two samples share
+    edit noise and none shares a real image's."""
+    summaries = []
+    steps = len(sampling_pairs(editor.config.diffusion.num_diffusion_timesteps, editor.t_0, editor.n_inv_step))
+    how = Sequences(job.n_iter, job.gif, job.save_tensors, SAMPLE_EDIT, {"mode": "unconditional", **summary})
+    for i in range(job.n_samples):
+        latents = editor.sample_latents(job.seed, i)
+        folder = run_dir if job.n_samples == 1 else run_dir / f"sample_{i:02d}"
+        summaries += edit_sequences(editor, description, [folder], latents, [{}], [(i,)],
+                                    [{"sample_index": i, "sampling_steps": steps}], how)[0]
+    if job.n_samples > 1:
+        write_summary(run_dir, {"mode": "unconditional", "samples": summaries})
+    return summaries[0]
+
+
+def radius_images(job: RadiusJob) -> list[Path]:
+    """The real images of a radius analysis: ``job.images`` (a file, folder or glob) or the data
+    folder, the first ``job.n_images``."""
+    if job.images:
+        paths = expand_image_paths(job.images)[0][: job.n_images]
+    elif job.data_dir:
+        paths = list_images(job.data_dir)[: job.n_images]
+    else:
+        raise UserError("--radius needs real images: --data_dir (or --img_path)")
+    if not paths:
+        raise UserError(f"no images in {job.data_dir}")
+    return paths
+
+
+def radius(editor: Editor, job: RadiusJob, run_dir: Path, summary: dict) -> dict:
+    """The mixing-step analysis (docs/algorithm.md section 7): the radius of sampled vs inverted
+    latents over t, written as radius.json, radius.csv and radius.png; returns the curves with
+    ``table`` (the CSV text)."""
+    paths = radius_images(job)
+    reader = ImageReader.for_config(editor.config, align_face=False)
+    real = torch.stack([reader.read(p) for p in paths])
+    generator = torch.Generator().manual_seed(item_seed(job.seed, domain=RADIUS_NOISE))
+    noise = torch.randn((job.n_images, *editor.shapes["z"]), generator=generator)
+    T = editor.config.diffusion.num_diffusion_timesteps
+    result = editor.radius_curves(real, noise, sorted(set(range(0, T, job.step)) | {T - 1}), job.epsilon,
+                                  job.batch_size)
+    identity = editor.model.identity.summary()
+    write_json(run_dir / "radius.json", {**result, "n_real": len(real), "n_sampled": len(noise),
+                                         "images": [str(p) for p in paths], **identity})
+    table = write_radius_table(result, run_dir / "radius.csv")
+    write_summary(run_dir, {"mode": "radius", "t_m": result["t_m"], "epsilon": job.epsilon, **summary, **identity})
+    radius_plot(result, job.epsilon, run_dir / "radius.png")
+    return {**result, "table": table}
