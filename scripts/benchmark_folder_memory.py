@@ -24,9 +24,7 @@ import torch
 import yaml
 from PIL import Image
 
-from models import build_model
-from utils.config import latent_shapes, parse_config
-from utils.io.boundary_files import BoundaryRecord, save_boundary
+from runners.engine import BoundaryRecord, build_model, latent_shapes, parse_config, save_boundary
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "

@@ -108,6 +108,20 @@ def tiny_net(kind: str = "ddpm", seed: int = 0) -> InferenceNet:
     return InferenceNet(tiny_model(kind, seed), "fp32")
 
 
+def loaded_tiny_model(kind: str = "ddpm", name: str = "tiny_ed", seed: int = 0, sha256: str = "0" * 64):
+    """The tiny network of ``kind`` as the engine holds a loaded model (``models.loading.LoadedModel``),
+    without a checkpoint file: float32 on the CPU, its identity derived as ``load_model`` derives it."""
+    from models.identity import model_identity
+    from models.loading import LoadedModel
+    from utils.core.diffusion import make_alphas_cumprod
+
+    config = parse_config(tiny_config(kind, name=name))
+    shapes = latent_shapes(config)
+    return LoadedModel(config=config, checkpoint=Path("random.pt"), checkpoint_sha256=sha256,
+                       net=tiny_net(kind, seed), alphas_cumprod=make_alphas_cumprod(0.0001, 0.02, 1000), shapes=shapes,
+                       identity=model_identity(config, Path("random.pt"), sha256, shapes, "fp32", torch.device("cpu")))
+
+
 def write_tiny_model(root: Path, kind: str = "ddpm", name: str | None = None, seed: int = 0) -> tuple[Path, Path, dict]:
     """root/tiny.yml and root/w.pt: the tiny model's config and random weights, as the command line
     reads them. Returns (config path, weights path, raw config)."""

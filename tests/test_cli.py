@@ -10,11 +10,12 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from PIL import Image
 
 import main as cli
-from runners.edit_description import AUTO_SCALE, auto_span
+from runners.engine.boundaries import AUTO_SCALE, auto_span
 from tests.helpers import REPO, assert_one_error_line, write_labelled_set
 from utils.io.boundary_files import BoundaryRecord, auto_range, load_boundary, save_boundary
 from utils.core.diffusion import make_alphas_cumprod
@@ -108,7 +109,7 @@ def test_edit_image_boundary_outputs(searched, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distances"] == [-10.0, 0.0, 10.0] and len(summary["seeds"][0]) == 3
     assert set(summary["source_distances"]) == {"z", "h"}
-    assert summary["arguments"]["eta"] == 1.0 and len(summary["checkpoint_sha256"]) == 64
+    assert summary["arguments"]["job"]["request"]["denoising"]["eta"] == 1.0 and len(summary["checkpoint_sha256"]) == 64
     (h_boundary,) = summary["edit"]["spaces"]["h"]["boundaries"].values()
     assert h_boundary["space"] == "h" and h_boundary["path"] == str(paths["h"])
 
@@ -268,12 +269,25 @@ def test_edit_without_boundary_flags_uses_the_newest_matching_boundaries(searche
 
 @pytest.mark.parametrize("mode", [["--edit_image_boundary", "--img_path", "imgs/digit_example.png"], ["--unconditional"]])
 def test_discovery_without_edit_attr_refuses_to_mix_the_shipped_attributes(mode, tmp_path, capsys):
-    """In a fresh clone every shipped boundary has the same file time: without --edit_attr the run
-    must stop and list the attributes, never edit z along one and h along another."""
-    code, err = run([*mode, "--exp", tmp_path, "--boundary_dir", REPO / "boundary"], capsys)
+    """In a fresh clone every shipped boundary has the same file time: without --edit_attr, and with
+    a config that names no default attribute (``edit.attribute``), the run must stop and list the
+    attributes, never edit z along one and h along another."""
+    config = yaml.safe_load((REPO / "configs" / "digits.yml").read_text())
+    config["edit"].pop("attribute")
+    (tmp_path / "digits.yml").write_text(yaml.safe_dump(config))
+    code, err = run([*mode, "--config", tmp_path / "digits.yml", "--exp", tmp_path / "run", "--boundary_dir",
+                     REPO / "boundary"], capsys)
     shipped = ", ".join([*(f"digit_{k}" for k in range(10)), "slant", "thick", "three_vs_eight"])
     assert_one_error_line(code, err, "several attributes", shipped, "--edit_attr")
-    assert not any(tmp_path.iterdir())
+    assert not (tmp_path / "run").exists()
+
+
+def test_without_edit_attr_the_configs_attribute_is_edited(tmp_path, capsys):
+    """digits.yml names ``thick`` (edit.attribute): the attribute an edit takes when none is named."""
+    code, err = run(["--unconditional", "--exp", tmp_path, "--edit_img_number", 2, "--n_test_step", 3], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "unconditional" / "summary.json").read_text())
+    assert summary["edit"]["attributes"] == ["thick"]
 
 
 def test_auto_distances_span_each_spaces_classes(tmp_path, capsys):

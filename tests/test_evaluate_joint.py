@@ -1,41 +1,38 @@
-"""The multi-attribute evaluation's wiring (scripts/evaluate_edits.py --joint): which attributes each
-of its edits moves and holds, and its measures on constructed edits whose answers are known."""
+"""The multi-attribute evaluation's wiring (scripts/evaluate_edits.py --joint, scripts/evaluation/digits_joint.py):
+which attributes each of its edits moves and holds, and its measures on constructed edits whose
+answers are known."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from scripts import evaluate_edits as ev
+from scripts.evaluation import digits_joint as ej
 from tests.test_morphometry import annulus
-
-PATHS = {a: {s: Path(f"{a}_{s}.npz") for s in ("z", "h")} for a in ("thick", "slant")}
-DIGIT = {s: Path(f"digit_3_{s}.npz") for s in ("z", "h")}
 
 
 def test_joint_requests_move_and_hold_what_their_names_say():
-    requests = ev.joint_requests(ev.JointSetting(k=3), PATHS, (DIGIT,), seed=5, batch_size=16)
-    assert set(requests) == set(ev.JOINT_EDITS)
-    moved = {name: [m.paths for m in r.moves] for name, r in requests.items()}
-    assert moved == {"grid": [PATHS["thick"], PATHS["slant"]], "single": [PATHS["thick"]],
-                     "held": [PATHS["thick"]], "other_held": [PATHS["slant"]]}
-    held = {name: r.held_paths["z"] for name, r in requests.items()}
-    assert held == {"grid": (DIGIT["z"],), "single": (DIGIT["z"],), "held": (PATHS["slant"]["z"], DIGIT["z"]),
-                    "other_held": (PATHS["thick"]["z"], DIGIT["z"])}
+    # every attribute is named: the engine finds its files (BoundaryIndex.find), none is given by path
+    requests = ej.joint_requests(ej.JointSetting(k=3), ("digit_3",), seed=5, batch_size=16)
+    assert set(requests) == set(ej.JOINT_EDITS)
+    moved = {name: [m.attribute for m in r.moves] for name, r in requests.items()}
+    assert moved == {"grid": ["thick", "slant"], "single": ["thick"], "held": ["thick"], "other_held": ["slant"]}
+    assert all(m.paths is None and not m.auto for r in requests.values() for m in r.moves)
+    held = {name: r.held for name, r in requests.items()}
+    assert held == {"grid": ("digit_3",), "single": ("digit_3",), "held": ("slant", "digit_3"),
+                    "other_held": ("thick", "digit_3")}
+    assert all(not r.held_paths for r in requests.values())
     assert requests["grid"].grid and not any(requests[n].grid for n in ("single", "held", "other_held"))
     assert all(r.k == 3 and r.unit == "relative" and r.denoising.seed == 5 and r.denoising.eta == 0.0
-               for r in requests.values())
-    only_z = ev.joint_requests(ev.JointSetting(space="z"), PATHS, (), 1, 8)
-    assert set(only_z["held"].held_paths) == {"z"}
+               and r.denoising.batch_size == 16 for r in requests.values())
+    only_z = ej.joint_requests(ej.JointSetting(space="z"), (), 1, 8)
+    assert only_z["held"].space == "z" and only_z["held"].held == ("slant",)
 
 
-class ConstantClassifier:
-    """Says every image is class 3."""
-
-    def predict(self, features):
-        return np.full(len(features), 3)
+def says_three(images: torch.Tensor) -> np.ndarray:
+    """A classifier that says every image is class 3."""
+    return np.full(len(images), 3)
 
 
 def test_joint_measures_of_edits_that_only_thicken():
@@ -51,8 +48,8 @@ def test_joint_measures_of_edits_that_only_thicken():
     sweep = torch.stack([torch.stack([ring[w] for w in widths])] * 2)
     edits = {"grid": grid, "single": sweep, "held": sweep, "other_held": torch.stack([reference] * k, dim=1)}
     targets = np.array([[-3.0, -1.0], [-3.0, 1.0], [0.5, -1.0], [0.5, 1.0]])
-    got = ev.joint_measures(reference, edits, targets, {"thickness": 0.75, "slant": 0.1}, np.array([3, 4]),
-                            ConstantClassifier())
+    got = ej.joint_measures(reference, edits, targets, {"thickness": 0.75, "slant": 0.1}, np.array([3, 4]),
+                            says_three)
     assert got["gain"]["thickness"]["mean"] == pytest.approx(1.0)
     assert got["gain"]["slant"]["undefined"] == 2
     for name in ("single", "held", "joint"):

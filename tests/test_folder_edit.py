@@ -15,7 +15,7 @@ from utils.core.editing import edit_sequence, iter_edits
 from utils.core.seeds import item_seed
 from utils.errors import UserError
 from utils.io.images import expand_image_paths, quantize
-from runners.outputs import THUMBNAIL, folder_names, thumbnail
+from runners.engine.outputs import THUMBNAIL, folder_names, thumbnail
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_edited_latents_are_made_per_batch_not_for_all_distances_at_once(monkeyp
 def test_a_folder_goes_through_in_groups_with_the_results_of_one_group(setup, tmp_path, monkeypatch, capsys):
     """Memory: a folder's images are inverted, reconstructed and edited a group at a time; a group
     is a multiple of both batch sizes, so every batch is the one a single group forms: same bits."""
-    import runners.editor as engine
+    import runners.engine.editor as engine
 
     folder = tmp_path / "in"
     folder.mkdir()

@@ -258,7 +258,7 @@ def test_two_concurrent_edits_keep_both_results(env, tmp_path):
                  _edit_argv(env, exp, "--seed", "2", "--no_cache"), exp)
     folders = sorted(p.name for p in exp.iterdir())
     assert folders == ["edit", "edit-1"], folders
-    by_seed = {json.loads((exp / f / "summary.json").read_text())["arguments"]["seed"]: f for f in folders}
+    by_seed = {json.loads((exp / f / "summary.json").read_text())["arguments"]["job"]["request"]["denoising"]["seed"]: f for f in folders}
     assert sorted(by_seed) == [1, 2]
     assert len(list((exp / by_seed[1]).glob("edit_*.png"))) == 4
     assert len(list((exp / by_seed[2]).glob("edit_*.png"))) == 3

@@ -18,14 +18,16 @@ import torch
 import yaml
 
 import main as cli
-import runners.boundary_diffusion
-import runners.editor
+import runners.engine.edit_modes
+import runners.engine.editor
 from tests.helpers import REPO, assert_one_error_line, make_edit_setup
 from models import build_model, latent_shapes
 from models.loading import LoadedModel
-from runners.edit_description import Denoising, EditRequest, Move, auto_span, describe_edit
-from runners.editor import Editor
-from tests.helpers import tiny_config, tiny_net
+from runners.engine.boundaries import auto_span
+from runners.engine.describe import describe_edit
+from runners.engine.editor import Editor
+from runners.engine.requests import Denoising, EditRequest, Move
+from tests.helpers import loaded_tiny_model, tiny_config, tiny_net
 from utils.config import parse_config
 from utils.core.diffusion import Inversion, _check_finite, make_alphas_cumprod
 from utils.core.seeds import SAMPLE_EDIT, item_seed
@@ -223,14 +225,14 @@ def test_a_shard_of_one_image_reconstructs_as_in_the_whole_run(setup, tmp_path, 
     argv = ["--edit_image_boundary", *setup["common"], "--img_path", folder, "--boundary_z", b["z"],
             "--boundary_h", b["h"], "--edit_img_number", 1, "--save_tensors"]
     batches = []
-    real = runners.editor.reconstruct
-    monkeypatch.setattr(runners.editor, "reconstruct", lambda net, part, *a, **k: batches.append(len(part.z))
+    real = runners.engine.editor.reconstruct
+    monkeypatch.setattr(runners.engine.editor, "reconstruct", lambda net, part, *a, **k: batches.append(len(part.z))
                         or real(net, part, *a, **k))
     code, err = run([*argv, "--exp", tmp_path / "whole"], capsys)
     assert code == 0, err
     assert batches == [2]
     # rank 0 of 2 processes: its shard is img0 alone
-    monkeypatch.setattr(runners.boundary_diffusion, "shard", lambda items, rank, world_size: list(items[:1]))
+    monkeypatch.setattr(runners.engine.edit_modes, "shard", lambda items, rank, world_size: list(items[:1]))
     batches.clear()
     code, err = run([*argv, "--exp", tmp_path / "rank0"], capsys)
     assert code == 0, err
@@ -246,17 +248,15 @@ def test_a_shard_of_one_image_reconstructs_as_in_the_whole_run(setup, tmp_path, 
 
 def _editor() -> Editor:
     """The tiny DDPM as the engine holds it, without a checkpoint file (no cache)."""
-    config = parse_config(tiny_config("ddpm", name="tiny_ed"))
-    model = LoadedModel(config=config, checkpoint=Path("random.pt"), checkpoint_sha256="0" * 64, net=tiny_net("ddpm"),
-                        alphas_cumprod=make_alphas_cumprod(0.0001, 0.02, 1000), shapes=latent_shapes(config))
-    return Editor(model, t_0=300, n_inv_step=4, show_progress=False)
+    return Editor(loaded_tiny_model("ddpm", name="tiny_ed"), t_0=300, n_inv_step=4, show_progress=False)
 
 
 def test_an_empty_plan_edits_nothing_without_dividing_by_zero(setup):
     editor = _editor()
     request = EditRequest((Move("bright", 1.0, 2.0, paths={"z": setup["boundaries"]["bright"]["z"]}),), Denoising(3),
                           k=2, space="z")
-    description = describe_edit(editor, request, None, force=True)
+    description = describe_edit(dataclasses.replace(request, force=True), None, editor.model.identity, editor.t_0,
+                                editor.n_inv_step)
     none = Inversion(z=torch.zeros(0, 3, 16, 16), h=torch.zeros(0, 32, 8, 8))
     assert list(editor.edits(none, description, seed_keys=[])) == []
     assert len(editor.reconstruct(none, description)) == 0
@@ -286,7 +286,7 @@ def test_radius_img_path_takes_a_folder_or_a_glob(setup, tmp_path, capsys):
 def test_a_value_error_from_a_bug_is_an_internal_error(setup, tmp_path, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("a bug's message")
-    monkeypatch.setattr(runners.boundary_diffusion, "write_radius_table", broken)
+    monkeypatch.setattr(runners.engine.edit_modes, "write_radius_table", broken)
     code, err = run(["--radius", *setup["common"], "--exp", tmp_path, "--img_path", setup["images"],
                      "--n_test_img", 2, "--radius_step", 500], capsys)
     assert code == 1
@@ -304,7 +304,7 @@ def test_user_errors_once_raised_as_value_errors_stay_user_errors(tmp_path):
 
 
 def test_a_folder_summary_counts_every_groups_edit_seconds(setup, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(runners.editor, "GROUP_IMAGES", 1)  # each image a group of its own
+    monkeypatch.setattr(runners.engine.editor, "GROUP_IMAGES", 1)  # each image a group of its own
     b = setup["boundaries"]["bright"]
     code, err = run(["--edit_image_boundary", *setup["common"], "--exp", tmp_path, "--img_path", setup["images"],
                      "--boundary_z", b["z"], "--boundary_h", b["h"], "--bs_train", 1, "--edit_batch_size", 1,

@@ -19,7 +19,7 @@ import pytest
 from sklearn.svm import SVC
 
 import main as cli
-import runners.boundary_diffusion as bd
+import runners.engine.search as search_module
 import utils.core.boundary as core_boundary
 from scripts import boundary_tools
 from tests.helpers import REPO, assert_one_error_line, write_labelled_set, write_tiny_model
@@ -268,13 +268,13 @@ def test_a_failure_after_the_files_are_saved_keeps_the_earlier_set_byte_for_byte
     bd_dir = tmp_path / "bd"
     assert _search(multi, tmp_path / "first", bd_dir, "--edit_attr", attributes)[0] == 0
     before = {p.name: p.read_bytes() for p in bd_dir.iterdir()}
-    real = bd.write_json
+    real = search_module.write_json
 
     def fail_on_summary(path, obj):
         if Path(path).name == "summary.json":
             raise OSError(28, "No space left on device")
         return real(path, obj)
-    monkeypatch.setattr(bd, "write_json", fail_on_summary)
+    monkeypatch.setattr(search_module, "write_json", fail_on_summary)
     for extra in (["--ni", "--svm_c", "0.5"], ["--svm_c", "0.5"]):
         code = cli.main(["--boundary_search", *multi["common"], "--exp", str(tmp_path / "second"), "--boundary_dir",
                          str(bd_dir), "--edit_attr", attributes, *extra])

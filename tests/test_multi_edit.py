@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 
 import main as cli
-from runners.edit_description import Denoising, EditDescription, SpaceEdit, relative_scale
-from runners.outputs import edit_file_name
+from runners.engine.boundaries import relative_scale
+from runners.engine.describe import EditDescription, SpaceEdit
+from runners.engine.requests import Denoising
+from runners.engine.outputs import edit_file_names
 from tests.helpers import assert_one_error_line
 from utils.io.boundary_files import load_boundary
 
@@ -99,7 +101,7 @@ def test_condition_auto_holds_what_the_atlas_of_the_boundary_folder_suggests(tmp
             assert projections(tensors, space, held) == pytest.approx([own] * 2, abs=1e-3), (space, held)
     code, err = run([*FAST, "--edit_attr", "thick", "--condition_attr", "auto", "--edit_img_number", 2,
                      "--exp", tmp_path / "thick"], capsys)
-    assert code == 0 and "holding the attributes the atlas suggests (|cos| >= 0.3): none" in err
+    assert code == 0 and "holding the attributes whose normals are close to the edited ones (|cos| >= 0.3): none" in err
 
 
 def test_a_grid_sweeps_two_attributes_over_k_by_k_points(tmp_path, capsys):
@@ -140,7 +142,7 @@ def test_relative_unit_places_minus_and_plus_one_at_the_class_medians(tmp_path, 
     (["--edit", "thick=-5:0", "--grid"], ["a grid sweeps exactly two attributes, got 1"]),
     (["--edit", "thick=-5:0", "--edit", "thick=1"], ["thick is moved twice"]),
     (["--edit", "thick=-5:0", "--condition_attr", "thick"], ["thick cannot be moved and held at once"]),
-    (["--edit", "thick=-5:0", "--edit", "nosuch=1"], ["no boundary for 'nosuch' at t_0 200"]),
+    (["--edit", "thick=-5:0", "--edit", "nosuch=1"], ["no boundary for 'nosuch'", "attributes: digit_0", "thick"]),
     (["--edi", "thick=-5:0"], ["unrecognized arguments: --edi"]),
     (["--edit_at", "thick"], ["unrecognized arguments: --edit_at"]),
 ])
@@ -157,10 +159,10 @@ def _description(targets: np.ndarray, attributes: tuple[str, ...]) -> EditDescri
 
 def test_edit_file_names_sort_in_edit_order_for_any_k():
     one = _description(np.linspace(-1, 1, 101)[:, None], ("thick",))
-    names = [edit_file_name(one, k) for k in range(101)]
+    names = edit_file_names(one)
     assert names[0] == "edit_000_d-1.00.png" and names[100] == "edit_100_d+1.00.png"
     assert sorted(names) == names
     few = _description(np.array([[-3.0], [3.0]]), ("thick",))
-    assert [edit_file_name(few, k) for k in range(2)] == ["edit_00_d-3.00.png", "edit_01_d+3.00.png"]
+    assert edit_file_names(few) == ["edit_00_d-3.00.png", "edit_01_d+3.00.png"]
     odd = _description(np.array([[1.0, 2.0]]), ("a b/c", "slant"))
-    assert edit_file_name(odd, 0, "iter1_") == "iter1_edit_00_a_b_c+1.00_slant+2.00.png"
+    assert edit_file_names(odd, "iter1_")[0] == "iter1_edit_00_a_b_c+1.00_slant+2.00.png"

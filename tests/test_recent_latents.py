@@ -1,24 +1,18 @@
-"""The engine's inversions kept in memory (``runners.editor.RecentLatents``): an image inverted once
+"""The engine's inversions kept in memory (``runners.engine.editor.RecentLatents``): an image inverted once
 is served again without a network call, to any editor of the same model, only for the same batch
 regime, and the store keeps at most its capacity."""
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 
 import torch
 
-from models import latent_shapes
-from models.loading import LoadedModel
-from runners.editor import Editor, RecentLatents
-from tests.helpers import tiny_config, tiny_net
-from utils.config import parse_config
-from utils.core.diffusion import make_alphas_cumprod
+from runners.engine.editor import Editor, RecentLatents
+from tests.helpers import loaded_tiny_model
 
 
 def test_recent_latents_serve_an_image_once_inverted_without_a_network_call():
-    config = parse_config(tiny_config("ddpm", name="tiny_mem"))
-    model = LoadedModel(config=config, checkpoint=Path("random.pt"), checkpoint_sha256="0" * 64, net=tiny_net("ddpm"),
-                        alphas_cumprod=make_alphas_cumprod(0.0001, 0.02, 1000), shapes=latent_shapes(config))
+    model = loaded_tiny_model("ddpm", name="tiny_mem")
     recent = RecentLatents(capacity=2)
     calls = []
     first, second = (Editor(model, t_0=300, n_inv_step=4, show_progress=False, recent=recent) for _ in range(2))
@@ -33,3 +27,32 @@ def test_recent_latents_serve_an_image_once_inverted_without_a_network_call():
     _, hits = second.invert(images[:1], batch_size=1)  # a batch of one rounds otherwise: not the same entry
     assert hits == 0 and len(calls) == 3
     assert len(recent) == 2  # the capacity holds: the least recently used entry went
+
+
+def test_recent_latents_never_serve_another_models_latents():
+    """Editors of another checkpoint or precision sharing one store invert again (before, the store
+    keyed only on t_0, steps, regime and pixels, and served the first model's latents)."""
+    model = loaded_tiny_model("ddpm", name="tiny_mem")
+    other_weights = loaded_tiny_model("ddpm", name="tiny_mem", seed=1, sha256="1" * 64)
+    other_precision = dataclasses.replace(model, identity=dataclasses.replace(model.identity, precision="bf16"))
+    recent = RecentLatents(capacity=8)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    first, _ = Editor(model, 300, 4, show_progress=False, recent=recent).invert(images, 2)
+    for other in (other_weights, other_precision):
+        latents, hits = Editor(other, 300, 4, show_progress=False, recent=recent).invert(images, 2)
+        assert hits == 0
+    assert not torch.equal(Editor(other_weights, 300, 4, show_progress=False, recent=recent).invert(images, 2)[0].z,
+                           first.z)
+
+
+def test_one_owner_cannot_evict_another_owners_latents():
+    """With a per-owner share, the uploads of one session never push out another session's images."""
+    model = loaded_tiny_model("ddpm", name="tiny_mem")
+    recent = RecentLatents(capacity=6, per_owner=3)
+    editor = Editor(model, 300, 2, show_progress=False, recent=recent)
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    editor.invert(images[:1], 1, owner="a")
+    for i in range(1, 8):  # session b uploads seven images
+        editor.invert(images[i:i + 1], 1, owner="b")
+    assert editor.invert(images[:1], 1, owner="a")[1] == 1  # a's image is still held
+    assert len(recent) <= 4  # a's one and b's latest three

@@ -21,25 +21,32 @@ from runners.engine.outputs import edit_file_names
 from runners.engine.requests import (MAX_ATTRIBUTES, MAX_DISTANCE, MAX_EDITS, MAX_POINTS, UNITS, Denoising,
                                      EditJob, EditLimits, EditRequest, Inverting, Move, RadiusJob, SampleJob,
                                      SearchJob, check_request, check_steps, spaced)
-from utils.config import Config, latent_shapes, load_config
+from utils.config import Config, latent_shapes, load_config, parse_config
 from utils.core.atlas import HOLD_THRESHOLD
 from utils.core.gram import SVM_C_RANGE
 from utils.core.diffusion import H_POLICIES, Inversion
+from utils.core.seeds import EVALUATION_NOISE, image_key, item_seed
 from utils.core.spaces import MOVED, SPACES
 from utils.distributed import ProcessContext, local_device, process_group
 from utils.distributed import context_from_env as distributed_process
 from utils.errors import UserError
 from utils.io.boundary_files import BoundaryRecord, save_boundary
+from utils.io.datasets import attribute_table
 
 __all__ = [
     # the model
     "Config", "InferenceNet", "LoadedModel", "PRECISIONS", "build_model", "cpu_flags", "default_batch_size",
-    "default_cache_dir", "latent_shapes", "load_config", "load_model", "pick_device", "retain_freed_memory",
+    "default_cache_dir", "latent_shapes", "load_config", "load_model", "parse_config", "pick_device",
+    "retain_freed_memory",
     # where it computes (torchrun: one process per device, docs/distributed.md)
     "ProcessContext", "distributed_process", "local_device", "process_group",
     # the engine and its results
     "Editor", "Engine", "EngineOptions", "EditDescription", "Inversion", "OneEdit", "RunResult",
     "check_job", "edit_file_names", "latent_cache_root",
+    # the seed rule (utils/core/seeds.py): every edit's noise from (seed, image key, iteration, k)
+    "EVALUATION_NOISE", "image_key", "item_seed",
+    # data sets
+    "attribute_table",
     # requests
     "Denoising", "EditJob", "EditLimits", "EditRequest", "Inverting", "Move", "RadiusJob", "SampleJob", "SearchJob",
     "check_request", "check_steps", "spaced",

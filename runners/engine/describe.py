@@ -25,6 +25,7 @@ from torch import Tensor
 
 from models.identity import ModelIdentity
 from runners.engine.boundaries import BoundaryIndex, auto_span, check_boundary, relative_scale, suggested_holds
+from utils.core.atlas import HOLD_THRESHOLD
 from runners.engine.requests import Denoising, EditRequest, check_request, spaced
 from utils.core.boundary import check_joint, latent_distance, unit_rows
 from utils.core.diffusion import Inversion
@@ -235,7 +236,7 @@ def _held_names(request: EditRequest, index: BoundaryIndex | None, t_0: int) -> 
     named = [n for n in request.held if str(n).lower() != "auto"]
     chosen = tuple(dict.fromkeys(n for n in [*named, *suggested_holds(index, moved, t_0)]
                                  if n.lower() not in {m.lower() for m in moved}))
-    log.info("holding the attributes whose normals are close to the edited ones: %s",
+    log.info("holding the attributes whose normals are close to the edited ones (|cos| >= %g): %s", HOLD_THRESHOLD,
              ", ".join(chosen) if chosen else "none (no other attribute's normal is that close)")
     return chosen
 
