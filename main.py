@@ -97,18 +97,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # allow_abbrev=False: a flag is taken only as spelled in full, so that --edit never stands for
-    # --edit_attr or --edit_space (nor a typo for another flag).
-    parser = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--boundary_search", action="store_true", help="invert labelled images to t_0 and fit boundaries")
-    mode.add_argument("--edit_image_boundary", action="store_true", help="edit real images (a file, a folder or a glob) across the boundaries")
-    mode.add_argument("--unconditional", action="store_true", help="edit latents sampled from noise")
-    mode.add_argument("--radius", action="store_true", help="mixing-step analysis: radius of sampled vs inverted latents")
-    mode.add_argument("--serve", action="store_true",
-                      help="web app: edit in the browser with a distance slider (pip install -r requirements-ui.txt)")
-
+def _run_flags(parser: argparse.ArgumentParser) -> None:
+    """Run-level flags: the config, the run folder, the model's weights, device and precision."""
     run = parser.add_argument_group("run")
     run.add_argument("--config", default="digits.yml", help="a file in configs/ or a path")
     run.add_argument("--exp", type=Path, default=Path("runs/test"), help="run folder; each mode writes a subfolder")
@@ -131,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", default="info", choices=("info", "debug", "warning"),
                      help="log level; debug also shows tracebacks")
 
+
+
+def _diffusion_flags(parser: argparse.ArgumentParser) -> None:
+    """The inversion and denoising grids, the mixing step, eta."""
     diff = parser.add_argument_group("diffusion")
     diff.add_argument("--t_0", type=_int, default=None, help="mixing step (default: the boundary's, else config)")
     diff.add_argument("--n_inv_step", type=_int, default=None,
@@ -141,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--deterministic_inv", type=_int, default=1, help="accepted for compatibility; inversion is always DDIM eta 0")
     diff.add_argument("--eta", type=_non_negative_float, default=1.0, help="DDIM eta of the edits (reconstruction uses 0)")
 
+
+
+def _search_flags(parser: argparse.ArgumentParser) -> None:
+    """Boundary search: the labelled images, the split, the SVM."""
     data = parser.add_argument_group("boundary search")
     data.add_argument("--edit_attr", default=None,
                       help="attribute column (case-insensitive), e.g. smiling; --boundary_search also takes "
@@ -165,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "pip install -r requirements-face.txt) and edits that crop, 0 does not "
                            "(default: the config's data.align_face, true for celeba.yml)")
 
+
+
+def _edit_flags(parser: argparse.ArgumentParser) -> None:
+    """Editing: images, boundaries, holds, spaces, distances, outputs."""
     edit = parser.add_argument_group("editing")
     edit.add_argument("--img_path", type=Path, default=None,
                       help="image to edit: a file, a folder or a glob (quoted, e.g. 'imgs/*.png'); a folder or "
@@ -202,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--gif", action="store_true", help="also write edits.gif: the edits forward and back, looping")
     edit.add_argument("--save_tensors", action="store_true", help="also write tensors.pt (z, h, recon, edits, edited_z, edited_h, distances)")
 
+
+
+def _mixing_and_app_flags(parser: argparse.ArgumentParser) -> None:
+    """The mixing-step analysis and the web app."""
     mix = parser.add_argument_group("mixing step")
     mix.add_argument("--radius_step", type=_positive_int, default=50, help="spacing of candidate timesteps")
     mix.add_argument("--radius_eps", type=_non_negative_float, default=0.01, help="relative radius difference counted as mixed")
@@ -211,6 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--port", type=_positive_int, default=7860, help="port to serve on")
     app.add_argument("--concurrency", type=_positive_int, default=1,
                      help="jobs run at once (others wait in a queue); 1 suits a CPU")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: a flag is taken only as spelled in full, so that --edit never stands for
+    # --edit_attr or --edit_space (nor a typo for another flag).
+    parser = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--boundary_search", action="store_true", help="invert labelled images to t_0 and fit boundaries")
+    mode.add_argument("--edit_image_boundary", action="store_true", help="edit real images (a file, a folder or a glob) across the boundaries")
+    mode.add_argument("--unconditional", action="store_true", help="edit latents sampled from noise")
+    mode.add_argument("--radius", action="store_true", help="mixing-step analysis: radius of sampled vs inverted latents")
+    mode.add_argument("--serve", action="store_true",
+                      help="web app: edit in the browser with a distance slider (pip install -r requirements-ui.txt)")
+
+    for add in (_run_flags, _diffusion_flags, _search_flags, _edit_flags, _mixing_and_app_flags):
+        add(parser)
     return parser
 
 

@@ -14,6 +14,7 @@ edit k = i * K_b + j at value i of the first attribute and j of the second).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,9 +268,9 @@ def _space_edit(space: str, request: EditRequest, files: Files, check) -> SpaceE
         raise UserError(f"cannot edit the {space} space: {exc}") from None
     ratios = hold_ratios(cosines, len(names))
     if len(names) + len(held_names) > 1:
-        log.info("cosines of the %s normals (%s), the cross-talk a plain sum of moves would cause:\n%s", space,
+        log.info("cosines of the %s normals (%s), the cross-talk a plain sum of moves would cause: %s", space,
                  ", ".join([*names, *(f"{h} (held)" for h in held_names)]),
-                 np.array2string(cosines, precision=3, suppress_small=True))
+                 "; ".join(" ".join(f"{c:+.3f}" for c in row) for row in cosines))
     if held_names:
         log.info("holding lengthens the %s move by %s", space,
                  ", ".join(f"{r:.2f}x ({a})" for a, r in zip(names, ratios)))
@@ -302,5 +303,7 @@ def describe_edit(request: EditRequest, index: BoundaryIndex | None, identity: M
     edits = {space: _space_edit(space, request, files, check) for space in files.spaces}
     for m, paths in enumerate(files.moved):
         _one_attribute(paths, {s: e.records[m] for s, e in edits.items()}, request.force)
+    names = next(iter(edits.values())).attributes  # one name per moved attribute in every space (--force)
+    edits = {space: dataclasses.replace(e, attributes=names) for space, e in edits.items()}
     grid = (request.k, request.k) if request.grid else None
     return EditDescription(t_0, edits, request.denoising, grid)
