@@ -1,39 +1,35 @@
 """The web app, ``python main.py --serve``: Gradio wiring around ``runners.app_state.EditService``.
 
-One model, loaded once; per browser tab (session) the uploaded images inverted once each. Moving the
-distance slider denoises that one edit from t_0; the several-attribute sliders (relative unit, hold
-boxes) edit with the joint move of every non-zero one; 'Sweep' renders K distances (or a K x K grid of
-two attributes) as the command line's labelled strip and GIF. Every edit is built by the one builder
-(``runners.edit_description``), so the pixels equal the command line's for the same settings. Named
-endpoints for ``gradio_client``: ``/edit``, ``/edit_many``, ``/sweep`` and ``/stop`` (docs/app.md).
+One model, loaded once, behind one engine (``runners.engine``); per browser tab (session) the uploaded
+images inverted once each. The page has one control set: a slider per attribute (the relative unit)
+that starts where the uploaded image sits along that attribute, and a hold box beside it. Moving a
+slider edits with the joint move of every attribute whose slider is away from the image's own
+position, the ticked ones held, the others not moved: a small nudge is a small edit. The Sweep panel
+(absolute distances v.n) renders K edits (or a K x K grid of two attributes) as the command line's
+labelled strip and GIF. Every edit is the engine's, so the pixels equal the command line's for the
+same settings. Named endpoints for ``gradio_client``: ``/edit``, ``/edit_many``, ``/sweep`` and
+``/stop`` (docs/app.md).
 """
 import argparse
 import errno
 import ipaddress
-import json
 import logging
-import math
 import os
 import re
 import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-from models.checkpoints import default_cache_dir
-from models.loading import LoadedModel
-from runners.app_state import (MAX_SWEEP, AttributeTable, Cancelled, EditService, Result, SessionStore,
-                               real_number)
-from runners.edit_description import UNITS, auto_span, relative_scale
-from utils.config import Config
-from utils.errors import UserError
-from utils.core.atlas import HOLD_THRESHOLD
-from utils.io.atlas import load_atlas
-from utils.io.boundary_files import BoundaryRecord, auto_range_problem
-from utils.io.files import new_partial_folder, remove_stale_partials
+from runners.app_state import (KEEP_SECONDS, MAX_IMAGES_PER_SESSION, MAX_JOBS, MAX_SESSIONS, MAX_SWEEP,
+                               AttributeTable, Cancelled, EditService, Result, SessionStore, flag, real_number,
+                               short_text)
+from runners.engine import (HOLD_THRESHOLD, UNITS, BoundaryRecord, Config, Engine, EngineOptions, LoadedModel,
+                            UserError, auto_span, check_steps, default_batch_size, latent_cache_root, load_model,
+                            server_folder)
 
 log = logging.getLogger(__name__)
 
@@ -41,56 +37,60 @@ INSTALL = "pip install -r requirements-ui.txt"
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "imgs"
 MAX_UPLOAD = "50mb"          # larger uploads are refused by Gradio with a message
-MAX_MOVES_TEXT = 10_000      # characters of /edit_many's moves given as JSON text
 STOP_WAIT = 60.0             # seconds a stopping server waits for its jobs (each ends at its next network call)
+STEP = 0.01                  # a slider's step (relative unit); a slider within half a step of the image is unmoved
 # Command-line words in the engine's messages, and what the page calls the same thing.
 PAGE_WORDS = {"pass --align_face 0 to skip it": "untick 'Align the face' to skip it",
               "--align_face": "'Align the face'", "--n_test_step": "'Denoising steps'", "--seed": "'Seed'",
               "--eta": "'eta'", "--edit_space": "'Space'", "--condition_attr": "'Hold fixed'",
-              "--edit_attr": "'Attribute'"}
+              "--edit_attr": "'Attribute'", "--edit_img_number": "'Distances K'", "--edit_unit": "the unit"}
 # Small images (the digits are 16 px) are drawn large and sharp; the pixels served are the files'.
 CSS = ("#original img, #reconstruction img, #edit img, #gif img, #upload img "
        "{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated} "
        "#grid img {width: 100%; object-fit: contain}")
 
 
+# ---------------------------------------------------------------------------------------- ranges and words
 def slider_range(record: BoundaryRecord | None, config: Config) -> tuple[float, float]:
-    """The distance slider's range for an edit along the boundary ``record`` (an attribute's primary
-    space: z, or h when only h was fitted): where the file records where its classes lie, the
-    command line's ``auto`` range for that space (``runners.edit_description.auto_span``);
-    otherwise (no summary, one class missing, a damaged summary: with a warning) the config's edit
-    range. The slider's d moves every moved space, as the command line's explicit distances do."""
+    """The absolute range (v.n) offered for an edit along the boundary ``record`` (an attribute's
+    primary space: z, or h when only h was fitted): where the file records where its classes lie,
+    the command line's ``auto`` range for that space (``auto_span``); otherwise (no summary, one
+    class missing, a damaged summary: with a warning) the config's edit range."""
     span = None
-    if record is not None and record.class_summary is not None:
-        problem = auto_range_problem(record)
+    if record is not None:
         try:
-            span = None if problem else auto_span(record)
+            span = auto_span(record)
         except UserError as exc:
-            problem = str(exc)
-        if problem:
-            log.warning("%s; its slider takes the config's range", problem)
+            if record.class_summary is not None:
+                log.warning("%s; its slider takes the config's range", exc)
     if span is None:
         span = float(config.edit.start_distance), float(config.edit.end_distance)
     lo, hi = sorted((round(span[0], 2), round(span[1], 2)))
     return (lo - 1.0, hi + 1.0) if lo == hi else (lo, hi)
 
 
-def relative_range(record: BoundaryRecord | None, absolute: tuple[float, float]) -> tuple[float, float]:
-    """A several-attribute slider's range: the attribute's ``absolute`` range (``slider_range``) in
-    its relative unit (``relative_scale``: -1 / +1 at the class medians); ``absolute`` itself when
-    the file has no usable summary (the edit then takes its value as a distance, as the builder
-    does)."""
-    scale = None if record is None else relative_scale(record)
-    if scale is None:
-        return absolute
+def relative_range(scale: tuple[float, float], absolute: tuple[float, float]) -> tuple[float, float]:
+    """A slider's range in the relative unit: the ``absolute`` range (``slider_range``) through the
+    relative ``scale`` (centre, half) of the same space, on the slider's step."""
     centre, half = scale
     lo, hi = sorted(round((v - centre) / half, 2) for v in absolute)
     return (lo - 1.0, hi + 1.0) if lo == hi else (lo, hi)
 
 
+def entanglement_warning(names: list[str], cosines: dict, threshold: float = HOLD_THRESHOLD) -> str | None:
+    """A plain warning naming each pair of attributes whose normals have |cos| at or above
+    ``threshold`` (the engine's hold threshold, the command line's rule) in some space, or None."""
+    pairs = [f"{names[i]} and {names[j]} ({space}: cos {matrix[i][j]:+.2f})"
+             for space, matrix in cosines.items() for i in range(len(names)) for j in range(i + 1, len(names))
+             if abs(matrix[i][j]) >= threshold]
+    if not pairs:
+        return None
+    return ("Warning: entangled attributes: " + "; ".join(pairs) + ". Moving one moves the other along, unless the "
+            "other is held or moved too (the joint move sets both).")
+
+
 def cosine_view(names: list[str], cosines: dict, threshold: float = HOLD_THRESHOLD) -> str:
-    """Markdown: per space the cosine table of the attributes' normals, and a warning naming each
-    pair with |cos| above ``threshold`` (moving one moves the other unless it is held)."""
+    """Markdown: per space the cosine table of the attributes' normals, and the entanglement warning."""
     parts = []
     for space, matrix in cosines.items():
         rows = [f"| {space} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -99,47 +99,21 @@ def cosine_view(names: list[str], cosines: dict, threshold: float = HOLD_THRESHO
         parts.append("\n".join(rows))
     warning = entanglement_warning(names, cosines, threshold)
     return "**Cosines of the normals**\n\n" + "\n\n".join(parts) + "\n\n" + (
-        warning or f"No pair above |cos| {threshold:g}: each slider moves its own attribute.")
+        warning or f"No pair at |cos| {threshold:g} or above: each slider moves its own attribute.")
 
 
-def entanglement_warning(names: list[str], cosines: dict, threshold: float = HOLD_THRESHOLD) -> str | None:
-    """A plain warning naming each pair of attributes whose normals have |cos| above ``threshold``
-    (the atlas's hold threshold) in some space, or None."""
-    pairs = [f"{names[i]} and {names[j]} ({space}: cos {matrix[i][j]:+.2f})"
-             for space, matrix in cosines.items() for i in range(len(names)) for j in range(i + 1, len(names))
-             if abs(matrix[i][j]) > threshold]
-    if not pairs:
-        return None
-    return ("Warning: entangled attributes: " + "; ".join(pairs) + ". Moving one moves the other along, unless the "
-            "other is held or moved too (the joint move sets both).")
+def page_message(message: str, hidden: Path) -> str:
+    """An error message as the page shows it: on one line, without the server's folder ``hidden``,
+    with the page's names for what the command line calls by its flags, and without the clauses
+    that tell a command-line user what to run."""
+    message = re.sub(re.escape(str(hidden)) + r"\S*/", "", " ".join(message.split()))
+    for words, page in PAGE_WORDS.items():
+        message = message.replace(words, page)
+    first, *rest = message.split("; ")
+    return "; ".join([first, *(part for part in rest if "--" not in part)])
 
 
-def atlas_threshold(boundary_dir: Path) -> float:
-    """The |cos| above which two attributes are called entangled: the hold threshold of the boundary
-    folder's atlas (``atlas.json``) when it has one, else the atlas's default."""
-    if not (Path(boundary_dir) / "atlas.json").is_file():
-        return HOLD_THRESHOLD
-    try:
-        threshold = float(load_atlas(boundary_dir).get("hold_threshold", HOLD_THRESHOLD))
-    except (UserError, TypeError, ValueError) as exc:
-        log.warning("the atlas in %s cannot be used (%s); entanglement is |cos| above %g", boundary_dir, exc,
-                    HOLD_THRESHOLD)
-        return HOLD_THRESHOLD
-    return threshold if 0 < threshold < 1 else HOLD_THRESHOLD
-
-
-def parse_moves(moves) -> dict:
-    """/edit_many's moves: an object {attribute: distance}, or its JSON text (bounded)."""
-    if isinstance(moves, str):
-        if len(moves) > MAX_MOVES_TEXT:
-            raise UserError(f"the moves must be at most {MAX_MOVES_TEXT} characters of JSON")
-        try:
-            moves = json.loads(moves)
-        except ValueError:
-            raise UserError("the moves must be a JSON object {attribute: distance}") from None
-    return moves
-
-
+# ---------------------------------------------------------------------------------------- serving
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine's loopback interface (127.0.0.0/8, ::1, localhost)."""
     name = host.strip().strip("[]").lower().rstrip(".")
@@ -181,15 +155,6 @@ def check_address(host: str, port: int) -> str:
         raise UserError(f"cannot serve on {host} port {port} ({exc.strerror or exc}); choose another --host or "
                         "--port") from None
     return f"[{address[0]}]" if family == socket.AF_INET6 else host
-
-
-def page_message(message: str, hidden: Path) -> str:
-    """An error message as the page shows it: on one line, without the server's folder ``hidden``,
-    and with the page's names for what the command line calls by its flags."""
-    message = re.sub(re.escape(str(hidden)) + r"\S*/", "", " ".join(message.split()))
-    for words, page in PAGE_WORDS.items():
-        message = message.replace(words, page)
-    return message
 
 
 class NotAnUpload:
@@ -240,53 +205,81 @@ def _gradio():
     return gradio
 
 
+def _session_id(request) -> str:
+    return (request.session_hash if request is not None else None) or "anonymous"
+
+
+# ---------------------------------------------------------------------------------------- the app
 class WebApp:
     """The Gradio app on one loaded model. Its temporary files (Gradio's copies of uploads, the
     sessions' output folders, which Gradio serves from where they are) live in one folder that
-    ``close`` removes; a folder left by a server killed with SIGKILL is removed by the next start."""
+    ``close`` removes (as does a failed start); a folder left by a server killed with SIGKILL is
+    removed by the next start."""
 
     def __init__(self, model: LoadedModel, boundary_dir: Path, t_0: int | None = None, n_inv_step: int | None = None,
-                 batch_sizes: tuple[int, int] = (8, 8), cache_root: Path | None = None, precision: str = "fp32",
-                 concurrency: int = 1, max_sessions: int | None = None, max_images: int | None = None,
-                 attribute: str | None = None):
-        """attribute: the one chosen when a page opens (a name, e.g. thick; default: the first at t_0)."""
-        gr = _gradio()
-        self.config, self.concurrency = model.config, concurrency
-        self.table = AttributeTable(Path(boundary_dir), model, t_0)
+                 batch_sizes: tuple[int, int] = (8, 8), cache_root: Path | None = None, concurrency: int = 1,
+                 max_sessions: int = MAX_SESSIONS, max_images: int = MAX_IMAGES_PER_SESSION,
+                 attribute: str | None = None, n_test_step: int | None = None, h_policy: str = "lagged",
+                 keep_seconds: float = KEEP_SECONDS, max_jobs: int = MAX_JOBS):
+        """t_0: only the boundaries of that mixing step (else every one; a bare name means the
+        config's); attribute: the one the page opens on (default: the config's edit.attribute);
+        n_test_step, h_policy: the page's default denoising (--n_test_step, --h_policy)."""
+        gr = self.gr = _gradio()
+        config = self.config = model.config
+        self.concurrency, self._closed = concurrency, False
+        default_t_0 = t_0 if t_0 is not None else config.edit.t_0
+        n_inv_step = check_steps(n_inv_step if n_inv_step is not None else config.edit.n_inv_step, default_t_0,
+                                 "--n_inv_step")
+        steps = check_steps(n_test_step if n_test_step is not None else config.edit.n_test_step, default_t_0)
+        self.engine = Engine(model, EngineOptions(cache_root=cache_root, show_progress=False,
+                                                  recent_images=max_sessions * max_images, per_owner=max_images))
+        self.table = AttributeTable(self.engine, self.engine.boundary_index(Path(boundary_dir)), n_inv_step,
+                                    default_t_0, t_0)
         if not len(self.table):
-            raise UserError(f"no boundary in {boundary_dir} fits config {model.config.name}"
-                            f"{f' at t_0 {t_0}' if t_0 is not None else ''} and this checkpoint; "
-                            "run --boundary_search first or pass --boundary_dir")
-        temp = Path(tempfile.gettempdir())
-        remove_stale_partials(temp)  # folders of app servers killed with SIGKILL
-        self.root = new_partial_folder(temp, "boundarydiffusion-app")
+            raise UserError(f"no boundary in {boundary_dir} can be used with config {config.name}"
+                            f"{f' at t_0 {t_0}' if t_0 is not None else ''} and this checkpoint (see the warnings "
+                            "above); run --boundary_search first or pass --boundary_dir")
+        self.opening = self._opening(attribute, boundary_dir)
+        self.sliders = self.table.sliders(self.opening)
+        self.ranges = {key: slider_range(entry.primary, config) for key, entry in self.table.entries.items()}
+        self.root = server_folder("boundarydiffusion-app")
         self._previous_temp = os.environ.get("GRADIO_TEMP_DIR")
-        uploads = self.root / "gradio"
-        os.environ["GRADIO_TEMP_DIR"] = str(uploads)  # Gradio's copies, removed with the rest
-        store_args = {k: v for k, v in (("max_sessions", max_sessions), ("max_images", max_images)) if v is not None}
-        # The outputs inside Gradio's folder: it serves them without copies of its own.
-        self.store = SessionStore(uploads / "sessions", upload_root=uploads, **store_args)
-        self.service = EditService(model, self.table, self.store, n_inv_step or self.config.edit.n_inv_step,
-                                   batch_sizes, cache_root, precision, allowed_roots=[uploads, EXAMPLES])
-        self.default_t_0 = t_0 if t_0 is not None else self.config.edit.t_0
-        self.entangled = atlas_threshold(Path(boundary_dir))
-        self.attribute = attribute
-        self.blocks = self._build(gr)
+        try:
+            uploads = self.root / "gradio"
+            os.environ["GRADIO_TEMP_DIR"] = str(uploads)  # Gradio's copies, removed with the rest
+            forget = self.engine.recent.forget_owner if self.engine.recent is not None else None
+            # The outputs inside Gradio's folder: it serves them without copies of its own.
+            self.store = SessionStore(uploads / "sessions", max_sessions, max_images, upload_root=uploads,
+                                      keep_seconds=keep_seconds, max_jobs=max_jobs, on_forget=forget)
+            self.service = EditService(self.engine, self.table, self.store, n_inv_step, batch_sizes, steps, h_policy,
+                                       allowed_roots=[uploads, EXAMPLES], sliders=self.sliders)
+            self.blocks = self._build(gr)
+        except BaseException:
+            self._remove_folder()
+            raise
         self.url: str | None = None
-        self._closed = False
 
-    # ---------------------------------------------------------------- callbacks
-    def _run(self, gr, session_id: str, image, make_request, progress, sweep: bool) -> Result:
-        """The work of one event: ``make_request()`` checks the arguments (a ``Request``), then the
-        edit; every failure becomes a message in the page (a bad request, stop) or an internal
-        error (a bug; its traceback in the log), and the server keeps serving."""
+    def _opening(self, attribute: str | None, boundary_dir: Path) -> str:
+        """The key the page opens on: ``attribute`` (an unknown one is refused), else the config's
+        edit.attribute when offered, else the first attribute."""
+        key = self.table.default(attribute or self.config.edit.attribute or None)
+        if key is None and attribute:
+            raise UserError(f"--edit_attr {attribute}: no usable boundary of it in {boundary_dir} "
+                            f"(attributes: {', '.join(self.table.entries)})")
+        return key or self.table.default()
+
+    # ---------------------------------------------------------------- the work of one event
+    def _run(self, request, progress, work):
+        """One event's work, ``work(session, report)``: every failure becomes a message in the page
+        (a bad request, stop) or an internal error (a bug; its traceback in the log), and the
+        server keeps serving."""
+        gr = self.gr
+
         def report(done: int, total: int, stage: str) -> None:
             progress((done, total), desc=stage, unit="network calls")
 
         try:
-            request = make_request()
-            session = self.store.get(session_id or "anonymous")
-            return self.service.run(session, image, request, report, sweep=sweep)
+            return work(self.store.get(_session_id(request)), report)
         except Cancelled:
             raise gr.Error("Stopped.", print_exception=False) from None
         except (UserError, OSError) as exc:  # the server's folders are not named to the client
@@ -296,6 +289,96 @@ class WebApp:
             raise gr.Error(f"internal error: {type(exc).__name__}: {page_message(str(exc), self.root)}",
                            print_exception=False) from None
 
+    def edit(self, session, report, image, attribute, distance, space, hold, steps, seed, eta, align) -> tuple:
+        """/edit: one attribute at an absolute distance."""
+        key = self.table.get(attribute).key  # an unknown name before the distance is looked at
+        request = self.service.request({key: distance}, space, hold, steps, seed, eta, align)
+        return self._shown_edit(self.service.run(session, image, request, report))
+
+    def edit_many(self, session, report, image, moves, space, hold, steps, seed, eta, align, unit) -> tuple:
+        """/edit_many: several attributes at once ({attribute: distance}, the joint move)."""
+        request = self.service.request(moves, space, hold, steps, seed, eta, align, unit)
+        return self._shown_edit(self.service.run(session, image, request, report))
+
+    def sweep(self, session, report, image, attribute, k, start, end, space, hold, steps, seed, eta, align,
+              second, second_start, second_end) -> tuple:
+        """/sweep: K absolute distances of one attribute, or with ``second`` a K x K grid of two."""
+        moves = {self.table.get(attribute).key: [start, end]}
+        second = "" if second is None else short_text(second, "the second attribute")
+        if second:
+            moves[self.table.get(second).key] = [second_start, second_end]
+        request = self.service.request(moves, space, hold, steps, seed, eta, align, k=k, grid=bool(second))
+        result = self.service.run(session, image, request, report, sweep=True)
+        shown = [result.grid, result.gif, result.original, result.reconstruction, *result.edits]
+        return str(result.grid), str(result.gif), self._caption(result), result.info, [str(p) for p in shown]
+
+    def slider_edit(self, session, report, image, space, steps, seed, eta, align, values, holds) -> tuple:
+        """A slider moved: the joint move (relative unit) of every slider away from the image's own
+        position, the ticked attributes held, the others not moved."""
+        shown = self.positions_shown(self.service.locate(session, image, align, report), space)
+        held, moves = [], {}
+        for entry, value, hold in zip(self.sliders, values, holds):
+            value = real_number(value, f"the slider of {entry.name}")
+            if flag(hold, f"the hold box of {entry.name}"):
+                held.append(entry.name)
+            elif abs(value - shown[entry.key]) > STEP / 2:
+                moves[entry.key] = value
+        if not moves:
+            raise UserError("every slider is at the image's own position (or held): move one to edit")
+        request = self.service.request(moves, space, held, steps, seed, eta, align, "relative")
+        result = self.service.run(session, image, request, report)
+        names = next(iter(result.info["cosines"].values()))["names"]
+        return (*self._shown_edit(result),
+                cosine_view(names, {s: c["matrix"] for s, c in result.info["cosines"].items()}))
+
+    def locate(self, session, report, image, space, align) -> tuple:
+        """The image changed: every slider set to where the image sits (``positions_shown``), its
+        range widened to hold it; without an image the sliders wait (not interactive)."""
+        gr = self.gr
+        if image is None:
+            return (*(gr.Slider(interactive=False) for _ in self.sliders),
+                    "Upload an image (or pick an example): the sliders then show where it sits.")
+        positions = self.service.locate(session, image, align, report)
+        shown = self.positions_shown(positions, space)
+        updates = []
+        for entry in self.sliders:
+            lo, hi = self.slider_bounds(entry)
+            value = shown[entry.key]
+            updates.append(gr.Slider(minimum=min(lo, value), maximum=max(hi, value), value=value, interactive=True))
+        return (*updates, self.where(positions))
+
+    def back(self, session, report, image, space, align) -> tuple:
+        """Every slider back to the image's own position, every hold box cleared."""
+        return (*self.locate(session, report, image, space, align)[:-1],
+                *(self.gr.Checkbox(value=False) for _ in self.sliders))
+
+    # ---------------------------------------------------------------- positions
+    def slider_bounds(self, entry) -> tuple[float, float]:
+        scale = entry.scale("z" if "z" in entry.records else "h")
+        return relative_range(scale, self.ranges[entry.key])
+
+    def positions_shown(self, positions: dict, space) -> dict[str, float]:
+        """{key: the image's position in the relative unit, on the slider's step}: in the first
+        space the edit moves (z for ``both`` and ``z``, h for ``h``; an attribute fitted in one
+        space only, that one)."""
+        shown = {}
+        for entry in self.sliders:
+            spaces = positions[entry.key]
+            s = "h" if space == "h" and "h" in spaces else ("z" if "z" in spaces else "h")
+            centre, half = entry.scale(s)
+            shown[entry.key] = round((spaces[s] - centre) / half, 2)
+        return shown
+
+    def where(self, positions: dict) -> str:
+        """Markdown: where the image sits along each slider's attribute, in each space (relative unit)."""
+        rows = []
+        for entry in self.sliders:
+            values = ", ".join(f"{s} {(d - entry.scale(s)[0]) / entry.scale(s)[1]:+.2f}"
+                               for s, d in positions[entry.key].items())
+            rows.append(f"{entry.name} ({values})")
+        return "The image sits at (relative unit): " + "; ".join(rows) + "."
+
+    # ---------------------------------------------------------------- what a result shows
     def _shown_edit(self, result: Result) -> tuple:
         """An edit's outputs: the edit, the original, the reconstruction, the caption, the details, the files."""
         shown = [result.original, result.reconstruction, *result.edits]
@@ -309,222 +392,226 @@ class WebApp:
                            f"{s}: " + ", ".join(f"{a} {d:+.2f}" for a, d in v.items())
                            for s, v in i["source_distances"].items())
         held = f"; {', '.join(i['held'])} held" if i["held"] else ""
-        how = "inversion kept from before" if i["inversion_cached"] else "inverted now"
-        warning = "".join(f" {w}" for w in {entanglement_warning(c["names"], {s: c["matrix"]}, self.entangled)
-                                             for s, c in i["cosines"].items()} if w)
-        reached = "" if single or len(i["targets"]) != 1 else " Set: " + "; ".join(
+        how = "inversion kept from before" if i["inversion_cached"] else "inverted for this session"
+        names = next(iter(i["cosines"].values()))["names"]  # moved then held, the same in every space
+        warning = entanglement_warning(names, {s: c["matrix"] for s, c in i["cosines"].items()})
+        warning = f" {warning}" if warning else ""
+        reached = "" if len(i["targets"]) != 1 else " Set: " + "; ".join(
             f"{a} " + ", ".join(f"{s} {v:+.2f}" for s, v in per_space.items())
-            for a, per_space in i["targets"][0].items()) + "."
+            for a, per_space in i["targets"][0].items()) + " (v.n)."
         return (f"**{i['attribute']}** at t_0 {i['t_0']} in {' and '.join(i['spaces'])}{held}: "
-                f"{len(i['targets'])} edit(s), {i['steps']} steps, seed {i['seed']}, eta {i['eta']:g}.{reached} "
-                f"Unedited: {source}. {how}; edit {i['edit_seconds']:.2f} s, total {i['total_seconds']:.2f} s.{warning}")
+                f"{len(i['targets'])} edit(s), {i['steps']} steps, seed {i['seed']}, eta {i['eta']:g}, "
+                f"h policy {i['h_policy']}.{reached} Unedited: {source}. {how}; edit {i['edit_seconds']:.2f} s, "
+                f"total {i['total_seconds']:.2f} s.{warning}")
 
     # ---------------------------------------------------------------- layout
     def _build(self, gr):
-        config, table = self.config, self.table
-        # The slider's bounds as built hold for every attribute (the server checks API calls against
-        # them); a page narrows them to its attribute's range when it loads and on every change.
-        ranges = {}
-        for key in list(table.entries):
-            try:
-                ranges[key] = slider_range(self.service.primary_record(key), config)
-            except UserError as exc:  # its files cannot be used: the others are still offered
-                log.warning("not offering %s: %s", key, exc)
-                table.drop(key)
-        if not len(table):
-            raise UserError("no boundary file in the boundary folder can be used (see the warnings above)")
-        default = table.default(self.default_t_0, self.attribute)
-        lo, hi = min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values())
-        self.bounds = (lo, hi)
-        joint = table.at(table.t_0)
-        joint_ranges = {e.key: relative_range(self.service.primary_record(e.key), ranges[e.key]) for e in joint}
-        t_max = max(a.t_0 for a in table.entries.values()) + 1  # each attribute's own limit is checked
-
         with gr.Blocks(title="BoundaryDiffusion", delete_cache=(600, 1800)) as blocks:
-            gr.Markdown(f"## BoundaryDiffusion: edit along a boundary\nModel **{config.name}**. Upload an image "
-                        "(or pick an example), choose an attribute, move the distance slider. Each image is "
-                        "inverted once; a slider move denoises only that edit.")
+            gr.Markdown(f"## BoundaryDiffusion: edit along a boundary\nModel **{self.config.name}**. Upload an "
+                        "image (or pick an example): each attribute slider then shows where the image sits along its "
+                        "attribute; move one to edit from there. Each image is inverted once; a move denoises only "
+                        "that edit.")
             with gr.Row():
-                with gr.Column(scale=1, min_width=260):
-                    image = gr.Image(label="Image", type="filepath", sources=["upload"], elem_id="upload", height=220)
-                    # The upload reaches the app as Gradio's stored copy, undecoded: the app decodes it
-                    # itself with the command line's checks (pixel cap, decoding, modes). (An instance
-                    # attribute, not a subclass: Gradio writes a .pyi stub beside any Image subclass.)
-                    image.preprocess = _upload_path
-                    image.data_model = _upload_model(gr)  # anything sent gets the app's message
-                    examples = sorted(p for p in EXAMPLES.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-                    if examples:
-                        gr.Examples([[str(p)] for p in examples], inputs=[image], label="Examples")
-                    attribute = gr.Dropdown(table.choices(), value=default, label="Attribute", elem_id="attribute")
-                    distance = gr.Slider(lo, hi, value=round((lo + hi) / 2, 2), step=0.01, label="Distance d",
-                                         info="the signed distance v.n the edit sets", elem_id="distance")
-                    with gr.Row():
-                        edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
-                        stop_button = gr.Button("Stop", variant="stop", elem_id="stop-button")
-                    with gr.Accordion(f"Several attributes at t_0 {table.t_0} (relative unit)", open=True):
-                        gr.Markdown("Each slider in the relative unit (-1 and +1 at the boundary's class medians, "
-                                    "in z and in h). Moving one edits with the joint move of every non-zero slider; "
-                                    "a held attribute keeps its distances.")
-                        joint_sliders, joint_holds = [], []
-                        for entry in joint:
-                            element = re.sub(r"[^A-Za-z0-9_-]", "_", entry.name)
-                            with gr.Row(equal_height=True):
-                                s_lo, s_hi = joint_ranges[entry.key]
-                                joint_sliders.append(gr.Slider(s_lo, s_hi, value=0.0, step=0.01, label=entry.name,
-                                                               elem_id=f"joint-{element}", scale=4))
-                                joint_holds.append(gr.Checkbox(False, label="hold", elem_id=f"hold-{element}", scale=1,
-                                                               min_width=60))
-                        reset_button = gr.Button("Reset", elem_id="reset-button", size="sm")
-                        cosines = gr.Markdown("The cosines of the moved and held attributes' normals appear here "
-                                              "after a move.", elem_id="cosines")
-                    with gr.Accordion("Settings", open=False):
-                        space = gr.Radio(["both", "z", "h"], value="both", label="Space (latents moved)")
-                        hold = gr.Dropdown(table.names(), value=[], multiselect=True, label="Hold fixed",
-                                           info="attributes whose boundaries the edit must not cross")
-                        steps = gr.Slider(2, t_max, value=config.edit.n_test_step, step=1, label="Denoising steps",
-                                          info=f"fewer for a quick preview; {config.edit.n_test_step} (the config's) "
-                                               "for the result")
-                        with gr.Row():
-                            seed = gr.Number(1234, precision=0, label="Seed", minimum=0)
-                            eta = gr.Number(1.0, label="eta", minimum=0)
-                        align = gr.Checkbox(bool(config.data.align_face), label="Align the face (face extra)",
-                                            visible=bool(config.data.align_face))
-                    with gr.Accordion("Sweep", open=False):
-                        k = gr.Slider(2, MAX_SWEEP, value=config.edit.edit_img_number, step=1, label="Distances K")
-                        with gr.Row():
-                            start = gr.Number(lo, label="From")
-                            end = gr.Number(hi, label="To")
-                        second = gr.Dropdown([("none", "")] + table.choices(), value="", label="Second attribute",
-                                             info="a K x K grid of the two (the command line's --grid)",
-                                             elem_id="second")
-                        with gr.Row():
-                            second_start = gr.Number(lo, label="Second from")
-                            second_end = gr.Number(hi, label="Second to")
-                        sweep_button = gr.Button("Sweep", elem_id="sweep-button")
-                    # /edit_many's own inputs (no control on the page): {attribute: distance} and the unit
-                    many = gr.JSON(visible=False)
-                    unit = gr.Radio(list(UNITS), value="absolute", visible=False)
-                    many_button = gr.Button(visible=False)
+                with gr.Column(scale=1, min_width=300):
+                    page = self._controls(gr)
                 with gr.Column(scale=2):
-                    with gr.Row():
-                        original = gr.Image(label="Original", type="filepath", interactive=False, elem_id="original",
-                                            height=220)
-                        reconstruction = gr.Image(label="Reconstruction", type="filepath", interactive=False,
-                                                  elem_id="reconstruction", height=220)
-                        edited = gr.Image(label="Edit", type="filepath", interactive=False, elem_id="edit", height=220)
-                    caption = gr.Markdown(label="Caption", elem_id="caption")
-                    with gr.Row():
-                        grid = gr.Image(label="Sweep: labelled strip", show_label=False, type="filepath",
-                                        interactive=False, elem_id="grid", scale=4)
-                        gif = gr.Image(label="Sweep: GIF", type="filepath", interactive=False, elem_id="gif",
-                                       height=160, scale=1, min_width=120)
-                    files = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="files",
-                                    height=180)
-                    with gr.Accordion("Details", open=False):
-                        details = gr.JSON(label="Details", show_label=False)
-
-            settings = [space, hold, steps, seed, eta, align]
-            for component in (attribute, distance, *settings, k, start, end, second, second_start, second_end, many,
-                              unit, *joint_sliders, *joint_holds):
+                    page.update(self._edit_outputs(gr))
+                    page.update(self._slider_panel(gr))
+                    page.update(self._sweep_outputs(gr))
+            page.update(self._api_inputs(gr))
+            c = SimpleNamespace(**page)
+            for component in (*c.sliders, *c.holds, c.space, c.steps, c.seed, c.eta, c.align, c.attribute, c.k,
+                              c.start, c.end, c.second, c.second_start, c.second_end, c.api_attribute, c.distance,
+                              c.hold, c.many, c.unit):
                 # What is sent reaches the app as it is, to be checked there with its own messages
                 # (Gradio's checks end a string for a number in an empty error and a traceback,
-                # and round 2.5 steps to 2); a bare attribute name means the config's t_0.
+                # and round 2.5 steps to 2).
                 component.preprocess = lambda payload: payload
-
-            def edit(image, attribute, distance, space="both", hold=(), steps=config.edit.n_test_step, seed=1234,
-                     eta=1.0, align=bool(config.data.align_face), request: gr.Request = None,
-                     progress=gr.Progress()):
-                def make():
-                    if isinstance(attribute, str):
-                        self.table.get(attribute)  # an unknown name before the distance is looked at
-                    return self.service.request({attribute: distance}, space, hold, steps, seed, eta, align,
-                                                bounds=(lo, hi))
-                return self._shown_edit(self._run(gr, request.session_hash if request else "", image, make, progress,
-                                                  sweep=False))
-
-            def edit_many(image, moves, space="both", hold=(), steps=config.edit.n_test_step, seed=1234, eta=1.0,
-                          align=bool(config.data.align_face), unit="absolute", request: gr.Request = None,
-                          progress=gr.Progress()):
-                return self._shown_edit(self._run(
-                    gr, request.session_hash if request else "", image,
-                    lambda: self.service.request(parse_moves(moves), space, hold, steps, seed, eta, align, unit),
-                    progress, sweep=False))
-
-            def edit_joint(image, *values, request: gr.Request = None, progress=gr.Progress()):
-                """A move of one of the several-attribute sliders: the joint move of every non-zero
-                slider, in the relative unit, the attributes whose hold box is ticked held fixed."""
-                n = len(joint)
-                levels, holds, (space, hold, steps, seed, eta, align) = values[:n], values[n:2 * n], values[2 * n:]
-                held = [*(hold or ()), *(e.name for e, h in zip(joint, holds) if h is True)]
-                moves = {e.key: v for e, v, h in zip(joint, levels, holds) if h is not True and v != 0}
-                if not moves:
-                    raise gr.Error("Every slider is at 0: move one to edit.", print_exception=False)
-                result = self._run(gr, request.session_hash if request else "", image,
-                                   lambda: self.service.request(moves, space, held, steps, seed, eta, align,
-                                                                "relative"), progress, sweep=False)
-                names = next(iter(result.info["cosines"].values()))["names"]
-                return (*self._shown_edit(result),
-                        cosine_view(names, {s: c["matrix"] for s, c in result.info["cosines"].items()},
-                                    self.entangled))
-
-            def sweep(image, attribute, k=config.edit.edit_img_number, start=lo, end=hi, space="both", hold=(),
-                      steps=config.edit.n_test_step, seed=1234, eta=1.0, align=bool(config.data.align_face),
-                      second="", second_start=lo, second_end=hi, request: gr.Request = None, progress=gr.Progress()):
-                def make():
-                    self.service.spaced(start, end, k)  # K and the range checked, with their own messages
-                    moves = {attribute: [start, end]}
-                    if second:
-                        moves[second] = [second_start, second_end]
-                    return self.service.request(moves, space, hold, steps, seed, eta, align, k=k, grid=bool(second))
-                result = self._run(gr, request.session_hash if request else "", image, make, progress, sweep=True)
-                shown = [result.grid, result.gif, result.original, result.reconstruction, *result.edits]
-                return (str(result.grid), str(result.gif), self._caption(result), result.info, [str(p) for p in shown])
-
-            def reset():
-                return [gr.Slider(value=0.0) for _ in joint_sliders] + [gr.Checkbox(value=False) for _ in joint_holds]
-
-            def attribute_changed(attribute):
-                """The slider's and the sweep's range for the chosen attribute."""
-                try:
-                    new_lo, new_hi = ranges[self.table.get(attribute).key]
-                except UserError as exc:
-                    raise gr.Error(page_message(str(exc), self.root), print_exception=False) from None
-                return gr.Slider(minimum=new_lo, maximum=new_hi), gr.Number(new_lo), gr.Number(new_hi)
-
-            def stop(request: gr.Request = None):
-                if request is not None:
-                    self.store.stop(request.session_hash)
-
-            def unload(request: gr.Request = None):
-                if request is not None:
-                    self.store.drop(request.session_hash)
-
-            edit_outputs = [edited, original, reconstruction, caption, details, files]
-            work = {"concurrency_limit": self.concurrency, "concurrency_id": "model"}
-            edit_event = edit_button.click(edit, [image, attribute, distance, *settings], edit_outputs,
-                                           api_name="edit", **work)
-            # Every way a slider move ends (a drag, the arrow keys, a typed number) edits the value
-            # shown: the latest waiting move runs once the one in progress ends ("always_last").
-            release_event = distance.release(edit, [image, attribute, distance, *settings], edit_outputs,
-                                             api_visibility="private", trigger_mode="always_last", **work)
-            input_event = distance.input(edit, [image, attribute, distance, *settings], edit_outputs,
-                                         api_visibility="private", trigger_mode="always_last", **work)
-            many_event = many_button.click(edit_many, [image, many, *settings, unit], edit_outputs, api_name="edit_many",
-                                           **work)
-            joint_inputs = [image, *joint_sliders, *joint_holds, *settings]
-            joint_events = [slider.input(edit_joint, joint_inputs, [*edit_outputs, cosines], api_visibility="private",
-                                         trigger_mode="always_last", **work) for slider in joint_sliders]
-            reset_button.click(reset, None, [*joint_sliders, *joint_holds], api_visibility="private")
-            sweep_event = sweep_button.click(sweep, [image, attribute, k, start, end, *settings, second, second_start,
-                                                     second_end], [grid, gif, caption, details, files],
-                                             api_name="sweep", **work)
-            attribute.change(attribute_changed, [attribute], [distance, start, end], api_visibility="private")
-            blocks.load(attribute_changed, [attribute], [distance, start, end], api_visibility="private")
-            stop_button.click(stop, None, None, cancels=[edit_event, release_event, input_event, sweep_event, many_event,
-                                                         *joint_events], queue=False, api_name="stop")
-            blocks.unload(unload)
+            self._wire(gr, blocks, c)
         blocks.queue(default_concurrency_limit=self.concurrency)
         return blocks
+
+    def _controls(self, gr) -> dict:
+        image = gr.Image(label="Image", type="filepath", sources=["upload"], elem_id="upload", height=220)
+        # The upload reaches the app as Gradio's stored copy, undecoded: the app decodes it itself
+        # with the command line's checks. (An instance attribute, not a subclass: Gradio writes a
+        # .pyi stub beside any Image subclass.)
+        image.preprocess = _upload_path
+        image.data_model = _upload_model(gr)  # anything sent gets the app's message
+        examples = sorted(p for p in EXAMPLES.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if examples:
+            gr.Examples([[str(p)] for p in examples], inputs=[image], label="Examples")
+        with gr.Row():
+            back = gr.Button("Back to the image", elem_id="back-button", size="sm")
+            stop = gr.Button("Stop", variant="stop", elem_id="stop-button", size="sm")
+        where = gr.Markdown("Upload an image (or pick an example): the sliders then show where it sits.",
+                            elem_id="positions")
+        page = {"image": image, "back": back, "stop": stop, "where": where}
+        page.update(self._settings(gr))
+        page.update(self._sweep_panel(gr))
+        return page
+
+    def _slider_panel(self, gr) -> dict:
+        t_0 = self.sliders[0].t_0 if self.sliders else self.table.t_0
+        gr.Markdown(f"### Attributes at t_0 {t_0}\nEach slider shows where the image sits along its attribute, "
+                    "in the relative unit (-1 and +1 at the boundary's class medians; z's position, h's with "
+                    "Space h). Moving one edits: every slider away from the image's position sets its attribute "
+                    "there, together (the joint move); a ticked attribute is held where the image has it; the "
+                    "others are not moved.")
+        sliders, holds, half = [], [], -(-len(self.sliders) // 2)
+        with gr.Row():
+            for part in (self.sliders[:half], self.sliders[half:]):
+                with gr.Column(min_width=280):
+                    for entry in part:
+                        element = re.sub(r"[^A-Za-z0-9_-]", "_", entry.name)
+                        lo, hi = self.slider_bounds(entry)
+                        with gr.Row(equal_height=True):
+                            sliders.append(gr.Slider(lo, hi, value=round((lo + hi) / 2, 2), step=STEP,
+                                                     label=entry.name, interactive=False, elem_id=f"joint-{element}",
+                                                     scale=4))
+                            holds.append(gr.Checkbox(False, label="hold", elem_id=f"hold-{element}", scale=1,
+                                                     min_width=60))
+        cosines = gr.Markdown("The cosines of the moved and held attributes' normals appear here after a move.",
+                              elem_id="cosines")
+        return {"sliders": sliders, "holds": holds, "cosines": cosines}
+
+    def _settings(self, gr) -> dict:
+        config = self.config
+        t_max = max(a.t_0 for a in self.table.entries.values()) + 1  # each attribute's own limit is the engine's
+        with gr.Accordion("Settings", open=False):
+            space = gr.Radio(["both", "z", "h"], value="both", label="Space (latents moved)")
+            steps = gr.Slider(2, t_max, value=self.service.steps, step=1, label="Denoising steps",
+                              info=f"fewer for a quick preview; {self.service.steps} for the result")
+            with gr.Row():
+                seed = gr.Number(1234, precision=0, label="Seed", minimum=0)
+                eta = gr.Number(1.0, label="eta", minimum=0)
+            align = gr.Checkbox(bool(config.data.align_face), label="Align the face (face extra)",
+                                visible=bool(config.data.align_face))
+        return {"space": space, "steps": steps, "seed": seed, "eta": eta, "align": align}
+
+    def _sweep_panel(self, gr) -> dict:
+        lo, hi = self.ranges[self.opening]
+        with gr.Accordion("Sweep (absolute distances v.n)", open=False):
+            attribute = gr.Dropdown(self.table.choices(), value=self.opening, label="Attribute", elem_id="attribute")
+            k = gr.Slider(1, MAX_SWEEP, value=self.config.edit.edit_img_number, step=1, label="Distances K")
+            with gr.Row():
+                start, end = gr.Number(lo, label="From"), gr.Number(hi, label="To")
+            second = gr.Dropdown([("none", "")] + self.table.choices(), value="", label="Second attribute",
+                                 info="a K x K grid of the two (the command line's --grid)", elem_id="second")
+            with gr.Row():
+                second_start, second_end = gr.Number(lo, label="Second from"), gr.Number(hi, label="Second to")
+            sweep = gr.Button("Sweep", elem_id="sweep-button")
+        return {"attribute": attribute, "k": k, "start": start, "end": end, "second": second,
+                "second_start": second_start, "second_end": second_end, "sweep": sweep}
+
+    def _edit_outputs(self, gr) -> dict:
+        with gr.Row():
+            original = gr.Image(label="Original", type="filepath", interactive=False, elem_id="original", height=220)
+            reconstruction = gr.Image(label="Reconstruction", type="filepath", interactive=False,
+                                      elem_id="reconstruction", height=220)
+            edited = gr.Image(label="Edit", type="filepath", interactive=False, elem_id="edit", height=220)
+        caption = gr.Markdown(label="Caption", elem_id="caption")
+        return {"original": original, "reconstruction": reconstruction, "edited": edited, "caption": caption}
+
+    def _sweep_outputs(self, gr) -> dict:
+        with gr.Row():
+            grid = gr.Image(label="Sweep: labelled strip", show_label=False, type="filepath", interactive=False,
+                            elem_id="grid", scale=4)
+            gif = gr.Image(label="Sweep: GIF", type="filepath", interactive=False, elem_id="gif", height=160, scale=1,
+                           min_width=120)
+        sweep_caption = gr.Markdown(elem_id="sweep-caption")
+        files = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="files", height=180)
+        with gr.Accordion("Details", open=False):
+            details = gr.JSON(label="Details", show_label=False)
+        return {"grid": grid, "gif": gif, "sweep_caption": sweep_caption, "files": files, "details": details}
+
+    def _api_inputs(self, gr) -> dict:
+        """The API's own inputs, with no control on the page: /edit's attribute and distance, the
+        held attributes of /edit, /edit_many and /sweep, /edit_many's moves and unit."""
+        return {"api_attribute": gr.Textbox(self.opening, visible=False), "distance": gr.Number(0.0, visible=False),
+                "hold": gr.Dropdown(sorted({a.name for a in self.table.entries.values()}, key=str.lower), value=[],
+                                    multiselect=True, allow_custom_value=True, visible=False),
+                "many": gr.JSON(visible=False), "unit": gr.Radio(list(UNITS), value="absolute", visible=False),
+                "edit_button": gr.Button(visible=False), "many_button": gr.Button(visible=False),
+                "sweep_button": gr.Button(visible=False)}
+
+    def _wire(self, gr, blocks, c) -> None:
+        fn = self._handlers(gr)
+        work = {"concurrency_limit": self.concurrency, "concurrency_id": "model"}
+        private = {"api_visibility": "private", "trigger_mode": "always_last", **work}
+        settings = [c.space, c.steps, c.seed, c.eta, c.align]
+        shown = [c.edited, c.original, c.reconstruction, c.caption, c.details, c.files]
+        swept = [c.grid, c.gif, c.sweep_caption, c.details, c.files]
+        sweep_inputs = [c.image, c.attribute, c.k, c.start, c.end, c.space, c.hold, *settings[1:], c.second,
+                        c.second_start, c.second_end]
+        events = [
+            c.edit_button.click(fn.edit, [c.image, c.api_attribute, c.distance, c.space, c.hold, *settings[1:]],
+                                shown, api_name="edit", **work),
+            c.many_button.click(fn.edit_many, [c.image, c.many, c.space, c.hold, *settings[1:], c.unit], shown,
+                                api_name="edit_many", **work),
+            c.sweep_button.click(fn.sweep, sweep_inputs, swept, api_name="sweep", **work),
+            c.sweep.click(fn.page_sweep, [*sweep_inputs[:6], *sweep_inputs[7:], *c.holds], swept, **private),
+            c.image.change(fn.locate, [c.image, c.space, c.align], [*c.sliders, c.where], **private),
+            c.space.change(fn.locate, [c.image, c.space, c.align], [*c.sliders, c.where], **private),
+            c.back.click(fn.back, [c.image, c.space, c.align], [*c.sliders, *c.holds], **private),
+            *(slider.input(fn.slider_edit, [c.image, *settings, *c.sliders, *c.holds], [*shown, c.cosines],
+                           **private) for slider in c.sliders)]
+        c.attribute.change(fn.attribute_changed, [c.attribute], [c.start, c.end], api_visibility="private")
+        c.stop.click(fn.stop, None, None, cancels=events, queue=False, api_name="stop")
+        blocks.unload(fn.unload)
+
+    def _handlers(self, gr) -> SimpleNamespace:
+        """The functions Gradio calls: each names ``gr.Request`` and ``gr.Progress`` among its
+        positional parameters (how Gradio finds them) and hands the work to a method (``_run``)."""
+        n = len(self.sliders)
+
+        def edit(image, attribute, distance, space, hold, steps, seed, eta, align, request: gr.Request = None,
+                 progress=gr.Progress()):
+            return self._run(request, progress, lambda s, r: self.edit(s, r, image, attribute, distance, space, hold,
+                                                                       steps, seed, eta, align))
+
+        def edit_many(image, moves, space, hold, steps, seed, eta, align, unit, request: gr.Request = None,
+                      progress=gr.Progress()):
+            return self._run(request, progress, lambda s, r: self.edit_many(s, r, image, moves, space, hold, steps,
+                                                                            seed, eta, align, unit))
+
+        def sweep(image, attribute, k, start, end, space, hold, steps, seed, eta, align, second, second_start,
+                  second_end, request: gr.Request = None, progress=gr.Progress()):
+            return self._run(request, progress, lambda s, r: self.sweep(
+                s, r, image, attribute, k, start, end, space, hold, steps, seed, eta, align, second, second_start,
+                second_end))
+
+        def page_sweep(request: gr.Request, progress=gr.Progress(), *values):
+            held = [e.name for e, h in zip(self.sliders, values[-n:]) if h is True]
+            return sweep(*values[:6], held, *values[6:len(values) - n], request=request, progress=progress)
+
+        def slider_edit(request: gr.Request, progress=gr.Progress(), *values):
+            image, settings, rest = values[0], values[1:6], values[6:]
+            return self._run(request, progress, lambda s, r: self.slider_edit(s, r, image, *settings, rest[:n],
+                                                                              rest[n:]))
+
+        def locate(image, space, align, request: gr.Request = None, progress=gr.Progress()):
+            return self._run(request, progress, lambda s, r: self.locate(s, r, image, space, align))
+
+        def back(image, space, align, request: gr.Request = None, progress=gr.Progress()):
+            return self._run(request, progress, lambda s, r: self.back(s, r, image, space, align))
+
+        def attribute_changed(attribute):
+            try:
+                lo, hi = self.ranges[self.table.get(attribute).key]
+            except UserError as exc:
+                raise gr.Error(page_message(str(exc), self.root), print_exception=False) from None
+            return gr.Number(lo), gr.Number(hi)
+
+        def stop(request: gr.Request = None):
+            self.store.stop(_session_id(request))
+
+        def unload(request: gr.Request = None):
+            if request is not None:
+                self.store.drop(_session_id(request))
+
+        return SimpleNamespace(**{f.__name__: f for f in (edit, edit_many, sweep, page_sweep, slider_edit, locate,
+                                                           back, attribute_changed, stop, unload)})
 
     # ---------------------------------------------------------------- life cycle
     def launch(self, host: str = "127.0.0.1", port: int = 7860, quiet: bool = True) -> str:
@@ -541,6 +628,13 @@ class WebApp:
         self.url = self.blocks.local_url
         return self.url
 
+    def _remove_folder(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        if self._previous_temp is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = self._previous_temp
+
     def close(self) -> None:
         """Stop the work in progress and wait for it (each job ends at its next network call), then
         stop the server and remove every temporary file."""
@@ -552,19 +646,14 @@ class WebApp:
                 log.warning("a job did not stop within %.0f s", STOP_WAIT)
             self.blocks.close()
         finally:
-            shutil.rmtree(self.root, ignore_errors=True)
-            if self._previous_temp is None:
-                os.environ.pop("GRADIO_TEMP_DIR", None)
-            else:
-                os.environ["GRADIO_TEMP_DIR"] = self._previous_temp
+            self._remove_folder()
 
 
 def serve(args: argparse.Namespace, config: Config, device) -> int:
-    """``python main.py --serve``: load the model once, serve the app until interrupted."""
+    """``python main.py --serve``: load the model once, serve the app until interrupted. Honours
+    --t_0, --n_inv_step, --n_test_step (the page's default steps), --h_policy, --boundary_dir,
+    --edit_attr (the attribute the page opens on), the batch sizes and the latent cache."""
     import atexit
-
-    from models.loading import load_model
-    from models.runtime import default_batch_size
 
     _gradio()  # before the model: a missing extra, a bad address or a port in use are said at once
     check_address(args.host, args.port)
@@ -574,9 +663,8 @@ def serve(args: argparse.Namespace, config: Config, device) -> int:
     model = load_model(config, args.model_path, args.cache_dir, device, args.precision)
     default = default_batch_size(device, config.data.image_size)
     app = WebApp(model, args.boundary_dir, args.t_0, args.n_inv_step, (args.bs_train or default,
-                 args.edit_batch_size or default),
-                 None if args.no_cache else Path(args.cache_dir or default_cache_dir()) / "latents",
-                 args.precision, args.concurrency, attribute=args.edit_attr)
+                 args.edit_batch_size or default), latent_cache_root(args.cache_dir, args.no_cache),
+                 args.concurrency, attribute=args.edit_attr, n_test_step=args.n_test_step, h_policy=args.h_policy)
     atexit.register(app.close)
     try:
         url = app.launch(args.host, args.port)

@@ -150,8 +150,8 @@ def _inverting(args: argparse.Namespace, config: Config, t_0: int, batch_size: i
 
 def _edit_job(args, config, mode: str, batches: dict) -> EditJob | SampleJob:
     request, t_0 = edit_request(args, config, batches["edit_batch_size"])
-    check_steps(request.denoising.n_test_step, t_0)
     inverting = _inverting(args, config, t_0, batches["bs_train"], mode)
+    check_steps(request.denoising.n_test_step, t_0)
     if mode == "unconditional":
         return SampleJob(inverting, request, args.boundary_dir, args.n_samples, args.seed, args.n_iter, args.gif,
                          args.save_tensors)

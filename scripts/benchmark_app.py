@@ -28,13 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import build_model
-from models.loading import LoadedModel, load_model
-from models.runtime import InferenceNet, default_batch_size, retain_freed_memory
 from runners.app import WebApp
-from utils.config import latent_shapes, load_config
-from utils.core.diffusion import make_alphas_cumprod
-from utils.io.boundary_files import BoundaryRecord, save_boundary
+from runners.engine import (BoundaryRecord, build_model, default_batch_size, latent_shapes, load_config, load_model,
+                            retain_freed_memory, save_boundary)
 
 REPO = Path(__file__).resolve().parents[1]
 DIGIT = REPO / "imgs" / "digit_example.png"
@@ -155,13 +151,12 @@ def random_256(preview: int, full: bool, root: Path) -> dict:
 
     config = load_config("celeba.yml")
     torch.manual_seed(0)
-    net = InferenceNet(build_model(config))
-    model = LoadedModel(config=config, checkpoint=Path("random-weights"), checkpoint_sha256="", net=net,
-                        alphas_cumprod=make_alphas_cumprod(config.diffusion.beta_start, config.diffusion.beta_end,
-                                                           config.diffusion.num_diffusion_timesteps),
-                        shapes=latent_shapes(config))
+    weights = root / "random.pt"  # random weights, loaded as any checkpoint is (the timing does not depend on them)
+    torch.save(build_model(config).state_dict(), weights)
+    model = load_model(config, weights)
+    net = model.net
     t_0, generator = config.edit.t_0, torch.Generator().manual_seed(0)
-    for space, shape in model.shapes.items():
+    for space, shape in latent_shapes(config).items():
         normal = torch.randn(int(np.prod(shape)), generator=generator, dtype=torch.float64)
         normal = (normal / normal.norm()).float().numpy()
         save_boundary(root / f"celeba_random_t{t_0}_{space}.npz", BoundaryRecord(
@@ -178,7 +173,6 @@ def random_256(preview: int, full: bool, root: Path) -> dict:
     from PIL import Image
     Image.fromarray((np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8)).save(image)
     app = WebApp(model, root, n_inv_step=2, batch_sizes=(1, 1))  # the CLI's batch sizes for 256 px on a CPU
-    app.service.allowed_roots.append(root.resolve())
     try:
         client = Client(app.launch(port=free_port()), verbose=False)
         result = {"one_call_median_seconds": statistics.median(calls),

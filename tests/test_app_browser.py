@@ -1,9 +1,13 @@
-"""The web app in a real browser: ``python main.py --serve`` on a free port, headless Chromium (from
-the system's packages, driven by Playwright) uploads the example digit, sets the distance, and the
-edit the page shows -- its pixels read back from the page -- equals the command line's edit at that
-distance. Then it moves two of the several-attribute sliders with the mouse and a third with the
-arrow keys: each time the edit shown equals the command line's joint edit (``--edit A=u:u ...
---edit_unit relative``) for the values the sliders show. It also takes the screenshot the README shows.
+"""The web app in a real browser: ``python main.py --serve`` on a free port (no --edit_attr: it opens
+on digits.yml's edit.attribute, thick), headless Chromium (from the system's packages, driven by
+Playwright) uploads the example digit, and every attribute slider moves to where the image sits
+(z's relative position, as the command line's summary.json gives it). Then twenty arrow-key presses
+nudge three_vs_eight by +0.20, a mouse drag moves thick, a hold box is ticked and thick nudged again,
+and digit_3 is dragged: each time the edit the page shows -- its pixels read back from the page --
+equals the command line's joint edit (``--edit A=u:u ... --edit_unit relative [--condition_attr
+slant]``) for the values the sliders show, and the entanglement warning names digit_3 and
+three_vs_eight. A sweep fills the strip and GIF; the screenshot is taken; "Back to the image" puts
+every slider back where the image is.
 
 Without Chromium or Playwright the test is skipped, saying how to install them; with
 BOUNDARYDIFFUSION_REQUIRE_BROWSER=1 (set by .ci/run) that is a failure instead.
@@ -11,6 +15,7 @@ BOUNDARYDIFFUSION_SCREENSHOT=path keeps the screenshot there (docs/app_screensho
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -30,7 +35,6 @@ import main as cli
 from tests.helpers import REPO
 
 DIGIT = REPO / "imgs" / "digit_example.png"
-DISTANCE = -3.0
 INSTALL = ("install a browser and its driver: apt-get install chromium && pip install -r requirements-test.txt "
            "(or point BOUNDARYDIFFUSION_CHROMIUM at a Chromium binary)")
 
@@ -76,8 +80,8 @@ def server(tmp_path):
     port = free_port()
     log = tmp_path / "server.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "main.py", "--serve", "--port", str(port), "--no_cache",
-                                 "--edit_attr", "thick"], cwd=REPO, stdout=err, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "main.py", "--serve", "--port", str(port), "--no_cache"], cwd=REPO,
+                                stdout=err, stderr=subprocess.STDOUT)
     yield f"http://127.0.0.1:{port}/", log, proc
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -102,15 +106,33 @@ def wait_until_served(url: str, log: Path, proc: subprocess.Popen, timeout: floa
         time.sleep(0.2)
 
 
-def cli_joint_edit(tmp_path: Path, values: dict[str, float]) -> np.ndarray:
-    """The command line's joint edit of the example digit in the relative unit: its RGB pixels."""
+def cli_joint_edit(tmp_path: Path, values: dict[str, float], held: tuple[str, ...] = ()) -> tuple[np.ndarray, Path]:
+    """The command line's joint edit of the example digit in the relative unit (the moves in the
+    order given): its RGB pixels and its run folder."""
     run = tmp_path / f"cli-{len(list(tmp_path.glob('cli-*')))}"
     moves = [arg for name, u in values.items() for arg in ("--edit", f"{name}={u}:{u}")]
-    assert cli.main(["--edit_image_boundary", *moves, "--edit_unit", "relative", "--edit_img_number", "1",
+    hold = ["--condition_attr", ",".join(held)] if held else []
+    assert cli.main(["--edit_image_boundary", *moves, *hold, "--edit_unit", "relative", "--edit_img_number", "1",
                      "--img_path", str(DIGIT), "--exp", str(run), "--no_cache"]) == 0
     (edit,) = (run / "edit").glob("edit_00_*.png")
     with Image.open(edit) as img:
-        return np.asarray(img.convert("RGB"))
+        return np.asarray(img.convert("RGB")), run / "edit"
+
+
+def image_positions(tmp_path: Path, names: tuple[str, ...]) -> dict[str, float]:
+    """Where the example digit sits along ``names`` (z, relative unit, on the sliders' 0.01 step),
+    from the command line's summary.json (its unedited latent's distances) and each boundary's
+    relative unit (-1 and +1 at the class medians)."""
+    from runners.engine import relative_scale
+    from utils.io.boundary_files import load_boundary
+
+    _, run = cli_joint_edit(tmp_path, dict.fromkeys(names, 0.0))
+    distances = json.loads((run / "summary.json").read_text())["source_distances"]["z"]
+    positions = {}
+    for name in names:
+        centre, half = relative_scale(load_boundary(REPO / "boundary" / f"digits_{name}_t200_z.npz"))
+        positions[name] = round((distances[name] - centre) / half, 2)
+    return positions
 
 
 def shipped_cosine(a: str, b: str, space: str) -> float:
@@ -139,9 +161,29 @@ def wait_for_edit(page, expected: np.ndarray, timeout: float = 90) -> None:
         page.wait_for_timeout(200)
 
 
-def drag(page, selector: str, fraction: float) -> float:
-    """Drag the slider ``selector`` with the mouse to ``fraction`` of its track; the value it shows."""
-    track = page.locator(f"{selector} input[type=range]")
+def slider_value(page, name: str) -> float:
+    return float(page.locator(f"#joint-{name} input[type=number]").input_value())
+
+
+def wait_for_value(page, name: str, value: float, timeout: float = 60_000) -> None:
+    page.wait_for_function("([s, v]) => { const e = document.querySelector(s); "
+                           "return e && !e.disabled && Math.abs(parseFloat(e.value) - v) < 0.001; }",
+                           arg=[f"#joint-{name} input[type=range]", value], timeout=timeout)
+
+
+def press(page, name: str, key: str, times: int) -> float:
+    """Press ``key`` on the slider of ``name`` (focused) ``times`` times, faster than the edits run:
+    only the last value's edit is shown. The value it shows."""
+    keys = page.locator(f"#joint-{name} input[type=range]")
+    keys.focus()
+    for _ in range(times):
+        keys.press(key)
+    return slider_value(page, name)
+
+
+def drag(page, name: str, fraction: float) -> float:
+    """Drag the slider of ``name`` with the mouse to ``fraction`` of its track; the value it shows."""
+    track = page.locator(f"#joint-{name} input[type=range]")
     track.scroll_into_view_if_needed()
     box = track.bounding_box()
     y = box["y"] + box["height"] / 2
@@ -150,85 +192,74 @@ def drag(page, selector: str, fraction: float) -> float:
     page.mouse.move(box["x"] + box["width"] * (fraction + 0.5) / 2, y, steps=5)
     page.mouse.move(box["x"] + box["width"] * fraction, y, steps=5)
     page.mouse.up()
-    return float(page.locator(f"{selector} input[type=number]").input_value())
+    return slider_value(page, name)
 
 
-def test_edit_in_a_real_browser_equals_the_command_line(server, tmp_path):
+def upload_and_locate(page, positions: dict[str, float]) -> None:
+    """Upload the digit; every slider named in ``positions`` moves to the image's position."""
+    assert page.locator("#joint-thick input[type=range]").is_disabled()  # no image yet: nothing to move from
+    page.locator("#upload input[type=file]").set_input_files(str(DIGIT))
+    for name, value in positions.items():
+        wait_for_value(page, name, value)
+    assert "three_vs_eight (z +1.02, h +0.92)" in page.locator("#positions").inner_text()
+
+
+def nudge_drag_and_hold(page, tmp_path: Path, positions: dict[str, float]) -> dict[str, float]:
+    """The moves of the test, each checked against the command line's joint edit; the values moved."""
+    moved = {"three_vs_eight": press(page, "three_vs_eight", "ArrowRight", 20)}
+    assert moved["three_vs_eight"] == pytest.approx(positions["three_vs_eight"] + 0.2)  # 20 steps of 0.01
+    wait_for_edit(page, cli_joint_edit(tmp_path, moved)[0])
+    moved = {"thick": drag(page, "thick", 0.2), **moved}  # the page's order: thick (it opens on it) first
+    assert moved["thick"] != positions["thick"]
+    wait_for_edit(page, cli_joint_edit(tmp_path, moved)[0])
+    cosines = page.locator("#cosines").inner_text()
+    assert "Cosines of the normals" in cosines and "No pair at |cos| 0.3 or above" in cosines
+    page.locator("#hold-slant input").check()
+    moved["thick"] = press(page, "thick", "ArrowLeft", 5)
+    wait_for_edit(page, cli_joint_edit(tmp_path, moved, held=("slant",))[0])
+    assert "slant held" in page.locator("#caption").inner_text()
+    # digit_3's shipped normals lie at |cos| above the threshold 0.3 to three_vs_eight's: the page warns
+    moved = {"thick": moved["thick"], "digit_3": drag(page, "digit_3", 0.7), "three_vs_eight": moved["three_vs_eight"]}
+    wait_for_edit(page, cli_joint_edit(tmp_path, moved, held=("slant",))[0])
+    page.locator("#cosines").get_by_text("Warning: entangled attributes").wait_for(timeout=30_000)
+    warning = page.locator("#cosines").inner_text()
+    for space in ("z", "h"):
+        cos = shipped_cosine("digit_3", "three_vs_eight", space)
+        assert abs(cos) >= 0.3
+        assert re.search(rf"(three_vs_eight and digit_3|digit_3 and three_vs_eight) \({space}: cos "
+                         rf"{re.escape(f'{cos:+.2f}')}\)", warning), (space, cos, warning)
+    return moved
+
+
+def test_sliders_start_at_the_image_and_a_nudge_is_the_command_lines_edit(server, tmp_path):
     sync_api, chromium = _browser()
     url, log, proc = server
-    run = tmp_path / "cli"  # the command line's edit, while the server starts
-    assert cli.main(["--edit_image_boundary", "--edit_attr", "thick", "--img_path", str(DIGIT), "--exp", str(run),
-                     "--no_cache", "--start_distance", str(DISTANCE), "--end_distance", str(DISTANCE),
-                     "--edit_img_number", "1"]) == 0
-    with Image.open(run / "edit" / f"edit_00_d{DISTANCE:+.2f}.png") as img:
-        expected = np.asarray(img.convert("RGB"))
+    positions = image_positions(tmp_path, ("thick", "slant", "three_vs_eight", "digit_3"))  # while the server starts
     wait_until_served(url, log, proc)
-
     screenshot = Path(os.environ.get("BOUNDARYDIFFUSION_SCREENSHOT") or tmp_path / "app_screenshot.png")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(url)
-            page.locator("#upload input[type=file]").set_input_files(str(DIGIT))
-            page.locator("#upload img").wait_for(timeout=30_000)  # the upload's preview
-            number = page.locator("#distance input[type=number]")
-            number.fill(f"{DISTANCE}")
-            number.press("Tab")  # leaving the box releases the slider: the edit starts
-            edit = page.locator("#edit img")
-            edit.wait_for(timeout=60_000)
-            page.locator("#caption").get_by_text("edit(s)").wait_for(timeout=60_000)
-            shown = page.evaluate(READ_PIXELS, "#edit img")
-            rgba = np.array(shown["data"], dtype=np.uint8).reshape(shown["height"], shown["width"], 4)
-            assert rgba.shape[:2] == expected.shape[:2] == (16, 16)
-            assert (rgba[..., 3] == 255).all()
-            np.testing.assert_array_equal(rgba[..., :3], expected)
-            assert "edit_00_d-3.00" in page.locator("#files").inner_text()  # offered for download
-            # the sweep: the command line's labelled strip and GIF, for the screenshot
-            page.get_by_text("Sweep", exact=True).first.click()
+            sliders = page.locator("[id^=joint-]")
+            assert sliders.first.get_attribute("id") == "joint-thick" and sliders.count() == 13
+            upload_and_locate(page, positions)
+            moved = nudge_drag_and_hold(page, tmp_path, positions)
+            # the sweep (absolute distances, the attribute the page opened on): the strip and GIF
+            page.get_by_text("Sweep (absolute distances v.n)", exact=True).first.click()
             page.locator("#sweep-button").click()
             page.locator("#grid").scroll_into_view_if_needed()  # its image loads lazily, once in view
             page.locator("#grid img").wait_for(timeout=60_000)
             page.locator("#gif img").wait_for(timeout=60_000)
-            page.wait_for_timeout(300)
-
-            # several attributes: one slider and one hold box per attribute at t_0 200
-            for name in ("slant", "thick", "three_vs_eight"):
-                assert page.locator(f"#joint-{name}").get_by_text(name).count() >= 1
-            values = {"thick": drag(page, "#joint-thick", 0.2)}
-            assert values["thick"] != 0
-            wait_for_edit(page, cli_joint_edit(tmp_path, values))
-            values["slant"] = drag(page, "#joint-slant", 0.8)
-            assert values["slant"] != 0
-            wait_for_edit(page, cli_joint_edit(tmp_path, values))
-            keys = page.locator("#joint-three_vs_eight input[type=range]")
-            keys.focus()
-            for _ in range(20):  # twenty presses, faster than the edits: the last value's edit is shown
-                keys.press("ArrowRight")
-            values["three_vs_eight"] = float(page.locator("#joint-three_vs_eight input[type=number]").input_value())
-            assert values["three_vs_eight"] == pytest.approx(0.2)  # 20 steps of 0.01
-            wait_for_edit(page, cli_joint_edit(tmp_path, values))
-            cosines = page.locator("#cosines").inner_text()  # the three moved attributes' normals, z and h
-            assert "Cosines of the normals" in cosines and "three_vs_eight" in cosines and "No pair above" in cosines
-            # digit_3's shipped normals lie at |cos| above the threshold 0.3 to three_vs_eight's: the page warns
-            values["digit_3"] = drag(page, "#joint-digit_3", 0.6)
-            assert values["digit_3"] != 0
-            wait_for_edit(page, cli_joint_edit(tmp_path, values))
-            page.locator("#cosines").get_by_text("Warning: entangled attributes").wait_for(timeout=30_000)
-            warning = page.locator("#cosines").inner_text()
-            for space in ("z", "h"):
-                cos = shipped_cosine("digit_3", "three_vs_eight", space)
-                assert abs(cos) > 0.3
-                assert re.search(rf"(three_vs_eight and digit_3|digit_3 and three_vs_eight) \({space}: cos "
-                                 rf"{re.escape(f'{cos:+.2f}')}\)", warning), (space, cos, warning)
+            assert "thick" in page.locator("#attribute").inner_text() or \
+                page.locator("#attribute input").input_value().startswith("thick")
             page.wait_for_timeout(300)
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
-            page.locator("#hold-slant input").check()
-            page.locator("#reset-button").click()  # every slider back to 0, every hold box cleared
-            for name in values:
-                page.wait_for_function("(s) => document.querySelector(s).value == '0'",
-                                       arg=f"#joint-{name} input[type=number]", timeout=10_000)
+            page.locator("#back-button").click()  # every slider back where the image is, every hold cleared
+            for name in moved:
+                wait_for_value(page, name, positions[name], timeout=30_000)
             assert not page.locator("#hold-slant input").is_checked()
         finally:
             browser.close()

@@ -24,7 +24,7 @@ import yaml
 import main as cli
 import models.checkpoints as checkpoints
 from models.checkpoints import locate_weights, read_state_dict, resolve_checkpoint
-from tests.helpers import REPO, assert_one_error_line, tiny_config
+from tests.helpers import REPO, assert_one_error_line, tiny_config, write_labelled_set
 from utils.config import load_config, parse_config
 from utils.errors import UserError
 
@@ -232,7 +232,7 @@ def test_an_unloadable_checkpoint_never_advises_weights_only_false(kind, tmp_pat
     assert {"object": "_Unsafe", "html": "HTML page", "damaged": "damaged"}[kind] in message, message
     config = tmp_path / "tiny.yml"
     config.write_text(yaml.safe_dump(tiny_config("ddpm")))
-    assert cli.main(["--radius", "--config", str(config), "--model_path", str(path), "--device", "cpu",
+    assert cli.main(["--radius", "--img_path", str(REPO / "imgs" / "digit_example.png"), "--config", str(config), "--model_path", str(path), "--device", "cpu",
                      "--exp", str(tmp_path / "exp"), "--cache_dir", str(tmp_path / "cache")]) == 1
     line = assert_one_error_line(1, capsys.readouterr().err)
     assert "weights_only" not in line and str(path) in line, line
@@ -307,7 +307,7 @@ def test_deeply_nested_config_json_names_file_and_field(depth, tmp_path, capsys)
         locate_weights(folder)
     config = tmp_path / "tiny.yml"
     config.write_text(yaml.safe_dump(tiny_config("ddpm")))
-    assert cli.main(["--radius", "--config", str(config), "--model_path", str(folder), "--device", "cpu",
+    assert cli.main(["--radius", "--img_path", str(REPO / "imgs" / "digit_example.png"), "--config", str(config), "--model_path", str(folder), "--device", "cpu",
                      "--exp", str(tmp_path / "exp"), "--cache_dir", str(tmp_path / "cache")]) == 1
     line = assert_one_error_line(1, capsys.readouterr().err)
     assert str(folder / "config.json") in line and "block_out_channels" in line and "Recursion" not in line, line
@@ -354,7 +354,7 @@ def test_integer_or_boolean_weights_of_the_right_shapes_are_one_line(dtype, tmp_
     torch.save(bad, path)
     config = tmp_path / "tiny.yml"
     config.write_text(yaml.safe_dump(raw))
-    assert cli.main(["--radius", "--config", str(config), "--model_path", str(path), "--device", "cpu",
+    assert cli.main(["--radius", "--img_path", str(REPO / "imgs" / "digit_example.png"), "--config", str(config), "--model_path", str(path), "--device", "cpu",
                      "--exp", str(tmp_path / "exp"), "--cache_dir", str(tmp_path / "cache")]) == 1
     line = assert_one_error_line(1, capsys.readouterr().err)
     dtype_name = str(dtype).replace("torch.", "")
@@ -567,11 +567,13 @@ def silent_port():
 def _rank_process(tmp_path: Path, port: int, rank: int, timeout: int) -> subprocess.Popen:
     config = tmp_path / "tiny.yml"
     config.write_text(yaml.safe_dump(tiny_config("ddpm")))
+    images, attrs = write_labelled_set(tmp_path / "data", n=8)  # the data is checked before the rendezvous
     env = {**SUBENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     argv = [sys.executable, str(REPO / "main.py"), "--boundary_search", "--config", str(config), "--device", "cpu",
             "--dist_timeout", str(timeout), "--exp", str(tmp_path / "exp"), "--cache_dir", str(tmp_path / "cache"),
-            "--data_dir", str(tmp_path), "--attr_file", str(tmp_path / "attrs.txt"), "--edit_attr", "x"]
+            "--data_dir", str(images), "--attr_file", str(attrs), "--edit_attr", "Bright_Left", "--n_train_img", "4",
+            "--n_test_img", "4"]
     return subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -106,7 +106,8 @@ def test_folder_that_is_no_diffusers_model_is_refused(tmp_path):
 
 def test_missing_huggingface_hub_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
-    code = cli.main(["--radius", "--config", "celeba.yml", "--model_path", "hf:google/ddpm-ema-celebahq-256",
+    code = cli.main(["--radius", "--img_path", "imgs/digit_example.png", "--config", "celeba.yml", "--model_path",
+                     "hf:google/ddpm-ema-celebahq-256",
                      "--exp", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")])
     assert_one_error_line(code, capsys.readouterr().err, "pip install huggingface_hub", "--model_path")
     assert not (tmp_path / "run").exists()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from utils.core.spaces import SPACES
 from utils.io.images import to_uint8
 from utils.io.files import atomic_path, write_bytes
 
@@ -275,57 +276,99 @@ def _vertical_text(text: str, font: ImageFont.ImageFont) -> Image.Image:
     return label.rotate(90, expand=True)
 
 
+#: Bounds of the atlas picture, whatever the number of attributes and the length of their names: the
+#: heatmaps' side (cells shrink to fit, down to one pixel), the characters of a name drawn, and the
+#: rows of the table (atlas.json holds every attribute).
+ATLAS_MAP_SIDE = 1200
+ATLAS_NAME_CHARS = 32
+ATLAS_TABLE_ROWS = 60
+
+
+def _cut(text: str, chars: int = ATLAS_NAME_CHARS) -> str:
+    return text if len(text) <= chars else text[:chars - 3] + "..."
+
+
+def _atlas_table(atlas: dict, names: list[str]) -> list[list[str]]:
+    """The picture's table: a header, a row per attribute (at most ``ATLAS_TABLE_ROWS``), the skipped ones."""
+    rows = [["attribute", "z train", "z test", "h train", "h test", "pos", "neg",
+             f"hold (|cos| >= {atlas['hold_threshold']:g})"]]
+    for name in names[:ATLAS_TABLE_ROWS]:
+        a = atlas["per_attribute"][name]
+        accs = [a[f"{split}_acc"][space] for space in SPACES for split in ("train", "test")]
+        holds = ", ".join(_cut(h) for h in a["holds"][:4]) + (", ..." if len(a["holds"]) > 4 else "")
+        rows.append([_cut(name), *("-" if v is None or not np.isfinite(v) else f"{v:.3f}" for v in accs),
+                     str(a["n_pos"]), str(a["n_neg"]), holds or "-"])
+    skipped = list(atlas.get("skipped", {}).items())
+    for name, counts in skipped[:max(0, ATLAS_TABLE_ROWS - len(names))]:
+        rows.append([f"{_cut(name)} (skipped)", "", "", "", "", f"{counts['train']['pos']} train",
+                     f"{counts['train']['neg']} train", "too few of a class"])
+    hidden = max(0, len(names) - ATLAS_TABLE_ROWS) + max(0, len(skipped) - max(0, ATLAS_TABLE_ROWS - len(names)))
+    if hidden:
+        rows.append([f"... and {hidden} more (atlas.json holds them all)", "", "", "", "", "", "", ""])
+    return rows
+
+
+def _atlas_map(canvas, draw, matrix, names, where, font, small, measure, line_h) -> None:
+    """One space's heatmap at ``where`` = (x0, top, label width, cell), labelled with ``names`` (None: no labels)."""
+    x0, top, label_w, cell = where
+    n = len(matrix)
+    for j, name in enumerate(names or ()):
+        label = _vertical_text(_cut(name), font)
+        canvas.paste(label, (x0 + label_w + j * cell + (cell - label.width) // 2, top - label.height - 2))
+    for i in range(n):
+        y = top + i * cell
+        if names:
+            text = _cut(names[i])
+            draw.text((x0 + label_w - 4 - int(measure.textlength(text, font=font)), y + (cell - line_h) // 2 + 2),
+                      text, fill="black", font=font)
+    colours = np.array([[_cos_colour(v) for v in row] for row in matrix], dtype=np.uint8).reshape(n, n, 3)
+    cells = np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1)
+    if cell >= 4:  # a light grid between cells
+        cells[cell - 1::cell, :] = cells[:, cell - 1::cell] = 235
+    canvas.paste(Image.fromarray(cells), (x0 + label_w, top))
+    for i in range(n if n <= 24 else 0):  # values written in small maps
+        for j in range(n):
+            value = matrix[i][j]
+            if value is None:
+                continue
+            text = f"{value:.2f}".replace("0.", ".")
+            tw = measure.textlength(text, font=small)
+            draw.text((x0 + label_w + j * cell + (cell - tw) / 2, top + i * cell + cell / 2 - 6), text, font=small,
+                      fill="white" if abs(value) > 0.6 else "black")
+
+
 def atlas_picture(atlas: dict, path: str | Path, cell: int = 30) -> None:
     """The atlas (utils/io/atlas.py) as one PNG: per space a heatmap of the A x A cosines of the unit
     normals (red +1, white 0, blue -1, each cell's value written while A <= 24), the attributes
-    named along both sides; then a table of each attribute's train / test accuracy in z and h, its
-    positive / negative counts and the attributes it suggests holding; and the skipped attributes
-    with their counts. Drawn with Pillow."""
+    named along both sides while a cell is at least 10 px; then a table of each attribute's train /
+    test accuracy in z and h, its positive / negative counts and the attributes it suggests holding;
+    and the skipped attributes with their counts. Drawn with Pillow. Its size is bounded whatever the
+    atlas (``ATLAS_MAP_SIDE``, ``ATLAS_NAME_CHARS``, ``ATLAS_TABLE_ROWS``): 1,000 attributes with long
+    names draw a picture of a few megapixels."""
     names = list(atlas["attributes"])
     n = len(names)
+    cell = max(1, min(cell, ATLAS_MAP_SIDE // max(1, n)))
+    labelled = cell >= 10
     font, small = _font(12), _font(max(8, min(11, cell // 3)))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max(int(measure.textlength(name, font=font)) for name in names) + 8
+    label_w = max(int(measure.textlength(_cut(name), font=font)) for name in names) + 8 if labelled else 0
     line_h = font.getbbox("Ag")[3] + 6
-    spaces = [space for space in ("z", "h") if space in atlas["cosines"]]
+    spaces = [space for space in SPACES if space in atlas["cosines"]]
     map_w = label_w + n * cell
     top = line_h * 2 + label_w  # title, space name, rotated column labels
-    rows = [["attribute", "z train", "z test", "h train", "h test", "pos", "neg", f"hold (|cos| >= {atlas['hold_threshold']:g})"]]
-    for name in names:
-        a = atlas["per_attribute"][name]
-        accs = [a[f"{split}_acc"][space] for space in ("z", "h") for split in ("train", "test")]
-        rows.append([name, *("-" if v is None or not np.isfinite(v) else f"{v:.3f}" for v in accs), str(a["n_pos"]),
-                     str(a["n_neg"]), ", ".join(a["holds"]) or "-"])
-    for name, counts in atlas.get("skipped", {}).items():
-        rows.append([f"{name} (skipped)", "", "", "", "", f"{counts['train']['pos']} train",
-                     f"{counts['train']['neg']} train", "too few of a class"])
+    rows = _atlas_table(atlas, names)
     col_w = [max(int(measure.textlength(r[c], font=font)) for r in rows) + 14 for c in range(len(rows[0]))]
     width = max(len(spaces) * (map_w + 20) + 20, sum(col_w) + 40)
     height = top + n * cell + 20 + line_h * (len(rows) + 1) + 10
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    title = f"attribute atlas: {atlas.get('config_name', '')} at t_0 {atlas.get('t_0', '')}, cosines of the unit normals (red +1, white 0, blue -1)"
+    title = f"attribute atlas: {_cut(str(atlas.get('config_name', '')))} at t_0 {atlas.get('t_0', '')}, cosines of the unit normals (red +1, white 0, blue -1)"
     draw.text((10, 4), title, fill="black", font=font)
     for k, space in enumerate(spaces):
         x0 = 10 + k * (map_w + 20)
         draw.text((x0 + label_w, line_h + 2), f"{space} space", fill="black", font=font)
-        matrix = atlas["cosines"][space]
-        for j, name in enumerate(names):
-            label = _vertical_text(name, font)
-            canvas.paste(label, (x0 + label_w + j * cell + (cell - label.width) // 2, top - label.height - 2))
-        for i, name in enumerate(names):
-            y = top + i * cell
-            draw.text((x0 + label_w - 4 - int(measure.textlength(name, font=font)), y + (cell - line_h) // 2 + 2),
-                      name, fill="black", font=font)
-            for j in range(n):
-                value = matrix[i][j]
-                box = (x0 + label_w + j * cell, y, x0 + label_w + (j + 1) * cell - 1, y + cell - 1)
-                draw.rectangle(box, fill=_cos_colour(value), outline=(235, 235, 235))
-                if n <= 24 and value is not None:
-                    text = f"{value:.2f}".replace("0.", ".")
-                    tw = measure.textlength(text, font=small)
-                    draw.text((box[0] + (cell - tw) / 2, box[1] + cell / 2 - 6), text, font=small,
-                              fill="white" if abs(value) > 0.6 else "black")
+        _atlas_map(canvas, draw, atlas["cosines"][space], names if labelled else None, (x0, top, label_w, cell),
+                   font, small, measure, line_h)
     y = top + n * cell + 20
     for r, row in enumerate(rows):
         x = 10
