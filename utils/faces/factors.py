@@ -192,3 +192,41 @@ def attribute_table(factors: np.ndarray, names: tuple[str, ...] = FACTOR_NAMES) 
         "Young": label(col["age"] < 0.35, col["age"] > 0.5),
     }
     return np.stack([columns[a] for a in ATTRIBUTES], axis=1).astype(np.int64)
+
+
+def attribute_scores(factors: np.ndarray, names: tuple[str, ...] = FACTOR_NAMES) -> np.ndarray:
+    """Continuous CelebA scores of N faces: factors (N, F) in the column order ``names`` -> (N, 13)
+    float64, columns in the order of ``ATTRIBUTES``, in the factors' own units.
+
+    A score's sign is the attribute's class: positive wherever ``attribute_table`` says +1 and
+    negative wherever it says -1 (inside a margin it has either sign). Each threshold is the middle
+    of its rule's margin, e.g. Smiling = smile - 0.25 (the margin is 0.15 .. 0.35); a binary factor
+    scores value - 0.5 (a probability of exactly 0.5 scores 0); the hair colours, whose rules join
+    two or three conditions with "and", take the least of one term per condition:
+
+        Black_Hair = min(0.25 - hair_tone, 0.375 - hair_gray)
+        Brown_Hair = min(hair_tone - 0.25, 0.66 - hair_tone, 0.375 - hair_gray)
+        Blond_Hair = min(hair_tone - 0.685, 0.375 - hair_gray)
+
+    Use: whether an edit moved a face across an attribute's threshold, from measured factors.
+    """
+    values = np.asarray(factors, dtype=np.float64)
+    col = {n: values[:, i] for i, n in enumerate(names)}
+    tone, gray = col["hair_tone"], col["hair_gray"]
+    not_gray = 0.375 - gray
+    columns = {
+        "Smiling": col["smile"] - 0.25,
+        "Mouth_Slightly_Open": col["mouth_open"] - 0.325,
+        "Narrow_Eyes": 0.375 - col["eye_open"],
+        "Eyeglasses": col["glasses"] - 0.5,
+        "Mustache": col["moustache"] - 0.5,
+        "Bangs": col["bangs"] - 0.5,
+        "Wearing_Hat": col["hat"] - 0.5,
+        "Black_Hair": np.minimum(0.25 - tone, not_gray),
+        "Brown_Hair": np.minimum.reduce([tone - 0.25, 0.66 - tone, not_gray]),
+        "Blond_Hair": np.minimum(tone - 0.685, not_gray),
+        "Gray_Hair": gray - 0.5,
+        "Pale_Skin": 0.25 - col["skin_tone"],
+        "Young": 0.425 - col["age"],
+    }
+    return np.stack([columns[a] for a in ATTRIBUTES], axis=1).astype(np.float64).reshape(len(values), len(ATTRIBUTES))
