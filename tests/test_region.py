@@ -19,10 +19,10 @@ from PIL import Image
 
 from tests.helpers import float_tolerance, tiny_model, tiny_net
 from utils.core.boundary import joint_move, unit_rows
-from utils.core.diffusion import generate, invert, make_alphas_cumprod, timestep_grid
+from utils.core.diffusion import Keep, blend, generate, invert, make_alphas_cumprod, timestep_grid
 from utils.core.editing import reconstruct
-from utils.core.region import (MIN_REGION_SHARE, RegionError, area_downsample, blend, check_projection, check_region,
-                               confined_joint_move, feather, generate_kept, latent_weights, outside_jacobian_basis,
+from utils.core.region import (MIN_REGION_SHARE, RegionError, area_downsample, check_projection, check_region,
+                               confined_joint_move, feather, latent_weights, outside_jacobian_basis,
                                projected_joint_move, reference_trajectory)
 from utils.errors import UserError
 from utils.io.region import read_region
@@ -312,7 +312,7 @@ def test_the_kept_pixels_end_exactly_at_the_reconstruction(kept_run, eta):
     z_edit = confined_joint_move(inversion.z, n, torch.tensor([[30.0]], dtype=torch.float64), None,
                                  region[None])[:, 0]
     generators = [torch.Generator().manual_seed(s) for s in (1, 2)] if eta else None
-    out = generate_kept(net, z_edit, alphas, grid, states, keep, eta=eta, generators=generators)
+    out = generate(net, z_edit, alphas, grid, eta=eta, generators=generators, keep=Keep(keep, states))
     kept = (keep == 1).expand_as(out)
     assert kept.float().mean() > 0.3
     assert torch.equal(out[kept], reconstruction[kept])  # a blend with weight 1: bit for bit
@@ -329,7 +329,7 @@ def test_with_nothing_kept_it_is_generate_bit_for_bit(kept_run):
     for eta in (0.0, 1.0):
         gens = (lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]) if eta else (lambda: None)
         want = generate(net, z, alphas, grid, h_edit=inversion.h, eta=eta, generators=gens())
-        got = generate_kept(net, z, alphas, grid, states, keep, h_edit=inversion.h, eta=eta, generators=gens())
+        got = generate(net, z, alphas, grid, h_edit=inversion.h, eta=eta, generators=gens(), keep=Keep(keep, states))
         assert torch.equal(got, want)
 
 

@@ -16,7 +16,7 @@ when inverting (upward pairs), the upper one when generating (downward pairs).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -129,6 +129,23 @@ def _check_finite(x: Tensor, what: str) -> None:
                              "or a distance is too large")
 
 
+def blend(x_edit: Tensor, x_reference: Tensor, keep: Tensor) -> Tensor:
+    """keep (.) x_reference + (1 - keep) (.) x_edit, in x_edit's dtype: x_reference bit for bit
+    where keep = 1 (only a -0.0 may come back as +0.0), x_edit bit for bit where keep = 0.
+    x_edit, x_reference: (B, C, H, W); keep: (1, 1, H, W) or (B, 1, H, W) in [0, 1]."""
+    keep = keep.to(device=x_edit.device, dtype=x_edit.dtype)
+    return keep * x_reference.to(x_edit.dtype) + (1 - keep) * x_edit
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Pixels held on a reference run while denoising (utils/core/region.py): after each move to t',
+    x <- blend(x, states[t'], weights). weights: (1, 1, H, W) or (B, 1, H, W) in [0, 1], 1 = kept;
+    states: {t: x_t (B, C, H, W)} of the reference run (``region.reference_trajectory``)."""
+    weights: Tensor
+    states: Mapping[int, Tensor]
+
+
 @dataclass(frozen=True)
 class Step:
     """State after one move: the timestep reached, x there, and the bottleneck of the call that made it."""
@@ -139,14 +156,17 @@ class Step:
 
 def ddim_trajectory(net: Net, x: Tensor, alphas_cumprod: Tensor, pairs: Sequence[tuple[int, int]],
                     eta: float = 0.0, generators: Sequence[torch.Generator] | None = None,
-                    h_edit: Tensor | None = None, h_policy: HPolicy = "lagged") -> Iterator[Step]:
+                    h_edit: Tensor | None = None, h_policy: HPolicy = "lagged",
+                    keep: Keep | None = None) -> Iterator[Step]:
     """Walk ``pairs`` with DDIM, yielding a ``Step`` after each move.
 
     The network is evaluated at the first timestep of each pair. With ``h_edit`` (B, C_mid, H_mid,
     W_mid) the first call's decoder uses it; later calls use, by ``h_policy`` (docs/algorithm.md section 5):
     "lagged" -- the previous call's own (un-overridden) bottleneck, as the reference code does;
     "once" -- nothing (the network's own h), as the paper describes.
-    ``generators``: one per batch item, needed when eta > 0.
+    ``generators``: one per batch item, needed when eta > 0. ``keep``: after each move to t', the
+    kept pixels are set back on the reference run, x <- blend(x, keep.states[t'], keep.weights)
+    (a region edit: the outside follows the unedited trajectory).
     """
     if h_policy not in H_POLICIES:
         raise ValueError(f"unknown h_policy '{h_policy}' (choices: {', '.join(H_POLICIES)})")
@@ -160,6 +180,8 @@ def ddim_trajectory(net: Net, x: Tensor, alphas_cumprod: Tensor, pairs: Sequence
         noise = _noise_like(x, generators) if eta > 0 else None
         x = ddim_step(x, eps, alpha_bar(alphas_cumprod, t), alpha_bar(alphas_cumprod, t_next), eta, noise)
         _check_finite(x, f"the DDIM step from timestep {t} to {t_next}")
+        if keep is not None:
+            x = blend(x, keep.states[t_next], keep.weights)
         override = h if (h_edit is not None and h_policy == "lagged") else None
         yield Step(t_next, x, h)
 
@@ -192,13 +214,13 @@ def invert(net: Net, x0: Tensor, alphas_cumprod: Tensor, grid: Sequence[int]) ->
 
 def generate(net: Net, z: Tensor, alphas_cumprod: Tensor, grid: Sequence[int], h_edit: Tensor | None = None,
              h_policy: HPolicy = "lagged", eta: float = 0.0,
-             generators: Sequence[torch.Generator] | None = None) -> Tensor:
+             generators: Sequence[torch.Generator] | None = None, keep: Keep | None = None) -> Tensor:
     """Denoise z = x_{t_0} (B, C, H, W) to images in [-1, 1] (not clipped) over S downward moves.
 
-    The first call is at t_0; ``h_edit`` and ``h_policy`` as in ``ddim_trajectory``.
+    The first call is at t_0; ``h_edit``, ``h_policy`` and ``keep`` as in ``ddim_trajectory``.
     """
     pairs = generation_pairs(grid)
-    return _last(ddim_trajectory(net, z, alphas_cumprod, pairs, eta, generators, h_edit, h_policy)).x
+    return _last(ddim_trajectory(net, z, alphas_cumprod, pairs, eta, generators, h_edit, h_policy, keep)).x
 
 
 def sample_latents(net: Net, x_T: Tensor, alphas_cumprod: Tensor, pairs: Sequence[tuple[int, int]]) -> Inversion:

@@ -35,8 +35,7 @@ from torch import Tensor
 # _row_dots and sum_in_order are the joint move's batch-invariant sums: shared, not copied, so the
 # confined move rounds exactly as the unconfined one does.
 from utils.core.boundary import JOINT_TOLERANCE, _row_dots, resolvable_residual, sum_in_order
-from utils.core.diffusion import (HPolicy, Net, _check_finite, _noise_like, alpha_bar, ddim_step, ddim_trajectory,
-                                  generation_pairs)
+from utils.core.diffusion import HPolicy, Net, alpha_bar, ddim_trajectory, generation_pairs
 
 
 class RegionError(ValueError):
@@ -316,18 +315,6 @@ def area_downsample(mask, side: int) -> Tensor:
 
 # ------------------------------------------------------------------------ blended denoising
 
-def blend(x_edit: Tensor, x_reference: Tensor, keep: Tensor) -> Tensor:
-    """keep (.) x_reference + (1 - keep) (.) x_edit, in x_edit's dtype.
-
-    x_edit, x_reference: (B, C, H, W); keep: (1, 1, H, W) or (B, 1, H, W) in [0, 1] (1: kept, e.g.
-    1 - ``feather``). Where keep = 1 the result is x_reference bit for bit (1 * r + 0 * e = r for
-    finite e; only a -0.0 in r may come back as +0.0, equal as a number), where keep = 0 it is
-    x_edit likewise.
-    """
-    keep = keep.to(device=x_edit.device, dtype=x_edit.dtype)
-    return keep * x_reference.to(x_edit.dtype) + (1 - keep) * x_edit
-
-
 def reference_trajectory(net: Net, z: Tensor, alphas_cumprod: Tensor, grid: Sequence[int],
                          h_edit: Tensor | None = None, h_policy: HPolicy = "lagged") -> dict[int, Tensor]:
     """The unedited run, {t: x_t (B, C, H, W)} for every timestep of ``generation_pairs(grid)``:
@@ -341,42 +328,6 @@ def reference_trajectory(net: Net, z: Tensor, alphas_cumprod: Tensor, grid: Sequ
     for step in ddim_trajectory(net, z, alphas_cumprod, generation_pairs(grid), h_edit=h_edit, h_policy=h_policy):
         states[step.t] = step.x
     return states
-
-
-def generate_kept(net: Net, z_edit: Tensor, alphas_cumprod: Tensor, grid: Sequence[int],
-                  reference_states: Mapping[int, Tensor], keep: Tensor, h_edit: Tensor | None = None,
-                  h_policy: HPolicy = "lagged", eta: float = 0.0,
-                  generators: Sequence[torch.Generator] | None = None) -> Tensor:
-    """``generate`` whose kept pixels follow the reference run: x <- blend(x, states[t'], keep)
-    after every move to t', so the result is (B, C, H, W) with keep = 1 pixels equal to the
-    reference's image bit for bit, and keep = 0 pixels denoised from z_edit (the network seeing the
-    reference's outside at every call after the first).
-
-    z_edit is taken as it is: a ``confined_joint_move`` leaves z's values outside its region as
-    they were, so the first call already sees the reference there (blending z_edit first would
-    move the projections the move has just set, wherever the weights and keep overlap).
-    reference_states: ``reference_trajectory`` of the unedited z, batch matching z_edit; keep:
-    (1, 1, H, W) or (B, 1, H, W) in [0, 1]; the rest as ``generate``. With keep = 0 everywhere it
-    is ``generate`` bit for bit.
-
-    TEMPORARY: this is ``ddim_trajectory``'s loop with the blend added (the line marked below),
-    until the loop takes a ``keep`` argument itself; then this function is
-    ``generate(..., keep=Keep(keep, reference_states))``.
-    """
-    if eta > 0 and generators is None:
-        raise ValueError("eta > 0 needs one generator per batch item")
-    x = z_edit
-    override = h_edit
-    for t, t_next in generation_pairs(grid):
-        out, h = net(x, t, h_override=override)
-        _check_finite(out, f"the network's output at timestep {t}")
-        eps = out[:, : x.shape[1]]
-        noise = _noise_like(x, generators) if eta > 0 else None
-        x = ddim_step(x, eps, alpha_bar(alphas_cumprod, t), alpha_bar(alphas_cumprod, t_next), eta, noise)
-        _check_finite(x, f"the DDIM step from timestep {t} to {t_next}")
-        x = blend(x, reference_states[t_next], keep)  # added: the kept pixels back on the reference
-        override = h if (h_edit is not None and h_policy == "lagged") else None
-    return x
 
 
 # ------------------------------------------------------------ LOCO-Edit: the outside's Jacobian
