@@ -19,7 +19,8 @@ import numpy as np
 from utils.core.atlas import HOLD_THRESHOLD, cosine_matrix, holds
 from utils.errors import UserError
 from utils.core.spaces import SPACES
-from utils.io.boundary_files import BoundaryRecord, current_file, load_boundary, scan_boundaries, select
+from utils.io.boundary_files import (MAX_ATTRIBUTE_NAME, BoundaryRecord, current_file, load_boundary, scan_boundaries,
+                                     select)
 from utils.io.files import read_json, write_json
 
 ATLAS_FORMAT = 1
@@ -74,8 +75,47 @@ def write_atlas(folder: str | Path, atlas: dict) -> tuple[Path, Path]:
     return folder / ATLAS_FILE, folder / ATLAS_PICTURE
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _atlas_problem(atlas) -> str | None:
+    """Why ``atlas`` (parsed JSON) is not an atlas this code reads, or None: every field's type and
+    size checked before any use (a forged file may hold anything JSON can)."""
+    if not isinstance(atlas, dict):
+        return "not a JSON object"
+    version = atlas.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= 1000:
+        return "'format_version' is not a small whole number"
+    if version > ATLAS_FORMAT:
+        return f"format version {version} is newer than this code reads ({ATLAS_FORMAT}); update BoundaryDiffusion"
+    names = atlas.get("attributes")
+    if not (isinstance(names, list) and 0 < len(names) <= MAX_ATLAS_ATTRIBUTES
+            and all(isinstance(n, str) and len(n) <= MAX_ATTRIBUTE_NAME for n in names)):
+        return f"'attributes' is not a list of at most {MAX_ATLAS_ATTRIBUTES} names"
+    per = atlas.get("per_attribute")
+    if not isinstance(per, dict) or not all(isinstance(per.get(n), dict) and isinstance(per[n].get("holds"), list)
+                                            and all(isinstance(h, str) for h in per[n]["holds"]) for n in names):
+        return "'per_attribute' does not give each attribute its 'holds' (a list of names)"
+    threshold = atlas.get("hold_threshold", HOLD_THRESHOLD)
+    if not _is_number(threshold):
+        return "'hold_threshold' is not a number"
+    cosines = atlas.get("cosines")
+    if not isinstance(cosines, dict) or not all(
+            isinstance(m, list) and len(m) == len(names) and all(
+                isinstance(row, list) and len(row) == len(names) and all(v is None or _is_number(v) for v in row)
+                for row in m) for m in cosines.values()):
+        return "'cosines' are not square matrices of numbers, one row per attribute"
+    return None
+
+
+#: The most attributes an atlas file may name (an attribute file's own bound).
+MAX_ATLAS_ATTRIBUTES = 1000
+
+
 def load_atlas(path: str | Path) -> dict:
-    """An atlas from ``atlas.json`` or a folder holding one; UserError if it is missing or malformed."""
+    """An atlas from ``atlas.json`` or a folder holding one; UserError if it is missing, larger than
+    ``MAX_ATLAS_BYTES``, or malformed in any field (``_atlas_problem``)."""
     path = Path(path)
     if path.is_dir():
         path = path / ATLAS_FILE
@@ -83,14 +123,9 @@ def load_atlas(path: str | Path) -> dict:
         raise UserError(f"no atlas at {path}; write one with --boundary_search --edit_attr all or "
                         "python -m scripts.boundary_tools atlas DIR")
     atlas = read_json(path, "atlas file", MAX_ATLAS_BYTES)
-    names = atlas.get("attributes") if isinstance(atlas, dict) else None
-    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) \
-            or not isinstance(atlas.get("per_attribute"), dict) \
-            or not all(isinstance(atlas["per_attribute"].get(n, {}).get("holds"), list) for n in names):
-        raise UserError(f"atlas file {path} is not an atlas (no 'attributes' list with their 'holds')")
-    if int(atlas.get("format_version", 0) or 0) > ATLAS_FORMAT:
-        raise UserError(f"atlas file {path} has format version {atlas['format_version']}, newer than this code "
-                        f"reads ({ATLAS_FORMAT}); update BoundaryDiffusion")
+    problem = _atlas_problem(atlas)
+    if problem:
+        raise UserError(f"atlas file {path} cannot be read: {problem}")
     return atlas
 
 
