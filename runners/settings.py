@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from runners.engine import (MOVED, BoundaryIndex, Config, Denoising, EditJob, EditRequest, Inverting, Move, RadiusJob,
+from runners.engine import (MAX_EDITS, MOVED, BoundaryIndex, Config, Denoising, EditJob, EditRequest, Inverting, Move, RadiusJob,
                             SampleJob, SearchJob, UserError, check_request, check_steps, fitted_t_0, latent_shapes)
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,9 @@ def _edit_job(args, config, mode: str, batches: dict) -> EditJob | SampleJob:
     request, t_0 = edit_request(args, config, batches["edit_batch_size"])
     inverting = _inverting(args, config, t_0, batches["bs_train"], mode)
     check_steps(request.denoising.n_test_step, t_0)
+    if args.save_tensors and args.n_iter * request.n_edits > MAX_EDITS:
+        raise UserError(f"--save_tensors keeps every edit in memory until tensors.pt is written: --n_iter "
+                        f"{args.n_iter} x {request.n_edits} edits is more than {MAX_EDITS}; lower --n_iter")
     if mode == "unconditional":
         return SampleJob(inverting, request, args.boundary_dir, args.n_samples, args.seed, args.n_iter, args.gif,
                          args.save_tensors)
