@@ -195,6 +195,15 @@ def _edit_flags(parser: argparse.ArgumentParser) -> None:
                            "(instead of --edit_attr with --start_distance/--end_distance)")
     edit.add_argument("--grid", action="store_true",
                       help="with two --edit attributes: sweep them over K x K points into a 2-D grid")
+    edit.add_argument("--region", default=None, metavar="MASK|x0,y0,x1,y1|PART",
+                      help="edit only this part of each image: a mask image (white = editable, any size), a box "
+                           "in fractions of the image, or a part's name (mouth, eyes, hair, face, background: "
+                           "from the image's parts file); the rest follows the unedited run (docs/modes.md)")
+    edit.add_argument("--region_h", default="cells", choices=("cells", "none"),
+                      help="with --region: confine h to the share of each bottleneck cell the region covers, or "
+                           "leave h as it is")
+    edit.add_argument("--feather", type=_non_negative_float, default=2.0,
+                      help="with --region: pixels over which the outside goes from edited to kept")
     edit.add_argument("--edit_unit", default="absolute", choices=("absolute", "relative"),
                       help="the unit of distances: absolute (signed distance v.n, as the original) or relative "
                            "(-1 and +1 at the boundary's class medians, in each space)")

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from runners.app_state import (KEEP_SECONDS, MAX_IMAGES_PER_SESSION, MAX_JOBS, MAX_SESSIONS, MAX_SWEEP,
                                AttributeTable, Cancelled, EditService, Result, SessionStore, flag, real_number,
                                short_text)
-from runners.engine import (HOLD_THRESHOLD, UNITS, BoundaryRecord, Config, Engine, EngineOptions, LoadedModel,
+from runners.engine import (HOLD_THRESHOLD, MOVED, SPACES, UNITS, BoundaryRecord, Config, Engine, EngineOptions, LoadedModel,
                             UserError, auto_span, check_steps, default_batch_size, latent_cache_root, load_model,
                             server_folder)
 
@@ -354,7 +354,7 @@ class WebApp:
 
     # ---------------------------------------------------------------- positions
     def slider_bounds(self, entry) -> tuple[float, float]:
-        scale = entry.scale("z" if "z" in entry.records else "h")
+        scale = entry.scale(entry.primary_space)
         return relative_range(scale, self.ranges[entry.key])
 
     def positions_shown(self, positions: dict, space) -> dict[str, float]:
@@ -364,7 +364,7 @@ class WebApp:
         shown = {}
         for entry in self.sliders:
             spaces = positions[entry.key]
-            s = "h" if space == "h" and "h" in spaces else ("z" if "z" in spaces else "h")
+            s = space if space in spaces else next(x for x in SPACES if x in spaces)
             centre, half = entry.scale(s)
             shown[entry.key] = round((spaces[s] - centre) / half, 2)
         return shown
@@ -479,7 +479,7 @@ class WebApp:
         config = self.config
         t_max = max(a.t_0 for a in self.table.entries.values()) + 1  # each attribute's own limit is the engine's
         with gr.Accordion("Settings", open=False):
-            space = gr.Radio(["both", "z", "h"], value="both", label="Space (latents moved)")
+            space = gr.Radio(list(MOVED), value="both", label="Space (latents moved)")
             steps = gr.Slider(2, t_max, value=self.service.steps, step=1, label="Denoising steps",
                               info=f"fewer for a quick preview; {self.service.steps} for the result")
             with gr.Row():

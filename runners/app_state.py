@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from runners.engine import (BoundaryIndex, BoundaryRecord, Denoising, EditDescription, EditLimits, EditRequest, Engine,
+from runners.engine import (SPACES, BoundaryIndex, BoundaryRecord, Denoising, EditDescription, EditLimits, EditRequest, Engine,
                             Move, UserError, check_request, relative_scale)
 
 log = logging.getLogger(__name__)
@@ -178,9 +178,12 @@ class Attribute:
 
     @property
     def primary(self) -> BoundaryRecord:
-        """The record of its primary space (z, or h when only h was fitted): its slider's range."""
-        records = self.records
-        return records.get("z", records.get("h"))
+        """The record of its primary space (the first of ``SPACES`` it was fitted in): its slider's range."""
+        return self.records[self.primary_space]
+
+    @property
+    def primary_space(self) -> str:
+        return next(s for s in SPACES if s in self.records)
 
     def scale(self, space: str) -> tuple[float, float] | None:
         """(centre, half) of the relative unit in ``space`` (``relative_scale``), or None."""
@@ -194,7 +197,7 @@ class Attribute:
 
     @property
     def label(self) -> str:
-        acc = ", ".join(f"{s} {r.test_acc:.3f}" for s, r in sorted(self.records.items(), key=lambda x: x[0] != "z"))
+        acc = ", ".join(f"{s} {self.records[s].test_acc:.3f}" for s in SPACES if s in self.records)
         return f"{self.name} (t_0 {self.t_0}; test accuracy {acc})"
 
 

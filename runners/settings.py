@@ -9,8 +9,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from runners.engine import (MAX_EDITS, MOVED, BoundaryIndex, Config, Denoising, EditJob, EditRequest, Inverting, Move, RadiusJob,
-                            SampleJob, SearchJob, UserError, check_request, check_steps, fitted_t_0, latent_shapes)
+from runners.engine import (MAX_EDITS, MOVED, BoundaryIndex, Config, Denoising, EditJob, EditRequest, Inverting, Move,
+                            RadiusJob, Region, SampleJob, SearchJob, UserError, check_request, check_steps, fitted_t_0, latent_shapes)
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,11 @@ def edit_request(args: argparse.Namespace, config: Config, batch_size: int) -> t
     k = args.edit_img_number if args.edit_img_number is not None else config.edit.edit_img_number
     steps = args.n_test_step if args.n_test_step is not None else config.edit.n_test_step
     denoising = Denoising(steps, args.eta, args.h_policy, args.seed, batch_size)
+    region = None if args.region is None else Region(args.region, args.region_h, args.feather)
+    if region is None and (args.region_h != "cells" or args.feather != 2.0):
+        raise UserError("--region_h and --feather go with --region")
     request = EditRequest(moves, denoising, k, held, held_paths, args.edit_space, args.edit_unit, args.grid,
-                          args.force)
+                          args.force, region)
     return check_request(request), t_0
 
 

@@ -1,4 +1,4 @@
-"""Check that a change left the tool's outputs bit-identical: run four commands in an older commit
+"""Check that a change left the tool's outputs bit-identical: run six commands in an older commit
 and in this working tree, on this machine, and compare what they wrote.
 
     python -m scripts.compare_outputs --against 8b843aa
@@ -8,7 +8,9 @@ The commands (all on the embedded digits model, offline, about a minute each sid
 1. the README's first command (one image edited along ``thick``);
 2. a folder edit with ``--save_tensors`` (the bundled example and three test digits);
 3. a digits boundary search (its boundary normals, coefficients and intercepts);
-4. ``--unconditional`` with a fixed seed.
+4. ``--unconditional`` with a fixed seed;
+5. a two-attribute ``--edit ... --grid`` edit (thick and slant, auto ranges, 3 x 3);
+6. an edit with an attribute held (``--condition_attr slant``).
 
 Compared: every PNG and GIF byte for byte, every tensor of the older ``tensors.pt`` with ``torch.equal``
 (entries the newer one adds are listed, not counted as differences), the
@@ -38,7 +40,13 @@ COMMANDS = {
                "--n_train_img", "48", "--n_test_img", "16", "--data_dir", "{data}/images/train",
                "--attr_file", "{data}/list_attr_digits.txt", "--boundary_dir", "{exp}/boundary"],
     "unconditional": ["--unconditional", "--edit_attr", "thick", "--seed", "7"],
+    "grid": ["--edit_image_boundary", "--edit", "thick=auto", "--edit", "slant=auto", "--edit_img_number", "3", "--grid",
+             "--img_path", "imgs/digit_example.png", "--save_tensors"],
+    "held": ["--edit_image_boundary", "--edit_attr", "thick", "--condition_attr", "slant", "--img_path",
+             "imgs/digit_example.png", "--save_tensors"],
 }
+#: Every command names the digits model: the default config changed to the faces model after 70c0d5c.
+CONFIG = ["--config", "digits.yml"]
 SUMMARY_FIELDS = ("distances", "seeds", "source_distances")
 
 
@@ -61,7 +69,7 @@ def run_all(tree: Path, out: Path, inputs: dict[str, Path]) -> Path:
         exp = out / name
         fields = {**{k: str(v) for k, v in inputs.items()}, "exp": str(exp)}
         argv = [a.format(**fields) for a in command]
-        done = subprocess.run([sys.executable, "main.py", *argv, "--exp", str(exp), "--cache_dir", str(out / "cache"),
+        done = subprocess.run([sys.executable, "main.py", *argv, *CONFIG, "--exp", str(exp), "--cache_dir", str(out / "cache"),
                                "--verbose", "warning"], cwd=tree, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{name} failed in {tree}: {done.stderr.strip().splitlines()[-1:]}")

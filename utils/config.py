@@ -40,6 +40,7 @@ class DataConfig:
     data_dir: str = ""   # default --data_dir (relative to the working directory)
     attr_file: str = ""  # default --attr_file
     align_face: bool = False  # default --align_face of --edit_image_boundary (FFHQ alignment, faces only)
+    parts_dir: str = ""  # where the data set's part masks are (masks_*.npz): --region mouth finds them there
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from runners.engine.editor import Editor
 from runners.engine.engine import Engine, EngineOptions, OneEdit, RunResult, check_job, latent_cache_root
 from runners.engine.outputs import edit_file_names
 from runners.engine.sessions import server_folder
-from runners.engine.requests import (MAX_ATTRIBUTES, MAX_DISTANCE, MAX_EDITS, MAX_POINTS, UNITS, Denoising,
-                                     EditJob, EditLimits, EditRequest, Inverting, Move, RadiusJob, SampleJob,
+from runners.engine.requests import (MAX_ATTRIBUTES, MAX_DISTANCE, MAX_EDITS, MAX_POINTS, REGION_H, UNITS, Denoising,
+                                     EditJob, EditLimits, EditRequest, Inverting, Move, RadiusJob, Region, SampleJob,
                                      SearchJob, check_request, check_steps, spaced)
 from utils.config import Config, latent_shapes, load_config, parse_config
 from utils.core.atlas import HOLD_THRESHOLD
@@ -49,7 +49,8 @@ __all__ = [
     # data sets
     "attribute_table",
     # requests
-    "Denoising", "EditJob", "EditLimits", "EditRequest", "Inverting", "Move", "RadiusJob", "SampleJob", "SearchJob",
+    "Denoising", "EditJob", "EditLimits", "EditRequest", "Inverting", "Move", "RadiusJob", "Region", "REGION_H",
+    "SampleJob", "SearchJob",
     "check_request", "check_steps", "spaced",
     # boundaries, units and limits
     "AUTO_SCALE", "BoundaryIndex", "H_POLICIES", "HOLD_THRESHOLD", "MAX_ATTRIBUTES", "MAX_DISTANCE", "MAX_EDITS",

@@ -27,7 +27,7 @@ from torch import Tensor
 from models.identity import ModelIdentity
 from runners.engine.boundaries import BoundaryIndex, auto_span, check_boundary, relative_scale, suggested_holds
 from utils.core.atlas import HOLD_THRESHOLD
-from runners.engine.requests import Denoising, EditRequest, check_request, spaced
+from runners.engine.requests import Denoising, EditRequest, Region, check_request, spaced
 from utils.core.boundary import check_joint, latent_distance, unit_rows
 from utils.core.diffusion import Inversion
 from utils.core.editing import LatentMove
@@ -77,6 +77,7 @@ class EditDescription:
     spaces: Mapping[str, SpaceEdit]
     denoising: Denoising
     grid: tuple[int, int] | None = None
+    region: Region | None = None  # the part of each image the edit may change (runners/engine/regions.py)
 
     @property
     def attributes(self) -> tuple[str, ...]:
@@ -124,6 +125,7 @@ class EditDescription:
     def describe(self) -> dict:
         """The edit for summaries: attributes, held, each space's files, targets and cosines."""
         return {"attributes": list(self.attributes), "held": list(self.held), "grid": self.grid,
+                "region": None if self.region is None else dataclasses.asdict(self.region),
                 "t_0": self.t_0, **{f: getattr(self.denoising, f) for f in ("n_test_step", "eta", "h_policy", "seed")},
                 "spaces": {s: {"unit": e.unit, "boundaries": {a: {"path": str(p), **r.describe()}
                                                               for a, p, r in zip(e.attributes, e.paths, e.records)},
@@ -152,6 +154,10 @@ def _spaces(request: EditRequest, paths: Sequence[Mapping[str, Path]]) -> tuple[
     """The spaces the request moves: ``MOVED[space]``; with ``both``, the one space every moved
     attribute was fitted in when none has the other (a boundary search of one space)."""
     wanted = MOVED[request.space]
+    if request.region is not None and request.region.h == "none":  # the bottleneck is left as it is
+        wanted = tuple(s for s in wanted if s != "h")
+        if not wanted:
+            raise UserError("--region_h none leaves h as it is: move z too (--edit_space both or z)")
     if request.space == "both":
         fitted = [s for s in SPACES if all(s in p for p in paths)]
         if fitted and all(set(p) <= set(fitted) for p in paths):
@@ -306,4 +312,4 @@ def describe_edit(request: EditRequest, index: BoundaryIndex | None, identity: M
     names = next(iter(edits.values())).attributes  # one name per moved attribute in every space (--force)
     edits = {space: dataclasses.replace(e, attributes=names) for space, e in edits.items()}
     grid = (request.k, request.k) if request.grid else None
-    return EditDescription(t_0, edits, request.denoising, grid)
+    return EditDescription(t_0, edits, request.denoising, grid, request.region)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -19,8 +19,10 @@ from runners.engine.describe import EditDescription
 from runners.engine.editor import Editor, ImageReader, folder_batches
 from runners.engine.outputs import (SequenceWriter, edit_label, folder_names, write_contact_sheet, write_radius_table,
                                     write_summary)
+from runners.engine.regions import part_folders, region_edits, region_masks
 from runners.engine.requests import EditJob, RadiusJob, SampleJob
 from utils.core.diffusion import Inversion, sampling_pairs
+from utils.core.editing import RegionEdits
 from utils.core.seeds import EDIT, RADIUS_NOISE, SAMPLE_EDIT, image_key, item_seed
 from utils.distributed import ProcessContext, broadcast_from_main, gather_to_main, shard, unshard
 from utils.errors import UserError
@@ -33,12 +35,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sequences:
-    """What ``edit_sequences`` writes for B latent pairs: how many times, with what extras."""
+    """What ``edit_sequences`` writes for B latent pairs: how many times, with what extras; with a
+    region, each image's ``RegionEdits`` and the masks its grid outlines."""
     n_iter: int = 1
     gif: bool = False
     save_tensors: bool = False
     seed_domain: int = EDIT
     summary: dict = field(default_factory=dict)  # fields every image's summary.json starts with
+    region: RegionEdits | None = None
+    outlines: Sequence | None = None
 
 
 def edit_sequences(editor: Editor, description: EditDescription, folders: Sequence[Path], latents: Inversion,
@@ -47,11 +52,12 @@ def edit_sequences(editor: Editor, description: EditDescription, folders: Sequen
     """Make every edit of B latent pairs (``how.n_iter`` times), write each image's files and
     summary into its folder; returns the summaries and each image's contact-sheet row. seed_keys and
     ``how.seed_domain``: the seed rule's (``utils.core.seeds``)."""
-    writer = SequenceWriter(folders, first_images, description, how.n_iter, how.gif, how.save_tensors)
+    writer = SequenceWriter(folders, first_images, description, how.n_iter, how.gif, how.save_tensors,
+                            outlines=how.outlines)
     seeds, timings = [], []
     for iteration in range(how.n_iter):
         start = time.perf_counter()
-        for batch in editor.edits(latents, description, seed_keys, iteration, how.seed_domain):
+        for batch in editor.edits(latents, description, seed_keys, iteration, how.seed_domain, how.region):
             writer.add(batch, iteration)
         timings.append(time.perf_counter() - start)
         seeds.append(description.seeds(seed_keys, iteration, how.seed_domain))
@@ -81,23 +87,39 @@ class FolderRun:
     group_seconds: list = field(default_factory=list)
 
 
+def reconstruction_and_region(editor: Editor, description: EditDescription, latents: Inversion, masks, names,
+                              batch_size: int | None) -> tuple[Tensor, RegionEdits | None]:
+    """The reconstructions (B, C, H, W) and, for a region edit, its ``RegionEdits``: then the
+    reconstructions are the last states of the runs the outside follows (the same bits)."""
+    if description.region is None:
+        return editor.reconstruct(latents, description, batch_size), None
+    regions = region_edits(editor, description, latents, description.region, masks, names, batch_size)
+    return torch.stack([states[-1] for states in regions.states]), regions
+
+
 def _edit_group(editor: Editor, description: EditDescription, job: EditJob, run_dir: Path, names: dict,
                 collection: bool, pending: dict, state: FolderRun, summary: dict, reconstruction_batch: int) -> None:
-    """Invert, reconstruct and edit one group of images (``folder_batches``) and write them."""
+    """Invert, reconstruct and edit one group of images (``folder_batches``) and write them. pending:
+    {path: (image, its region mask or None)}."""
     start = time.perf_counter()
+    images = [image for image, _ in pending.values()]
+    masks = [mask for _, mask in pending.values()]
     # A lone image is inverted as a pair when --bs_train > 1 (utils.core.batching.pair_lone),
     # so its latents equal, bit for bit, those it gets in a folder run.
-    latents, _ = editor.invert(torch.stack(list(pending.values())), job.inverting.batch_size)
+    latents, _ = editor.invert(torch.stack(images), job.inverting.batch_size)
     state.invert_seconds += time.perf_counter() - start
-    recon = editor.reconstruct(latents, description, reconstruction_batch)
+    recon, regions = reconstruction_and_region(editor, description, latents, masks, [p.name for p in pending],
+                                               reconstruction_batch)
     extras = [{"image": str(p), "folder": names[p] if collection else ".",
-               "reconstruction_mse": float(((recon[b].clamp(-1, 1) - image) ** 2).mean())}
-              for b, (p, image) in enumerate(pending.items())]
+               "reconstruction_mse": float(((recon[b].clamp(-1, 1) - image) ** 2).mean()),
+               **({} if masks[b] is None else {"region": masks[b].record()})}
+              for b, (p, image) in enumerate(zip(pending, images))]
     summaries, rows = edit_sequences(
         editor, description, [run_dir / names[p] if collection else run_dir for p in pending], latents,
-        [{"original": image, "reconstruction": recon[b]} for b, image in enumerate(pending.values())],
-        [(image_key(image),) for image in pending.values()], extras,
-        Sequences(job.n_iter, job.gif, job.save_tensors, EDIT, summary))
+        [{"original": image, "reconstruction": recon[b]} for b, image in enumerate(images)],
+        [(image_key(image),) for image in images], extras,
+        Sequences(job.n_iter, job.gif, job.save_tensors, EDIT, summary, regions,
+                  None if regions is None else [m.mask for m in masks]))
     state.done.update(zip(pending, zip(summaries, rows)))
     state.group_seconds.append(summaries[0]["edit_seconds"])  # per iteration, shared by the group
 
@@ -112,7 +134,9 @@ def _edit_shard(editor: Editor, description: EditDescription, job: EditJob, run_
     state, pending = FolderRun(), {}
     for i, path in enumerate(mine):
         try:
-            pending[path] = reader.read(path)
+            mask = None if description.region is None else region_masks(
+                description.region, [path], editor.config.data.image_size, part_folders(editor.config))[0]
+            pending[path] = (reader.read(path), mask)
         except UserError as exc:
             if not collection:
                 raise
@@ -176,11 +200,17 @@ def edit_samples(editor: Editor, description: EditDescription, job: SampleJob, r
     summaries = []
     steps = len(sampling_pairs(editor.config.diffusion.num_diffusion_timesteps, editor.t_0, editor.n_inv_step))
     how = Sequences(job.n_iter, job.gif, job.save_tensors, SAMPLE_EDIT, {"mode": "unconditional", **summary})
+    masks = None if description.region is None else region_masks(description.region, [None],
+                                                                   editor.config.data.image_size, [])
     for i in range(job.n_samples):
         latents = editor.sample_latents(job.seed, i)
         folder = run_dir if job.n_samples == 1 else run_dir / f"sample_{i:02d}"
-        summaries += edit_sequences(editor, description, [folder], latents, [{}], [(i,)],
-                                    [{"sample_index": i, "sampling_steps": steps}], how)[0]
+        extras = {"sample_index": i, "sampling_steps": steps}
+        if masks is not None:
+            _, regions = reconstruction_and_region(editor, description, latents, masks, [f"sample {i}"], None)
+            how = replace(how, region=regions, outlines=[masks[0].mask])
+            extras["region"] = masks[0].record()
+        summaries += edit_sequences(editor, description, [folder], latents, [{}], [(i,)], [extras], how)[0]
     if job.n_samples > 1:
         write_summary(run_dir, {"mode": "unconditional", "samples": summaries})
     return summaries[0]

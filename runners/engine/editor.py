@@ -36,8 +36,9 @@ from runners.engine.requests import Denoising
 from utils.config import Config
 from utils.core.batching import batch_regime, batch_slices, pair_lone
 from utils.core.diffusion import HPolicy, Inversion, generate, invert, sample_latents, sampling_pairs, timestep_grid
-from utils.core.editing import EditBatch, iter_edits, reconstruct
+from utils.core.editing import EditBatch, RegionEdits, iter_edits, reconstruct
 from utils.core.mixing import radius_curves
+from utils.core.region import reference_trajectory
 from utils.core.seeds import EDIT, SAMPLE, item_seed
 from utils.core.spaces import SPACES
 from utils.errors import UserError
@@ -349,19 +350,38 @@ class Editor:
         """``reconstruct`` for given denoising settings: with ``inject_h`` False, the plain
         inversion + regeneration (eta 0, no h injection) that measures fidelity."""
         grid = timestep_grid(self.t_0, denoising.n_test_step)
-        n = len(latents.z)
-        batch_size = batch_size or max(1, min(denoising.batch_size, n))
-        parts = []
-        with self.net.progress(-(-n // batch_size) * len(grid), "reconstructing"):
-            for chunk in batch_slices(n, batch_size):
-                part = Inversion(pair_lone(latents.z[chunk], batch_size).to(self.device),
-                                 pair_lone(latents.h[chunk], batch_size).to(self.device))
-                parts.append(reconstruct(self.net, part, self.alphas_cumprod, grid, inject_h=inject_h,
-                                         h_policy=denoising.h_policy)[:chunk.stop - chunk.start].cpu())
+        parts = [reconstruct(self.net, part, self.alphas_cumprod, grid, inject_h=inject_h,
+                             h_policy=denoising.h_policy)[:n].cpu()
+                 for n, part in self._chunks(latents, denoising, batch_size, len(grid))]
         return torch.cat(parts) if parts else torch.empty((0, *self.shapes["z"]))
 
+    def trajectories(self, latents: Inversion, description: EditDescription, batch_size: int | None = None
+                     ) -> list[dict[int, Tensor]]:
+        """Each image's unedited run, {t: x_t (C, H, W)} on the CPU for t_0 and every timestep below it,
+        in the batches of ``reconstruct`` (same ``batch_size``), so that its last state (t = -1) is the
+        reconstruction bit for bit: the run a region edit's outside follows (``utils.core.region``)."""
+        denoising = description.denoising
+        grid = timestep_grid(self.t_0, denoising.n_test_step)
+        runs = []
+        for n, part in self._chunks(latents, denoising, batch_size, len(grid)):
+            states = reference_trajectory(self.net, part.z, self.alphas_cumprod, grid,
+                                          h_edit=part.h if "h" in description.spaces else None,
+                                          h_policy=denoising.h_policy)
+            runs += [{t: x[b].cpu() for t, x in states.items()} for b in range(n)]
+        return runs
+
+    def _chunks(self, latents: Inversion, denoising: Denoising, batch_size: int | None, calls: int):
+        """(n, latents on the device) per batch of the reconstructions: ``batch_size`` (default: the
+        edits' batch size, or B when smaller), a lone remainder of a larger batch as a pair."""
+        n = len(latents.z)
+        batch_size = batch_size or max(1, min(denoising.batch_size, n))
+        with self.net.progress(-(-n // batch_size) * calls, "reconstructing"):
+            for chunk in batch_slices(n, batch_size):
+                yield chunk.stop - chunk.start, Inversion(pair_lone(latents.z[chunk], batch_size).to(self.device),
+                                                          pair_lone(latents.h[chunk], batch_size).to(self.device))
+
     def edits(self, latents: Inversion, description: EditDescription, seed_keys: Sequence[tuple[int, ...]],
-              iteration: int = 0, seed_domain: int = EDIT) -> Iterator[EditBatch]:
+              iteration: int = 0, seed_domain: int = EDIT, region: RegionEdits | None = None) -> Iterator[EditBatch]:
         """Make the description's K edits of B latent pairs, yielding each denoised batch as soon as
         it is done (``utils.core.editing.iter_edits``): images on the CPU, (n, C, H, W) in [-1, 1]
         (not clipped), and the edited latents. seed_keys: B tuples, seed_domain: EDIT for real
@@ -377,12 +397,13 @@ class Editor:
         with self.net.progress(calls, "editing" if iteration == 0 else f"editing, iteration {iteration + 1}"):
             for batch in iter_edits(self.net, on_device, self.alphas_cumprod, grid, moves["z"], moves["h"],
                                     description.seeds(seed_keys, iteration, seed_domain), eta=denoising.eta,
-                                    h_policy=denoising.h_policy, batch_size=denoising.batch_size):
+                                    h_policy=denoising.h_policy, batch_size=denoising.batch_size, region=region):
                 yield EditBatch(batch.items, batch.images.cpu(), batch.z.cpu(),
                                 None if batch.h is None else batch.h.cpu())
 
     def edit_all(self, latents: Inversion, description: EditDescription, seed_keys: Sequence[tuple[int, ...]],
-                 iteration: int = 0, seed_domain: int = EDIT) -> Tensor:
+                 iteration: int = 0, seed_domain: int = EDIT, region: RegionEdits | None = None) -> Tensor:
         """Every edit at once: (B, K, C, H, W) in [-1, 1] (not clipped), on the CPU."""
-        images = torch.cat([b.images for b in self.edits(latents, description, seed_keys, iteration, seed_domain)])
+        images = torch.cat([b.images for b in self.edits(latents, description, seed_keys, iteration, seed_domain,
+                                                         region)])
         return images.reshape(len(latents.z), len(description), *images.shape[1:])

@@ -24,6 +24,7 @@ from runners.engine.describe import EditDescription, describe_edit
 from models.checkpoints import default_cache_dir
 from runners.engine.edit_modes import edit_images, edit_samples, radius, radius_images
 from runners.engine.editor import Editor, ImageReader, RecentLatents, RecentReconstructions
+from runners.engine.regions import check_masks, is_part, region_masks
 from runners.engine.outputs import SequenceWriter, edit_file_names
 from runners.engine.requests import (MAX_GRID_PIXELS, EditJob, EditRequest, Job, RadiusJob, SampleJob, SearchJob,
                                      check_steps, check_t_0)
@@ -236,6 +237,9 @@ class Engine:
         editor = self._new_editor(inverting.t_0, inverting.n_inv_step)
         description = self.describe(job.request, inverting.t_0, inverting.n_inv_step,
                                     self.boundary_index(job.boundary_dir))
+        if description.region is not None and not is_part(description.region.spec):  # one mask for every image
+            masks = region_masks(description.region, [None], self.model.config.data.image_size, [])
+            check_masks(description, masks, ["the images"], self.model.shapes["h"][-1])
 
         def work(editor, folder, run_dir, summary):
             if isinstance(job, EditJob):

@@ -16,6 +16,7 @@ from torch import Tensor
 from runners.engine.describe import EditDescription
 from utils.core.diffusion import Inversion
 from utils.core.editing import EditBatch
+from utils.core.spaces import SPACES
 from utils.io.files import atomic_path, write_json
 from utils.io.images import dequantize, quantize, save_image
 from utils.io.plots import back_and_forth_gif, labelled_grid
@@ -46,6 +47,20 @@ def folder_names(paths: Sequence[Path]) -> list[str]:
         taken.add(name.lower())
         names.append(name)
     return names
+
+
+def outline(row: Tensor, mask) -> Tensor:
+    """8-bit images (N, C, H, W) with the border of a region drawn on them: the pixels of the region
+    (mask > 0.5) that touch a pixel outside it, in yellow (white for one channel)."""
+    inside = torch.as_tensor(mask) > 0.5
+    padded = F.pad(inside[None, None].float(), (1, 1, 1, 1), value=1.0)[0, 0] > 0.5
+    neighbours_out = ~padded[:-2, 1:-1] | ~padded[2:, 1:-1] | ~padded[1:-1, :-2] | ~padded[1:-1, 2:]
+    border = inside & neighbours_out
+    colour = torch.tensor([255, 255, 0][: row.shape[1]] if row.shape[1] == 3 else [255] * row.shape[1],
+                          dtype=row.dtype)
+    drawn = row.clone()
+    drawn[:, :, border] = colour[:, None]
+    return drawn
 
 
 def thumbnail(row: Tensor, size: int = THUMBNAIL) -> Tensor:
@@ -114,19 +129,25 @@ class SequenceWriter:
 
     def __init__(self, folders: Sequence[Path], first_images: Sequence[dict[str, Tensor]],
                  description: EditDescription, n_iter: int = 1, gif: bool = False, save_tensors: bool = False,
-                 grid: bool = True):
+                 grid: bool = True, outlines: Sequence | None = None):
+        """outlines: per folder the region mask (H, W) in [0, 1] its grid outlines, or None."""
         self.folders, self.first_images, self.description = list(folders), list(first_images), description
         self.n_iter, self.gif, self.save_tensors, self.grid = n_iter, gif, save_tensors, grid
+        self.outlines = list(outlines) if outlines is not None else [None] * len(self.folders)
         self.n_edits = len(description)
         self._names: dict[str, list[str]] = {}  # per file-name prefix (an iteration's)
         self.column_labels = [*self.first_images[0], *(edit_label(description, k) for k in range(self.n_edits))]
         self._shown: list[list[Tensor]] = [[] for _ in self.folders]  # 8-bit edits of the open sequence
-        self._kept = [{"edits": [], "z": [], "h": []} for _ in self.folders]  # floats, --save_tensors only
+        self._kept = [self._empty() for _ in self.folders]  # floats, --save_tensors only
         #: each image's first sequence as a contact-sheet row (``thumbnail``), filled as sequences end
         self.rows: list[Tensor | None] = [None] * len(self.folders)
         for folder, named in zip(self.folders, self.first_images):
             for name, image in named.items():
                 save_image(image, folder / f"{name}.png")
+
+    @staticmethod
+    def _empty() -> dict[str, list]:
+        return {"edits": [], **{space: [] for space in SPACES}}
 
     def add(self, batch: EditBatch, iteration: int) -> None:
         """Write the edits of one denoised batch; a sequence's grid (and GIF) once its last edit is in."""
@@ -149,6 +170,8 @@ class SequenceWriter:
         firsts = [quantize(v) for v in self.first_images[b].values()]
         row = torch.stack([*firsts, *self._shown[b]])
         self._shown[b] = []
+        if self.outlines[b] is not None:  # the grid outlines the region (the edits' own files do not)
+            row = outline(row, self.outlines[b])
         if self.grid and self.description.grid is None:
             labelled_grid(dequantize(row), self.folders[b] / f"{prefix}grid.png", self.column_labels)
         elif self.grid:
@@ -186,7 +209,7 @@ class SequenceWriter:
             tensors[f"targets_{space}"] = torch.from_numpy(edit.targets).repeat(self.n_iter, 1)
         with atomic_path(self.folders[b] / "tensors.pt") as tmp:
             torch.save(tensors, tmp)
-        self._kept[b] = {"edits": [], "z": [], "h": []}
+        self._kept[b] = self._empty()
 
 
 def write_contact_sheet(rows: Sequence[Tensor], labels: Sequence[str], column_labels: Sequence[str],

@@ -114,6 +114,24 @@ class Denoising:
     batch_size: int = 8
 
 
+#: How a region confines h, the spatial bottleneck: to the share of each cell the region covers, or
+#: not at all (h is then not moved; docs/algorithm.md section 10 has the measurement that chose).
+REGION_H = ("cells", "none")
+#: The widest feather (in pixels) between a region and the kept outside.
+MAX_FEATHER = 16.0
+
+
+@dataclass(frozen=True)
+class Region:
+    """The part of each image an edit may change (``--region``): ``spec`` a mask image (white:
+    editable), a box ``x0,y0,x1,y1`` in fractions of the image, or a part of the image by name
+    (``mouth``, ``eyes``, ``hair``, ... from its parts file); ``h``: how the bottleneck is confined
+    (``REGION_H``); ``feather``: the pixels over which the outside's pixels go from edited to kept."""
+    spec: str
+    h: str = "cells"
+    feather: float = 2.0
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """What a front end asks for. ``k``: the number of points along the moves (a ``grid`` sweeps
@@ -122,7 +140,8 @@ class EditRequest:
     boundary files named explicitly ({space: files}). ``space``: both, z or h. ``unit``: absolute
     (signed distances v.n, as the original defines them) or relative (-1 / +1 at each boundary's
     class medians, in each space). ``force``: use boundaries of another t_0 or checkpoint, and
-    holds that lengthen the move beyond ``MAX_HOLD_RATIO``."""
+    holds that lengthen the move beyond ``MAX_HOLD_RATIO``. ``region``: the part of each image the
+    edit may change (``Region``; None: the whole image)."""
     moves: tuple[Move, ...]
     denoising: Denoising
     k: int = 1
@@ -132,6 +151,7 @@ class EditRequest:
     unit: str = "absolute"
     grid: bool = False
     force: bool = False
+    region: Region | None = None
 
     @property
     def n_edits(self) -> int:
@@ -195,7 +215,19 @@ def check_request(request: EditRequest, limits: EditLimits = EditLimits()) -> Ed
                         "with --grid)")
     _check_names(request)
     _check_values(request)
+    if request.region is not None:
+        _check_region(request.region)
     return request
+
+
+def _check_region(region: Region) -> None:
+    if not isinstance(region.spec, str) or not region.spec.strip() or len(region.spec) > 4096:
+        raise UserError("--region takes a mask image, a box x0,y0,x1,y1 or a part's name")
+    if region.h not in REGION_H:
+        raise UserError(f"unknown --region_h {region.h!r} (choices: {', '.join(REGION_H)})")
+    if isinstance(region.feather, bool) or not isinstance(region.feather, (int, float)) \
+            or not 0 <= region.feather <= MAX_FEATHER:
+        raise UserError(f"--feather must be in [0, {MAX_FEATHER:g}] pixels, got {region.feather!r}")
 
 
 # ---------------------------------------------------------------------------------------- jobs

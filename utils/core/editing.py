@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -11,7 +11,8 @@ from torch import Tensor
 
 from utils.core.boundary import joint_move, unit_rows
 from utils.core.batching import batch_slices, pair_lone
-from utils.core.diffusion import HPolicy, Inversion, Net, generate
+from utils.core.diffusion import HPolicy, Inversion, Keep, Net, generate
+from utils.core.region import confined_joint_move
 
 
 def reconstruct(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int], inject_h: bool,
@@ -48,9 +49,31 @@ class LatentMove:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def apply(self, latent: Tensor, ks: Sequence[int]) -> Tensor:
-        """Edits ``ks`` of one latent (1, ...) -> (len(ks), ...)."""
-        return joint_move(latent, self.normals, self.targets[list(ks)], self.held)[0]
+    def apply(self, latent: Tensor, ks: Sequence[int], weights: Tensor | None = None) -> Tensor:
+        """Edits ``ks`` of one latent (1, ...) -> (len(ks), ...); with ``weights`` (broadcastable to the
+        latent's shape, in [0, 1]) the move is confined to them (``utils.core.region.confined_joint_move``:
+        the same targets, zero change where the weights are 0)."""
+        if weights is None:
+            return joint_move(latent, self.normals, self.targets[list(ks)], self.held)[0]
+        return confined_joint_move(latent, self.normals, self.targets[list(ks)], self.held, weights)[0]
+
+
+@dataclass(frozen=True)
+class RegionEdits:
+    """A region edit of B images (docs/algorithm.md section 10): per image b, the weights that
+    confine its z move (``z[b]``, broadcastable to z's (C, H, W)) and its h move (``h[b]``, to h's
+    (C_mid, H_mid, W_mid); None: h moved unconfined), the share of each pixel kept on the unedited
+    run (``keep[b]``, (1, H, W) in [0, 1]) and that run's states (``states[b]``: {t: x_t (C, H, W)})."""
+    z: Sequence[Tensor]
+    h: Sequence[Tensor | None]
+    keep: Sequence[Tensor]
+    states: Sequence[Mapping[int, Tensor]]
+
+    def keeping(self, items: Sequence[tuple[int, int]], n: int, device) -> Keep:
+        """The ``Keep`` of one batch of edits (b, k), padded to ``n`` rows like the batch."""
+        rows = [b for b, _ in items] + [items[-1][0]] * (n - len(items))
+        return Keep(torch.stack([self.keep[b] for b in rows]).to(device),
+                    {t: torch.stack([self.states[b][t] for b in rows]).to(device) for t in self.states[rows[0]]})
 
 
 @dataclass(frozen=True)
@@ -66,7 +89,8 @@ class EditBatch:
 
 def iter_edits(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int],
                move_z: LatentMove | None, move_h: LatentMove | None, seeds: Sequence[Sequence[int]],
-               eta: float = 1.0, h_policy: HPolicy = "lagged", batch_size: int = 8) -> Iterator[EditBatch]:
+               eta: float = 1.0, h_policy: HPolicy = "lagged", batch_size: int = 8,
+               region: RegionEdits | None = None) -> Iterator[EditBatch]:
     """Make the K edits of each of B latent pairs, denoising the B x K edits in batches that mix
     images and edits (image-major: all of image 0's edits, then image 1's, ...), and yield each
     batch as soon as it is denoised, so that callers write results while later edits are denoised.
@@ -77,6 +101,8 @@ def iter_edits(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Seq
     results do not depend on ``batch_size`` nor on which other images share the run. Memory: one
     batch of edited latents and outputs at a time, whatever K is (the edited latents are computed
     per batch, image by image; ``joint_move`` treats each target alone, so this changes no value).
+    ``region``: each image's moves confined to its region, and its outside kept on its unedited run
+    while denoising (``RegionEdits``).
     """
     moves = [m for m in (move_z, move_h) if m is not None]
     if not moves:
@@ -90,24 +116,27 @@ def iter_edits(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Seq
         return
     batch_size = min(batch_size, n_images * k_total)  # a single edit runs alone, like the reconstruction
 
-    def edited(latent: Tensor, move: LatentMove | None, items: list[tuple[int, int]]) -> Tensor:
+    def edited(latent: Tensor, move: LatentMove | None, items: list[tuple[int, int]], weights) -> Tensor:
         # The chunk's edited latents, image by image: as a single-image run computes them.
         if move is None:
             return torch.stack([latent[b] for b, _ in items])
-        return torch.cat([move.apply(latent[b:b + 1], [k for i, k in items if i == b])
+        return torch.cat([move.apply(latent[b:b + 1], [k for i, k in items if i == b],
+                                     None if weights is None else weights[b])
                           for b in dict.fromkeys(b for b, _ in items)])
 
     for chunk in batch_slices(n_images * k_total, batch_size):
         items = [divmod(i, k_total) for i in range(chunk.start, chunk.stop)]
         n = len(items)
-        z_edit = edited(inversion.z, move_z, items)
-        h_edit = None if move_h is None else edited(inversion.h, move_h, items)
+        z_edit = edited(inversion.z, move_z, items, None if region is None else region.z)
+        h_edit = None if move_h is None else edited(inversion.h, move_h, items, None if region is None else region.h)
         z = pair_lone(z_edit, batch_size)
         h = None if h_edit is None else pair_lone(h_edit, batch_size)
         generators = [torch.Generator().manual_seed(int(seeds[b][k])) for b, k in items] if eta > 0 else None
         if generators is not None and len(z) > n:  # the duplicate draws from a throwaway generator
             generators.append(torch.Generator().manual_seed(0))
-        out = generate(net, z, alphas_cumprod, grid, h_edit=h, h_policy=h_policy, eta=eta, generators=generators)[:n]
+        keep = None if region is None else region.keeping(items, len(z), z.device)
+        out = generate(net, z, alphas_cumprod, grid, h_edit=h, h_policy=h_policy, eta=eta, generators=generators,
+                       keep=keep)[:n]
         yield EditBatch(items, out, z_edit, h_edit)
 
 

@@ -17,20 +17,28 @@ class RegionSpec:
     """The region to edit, as read: mask (size, size) float32 in [0, 1] (1: editable; fractional
     where a pixel is partly inside), coverage = the mask's mean (the share of the image editable).
 
-    Where it came from: kind 'file' with the path and the sha256 of the file's bytes, or kind 'box'
-    with (x0, y0, x1, y1) in fractions of the image's width and height."""
+    Where it came from: kind 'file' with the path and the sha256 of the file's bytes, kind 'box'
+    with (x0, y0, x1, y1) in fractions of the image's width and height, or kind 'part' with the
+    part's name and the parts file it was read from (``read_part``)."""
     mask: np.ndarray
     kind: str
     coverage: float
     path: str | None = None
     sha256: str | None = None
     box: tuple[float, float, float, float] | None = None
+    part: str | None = None
 
     def describe(self) -> str:
         """One line for logs and metadata: 'file <path> (sha256 <12 hex>), 23.4 % of the image'."""
-        where = (f"file {self.path} (sha256 {self.sha256[:12]})" if self.kind == "file"
-                 else "box " + ",".join(f"{v:g}" for v in self.box))
+        where = {"file": lambda: f"file {self.path} (sha256 {(self.sha256 or '')[:12]})",
+                 "box": lambda: "box " + ",".join(f"{v:g}" for v in self.box),
+                 "part": lambda: f"part {self.part} of {self.path}"}[self.kind]()
         return f"{where}, {self.coverage:.1%} of the image"
+
+    def record(self) -> dict:
+        """What summaries record: where the region came from and the share of the image it covers."""
+        return {"kind": self.kind, "path": self.path, "sha256": self.sha256,
+                "box": None if self.box is None else list(self.box), "part": self.part, "coverage": self.coverage}
 
 
 def read_region(spec: str, size: int) -> RegionSpec:
@@ -118,3 +126,45 @@ def _box_mask(box: tuple[float, float, float, float], size: int) -> np.ndarray:
         return np.clip(np.minimum(pixel + 1, hi) - np.maximum(pixel, lo), 0.0, 1.0)
 
     return np.outer(overlap(y0, y1), overlap(x0, x1)).astype(np.float32)
+
+
+#: The parts file beside an image (``<image>.parts.npz``) and the data set's (``masks_<split>.npz``):
+#: arrays ``names`` (N,), ``parts`` (P,) and ``masks`` (N, P, H, W) uint8 coverage (255: all of the pixel).
+PARTS_SUFFIX = ".parts.npz"
+MAX_PARTS_FILE = 1 << 30
+
+
+def parts_files(image: Path, data_dirs: list[Path]) -> list[Path]:
+    """Where the named parts of ``image`` may be: its own ``<image>.parts.npz``, then every
+    ``masks_*.npz`` of the data folders (the synthetic faces write ``masks_train.npz`` and
+    ``masks_test.npz`` beside their images' folder)."""
+    found = [image.with_name(image.name + PARTS_SUFFIX)]
+    for folder in data_dirs:
+        found += sorted(Path(folder).glob("masks_*.npz"))
+    return [p for p in found if p.is_file()]
+
+
+def read_part(image: Path, part: str, size: int, data_dirs: list[Path]) -> RegionSpec:
+    """The mask of the part ``part`` (e.g. mouth, eyes, hair) of ``image`` at size x size, from the
+    first parts file that names the image (``parts_files``); UserError naming the parts there are, or
+    what to pass instead when no parts file names the image."""
+    for path in parts_files(image, data_dirs):
+        if path.stat().st_size > MAX_PARTS_FILE:
+            continue
+        with np.load(path, allow_pickle=False) as parts:
+            names = [str(n) for n in parts["names"]]
+            if image.name not in names and path.name != image.name + PARTS_SUFFIX:
+                continue
+            known = [str(p) for p in parts["parts"]]
+            if part not in known:
+                raise UserError(f"--region {part}: {path} has the parts {', '.join(known)}")
+            row = names.index(image.name) if image.name in names else 0
+            mask = parts["masks"][row, known.index(part)].astype(np.float32) / 255.0
+        if mask.shape != (size, size):
+            mask = np.asarray(Image.fromarray(mask, mode="F").resize((size, size), Image.Resampling.BOX))
+        mask = np.clip(mask, 0.0, 1.0).astype(np.float32)
+        if float(mask.sum()) < 1:
+            raise UserError(f"--region {part}: the {part} of {image.name} covers under one pixel; choose another")
+        return RegionSpec(mask, "part", float(mask.mean()), path=str(path), part=part)
+    raise UserError(f"--region {part}: no parts file names {image.name} (looked for {image.name}{PARTS_SUFFIX} and "
+                    "the data set's masks_*.npz); give a mask image or a box x0,y0,x1,y1")

@@ -1,0 +1,91 @@
+"""Region edits in the engine (docs/algorithm.md section 10): which pixels an edit may change, how the
+moves are confined to them, and the unedited run the outside follows while denoising.
+
+``region_masks`` reads what the user named (a mask image, a box, or a part of the image such as
+``mouth``, per image) as a mask at the model's size; ``region_edits`` turns the masks of B images
+into the ``utils.core.editing.RegionEdits`` the edit loop takes: the confining weights of z (the
+mask) and of h (the mask's share of each bottleneck cell, or h not moved), the kept share of each
+pixel (one minus the feathered mask) and the reference trajectory of every image.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from runners.engine.describe import EditDescription
+from runners.engine.editor import Editor
+from runners.engine.requests import Region
+from utils.core.diffusion import Inversion
+from utils.core.editing import RegionEdits
+from utils.core.region import RegionError, area_downsample, check_region, feather
+from utils.errors import UserError
+from utils.io.region import RegionSpec, read_part, read_region
+
+log = logging.getLogger(__name__)
+
+
+def is_part(spec: str) -> bool:
+    """Whether ``spec`` names a part of each image (``mouth``) rather than one mask for all (a file
+    or a box ``x0,y0,x1,y1``)."""
+    return "," not in spec and not Path(spec).exists() and Path(spec).name == spec and "." not in spec
+
+
+def part_folders(config) -> list[Path]:
+    """Where a config's data set keeps its part masks (``data.parts_dir``), if anywhere."""
+    return [Path(config.data.parts_dir)] if config.data.parts_dir else []
+
+
+def region_masks(region: Region, images: Sequence[Path | None], size: int, data_dirs: Sequence[Path]
+                 ) -> list[RegionSpec]:
+    """Each image's region at ``size`` x ``size``: the same mask for all (a file, a box) or the named
+    part of each (``utils.io.region.read_part``: a sampled latent has no parts). UserError in one line."""
+    if not is_part(region.spec):
+        shared = read_region(region.spec, size)
+        return [shared] * len(images)
+    if any(image is None for image in images):
+        raise UserError(f"--region {region.spec}: a part names a part of a real image; latents sampled from noise "
+                        "have none: give a mask image or a box")
+    return [read_part(Path(image), region.spec, size, list(data_dirs)) for image in images]
+
+
+def _h_weights(mask: np.ndarray, shape: tuple[int, ...]) -> Tensor:
+    """The mask's share of each cell of the bottleneck h (C_mid, H_mid, W_mid): (1, H_mid, W_mid)."""
+    return area_downsample(torch.from_numpy(mask), shape[-1])[None].float()
+
+
+def check_masks(description: EditDescription, masks: Sequence[RegionSpec], names: Sequence[str], h_side: int) -> None:
+    """Every moved attribute reaches into every image's region (``check_region``), in each space moved."""
+    for space, edit in description.spaces.items():
+        everything = edit.normals if edit.held_normals is None else torch.cat([edit.normals, edit.held_normals])
+        shape = tuple(edit.records[0].shape)
+        for mask, name in zip(masks, names):
+            weights = torch.from_numpy(mask.mask) if space == "z" else area_downsample(torch.from_numpy(mask.mask),
+                                                                                    h_side)
+            weights = torch.broadcast_to(weights.double(), shape)
+            try:
+                check_region([*edit.attributes, *edit.held], everything, weights, n_held=len(edit.held))
+            except RegionError as exc:
+                raise UserError(f"--region {mask.describe()} in {space} for {name}: {exc}") from None
+
+
+def region_edits(editor: Editor, description: EditDescription, latents: Inversion, region: Region,
+                 masks: Sequence[RegionSpec], names: Sequence[str], batch_size: int | None = None) -> RegionEdits:
+    """The ``RegionEdits`` of B images (latents (B, ...)) with their ``masks``: z confined to the mask,
+    h to the mask's share of each bottleneck cell (the description moves h only with
+    ``region.h == "cells"``), and each image's outside kept on its own unedited run beyond
+    ``region.feather`` pixels: the reconstruction's trajectory, in the reconstruction's batches
+    (``batch_size``, ``Editor.trajectories``), so the outside ends on the reconstruction bit for bit.
+    UserError naming the image when an attribute barely reaches into its region."""
+    h_shape = editor.shapes["h"]
+    check_masks(description, masks, names, h_shape[-1])
+    inject_h = "h" in description.spaces
+    states = editor.trajectories(latents, description, batch_size)
+    return RegionEdits(z=[torch.from_numpy(m.mask)[None] for m in masks],
+                       h=[_h_weights(m.mask, h_shape) for m in masks] if inject_h else [None] * len(masks),
+                       keep=[(1 - feather(torch.from_numpy(m.mask), region.feather))[None] for m in masks],
+                       states=states)
