@@ -22,7 +22,7 @@ from models.loading import LoadedModel
 from runners.engine.boundaries import BoundaryIndex
 from runners.engine.describe import EditDescription, describe_edit
 from models.checkpoints import default_cache_dir
-from runners.engine.edit_modes import edit_images, edit_samples, radius, radius_images
+from runners.engine.edit_modes import edit_images, edit_samples, radius, radius_images, reconstruction_and_region
 from runners.engine.editor import Editor, ImageReader, RecentLatents, RecentReconstructions
 from runners.engine.regions import check_masks, is_part, region_masks
 from runners.engine.outputs import SequenceWriter, edit_file_names
@@ -89,6 +89,7 @@ class OneEdit:
     gif: Path | None
     source_distances: dict
     inverted_before: bool
+    region: dict | None = None  # where the region came from and its coverage (``RegionSpec.record``)
 
 
 @dataclass(frozen=True)
@@ -184,22 +185,30 @@ class Engine:
                  owner: object = None, sweep: bool = False, on_stage: Callable[[str], None] | None = None) -> OneEdit:
         """Edit one image (C, H, W) as the command line does (its inversion batch, seeds, reconstruction
         and files) into ``folder``: original.png, reconstruction.png and the K edits; ``sweep`` adds
-        the labelled grid and the GIF. ``owner``: whose inversion it is (``RecentLatents``).
+        the labelled grid and the GIF. ``owner``: whose inversion it is (``RecentLatents``). A region
+        (``description.region``: a mask file or a box) confines the edit as on the command line.
         ``on_stage(name)`` hears of each stage as it starts (and may raise to stop the work)."""
         stage = on_stage or (lambda name: None)
+        masks = None if description.region is None else region_masks(
+            description.region, [None], self.model.config.data.image_size, [])
         stage("inverting")
         latents, hits = editor.invert(image[None], batch_size, owner=owner)
         stage("reconstructing")
-        recon = self.reconstruction(editor, image, latents, description, batch_size)
+        if masks is None:
+            recon, regions = self.reconstruction(editor, image, latents, description, batch_size), None
+        else:
+            recons, regions = reconstruction_and_region(editor, description, latents, masks, ["the image"], None)
+            recon = recons[0]
         stage("editing")
         writer = SequenceWriter([folder], [{"original": image, "reconstruction": recon}], description, gif=sweep,
-                                grid=sweep)
-        for batch in editor.edits(latents, description, [(image_key(image),)]):
+                                grid=sweep, outlines=None if masks is None else [masks[0].mask])
+        for batch in editor.edits(latents, description, [(image_key(image),)], region=regions):
             writer.add(batch, 0)
         return OneEdit(folder / "original.png", folder / "reconstruction.png",
                        [folder / name for name in edit_file_names(description)],
                        folder / "grid.png" if sweep else None, folder / "edits.gif" if sweep else None,
-                       description.source_distances(latents)[0], hits > 0)
+                       description.source_distances(latents)[0], hits > 0,
+                       None if masks is None else masks[0].record())
 
     # ---------------------------------------------------------------- the modes
     def run(self, job: Job, exp: Path, overwrite: bool = False, arguments: dict | None = None) -> RunResult:
