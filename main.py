@@ -204,6 +204,12 @@ def _edit_flags(parser: argparse.ArgumentParser) -> None:
                            "leave h as it is")
     edit.add_argument("--feather", type=_non_negative_float, default=2.0,
                       help="with --region: pixels over which the outside goes from edited to kept")
+    edit.add_argument("--region_method", default="blend", choices=("blend", "loco"),
+                      help="with --region: keep the outside on the unedited run while denoising (blend), or keep "
+                           "z's move off the outside's top Jacobian directions (loco: LOCO-Edit; z only, small "
+                           "images; docs/faces_report.md compares them)")
+    edit.add_argument("--region_rank", type=_positive_int, default=32,
+                      help="with --region_method loco: the Jacobian directions the move is kept off")
     edit.add_argument("--edit_unit", default="absolute", choices=("absolute", "relative"),
                       help="the unit of distances: absolute (signed distance v.n, as the original) or relative "
                            "(-1 and +1 at the boundary's class medians, in each space)")

@@ -129,9 +129,10 @@ def edit_request(args: argparse.Namespace, config: Config, batch_size: int) -> t
     k = args.edit_img_number if args.edit_img_number is not None else config.edit.edit_img_number
     steps = args.n_test_step if args.n_test_step is not None else config.edit.n_test_step
     denoising = Denoising(steps, args.eta, args.h_policy, args.seed, batch_size)
-    region = None if args.region is None else Region(args.region, args.region_h, args.feather)
-    if region is None and (args.region_h != "cells" or args.feather != 2.0):
-        raise UserError("--region_h and --feather go with --region")
+    region = None if args.region is None else Region(args.region, args.region_h, args.feather, args.region_method,
+                                                     args.region_rank)
+    if region is None and (args.region_h != "cells" or args.feather != 2.0 or args.region_method != "blend"):
+        raise UserError("--region_h, --feather and --region_method go with --region")
     request = EditRequest(moves, denoising, k, held, held_paths, args.edit_space, args.edit_unit, args.grid,
                           args.force, region)
     return check_request(request), t_0

@@ -22,7 +22,8 @@ from runners.engine.editor import Editor
 from runners.engine.requests import Region
 from utils.core.diffusion import Inversion
 from utils.core.editing import RegionEdits
-from utils.core.region import RegionError, area_downsample, check_region, feather
+from utils.core.region import (RegionError, area_downsample, check_projection, check_region, feather,
+                               outside_jacobian_basis)
 from utils.errors import UserError
 from utils.io.region import RegionSpec, read_part, read_region
 
@@ -82,10 +83,47 @@ def region_edits(editor: Editor, description: EditDescription, latents: Inversio
     (``batch_size``, ``Editor.trajectories``), so the outside ends on the reconstruction bit for bit.
     UserError naming the image when an attribute barely reaches into its region."""
     h_shape = editor.shapes["h"]
-    check_masks(description, masks, names, h_shape[-1])
     inject_h = "h" in description.spaces
     states = editor.trajectories(latents, description, batch_size)
+    if region.method == "loco":
+        return RegionEdits(z=[None] * len(masks), h=[None] * len(masks), keep=None, states=states,
+                           z_basis=loco_bases(editor, description, latents, region, masks))
+    check_masks(description, masks, names, h_shape[-1])
     return RegionEdits(z=[torch.from_numpy(m.mask)[None] for m in masks],
                        h=[_h_weights(m.mask, h_shape) for m in masks] if inject_h else [None] * len(masks),
                        keep=[(1 - feather(torch.from_numpy(m.mask), region.feather))[None] for m in masks],
                        states=states)
+
+
+def differentiable(editor: Editor):
+    """The editor's network as ``torch.func`` can differentiate it: the module inside the
+    ``InferenceNet`` (which runs under inference mode), with the same call."""
+    module = editor.model.net.model
+    dtype = next(module.parameters()).dtype
+
+    def net(x: Tensor, t, h_override: Tensor | None = None):
+        out, h = module(x.to(dtype), t, h_override=h_override)
+        return out.float(), h.float()
+    return net
+
+
+def loco_bases(editor: Editor, description: EditDescription, latents: Inversion, region: Region,
+               masks: Sequence[RegionSpec]) -> list[Tensor]:
+    """Per image, the ``region.rank`` directions of z that change the outside of the predicted clean
+    image most at t_0 (``utils.core.region.outside_jacobian_basis``: LOCO-Edit's exact Jacobian,
+    for small images), which the move is then kept off; the outside is every pixel the mask does
+    not touch. Refused, naming the attribute, when that leaves a normal too little to move."""
+    net = differentiable(editor)
+    bases = []
+    for b, mask in enumerate(masks):
+        outside = torch.from_numpy(mask.mask) <= 0
+        basis = outside_jacobian_basis(net, latents.z[b:b + 1].to(editor.device), editor.t_0, editor.alphas_cumprod,
+                                       outside, region.rank).cpu()
+        edit = description.spaces["z"]
+        everything = edit.normals if edit.held_normals is None else torch.cat([edit.normals, edit.held_normals])
+        try:
+            check_projection([*edit.attributes, *edit.held], everything, basis, n_held=len(edit.held))
+        except RegionError as exc:
+            raise UserError(f"--region_method loco: {exc}") from None
+        bases.append(basis)
+    return bases

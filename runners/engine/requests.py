@@ -119,6 +119,10 @@ class Denoising:
 REGION_H = ("cells", "none")
 #: The widest feather (in pixels) between a region and the kept outside.
 MAX_FEATHER = 16.0
+#: How the outside of a region is kept: ``blend`` sets it back on the unedited run after every
+#: denoising step; ``loco`` keeps the z move off the directions that change the outside of the
+#: predicted clean image most (LOCO-Edit, Chen et al. 2024; z only, an exact Jacobian: small images).
+REGION_METHODS = ("blend", "loco")
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,8 @@ class Region:
     spec: str
     h: str = "cells"
     feather: float = 2.0
+    method: str = "blend"
+    rank: int = 32  # loco: the directions of the outside's Jacobian the move is kept off
 
 
 @dataclass(frozen=True)
@@ -225,6 +231,13 @@ def _check_region(region: Region) -> None:
         raise UserError("--region takes a mask image, a box x0,y0,x1,y1 or a part's name")
     if region.h not in REGION_H:
         raise UserError(f"unknown --region_h {region.h!r} (choices: {', '.join(REGION_H)})")
+    if region.method not in REGION_METHODS:
+        raise UserError(f"unknown --region_method {region.method!r} (choices: {', '.join(REGION_METHODS)})")
+    if region.method == "loco" and region.h != "none":
+        raise UserError("--region_method loco keeps z's move off the outside's directions; h has none: "
+                        "pass --region_h none")
+    if isinstance(region.rank, bool) or not isinstance(region.rank, int) or not 1 <= region.rank <= 3072:
+        raise UserError(f"--region_rank must be a whole number in [1, 3072], got {region.rank!r}")
     if isinstance(region.feather, bool) or not isinstance(region.feather, (int, float)) \
             or not 0 <= region.feather <= MAX_FEATHER:
         raise UserError(f"--feather must be in [0, {MAX_FEATHER:g}] pixels, got {region.feather!r}")

@@ -12,7 +12,7 @@ from torch import Tensor
 from utils.core.boundary import joint_move, unit_rows
 from utils.core.batching import batch_slices, pair_lone
 from utils.core.diffusion import HPolicy, Inversion, Keep, Net, generate
-from utils.core.region import confined_joint_move
+from utils.core.region import confined_joint_move, projected_joint_move
 
 
 def reconstruct(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Sequence[int], inject_h: bool,
@@ -49,13 +49,18 @@ class LatentMove:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def apply(self, latent: Tensor, ks: Sequence[int], weights: Tensor | None = None) -> Tensor:
+    def apply(self, latent: Tensor, ks: Sequence[int], weights: Tensor | None = None,
+              basis: Tensor | None = None) -> Tensor:
         """Edits ``ks`` of one latent (1, ...) -> (len(ks), ...); with ``weights`` (broadcastable to the
         latent's shape, in [0, 1]) the move is confined to them (``utils.core.region.confined_joint_move``:
-        the same targets, zero change where the weights are 0)."""
+        the same targets, zero change where the weights are 0); with ``basis`` (r, D) orthonormal rows it
+        is kept off their span (``projected_joint_move``, LOCO-Edit's projection)."""
+        targets = self.targets[list(ks)]
+        if basis is not None:
+            return projected_joint_move(latent, self.normals, targets, self.held, basis)[0]
         if weights is None:
-            return joint_move(latent, self.normals, self.targets[list(ks)], self.held)[0]
-        return confined_joint_move(latent, self.normals, self.targets[list(ks)], self.held, weights)[0]
+            return joint_move(latent, self.normals, targets, self.held)[0]
+        return confined_joint_move(latent, self.normals, targets, self.held, weights)[0]
 
 
 @dataclass(frozen=True)
@@ -63,14 +68,19 @@ class RegionEdits:
     """A region edit of B images (docs/algorithm.md section 10): per image b, the weights that
     confine its z move (``z[b]``, broadcastable to z's (C, H, W)) and its h move (``h[b]``, to h's
     (C_mid, H_mid, W_mid); None: h moved unconfined), the share of each pixel kept on the unedited
-    run (``keep[b]``, (1, H, W) in [0, 1]) and that run's states (``states[b]``: {t: x_t (C, H, W)})."""
-    z: Sequence[Tensor]
+    run (``keep[b]``, (1, H, W) in [0, 1]) and that run's states (``states[b]``: {t: x_t (C, H, W)}).
+    LOCO-Edit's alternative instead keeps each z move off a basis (``z_basis[b]``, (r, D)
+    orthonormal rows) and keeps no pixels (``keep`` None)."""
+    z: Sequence[Tensor | None]
     h: Sequence[Tensor | None]
-    keep: Sequence[Tensor]
+    keep: Sequence[Tensor] | None
     states: Sequence[Mapping[int, Tensor]]
+    z_basis: Sequence[Tensor] | None = None
 
-    def keeping(self, items: Sequence[tuple[int, int]], n: int, device) -> Keep:
+    def keeping(self, items: Sequence[tuple[int, int]], n: int, device) -> Keep | None:
         """The ``Keep`` of one batch of edits (b, k), padded to ``n`` rows like the batch."""
+        if self.keep is None:
+            return None
         rows = [b for b, _ in items] + [items[-1][0]] * (n - len(items))
         return Keep(torch.stack([self.keep[b] for b in rows]).to(device),
                     {t: torch.stack([self.states[b][t] for b in rows]).to(device) for t in self.states[rows[0]]})
@@ -116,18 +126,19 @@ def iter_edits(net: Net, inversion: Inversion, alphas_cumprod: Tensor, grid: Seq
         return
     batch_size = min(batch_size, n_images * k_total)  # a single edit runs alone, like the reconstruction
 
-    def edited(latent: Tensor, move: LatentMove | None, items: list[tuple[int, int]], weights) -> Tensor:
+    def edited(latent: Tensor, move: LatentMove | None, items: list[tuple[int, int]], weights, basis=None) -> Tensor:
         # The chunk's edited latents, image by image: as a single-image run computes them.
         if move is None:
             return torch.stack([latent[b] for b, _ in items])
         return torch.cat([move.apply(latent[b:b + 1], [k for i, k in items if i == b],
-                                     None if weights is None else weights[b])
+                                     None if weights is None else weights[b], None if basis is None else basis[b])
                           for b in dict.fromkeys(b for b, _ in items)])
 
     for chunk in batch_slices(n_images * k_total, batch_size):
         items = [divmod(i, k_total) for i in range(chunk.start, chunk.stop)]
         n = len(items)
-        z_edit = edited(inversion.z, move_z, items, None if region is None else region.z)
+        z_edit = edited(inversion.z, move_z, items, None if region is None else region.z,
+                        None if region is None else region.z_basis)
         h_edit = None if move_h is None else edited(inversion.h, move_h, items, None if region is None else region.h)
         z = pair_lone(z_edit, batch_size)
         h = None if h_edit is None else pair_lone(h_edit, batch_size)
