@@ -6,9 +6,11 @@ that starts where the uploaded image sits along that attribute, and a hold box b
 slider edits with the joint move of every attribute whose slider is away from the image's own
 position, the ticked ones held, the others not moved: a small nudge is a small edit. The Sweep panel
 (absolute distances v.n) renders K edits (or a K x K grid of two attributes) as the command line's
-labelled strip and GIF. Every edit is the engine's, so the pixels equal the command line's for the
-same settings. Named endpoints for ``gradio_client``: ``/edit``, ``/edit_many``, ``/sweep`` and
-``/stop`` (docs/app.md).
+labelled strip and GIF. A region box, drawn by two clicks on the region preview (or typed), confines
+the slider moves and the sweep as the command line's ``--region`` does. Every edit is the engine's,
+so the pixels equal the command line's for the same settings. Named endpoints for
+``gradio_client``: ``/edit``, ``/edit_many``, ``/sweep`` (each with an optional region: a box's
+text or an uploaded mask image) and ``/stop`` (docs/app.md).
 """
 import argparse
 import errno
@@ -23,13 +25,14 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from runners.app_state import (KEEP_SECONDS, MAX_IMAGES_PER_SESSION, MAX_JOBS, MAX_SESSIONS, MAX_SWEEP,
-                               AttributeTable, Cancelled, EditService, Result, SessionStore, flag, real_number,
-                               short_text)
-from runners.engine import (HOLD_THRESHOLD, MOVED, SPACES, UNITS, BoundaryRecord, Config, Engine, EngineOptions, LoadedModel,
-                            UserError, auto_span, check_steps, default_batch_size, latent_cache_root, load_model,
-                            server_folder)
+                               AttributeTable, Cancelled, EditService, Result, SessionStore, box_text, flag, parse_box,
+                               preview_factor, real_number, short_text)
+from runners.engine import (HOLD_THRESHOLD, MOVED, REGION_H, SPACES, UNITS, BoundaryRecord, Config, Engine, EngineOptions,
+                            LoadedModel, UserError, auto_span, check_steps, default_batch_size, latent_cache_root,
+                            load_model, server_folder)
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +43,13 @@ MAX_UPLOAD = "50mb"          # larger uploads are refused by Gradio with a messa
 STOP_WAIT = 60.0             # seconds a stopping server waits for its jobs (each ends at its next network call)
 STEP = 0.01                  # a slider's step (relative unit); a slider within half a step of the image is unmoved
 # Command-line words in the engine's messages, and what the page calls the same thing.
-PAGE_WORDS = {"pass --align_face 0 to skip it": "untick 'Align the face' to skip it",
+PAGE_WORDS = {"drop --region": "clear the region", "--region_h": "'Region h'", "--region": "'Region'",
+              "--feather": "'Feather'", "pass --align_face 0 to skip it": "untick 'Align the face' to skip it",
               "--align_face": "'Align the face'", "--n_test_step": "'Denoising steps'", "--seed": "'Seed'",
               "--eta": "'eta'", "--edit_space": "'Space'", "--condition_attr": "'Hold fixed'",
               "--edit_attr": "'Attribute'", "--edit_img_number": "'Distances K'", "--edit_unit": "the unit"}
 # Small images (the digits are 16 px) are drawn large and sharp; the pixels served are the files'.
-CSS = ("#original img, #reconstruction img, #edit img, #gif img, #upload img "
+CSS = ("#original img, #reconstruction img, #edit img, #gif img, #upload img, #region-image img "
        "{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated} "
        "#grid img {width: 100%; object-fit: contain}")
 
@@ -195,6 +199,35 @@ def _upload_path(payload):
     return NotAnUpload(payload.not_a_file) if payload.not_a_file is not None else payload.path
 
 
+def _region_model(gr):
+    """The data model of the API's region: an uploaded mask image (a file object), or anything else,
+    kept as sent (text is a box; the rest gets the app's message)."""
+    from gradio.data_classes import FileData
+    from pydantic import model_validator
+
+    class AnyRegion(FileData):
+        sent: Any = None  # what was sent instead of a file object
+
+        @model_validator(mode="before")
+        @classmethod
+        def _anything(cls, data):
+            if isinstance(data, dict) and isinstance(data.get("path"), str):  # its path is the app's to check
+                return {**data, "meta": {"_type": "gradio.FileData"}}
+            return {"path": "", "meta": {"_type": "gradio.FileData"}, "sent": data}
+
+    return AnyRegion
+
+
+def _region_value(payload):
+    """The API's region as the app takes it: None, the text sent (a box), the ``Path`` of Gradio's
+    stored copy of an uploaded mask image, or ``NotAnUpload`` (a list, a number, ...)."""
+    if payload is None or payload.sent is None and not payload.path:
+        return None
+    if payload.path:
+        return Path(payload.path)
+    return payload.sent if isinstance(payload.sent, str) else NotAnUpload(repr(payload.sent)[:60])
+
+
 def _gradio():
     """Gradio, or a UserError saying how to install it."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline tool
@@ -289,32 +322,38 @@ class WebApp:
             raise gr.Error(f"internal error: {type(exc).__name__}: {page_message(str(exc), self.root)}",
                            print_exception=False) from None
 
-    def edit(self, session, report, image, attribute, distance, space, hold, steps, seed, eta, align) -> tuple:
-        """/edit: one attribute at an absolute distance."""
+    def edit(self, session, report, image, attribute, distance, space, hold, steps, seed, eta, align, region=None,
+             feather=2.0, region_h="cells") -> tuple:
+        """/edit: one attribute at an absolute distance (within ``region``, if any)."""
         key = self.table.get(attribute).key  # an unknown name before the distance is looked at
-        request = self.service.request({key: distance}, space, hold, steps, seed, eta, align)
+        request = self.service.request({key: distance}, space, hold, steps, seed, eta, align, region=region,
+                                       feather=feather, region_h=region_h)
         return self._shown_edit(self.service.run(session, image, request, report))
 
-    def edit_many(self, session, report, image, moves, space, hold, steps, seed, eta, align, unit) -> tuple:
+    def edit_many(self, session, report, image, moves, space, hold, steps, seed, eta, align, unit, region=None,
+                  feather=2.0, region_h="cells") -> tuple:
         """/edit_many: several attributes at once ({attribute: distance}, the joint move)."""
-        request = self.service.request(moves, space, hold, steps, seed, eta, align, unit)
+        request = self.service.request(moves, space, hold, steps, seed, eta, align, unit, region=region,
+                                       feather=feather, region_h=region_h)
         return self._shown_edit(self.service.run(session, image, request, report))
 
     def sweep(self, session, report, image, attribute, k, start, end, space, hold, steps, seed, eta, align,
-              second, second_start, second_end) -> tuple:
+              second, second_start, second_end, region=None, feather=2.0, region_h="cells") -> tuple:
         """/sweep: K absolute distances of one attribute, or with ``second`` a K x K grid of two."""
         moves = {self.table.get(attribute).key: [start, end]}
         second = "" if second is None else short_text(second, "the second attribute")
         if second:
             moves[self.table.get(second).key] = [second_start, second_end]
-        request = self.service.request(moves, space, hold, steps, seed, eta, align, k=k, grid=bool(second))
+        request = self.service.request(moves, space, hold, steps, seed, eta, align, k=k, grid=bool(second),
+                                       region=region, feather=feather, region_h=region_h)
         result = self.service.run(session, image, request, report, sweep=True)
         shown = [result.grid, result.gif, result.original, result.reconstruction, *result.edits]
         return str(result.grid), str(result.gif), self._caption(result), result.info, [str(p) for p in shown]
 
-    def slider_edit(self, session, report, image, space, steps, seed, eta, align, values, holds) -> tuple:
+    def slider_edit(self, session, report, image, space, steps, seed, eta, align, values, holds, region=None,
+                    feather=2.0, region_h="cells") -> tuple:
         """A slider moved: the joint move (relative unit) of every slider away from the image's own
-        position, the ticked attributes held, the others not moved."""
+        position, the ticked attributes held, the others not moved; within the page's region box."""
         shown = self.positions_shown(self.service.locate(session, image, align, report), space)
         held, moves = [], {}
         for entry, value, hold in zip(self.sliders, values, holds):
@@ -325,7 +364,8 @@ class WebApp:
                 moves[entry.key] = value
         if not moves:
             raise UserError("every slider is at the image's own position (or held): move one to edit")
-        request = self.service.request(moves, space, held, steps, seed, eta, align, "relative")
+        request = self.service.request(moves, space, held, steps, seed, eta, align, "relative", region=region,
+                                       feather=feather, region_h=region_h)
         result = self.service.run(session, image, request, report)
         names = next(iter(result.info["cosines"].values()))["names"]
         return (*self._shown_edit(result),
@@ -351,6 +391,39 @@ class WebApp:
         """Every slider back to the image's own position, every hold box cleared."""
         return (*self.locate(session, report, image, space, align)[:-1],
                 *(self.gr.Checkbox(value=False) for _ in self.sliders))
+
+    # ---------------------------------------------------------------- the region on the page
+    def region_view(self, session, image, box, corner, align) -> tuple:
+        """The region preview (the image as the model sees it, the box outlined, a first corner
+        marked) and the line under it. No image (or one that cannot be read: the sliders' event
+        says why): no preview."""
+        if image is None:
+            return None, "Upload an image, then click two corners on it to edit only that box."
+        try:
+            preview = self.service.preview(session, image, box, corner, align)
+        except (UserError, Cancelled):
+            return None, ""
+        found = parse_box(box)
+        if corner is not None:
+            line = f"First corner at pixel ({corner[0]}, {corner[1]}): click the opposite corner."
+        elif found is not None:
+            x0, y0, x1, y1 = found
+            line = (f"Region: box {box.strip()}, {(x1 - x0) * (y1 - y0):.1%} of the image: the edits change only "
+                    "this box (beyond the feather the image stays the reconstruction). Clear it for the whole image.")
+        elif box and box.strip():
+            line = "Not a box x0,y0,x1,y1 (fractions of the image, x0 < x1, y0 < y1): the edits will say why."
+        else:
+            line = "Region: the whole image. Click two corners on the image to edit only that box."
+        return str(preview), line
+
+    def region_click(self, session, image, box, corner, align, index) -> tuple:
+        """A click on the preview at ``index`` (its pixel [x, y]): the first click marks a corner,
+        the second makes the box of the two (the model pixels clicked and those between)."""
+        size = self.config.data.image_size
+        f = preview_factor(size)
+        pixel = [min(max(int(v) // f, 0), size - 1) for v in index]
+        corner, box = (pixel, box) if corner is None else (None, box_text(corner, pixel, size))
+        return (box, corner, *self.region_view(session, image, box, corner, align))
 
     # ---------------------------------------------------------------- positions
     def slider_bounds(self, entry) -> tuple[float, float]:
@@ -396,12 +469,16 @@ class WebApp:
         names = next(iter(i["cosines"].values()))["names"]  # moved then held, the same in every space
         warning = entanglement_warning(names, {s: c["matrix"] for s, c in i["cosines"].items()})
         warning = f" {warning}" if warning else ""
+        region = i.get("region")
+        region = "" if region is None else (
+            f" Region: {'box ' + ','.join(f'{v:g}' for v in region['box']) if region['box'] else region['file']}, "
+            f"{region['coverage']:.1%} of the image (h {region['h']}, feather {region['feather']:g} px).")
         reached = "" if len(i["targets"]) != 1 else " Set: " + "; ".join(
             f"{a} " + ", ".join(f"{s} {v:+.2f}" for s, v in per_space.items())
             for a, per_space in i["targets"][0].items()) + " (v.n)."
         return (f"**{i['attribute']}** at t_0 {i['t_0']} in {' and '.join(i['spaces'])}{held}: "
                 f"{len(i['targets'])} edit(s), {i['steps']} steps, seed {i['seed']}, eta {i['eta']:g}, "
-                f"h policy {i['h_policy']}.{reached} Unedited: {source}. {how}; edit {i['edit_seconds']:.2f} s, "
+                f"h policy {i['h_policy']}.{region}{reached} Unedited: {source}. {how}; edit {i['edit_seconds']:.2f} s, "
                 f"total {i['total_seconds']:.2f} s.{warning}")
 
     # ---------------------------------------------------------------- layout
@@ -422,12 +499,14 @@ class WebApp:
             c = SimpleNamespace(**page)
             for component in (*c.sliders, *c.holds, c.space, c.steps, c.seed, c.eta, c.align, c.attribute, c.k,
                               c.start, c.end, c.second, c.second_start, c.second_end, c.api_attribute, c.distance,
-                              c.hold, c.many, c.unit):
+                              c.hold, c.many, c.unit, c.region_box, c.feather, c.region_h):
                 # What is sent reaches the app as it is, to be checked there with its own messages
                 # (Gradio's checks end a string for a number in an empty error and a traceback,
                 # and round 2.5 steps to 2).
                 component.preprocess = lambda payload: payload
+            c.api_region.preprocess, c.api_region.data_model = _region_value, _region_model(gr)
             self._wire(gr, blocks, c)
+            self._wire_region(gr, c)
         blocks.queue(default_concurrency_limit=self.concurrency)
         return blocks
 
@@ -441,15 +520,30 @@ class WebApp:
         examples = sorted(p for p in EXAMPLES.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         if examples:
             gr.Examples([[str(p)] for p in examples], inputs=[image], label="Examples")
+        page = self._region_panel(gr)
         with gr.Row():
             back = gr.Button("Back to the image", elem_id="back-button", size="sm")
             stop = gr.Button("Stop", variant="stop", elem_id="stop-button", size="sm")
         where = gr.Markdown("Upload an image (or pick an example): the sliders then show where it sits.",
                             elem_id="positions")
-        page = {"image": image, "back": back, "stop": stop, "where": where}
+        page.update(image=image, back=back, stop=stop, where=where)
         page.update(self._settings(gr))
         page.update(self._sweep_panel(gr))
         return page
+
+    def _region_panel(self, gr) -> dict:
+        """The region: the image as the model sees it, on which two clicks draw a box (outlined in
+        yellow), the box as text (typed, or set by the clicks), and a button that clears it."""
+        with gr.Group():
+            view = gr.Image(label="Region: click two corners", type="filepath", interactive=False,
+                            elem_id="region-image", height=220, buttons=[])
+            box = gr.Textbox("", label="Region box x0,y0,x1,y1 (fractions of the image; empty: the whole image)",
+                             elem_id="region-box", max_lines=1)
+            note = gr.Markdown("Upload an image, then click two corners on it to edit only that box.",
+                               elem_id="region-note")
+            clear = gr.Button("Clear region", elem_id="clear-region", size="sm")
+        return {"region_view": view, "region_box": box, "region_note": note, "clear_region": clear,
+                "corner": gr.State(None)}
 
     def _slider_panel(self, gr) -> dict:
         t_0 = self.sliders[0].t_0 if self.sliders else self.table.t_0
@@ -487,7 +581,13 @@ class WebApp:
                 eta = gr.Number(1.0, label="eta", minimum=0)
             align = gr.Checkbox(bool(config.data.align_face), label="Align the face (face extra)",
                                 visible=bool(config.data.align_face))
-        return {"space": space, "steps": steps, "seed": seed, "eta": eta, "align": align}
+            with gr.Row():
+                feather = gr.Number(2.0, label="Feather (pixels)", minimum=0, elem_id="feather",
+                                    info="with a region: where the edit fades into the kept outside")
+                region_h = gr.Radio(list(REGION_H), value="cells", label="Region h", elem_id="region-h",
+                                    info="with a region: h confined to the region's share of each cell, or not moved")
+        return {"space": space, "steps": steps, "seed": seed, "eta": eta, "align": align, "feather": feather,
+                "region_h": region_h}
 
     def _sweep_panel(self, gr) -> dict:
         lo, hi = self.ranges[self.opening]
@@ -527,11 +627,13 @@ class WebApp:
 
     def _api_inputs(self, gr) -> dict:
         """The API's own inputs, with no control on the page: /edit's attribute and distance, the
-        held attributes of /edit, /edit_many and /sweep, /edit_many's moves and unit."""
+        held attributes of /edit, /edit_many and /sweep, /edit_many's moves and unit, and the region
+        (a box's text or an uploaded mask image)."""
         return {"api_attribute": gr.Textbox(self.opening, visible=False), "distance": gr.Number(0.0, visible=False),
                 "hold": gr.Dropdown(sorted({a.name for a in self.table.entries.values()}, key=str.lower), value=[],
                                     multiselect=True, allow_custom_value=True, visible=False),
                 "many": gr.JSON(visible=False), "unit": gr.Radio(list(UNITS), value="absolute", visible=False),
+                "api_region": gr.File(None, visible=False),
                 "edit_button": gr.Button(visible=False), "many_button": gr.Button(visible=False),
                 "sweep_button": gr.Button(visible=False)}
 
@@ -542,20 +644,22 @@ class WebApp:
         settings = [c.space, c.steps, c.seed, c.eta, c.align]
         shown = [c.edited, c.original, c.reconstruction, c.caption, c.details, c.files]
         swept = [c.grid, c.gif, c.sweep_caption, c.details, c.files]
+        api_region, page_region = [c.api_region, c.feather, c.region_h], [c.region_box, c.feather, c.region_h]
         sweep_inputs = [c.image, c.attribute, c.k, c.start, c.end, c.space, c.hold, *settings[1:], c.second,
                         c.second_start, c.second_end]
         events = [
-            c.edit_button.click(fn.edit, [c.image, c.api_attribute, c.distance, c.space, c.hold, *settings[1:]],
-                                shown, api_name="edit", **work),
-            c.many_button.click(fn.edit_many, [c.image, c.many, c.space, c.hold, *settings[1:], c.unit], shown,
-                                api_name="edit_many", **work),
-            c.sweep_button.click(fn.sweep, sweep_inputs, swept, api_name="sweep", **work),
-            c.sweep.click(fn.page_sweep, [*sweep_inputs[:6], *sweep_inputs[7:], *c.holds], swept, **private),
+            c.edit_button.click(fn.edit, [c.image, c.api_attribute, c.distance, c.space, c.hold, *settings[1:],
+                                          *api_region], shown, api_name="edit", **work),
+            c.many_button.click(fn.edit_many, [c.image, c.many, c.space, c.hold, *settings[1:], c.unit, *api_region],
+                                shown, api_name="edit_many", **work),
+            c.sweep_button.click(fn.sweep, [*sweep_inputs, *api_region], swept, api_name="sweep", **work),
+            c.sweep.click(fn.page_sweep, [*sweep_inputs[:6], *sweep_inputs[7:], *page_region, *c.holds], swept,
+                          **private),
             c.image.change(fn.locate, [c.image, c.space, c.align], [*c.sliders, c.where], **private),
             c.space.change(fn.locate, [c.image, c.space, c.align], [*c.sliders, c.where], **private),
             c.back.click(fn.back, [c.image, c.space, c.align], [*c.sliders, *c.holds], **private),
-            *(slider.input(fn.slider_edit, [c.image, *settings, *c.sliders, *c.holds], [*shown, c.cosines],
-                           **private) for slider in c.sliders)]
+            *(slider.input(fn.slider_edit, [c.image, *settings, *page_region, *c.sliders, *c.holds],
+                           [*shown, c.cosines], **private) for slider in c.sliders)]
         c.attribute.change(fn.attribute_changed, [c.attribute], [c.start, c.end], api_visibility="private")
         c.stop.click(fn.stop, None, None, cancels=events, queue=False, api_name="stop")
         blocks.unload(fn.unload)
@@ -565,30 +669,33 @@ class WebApp:
         positional parameters (how Gradio finds them) and hands the work to a method (``_run``)."""
         n = len(self.sliders)
 
-        def edit(image, attribute, distance, space, hold, steps, seed, eta, align, request: gr.Request = None,
-                 progress=gr.Progress()):
+        def edit(image, attribute, distance, space, hold, steps, seed, eta, align, region=None, feather=2.0,
+                 region_h="cells", request: gr.Request = None, progress=gr.Progress()):
             return self._run(request, progress, lambda s, r: self.edit(s, r, image, attribute, distance, space, hold,
-                                                                       steps, seed, eta, align))
+                                                                       steps, seed, eta, align, region, feather,
+                                                                       region_h))
 
-        def edit_many(image, moves, space, hold, steps, seed, eta, align, unit, request: gr.Request = None,
-                      progress=gr.Progress()):
+        def edit_many(image, moves, space, hold, steps, seed, eta, align, unit, region=None, feather=2.0,
+                      region_h="cells", request: gr.Request = None, progress=gr.Progress()):
             return self._run(request, progress, lambda s, r: self.edit_many(s, r, image, moves, space, hold, steps,
-                                                                            seed, eta, align, unit))
+                                                                            seed, eta, align, unit, region, feather,
+                                                                            region_h))
 
         def sweep(image, attribute, k, start, end, space, hold, steps, seed, eta, align, second, second_start,
-                  second_end, request: gr.Request = None, progress=gr.Progress()):
+                  second_end, region=None, feather=2.0, region_h="cells", request: gr.Request = None,
+                  progress=gr.Progress()):
             return self._run(request, progress, lambda s, r: self.sweep(
                 s, r, image, attribute, k, start, end, space, hold, steps, seed, eta, align, second, second_start,
-                second_end))
+                second_end, region, feather, region_h))
 
         def page_sweep(request: gr.Request, progress=gr.Progress(), *values):
             held = [e.name for e, h in zip(self.sliders, values[-n:]) if h is True]
             return sweep(*values[:6], held, *values[6:len(values) - n], request=request, progress=progress)
 
         def slider_edit(request: gr.Request, progress=gr.Progress(), *values):
-            image, settings, rest = values[0], values[1:6], values[6:]
+            image, settings, region, rest = values[0], values[1:6], values[6:9], values[9:]
             return self._run(request, progress, lambda s, r: self.slider_edit(s, r, image, *settings, rest[:n],
-                                                                              rest[n:]))
+                                                                              rest[n:], *region))
 
         def locate(image, space, align, request: gr.Request = None, progress=gr.Progress()):
             return self._run(request, progress, lambda s, r: self.locate(s, r, image, space, align))
@@ -612,6 +719,30 @@ class WebApp:
 
         return SimpleNamespace(**{f.__name__: f for f in (edit, edit_many, sweep, page_sweep, slider_edit, locate,
                                                            back, attribute_changed, stop, unload)})
+
+    def _wire_region(self, gr, c) -> None:
+        """The region's events: the preview follows the image and the box (typed, clicked, cleared);
+        none denoises (each reads the image with the engine's reader, no network call)."""
+        light = {"api_visibility": "private", "trigger_mode": "always_last", "concurrency_limit": 4,
+                 "concurrency_id": "region"}
+        view = [c.region_view, c.region_note]
+
+        def shown(request: gr.Request, image, box, corner, align):
+            return self._run(request, None, lambda s, r: self.region_view(s, image, box, corner, align))
+
+        def click(request: gr.Request, image, box, corner, align, evt: gr.SelectData):
+            if evt is None or not isinstance(evt.index, (list, tuple)) or len(evt.index) != 2:
+                return box, corner, *shown(request, image, box, corner, align)
+            return self._run(request, None, lambda s, r: self.region_click(s, image, box, corner, align, evt.index))
+
+        def clear(request: gr.Request, image, align):
+            return "", None, *shown(request, image, "", None, align)
+
+        c.image.change(shown, [c.image, c.region_box, c.corner, c.align], view, **light)
+        c.region_box.input(shown, [c.image, c.region_box, c.corner, c.align], view, **light)
+        c.region_view.select(click, [c.image, c.region_box, c.corner, c.align], [c.region_box, c.corner, *view],
+                             **light)
+        c.clear_region.click(clear, [c.image, c.align], [c.region_box, c.corner, *view], **light)
 
     # ---------------------------------------------------------------- life cycle
     def launch(self, host: str = "127.0.0.1", port: int = 7860, quiet: bool = True) -> str:

@@ -2,8 +2,9 @@
 Gradio. The app only parses what the browser or an API client sends (types: finite numbers, whole
 numbers where something is counted, true/false, bounded lists of names) and builds the engine's
 requests (``runners.engine``); every semantic check (K, the grid, moved and held names, units,
-spaces, steps, boundary files) is the engine's, so a request the app accepts is a request the
-command line would accept, with the same pixels.
+spaces, steps, boundary files, regions) is the engine's, so a request the app accepts is a request
+the command line would accept, with the same pixels. A region is a box's text (four numbers: text
+never names a file) or the path of an uploaded mask image (read only from the upload folders).
 
 What the app keeps:
 
@@ -11,7 +12,8 @@ What the app keeps:
   (``Engine.boundary_index``), each attribute described once by the engine at start;
 * the sessions (``SessionStore``), each with its images and where they sit along every attribute,
   its output folders (``Session``: kept ``KEEP_SECONDS`` after their job ends, at most
-  ``MAX_JOBS``, never while their job runs), its stop flags and its uploads;
+  ``MAX_JOBS``, never while their job runs), its region previews (its newest ``PREVIEWS_KEPT``),
+  its stop flags and its uploads;
 * the inversions and reconstructions are the engine's (``EngineOptions.recent_images`` and
   ``per_owner``: each session holds its own share, so no session evicts another's images).
 """
@@ -23,6 +25,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import reprlib
 import secrets
 import shutil
@@ -33,8 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
+from PIL import Image
+
 from runners.engine import (SPACES, BoundaryIndex, BoundaryRecord, Denoising, EditDescription, EditLimits, EditRequest, Engine,
-                            Move, UserError, check_request, relative_scale)
+                            Move, Region, UserError, check_request, relative_scale)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,11 @@ JOBS_KEPT = 2                # a session's newest finished jobs, kept whatever t
 MAX_NAMES = 64               # names in one list sent (held attributes, moved attributes)
 MAX_TEXT = 200               # characters of a text argument (an attribute or space name)
 MAX_MOVES_TEXT = 10_000      # characters of /edit_many's moves given as JSON text
+PREVIEW_SIDE = 256           # a region preview is the image enlarged by a whole factor to at least this side
+PREVIEWS_KEPT = 4            # region previews a session keeps (its newest; the page shows the last)
+YELLOW = (255, 255, 0)       # the region's outline, as the engine outlines it in a sweep's grid
+#: A box as text: four numbers separated by commas (nothing else: a region sent as text never names a file).
+BOX = re.compile(r"[-+0-9.eE\s]+(,[-+0-9.eE\s]+){3}")
 
 #: (network calls done, calls in this stage, stage name), after every network call
 ProgressFn = Callable[[int, int, str], None]
@@ -151,6 +162,59 @@ def parse_moves(moves) -> object:
         raise UserError("the moves are nested too deeply: give a JSON object {attribute: distance}") from None
     except ValueError:
         raise UserError("the moves must be a JSON object {attribute: distance}") from None
+
+
+def parse_box(text) -> tuple[float, float, float, float] | None:
+    """A box ``x0,y0,x1,y1`` (fractions, 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1) from ``text``, or
+    None when it is not one: only for drawing it (the engine checks the box an edit uses)."""
+    if not isinstance(text, str) or not BOX.fullmatch(text.strip()):
+        return None
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        return None
+    return (x0, y0, x1, y1) if 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 else None
+
+
+def box_text(first: Sequence[int], second: Sequence[int], size: int) -> str:
+    """The box (fractions of the image) whose corners are the model pixels ``first`` and ``second``
+    ((column, row) in a ``size`` x ``size`` image): both pixels and those between them are inside."""
+    (a, b), (c, d) = first, second
+    values = (min(a, c) / size, min(b, d) / size, (max(a, c) + 1) / size, (max(b, d) + 1) / size)
+    return ",".join(f"{v:.10g}" for v in values)
+
+
+def preview_factor(size: int) -> int:
+    """How many preview pixels a model pixel takes (a whole number: a click names one model pixel)."""
+    return max(1, -(-PREVIEW_SIDE // size))
+
+
+def region_picture(image, box: tuple[float, float, float, float] | None, corner: Sequence[int] | None
+                   ) -> np.ndarray:
+    """The image as the model sees it ((C, S, S) in [-1, 1]), enlarged by ``preview_factor``, as RGB
+    uint8: the box outlined in yellow with its outside dimmed, and a first corner (a model pixel)
+    marked, when given."""
+    pixels = ((np.asarray(image, dtype=np.float32).clip(-1, 1) + 1) * 127.5).round().astype(np.uint8)
+    pixels = np.repeat(pixels, 3, axis=0) if pixels.shape[0] == 1 else pixels[:3]
+    size, f = pixels.shape[-1], preview_factor(pixels.shape[-1])
+    picture = pixels.transpose(1, 2, 0).repeat(f, axis=0).repeat(f, axis=1)
+    side = size * f
+    line = max(1, side // 128)
+    if box is not None:
+        x0, y0, x1, y1 = (round(v * side) for v in box)
+        inside = np.zeros((side, side), dtype=bool)
+        inside[y0:y1, x0:x1] = True
+        picture[~inside] = (picture[~inside] * 0.55).astype(np.uint8)
+        for rows, cols in (((y0, y0 + line), (x0, x1)), ((y1 - line, y1), (x0, x1)),
+                           ((y0, y1), (x0, x0 + line)), ((y0, y1), (x1 - line, x1))):
+            picture[max(rows[0], 0):rows[1], max(cols[0], 0):cols[1]] = YELLOW
+    if corner is not None:
+        half = max(f, 8) // 2
+        cx, cy = (int(v) * f + f // 2 for v in corner)
+        x0, x1, y0, y1 = max(cx - half, 0), min(cx + half, side), max(cy - half, 0), min(cy + half, side)
+        picture[y0:y1, x0:x1] = YELLOW
+        picture[y0 + line:y1 - line, x0 + line:x1 - line] = pixels[:, int(corner[1]), int(corner[0])]
+    return picture
 
 
 def _file_digest(path: Path) -> str:
@@ -292,6 +356,8 @@ class Session:
         self.running: set[threading.Event] = set()   # the stop flags of its jobs in progress
         self.uploads: OrderedDict[Path, None] = OrderedDict()  # upload paths, least recently used first
         self.folders: OrderedDict[int, JobFolder] = OrderedDict()
+        self.previews: list[Path] = []               # its region previews, oldest first
+        self._preview_numbers = itertools.count()
         self.closed = False
         self._numbers = itertools.count()
         self._lock = threading.Lock()
@@ -336,6 +402,20 @@ class Session:
                 if failed:
                     self._remove(number)
                 self._prune()
+
+    def save_preview(self, picture: np.ndarray) -> Path:
+        """``picture`` as a fresh PNG in the session's folder (a new name each time: the browser
+        never shows an old one from its cache); the session keeps its newest ``PREVIEWS_KEPT``."""
+        with self._lock:
+            if self.closed:
+                raise Cancelled("the session was closed")
+            path = self.folder / "previews" / f"region{next(self._preview_numbers)}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(picture).save(path)
+            self.previews.append(path)
+            while len(self.previews) > PREVIEWS_KEPT:
+                self.previews.pop(0).unlink(missing_ok=True)
+            return path
 
     def _remove(self, number: int) -> None:
         shutil.rmtree(self.folders.pop(number).path, ignore_errors=True)
@@ -553,17 +633,35 @@ class EditService:
         with self._stats_lock:
             self.stats[name] += n
 
-    def check_path(self, path) -> Path:
+    def check_path(self, path, what: str = "the image") -> Path:
         """``path`` if it lies in an allowed folder (Gradio's copy of an upload, a bundled example)."""
         if not path:
             raise UserError("no image: upload one or pick an example")
         if not isinstance(path, (str, Path)) or len(str(path)) > 4096:
-            raise UserError(f"the image must be an uploaded file, got {_shown(path)}")
+            raise UserError(f"{what} must be an uploaded file, got {_shown(path)}")
         resolved = Path(path).resolve()
         if not any(resolved.is_relative_to(root) for root in self.allowed_roots) \
                 or resolved.is_relative_to(self.output_root):
-            raise UserError("the image must be uploaded (or be one of the examples)")
+            raise UserError(f"{what} must be uploaded (or be one of the examples)")
         return resolved
+
+    def region(self, region, feather=2.0, region_h="cells") -> Region | None:
+        """The engine's ``Region`` for what was sent: None (or empty text) is the whole image; text is a
+        box ``x0,y0,x1,y1`` (four numbers: text never names a file); a ``Path`` is an uploaded mask
+        image, read only from the allowed folders, as images are. ``feather`` and ``region_h`` are
+        parsed here; the engine checks the rest (the box's values, the mask, the coverage) and says
+        what is wrong in one line. Without a region they are not used."""
+        if region is None or isinstance(region, str) and not region.strip():
+            return None
+        if isinstance(region, Path):
+            spec = str(self.check_path(region, "the region's mask image"))
+        elif isinstance(region, str) and BOX.fullmatch(short_text(region, "the region").strip()) \
+                and not Path(region).exists():
+            spec = region.strip()
+        else:
+            raise UserError("the region must be a box x0,y0,x1,y1 in fractions of the image (or an uploaded "
+                            f"mask image), got {_shown(region)}")
+        return Region(spec, short_text(region_h, "region h"), real_number(feather, "feather"))
 
     def _moves(self, moves) -> tuple[tuple[Move, ...], int]:
         """The parsed moves {key: value or [start, end]} as the engine's moves, and their t_0."""
@@ -586,16 +684,18 @@ class EditService:
         return tuple(checked), next(iter(t_0s))
 
     def request(self, moves, space="both", hold=(), steps=None, seed=1234, eta=1.0, align=None, unit="absolute",
-                k=1, grid=False) -> AppRequest:
+                k=1, grid=False, region=None, feather=2.0, region_h="cells") -> AppRequest:
         """An ``AppRequest`` from what the page or an API client sent: each argument's type parsed
         here (UserError), then the request checked by the engine (``check_request``), before any
-        work. moves: {attribute: value or [start, end]} (a bare name means the default t_0)."""
+        work. moves: {attribute: value or [start, end]} (a bare name means the default t_0);
+        region, feather, region_h: the part of the image the edit may change (``region``)."""
         moves, t_0 = self._moves(moves)
         steps = self.steps if steps is None else whole_number(steps, "steps")
         denoising = Denoising(steps, real_number(eta, "eta", 0.0), self.h_policy,
                               whole_number(seed, "seed", 0, 2 ** 63 - 1), self.bs_edit)
         edit = EditRequest(moves, denoising, whole_number(k, "K"), held=name_list(hold, "hold fixed"),
-                           space=short_text(space, "space"), unit=short_text(unit, "unit"), grid=flag(grid, "grid"))
+                           space=short_text(space, "space"), unit=short_text(unit, "unit"), grid=flag(grid, "grid"),
+                           region=self.region(region, feather, region_h))
         return AppRequest(check_request(edit, LIMITS), t_0, None if align is None else flag(align, "align"))
 
     def _align(self, align: bool | None) -> bool | None:
@@ -635,6 +735,16 @@ class EditService:
                                           for a in self.sliders}
         return prepared.positions
 
+    def preview(self, session: Session, path, box: str | None = None, corner: Sequence[int] | None = None,
+                align: bool | None = None) -> Path:
+        """The region preview of the image at ``path``: the image as the model sees it (the engine's
+        reader, as the edits read it), enlarged, with ``box`` outlined and ``corner`` marked
+        (``region_picture``), saved in the session's folder. No network call."""
+        path = self.check_path(path)
+        t_0 = self.sliders[0].t_0 if self.sliders else self.table.t_0
+        prepared = self.prepare(session, path, align, t_0)
+        return session.save_preview(region_picture(prepared.image, parse_box(box), corner))
+
     def run(self, session: Session, path, request: AppRequest, progress: ProgressFn | None = None,
             sweep: bool = False) -> Result:
         """Edit the image at ``path`` as ``request`` says (one edit: a slider move; several: a
@@ -657,15 +767,22 @@ class EditService:
         done = time.perf_counter()
         self.count("inversions", 0 if one.inverted_before else 1)
         self.count("sweeps" if sweep else "edits")
-        info = self.details(request, description, one.source_distances, kept)
+        info = self.details(request, description, one.source_distances, kept, one.region)
         start, editing = stages.started["start"], stages.started.get("editing", done)
         info.update(prepare_seconds=editing - start, edit_seconds=done - editing, total_seconds=done - start)
         return Result(one.original, one.reconstruction, one.edits, one.grid, one.gif, info)
 
     @staticmethod
-    def details(request: AppRequest, description: EditDescription, source: dict, kept: bool) -> dict:
-        """What a result says of its edit (the page's Details, the API's ``details``)."""
+    def details(request: AppRequest, description: EditDescription, source: dict, kept: bool,
+                region: dict | None = None) -> dict:
+        """What a result says of its edit (the page's Details, the API's ``details``); ``region``: the
+        engine's record of the region (``OneEdit.region``), shown without the server's folders."""
         denoising = description.denoising
+        if region is not None:
+            shape = description.region
+            region = {"kind": region["kind"], "box": region["box"], "coverage": region["coverage"],
+                      "file": region["path"] and Path(region["path"]).name, "sha256": region["sha256"],
+                      "h": shape.h, "feather": shape.feather}
         return {"attribute": ", ".join(description.attributes), "attributes": list(description.attributes),
                 "t_0": request.t_0, "distances": description.distances(), "unit": request.edit.unit,
                 "targets": [description.targets(k) for k in range(len(description))],
@@ -673,4 +790,4 @@ class EditService:
                 "h_policy": denoising.h_policy, "spaces": list(description.spaces), "held": list(description.held),
                 "cosines": {s: {"names": [*e.attributes, *e.held], "matrix": e.cosines.tolist()}
                             for s, e in description.spaces.items()},
-                "source_distances": source, "inversion_cached": kept}
+                "source_distances": source, "inversion_cached": kept, "region": region}

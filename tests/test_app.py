@@ -4,7 +4,8 @@ line's; the sliders start where the image sits and a nudge edits from there; a b
 100-megapixel upload, requests of the wrong type or shape (a repeated JSON key, deep nesting, a list
 for a name) and two sessions at once each end with a message or a result while the server keeps
 serving; an image is inverted once per session, each session keeps its own share of the in-memory
-store and is never told of another's work; Stop ends a job at any stage; results stay downloadable
+store and is never told of another's work; a region (a box or an uploaded mask) gives the command
+line's --region edit, and a bad one is a message; Stop ends a job at any stage; results stay downloadable
 for the stated time; the server's files stay bounded, a failed start leaves nothing behind, and it
 stops cleanly on SIGTERM."""
 from __future__ import annotations
@@ -1014,3 +1015,142 @@ def test_a_two_attribute_sweep_is_the_command_lines_grid(client, tmp_path):
     run = cli_run(tmp_path, "--edit", "thick=-5:0", "--edit", "slant=-2:2", "--grid", "--edit_img_number", "2",
                   "--n_test_step", "10", "--gif")
     np.testing.assert_array_equal(pixels(grid), pixels(run / "grid.png"))
+
+
+# ------------------------------------------------------------------ regions (issue 31: everywhere a move exists)
+BOX = "0.25,0.25,0.75,0.75"  # the digit's pixels 4..11 in each direction
+
+
+def outside(feather: int) -> np.ndarray:
+    """The pixels of the 16 x 16 digit beyond ``feather`` pixels of ``BOX``: kept as the reconstruction's."""
+    kept = np.ones((16, 16), dtype=bool)
+    kept[4 - feather:12 + feather, 4 - feather:12 + feather] = False
+    return kept
+
+
+def test_a_region_edit_equals_the_command_lines_region_edit(client, tmp_path):
+    """/edit_many with a box region is the command line's --edit ... --region <the same box>, pixel
+    for pixel; beyond the feather (2 pixels) the edit is the reconstruction, inside it moved."""
+    edit, original, recon, caption, details, files = client.predict(
+        handle_file(str(DIGIT)), {"thick": -3.0, "slant": 1.0}, "both", [], 40, 1234, 1.0, False, "absolute", BOX,
+        api_name="/edit_many")
+    assert details["region"] == {"kind": "box", "box": [0.25, 0.25, 0.75, 0.75], "coverage": 0.25, "file": None,
+                                 "sha256": None, "h": "cells", "feather": 2.0}
+    assert "Region: box 0.25,0.25,0.75,0.75, 25.0% of the image (h cells, feather 2 px)" in caption
+    run = cli_run(tmp_path, "--edit", "thick=-3:-3", "--edit", "slant=1:1", "--edit_img_number", "1",
+                  "--region", BOX)
+    assert json.loads((run / "summary.json").read_text())["region"]["coverage"] == pytest.approx(0.25)
+    (theirs,) = run.glob("edit_00_*.png")
+    assert Path(edit).name == theirs.name
+    for mine, other in ((edit, theirs), (original, run / "original.png"), (recon, run / "reconstruction.png")):
+        np.testing.assert_array_equal(pixels(mine), pixels(other))
+    edited, kept = pixels(edit).astype(int), pixels(recon).astype(int)
+    np.testing.assert_array_equal(edited[outside(2)], kept[outside(2)])
+    assert np.abs(edited[4:12, 4:12] - kept[4:12, 4:12]).max() > 10  # the inside moved
+
+
+def test_an_uploaded_mask_region_equals_the_command_lines_with_its_settings(client, tmp_path):
+    """/edit with an uploaded mask image (any size; white: editable), feather 0 and region_h none is
+    the command line's --region mask.png --feather 0 --region_h none; the left half is the
+    reconstruction exactly, and the details name the mask (not the server's copy) and its hash."""
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:, 32:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    edit, _, recon, caption, details, _ = client.predict(
+        handle_file(str(DIGIT)), "thick@200", -3.0, "z", [], 12, 1234, 1.0, False, handle_file(str(tmp_path / "mask.png")),
+        0.0, "none", api_name="/edit")
+    run = cli_edit(tmp_path, "--start_distance", -3, "--end_distance", -3, "--edit_img_number", 1, "--edit_space", "z",
+                   "--n_test_step", 12, "--region", tmp_path / "mask.png", "--feather", 0, "--region_h", "none")
+    np.testing.assert_array_equal(pixels(edit), pixels(run / Path(edit).name))
+    summary = json.loads((run / "summary.json").read_text())
+    assert details["region"]["sha256"] == summary["region"]["sha256"] and details["region"]["coverage"] == 0.5
+    assert details["region"]["file"] == "mask.png" and "mask.png, 50.0% of the image (h none, feather 0 px)" in caption
+    np.testing.assert_array_equal(pixels(edit)[:, :8], pixels(recon)[:, :8])
+    assert np.abs(pixels(edit)[:, 8:].astype(int) - pixels(recon)[:, 8:].astype(int)).max() > 10
+
+
+def test_a_sweep_in_a_region_is_the_command_lines_outlined_strip(client, tmp_path):
+    grid, gif, caption, details, files = client.predict(
+        handle_file(str(DIGIT)), "thick@200", 3, -5.0, 0.0, "both", [], 10, 1234, 1.0, False, "", -5.0, 0.0, BOX,
+        api_name="/sweep")
+    run = cli_edit(tmp_path, "--start_distance", -5, "--end_distance", 0, "--edit_img_number", 3, "--n_test_step", 10,
+                   "--gif", "--region", BOX)
+    np.testing.assert_array_equal(pixels(grid), pixels(run / "grid.png"))  # the region outlined in yellow
+    assert Path(gif).read_bytes() == (run / "edits.gif").read_bytes()
+    assert details["region"]["coverage"] == 0.25 and "Region: box" in caption
+
+
+BAD_REGIONS = {  # the region, feather, region_h (and space) sent -> the message
+    "an empty box": (["0.5,0.5,0.5,0.9"], "'Region' 0.5,0.5,0.5,0.9: the box is empty or inverted"),
+    "a box under one pixel": (["0,0,0.01,0.01"], "the box covers 0.026 pixel at 16 x 16, under one pixel"),
+    "everything": (["0,0,1,1"], "'Region' 0,0,1,1: everything is editable, that is not a region; clear the region"),
+    "a non-image file": ("text", "notes.png cannot be read"),
+    "a path outside the upload folders": ([{"path": "/etc/passwd"}],
+                                          "the region's mask image must be uploaded (or be one of the examples)"),
+    "the repository's file": ([{"path": str(REPO / "main.py")}], "the region's mask image must be uploaded"),
+    "a file named as text": (["imgs/digit_example.png"], "the region must be a box x0,y0,x1,y1 in fractions of the "
+                                                         "image (or an uploaded mask image), got 'imgs/digit_example.png'"),
+    "a list": ([[0.25, 0.25, 0.75, 0.75]], "the region must be a box x0,y0,x1,y1"),
+    "a long text": (["0," * 150 + "1"], "the region must be at most 200 characters"),
+    "a negative feather": ([BOX, -1.0], "'Feather' must be in [0, 16] pixels, got -1.0"),
+    "an unknown region h": ([BOX, 2.0, "all"], "unknown 'Region h' 'all' (choices: cells, none)"),
+    "region h none in h alone": ([BOX, 2.0, "none", "h"], "'Region h' none leaves h as it is: move z too"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REGIONS))
+def test_a_bad_region_is_a_message_and_the_server_keeps_serving(case, app, client, capfd, tmp_path):
+    """Each is refused with one message before any network call, no traceback in the server's log,
+    and the next request is served."""
+    sent, message = BAD_REGIONS[case]
+    if sent == "text":
+        (tmp_path / "notes.png").write_text("not an image")
+        sent = [handle_file(str(tmp_path / "notes.png"))]
+    region, rest = sent[0], sent[1:3]
+    space = sent[3] if len(sent) > 3 else "both"
+    capfd.readouterr()
+    before = dict(app.service.stats)
+    with pytest.raises(AppError, match=re.escape(message)) as raised:
+        client.predict(handle_file(str(DIGIT)), "thick@200", -3.0, space, [], 10, 1234, 1.0, False, region, *rest,
+                       api_name="/edit")
+    assert "boundarydiffusion-app" not in str(raised.value) and "--" not in str(raised.value)
+    assert app.service.stats == before
+    assert "Traceback" not in "".join(capfd.readouterr())
+    assert client.predict(handle_file(str(DIGIT)), "thick@200", -3.0, "both", [], 2, api_name="/edit")[4]
+
+
+def test_the_service_reads_a_region_only_from_the_upload_folders(tmp_path):
+    service, session, image = local_service(tmp_path)
+    mask = tmp_path / "up" / "mask.png"
+    Image.new("L", (16, 16), 0).save(mask)
+    assert service.region(None) is None and service.region("  ") is None  # the whole image
+    assert service.region(" 0.25,0.25,0.75,0.75 ").spec == BOX and service.region(mask).spec == str(mask.resolve())
+    for sent in (Path("/etc/passwd"), REPO / "main.py", tmp_path / "up" / ".." / "elsewhere.png", "/etc/passwd",
+                 str(mask), "mouth", 0.5, ["0", "0", "1", "1"]):
+        with pytest.raises(UserError, match="region"):
+            service.region(sent)
+    with session.job_folder() as folder:  # the sessions' own outputs are never read as a mask
+        (folder / "edit.png").write_bytes(mask.read_bytes())
+    with pytest.raises(UserError, match="must be uploaded"):
+        service.region(folder / "edit.png")
+
+
+def test_two_clicks_on_the_preview_draw_the_box_and_the_preview_outlines_it(app):
+    """The page's region: the preview is the image as the model sees it, enlarged 16 times (the
+    digit is 16 px); a click marks a model pixel, a second one makes the box of the two pixels
+    (and those between), outlined in yellow; a session keeps its newest previews only."""
+    session = app.store.get("region-clicks")
+    box, corner, preview, line = app.region_click(session, str(DIGIT), "", None, False, [4 * 16 + 3, 4 * 16 + 15])
+    assert (box, corner) == ("", [4, 4]) and "click the opposite corner" in line
+    box, corner, preview, line = app.region_click(session, str(DIGIT), box, corner, False, [11 * 16 + 8, 11 * 16])
+    assert (box, corner) == (BOX, None) and "Region: box 0.25,0.25,0.75,0.75, 25.0% of the image" in line
+    shown = pixels(preview)
+    assert shown.shape == (256, 256, 3)
+    yellow = (shown[..., 0] == 255) & (shown[..., 1] == 255) & (shown[..., 2] == 0)
+    assert yellow[64:66, 64:192].all() and yellow[64:192, 190:192].all() and not yellow[:60].any()
+    digit = np.asarray(Image.open(DIGIT).convert("RGB"))
+    np.testing.assert_array_equal(shown[100:180:16, 100:180:16], digit[6:11, 6:11])  # the inside as it is
+    for _ in range(5):
+        app.region_view(session, str(DIGIT), "", None, False)
+    assert len(list((session.folder / "previews").iterdir())) == 4 and not Path(preview).exists()
+    assert app.region_view(session, str(DIGIT), "0.9,0.1,0.2,0.5", None, False)[1].startswith("Not a box")

@@ -6,8 +6,11 @@ nudge three_vs_eight by +0.20, a mouse drag moves thick, a hold box is ticked an
 and digit_3 is dragged: each time the edit the page shows -- its pixels read back from the page --
 equals the command line's joint edit (``--edit A=u:u ... --edit_unit relative [--condition_attr
 slant]``) for the values the sliders show, and the entanglement warning names digit_3 and
-three_vs_eight. A sweep fills the strip and GIF; the screenshot is taken; "Back to the image" puts
-every slider back where the image is.
+three_vs_eight. Two clicks on the region preview draw a box (outlined in yellow) and thick is
+nudged again: the edit is the command line's with ``--region`` of that box, its outside (beyond the
+feather) is the page's reconstruction and its inside moved. A sweep in the region (its grid
+outlines the box, in white on the one-channel digits) fills the strip and GIF; the screenshot is taken; "Back to the image" puts every slider back where the image is, and
+"Clear region" clears the box.
 
 Without Chromium or Playwright the test is skipped, saying how to install them; with
 BOUNDARYDIFFUSION_REQUIRE_BROWSER=1 (set by .ci/run) that is a failure instead.
@@ -106,14 +109,16 @@ def wait_until_served(url: str, log: Path, proc: subprocess.Popen, timeout: floa
         time.sleep(0.2)
 
 
-def cli_joint_edit(tmp_path: Path, values: dict[str, float], held: tuple[str, ...] = ()) -> tuple[np.ndarray, Path]:
+def cli_joint_edit(tmp_path: Path, values: dict[str, float], held: tuple[str, ...] = (),
+                   region: str | None = None) -> tuple[np.ndarray, Path]:
     """The command line's joint edit of the example digit in the relative unit (the moves in the
-    order given): its RGB pixels and its run folder."""
+    order given; within ``region``, if any): its RGB pixels and its run folder."""
     run = tmp_path / f"cli-{len(list(tmp_path.glob('cli-*')))}"
     moves = [arg for name, u in values.items() for arg in ("--edit", f"{name}={u}:{u}")]
     hold = ["--condition_attr", ",".join(held)] if held else []
-    assert cli.main(["--edit_image_boundary", *moves, *hold, "--edit_unit", "relative", "--edit_img_number", "1",
-                     "--img_path", str(DIGIT), "--exp", str(run), "--no_cache"]) == 0
+    where = ["--region", region] if region else []
+    assert cli.main(["--edit_image_boundary", *moves, *hold, *where, "--edit_unit", "relative", "--edit_img_number",
+                     "1", "--img_path", str(DIGIT), "--exp", str(run), "--no_cache"]) == 0
     (edit,) = (run / "edit").glob("edit_00_*.png")
     with Image.open(edit) as img:
         return np.asarray(img.convert("RGB")), run / "edit"
@@ -142,8 +147,8 @@ def shipped_cosine(a: str, b: str, space: str) -> float:
     return float(normals[0] @ normals[1] / np.linalg.norm(normals[0]) / np.linalg.norm(normals[1]))
 
 
-def shown_edit(page) -> np.ndarray:
-    shown = page.evaluate(READ_PIXELS, "#edit img")
+def shown_edit(page, selector: str = "#edit img") -> np.ndarray:
+    shown = page.evaluate(READ_PIXELS, selector)
     return np.array(shown["data"], dtype=np.uint8).reshape(shown["height"], shown["width"], 4)[..., :3]
 
 
@@ -231,6 +236,43 @@ def nudge_drag_and_hold(page, tmp_path: Path, positions: dict[str, float]) -> di
     return moved
 
 
+BOX = "0.25,0.25,0.75,0.75"  # the digit's pixels 4..11 in each direction
+
+
+def click_pixel(page, pixel: tuple[int, int], size: int = 16) -> None:
+    """Click the middle of the model pixel ``pixel`` (column, row) on the region preview (the
+    image enlarged, drawn whole in its box: object-fit contain)."""
+    box = page.locator("#region-image img").bounding_box()
+    side = min(box["width"], box["height"])
+    left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
+    page.mouse.click(left + (pixel[0] + 0.5) * side / size, top + (pixel[1] + 0.5) * side / size)
+
+
+def region_box(page) -> str:
+    return page.locator("#region-box").locator("textarea, input").first.input_value()
+
+
+def draw_region_and_nudge(page, tmp_path: Path, moved: dict[str, float]) -> None:
+    """Two clicks on the preview (pixels (4, 4) and (11, 11)) make the box ``BOX``; thick nudged: the
+    page's edit is the command line's joint edit with --region BOX, the outside beyond the feather (2
+    pixels) is the page's reconstruction, and the inside moved."""
+    page.locator("#region-image img").wait_for(timeout=60_000)
+    click_pixel(page, (4, 4))
+    page.locator("#region-note").get_by_text("click the opposite corner").wait_for(timeout=30_000)
+    click_pixel(page, (11, 11))
+    page.locator("#region-note").get_by_text(f"Region: box {BOX}, 25.0% of the image").wait_for(timeout=30_000)
+    assert region_box(page) == BOX
+    moved["thick"] = press(page, "thick", "ArrowRight", 3)
+    expected = cli_joint_edit(tmp_path, moved, held=("slant",), region=BOX)[0]
+    wait_for_edit(page, expected)
+    page.locator("#caption").get_by_text(f"Region: box {BOX}, 25.0% of the image").wait_for(timeout=30_000)
+    recon = shown_edit(page, "#reconstruction img").astype(int)
+    kept = np.ones((16, 16), dtype=bool)
+    kept[2:14, 2:14] = False  # the box and the 2 pixels of the feather around it
+    np.testing.assert_array_equal(expected[kept], recon[kept])
+    assert np.abs(expected[4:12, 4:12].astype(int) - recon[4:12, 4:12]).max() > 10
+
+
 def test_sliders_start_at_the_image_and_a_nudge_is_the_command_lines_edit(server, tmp_path):
     sync_api, chromium = _browser()
     url, log, proc = server
@@ -246,12 +288,14 @@ def test_sliders_start_at_the_image_and_a_nudge_is_the_command_lines_edit(server
             assert sliders.first.get_attribute("id") == "joint-thick" and sliders.count() == 13
             upload_and_locate(page, positions)
             moved = nudge_drag_and_hold(page, tmp_path, positions)
+            draw_region_and_nudge(page, tmp_path, moved)
             # the sweep (absolute distances, the attribute the page opened on): the strip and GIF
             page.get_by_text("Sweep (absolute distances v.n)", exact=True).first.click()
             page.locator("#sweep-button").click()
             page.locator("#grid").scroll_into_view_if_needed()  # its image loads lazily, once in view
             page.locator("#grid img").wait_for(timeout=60_000)
             page.locator("#gif img").wait_for(timeout=60_000)
+            page.locator("#sweep-caption").get_by_text(f"Region: box {BOX}").wait_for(timeout=30_000)
             assert "thick" in page.locator("#attribute").inner_text() or \
                 page.locator("#attribute input").input_value().startswith("thick")
             page.wait_for_timeout(300)
@@ -261,6 +305,9 @@ def test_sliders_start_at_the_image_and_a_nudge_is_the_command_lines_edit(server
             for name in moved:
                 wait_for_value(page, name, positions[name], timeout=30_000)
             assert not page.locator("#hold-slant input").is_checked()
+            page.locator("#clear-region").click()
+            page.locator("#region-note").get_by_text("Region: the whole image").wait_for(timeout=30_000)
+            assert region_box(page) == ""
         finally:
             browser.close()
     assert screenshot.stat().st_size > 10_000
