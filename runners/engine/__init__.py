@@ -18,6 +18,7 @@ from runners.engine.describe import MAX_HOLD_RATIO, EditDescription
 from runners.engine.editor import Editor
 from runners.engine.engine import Engine, EngineOptions, OneEdit, RunResult, check_job, latent_cache_root
 from runners.engine.outputs import edit_file_names
+from runners.engine.outputs import outline as outline_region
 from runners.engine.sessions import server_folder
 from runners.engine.requests import (MAX_ATTRIBUTES, MAX_DISTANCE, MAX_EDITS, MAX_POINTS, REGION_H, UNITS, Denoising,
                                      EditJob, EditLimits, EditRequest, Inverting, Move, RadiusJob, Region, SampleJob,
@@ -43,7 +44,7 @@ __all__ = [
     "ProcessContext", "distributed_process", "local_device", "process_group",
     # the engine and its results
     "Editor", "Engine", "EngineOptions", "EditDescription", "Inversion", "OneEdit", "RunResult",
-    "check_job", "edit_file_names", "latent_cache_root", "server_folder",
+    "check_job", "edit_file_names", "latent_cache_root", "outline_region", "server_folder",
     # the seed rule (utils/core/seeds.py): every edit's noise from (seed, image key, iteration, k)
     "EVALUATION_NOISE", "image_key", "item_seed",
     # data sets

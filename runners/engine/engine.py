@@ -14,7 +14,9 @@ import contextlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
 
 from torch import Tensor
 
@@ -36,6 +38,7 @@ from utils.config import Config
 from utils.errors import UserError
 from utils.io.files import RunFolder
 from utils.io.images import expand_image_paths
+from utils.io.region import RegionSpec
 
 def latent_cache_root(cache_dir: Path | None, no_cache: bool = False) -> Path | None:
     """Where inverted latents are cached: ``<cache_dir>/latents`` (default: $BOUNDARYDIFFUSION_CACHE
@@ -209,6 +212,16 @@ class Engine:
                        folder / "grid.png" if sweep else None, folder / "edits.gif" if sweep else None,
                        description.source_distances(latents)[0], hits > 0,
                        None if masks is None else masks[0].record())
+
+    def edit_in_regions(self, editor: Editor, latents: Inversion, description: EditDescription,
+                        masks: Sequence[np.ndarray], seed_keys: Sequence[tuple[int, ...]]) -> tuple[Tensor, Tensor]:
+        """The reconstructions (B, C, H, W) and edits (B, K, C, H, W) of B inverted images, each edit
+        confined to its image's mask ((H, W) in [0, 1], e.g. a part of a synthetic face) as the command
+        line's ``--region`` confines it (``description.region`` says how: h, feather, method)."""
+        specs = [RegionSpec(np.asarray(m, dtype=np.float32), "part", float(np.mean(m))) for m in masks]
+        recon, regions = reconstruction_and_region(editor, description, latents, specs,
+                                                   [f"image {b}" for b in range(len(specs))], None)
+        return recon, editor.edit_all(latents, description, seed_keys, region=regions)
 
     # ---------------------------------------------------------------- the modes
     def run(self, job: Job, exp: Path, overwrite: bool = False, arguments: dict | None = None) -> RunResult:

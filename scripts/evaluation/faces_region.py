@@ -1,0 +1,282 @@
+"""Region-locked edits measured on the synthetic faces (issue 31; docs/faces_report.md section 5).
+
+    .venv/bin/python -m scripts.evaluation.faces_region --n_test 40 --n_loco 6 \\
+        --json docs/faces_region.json --table docs/faces_region.md --picture docs/faces_region.png
+
+For each (attribute, part) pair -- Smiling with the mouth, Eyeglasses with the eyes, a hair colour
+with the hair -- test faces on the attribute's negative side (by the factor predictor) are edited
+toward its positive side, to ``--target`` in the relative unit, with the command line's defaults
+otherwise (the config's t_0, steps, eta, seeds): without a region, with the face's own part mask
+(``--region <part>``: the outside kept on the unedited run, h confined to the part's cells or not
+moved), and with LOCO-Edit's projection (``--region_method loco``) on the first ``--n_loco`` faces.
+Every edit is made by the engine (``Engine.edit_in_regions``, the command line's region edit).
+
+Measured per variant, over the faces (median and quartiles where per face):
+
+- outside changed: the share of the pixels beyond the feather whose 8-bit value moved by more
+  than 2 levels from the reconstruction (the target: under 1 %);
+- leakage (LOCO-Edit's audit): RMS change outside / (RMS change inside + RMS change outside);
+- success: the attribute's predicted score crosses its class threshold (``attribute_scores``);
+- other factors: the mean absolute change of every other predicted factor, each in units of its
+  spread over the test faces;
+- seam: the mean gradient magnitude on the ring of pixels along the region's border, over the
+  reconstruction's there (1: no seam).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runners.engine import Denoising, EditRequest, Move, Region, UserError, load_config, outline_region
+from scripts.evaluation.common import (EngineRunner, command_line, evaluation_engine, load_evaluated_model,
+                                       write_report)
+from utils.faces.factors import ATTRIBUTES, FACTOR_NAMES, PREDICTED_CONTINUOUS, attribute_scores
+from utils.faces.predictor import load_predictor
+from utils.io.images import dequantize, quantize
+from utils.io.plots import labelled_grid
+
+PAIRS = (("Smiling", "mouth"), ("Eyeglasses", "eyes"), ("Blond_Hair", "hair"))
+#: The factors each attribute is defined on (``utils.faces.factors.ATTRIBUTE_RULES``): not "other" factors.
+OWN_FACTORS = {"Smiling": ("smile",), "Eyeglasses": ("glasses",), "Blond_Hair": ("hair_tone", "hair_gray")}
+VARIANTS = ("whole image", "region, h in its cells", "region, h kept", "LOCO projection")
+
+
+@dataclass(frozen=True)
+class Faces:
+    """The evaluated test faces: images (N, 3, 32, 32) in [-1, 1], their names and part masks
+    {part: (N, 32, 32) float32 in [0, 1]}."""
+    images: torch.Tensor
+    names: list[str]
+    masks: dict[str, np.ndarray]
+
+
+def load_faces(data_dir: Path, n: int) -> Faces:
+    """The first ``n`` test faces of the data set and their part masks (masks_test.npz)."""
+    from PIL import Image
+
+    with np.load(data_dir / "masks_test.npz", allow_pickle=False) as parts:
+        names = [str(v) for v in parts["names"][:n]]
+        masks = {str(p): parts["masks"][:n, i].astype(np.float32) / 255.0 for i, p in enumerate(parts["parts"])}
+    images = np.stack([np.asarray(Image.open(data_dir / "images" / "test" / name).convert("RGB"), dtype=np.float32)
+                       for name in names]) / 127.5 - 1.0
+    return Faces(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), names, masks)
+
+
+# ----------------------------------------------------------------------------------- measures
+
+def quantised(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] images -> 8-bit levels, as the edits are written."""
+    return np.rint((x.clamp(-1, 1).numpy() + 1) * 127.5).astype(np.int16)
+
+
+def outside_changed(edit: torch.Tensor, recon: torch.Tensor, kept: np.ndarray) -> float:
+    """The share of kept pixels (``kept`` (H, W) bool) whose 8-bit value changed by more than 2
+    levels in any channel; edit, recon: (C, H, W)."""
+    moved = (np.abs(quantised(edit) - quantised(recon)) > 2).any(axis=0)
+    return float(moved[kept].mean()) if kept.any() else 0.0
+
+
+def leakage(edit: torch.Tensor, recon: torch.Tensor, inside: np.ndarray, outside: np.ndarray) -> float:
+    """RMS change outside / (RMS change inside + RMS change outside) (LOCO-Edit's leakage)."""
+    change = ((edit - recon) ** 2).sum(dim=0).numpy()
+    rms_in = float(np.sqrt(change[inside].mean())) if inside.any() else 0.0
+    rms_out = float(np.sqrt(change[outside].mean())) if outside.any() else 0.0
+    return rms_out / (rms_in + rms_out) if rms_in + rms_out > 0 else 0.0
+
+
+def seam(image: torch.Tensor, ring: np.ndarray) -> float:
+    """The mean gradient magnitude of ``image`` (C, H, W) on the pixels of ``ring`` (H, W) bool."""
+    x = image.clamp(-1, 1).numpy()
+    gy, gx = np.gradient(x, axis=(1, 2))
+    return float(np.sqrt(gx ** 2 + gy ** 2).sum(axis=0)[ring].mean())
+
+
+def border_ring(mask: np.ndarray) -> np.ndarray:
+    """The pixels of the region (mask > 0.5) next to a pixel outside it, and those outside next to it."""
+    inside = mask > 0.5
+    padded = np.pad(inside, 1, mode="edge")
+    near_out = ~padded[:-2, 1:-1] | ~padded[2:, 1:-1] | ~padded[1:-1, :-2] | ~padded[1:-1, 2:]
+    near_in = padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+    return (inside & near_out) | (~inside & near_in)
+
+
+def kept_pixels(mask: np.ndarray, feather: float) -> np.ndarray:
+    """The pixels beyond the feather: farther than ``feather`` from every pixel the mask touches."""
+    from scipy.ndimage import distance_transform_edt
+
+    return distance_transform_edt(~(mask > 0)) >= max(feather, 1e-9)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One variant's numbers over the faces (per face arrays)."""
+    outside: np.ndarray
+    leakage: np.ndarray
+    success: np.ndarray
+    others: np.ndarray
+    seam: np.ndarray
+
+    def summary(self) -> dict:
+        def spread(v):
+            return {"median": float(np.median(v)), "q1": float(np.quantile(v, 0.25)), "q3": float(np.quantile(v, 0.75)),
+                    "mean": float(np.mean(v))}
+        return {"n": int(len(self.success)), "outside_changed": spread(self.outside), "leakage": spread(self.leakage),
+                "success": float(np.mean(self.success)), "other_factors": spread(self.others),
+                "seam": spread(self.seam)}
+
+
+def measure(edits: torch.Tensor, recon: torch.Tensor, masks: np.ndarray, attribute: str, predictor, spread: np.ndarray,
+            feather: float) -> Measured:
+    """The measures of edits (B, C, H, W) against their reconstructions, with the faces' masks (B, H, W)."""
+    predicted = {k: v.double().numpy() for k, v in predictor.predict(edits).items()}
+    before = {k: v.double().numpy() for k, v in predictor.predict(recon).items()}
+    after_m = np.stack([predicted[n] for n in FACTOR_NAMES if n in predicted], axis=1)
+    before_m = np.stack([before[n] for n in FACTOR_NAMES if n in before], axis=1)
+    names = tuple(n for n in FACTOR_NAMES if n in predicted)
+    scores = attribute_scores(after_m, names)[:, ATTRIBUTES.index(attribute)]
+    others = [i for i, n in enumerate(PREDICTED_CONTINUOUS) if n not in OWN_FACTORS[attribute]]
+    continuous = np.stack([predicted[n] - before[n] for n in PREDICTED_CONTINUOUS], axis=1) / spread
+    rows = []
+    for b in range(len(edits)):
+        inside, kept = masks[b] > 0.5, kept_pixels(masks[b], feather)
+        ring = border_ring(masks[b])
+        rows.append((outside_changed(edits[b], recon[b], kept), leakage(edits[b], recon[b], inside, kept),
+                     seam(edits[b], ring) / max(seam(recon[b], ring), 1e-9)))
+    rows = np.array(rows)
+    return Measured(rows[:, 0], rows[:, 1], scores > 0, np.abs(continuous[:, others]).mean(axis=1), rows[:, 2])
+
+
+# ----------------------------------------------------------------------------------- the runs
+
+def negative_rows(runner: EngineRunner, predictor, attribute: str) -> np.ndarray:
+    """The faces the predictor puts on the attribute's negative side."""
+    predicted = {k: v.double().numpy() for k, v in predictor.predict(runner.images).items()}
+    names = tuple(n for n in FACTOR_NAMES if n in predicted)
+    scores = attribute_scores(np.stack([predicted[n] for n in names], axis=1), names)
+    return np.flatnonzero(scores[:, ATTRIBUTES.index(attribute)] < 0)
+
+
+def variant_request(attribute: str, target: float, denoising: Denoising, variant: str, feather: float,
+                    part_mask: str = "part") -> EditRequest:
+    """The command line's request of one variant (the region's spec is a placeholder: the masks are
+    each face's own part, given to ``Engine.edit_in_regions``)."""
+    region = {"whole image": None,
+              "region, h in its cells": Region(part_mask, "cells", feather),
+              "region, h kept": Region(part_mask, "none", feather),
+              "LOCO projection": Region(part_mask, "none", feather, "loco")}[variant]
+    return EditRequest((Move(attribute, target, target),), denoising, k=1, unit="relative", region=region)
+
+
+def run_pair(runner: EngineRunner, attribute: str, part: str, faces: Faces, rows: np.ndarray, args, predictor,
+             spread: np.ndarray, denoising: Denoising) -> tuple[dict, dict]:
+    """Every variant of one (attribute, part) pair: {variant: summary} and {variant: edits} (for the picture)."""
+    t_0 = runner.engine.model.config.edit.t_0
+    results, pictures = {}, {}
+    for variant in VARIANTS:
+        chosen = rows[: args.n_loco] if variant == "LOCO projection" else rows
+        if not len(chosen):
+            continue
+        start = time.perf_counter()
+        sub = runner.subset(chosen)
+        description = sub.describe(t_0, variant_request(attribute, args.target, denoising, variant, args.feather))
+        masks = faces.masks[part][chosen]
+        with sub.session(t_0) as editor:
+            latents = sub.inversion(t_0)
+            if description.region is None:
+                recon, edits = editor.reconstruct(latents, description), editor.edit_all(latents, description,
+                                                                                         sub.seed_keys)
+            else:
+                recon, edits = runner.engine.edit_in_regions(editor, latents, description, masks, sub.seed_keys)
+        measured = measure(edits[:, 0], recon, masks, attribute, predictor, spread, args.feather)
+        results[variant] = {**measured.summary(), "seconds": time.perf_counter() - start}
+        pictures[variant] = (recon, edits[:, 0])
+        print(f"{attribute} / {part}, {variant}: success {results[variant]['success']:.0%}, outside changed "
+              f"{results[variant]['outside_changed']['median']:.2%}, leakage {results[variant]['leakage']['median']:.3f}"
+              f" ({results[variant]['seconds']:.0f} s)", flush=True)
+    return results, pictures
+
+
+def picture(faces: Faces, pairs: dict, path: Path, n: int = 3) -> None:
+    """Rows: a few faces of each pair; columns: original, reconstruction, each variant's edit, the
+    region-locked ones with the part outlined; upscaled 4x for reading."""
+    cells, labels = [], ["original", "reconstruction", *VARIANTS]
+    for (attribute, part), (rows, shown) in pairs.items():
+        for j, row in enumerate(rows[:n]):
+            recon, _ = shown["whole image"]
+            line = [faces.images[row], recon[j]]
+            for variant in VARIANTS:
+                edit = shown[variant][1][j] if variant in shown and j < len(shown[variant][1]) else torch.ones_like(recon[j])
+                line.append(edit if variant == "whole image" else
+                            dequantize(outline_region(quantize(edit[None]), faces.masks[part][row]))[0])
+            cells += line
+    images = torch.nn.functional.interpolate(torch.stack(cells).clamp(-1, 1), scale_factor=4, mode="nearest")
+    labelled_grid(images, path, column_labels=labels, ncol=len(labels))
+
+
+def table(report: dict) -> str:
+    lines = ["| attribute / part | variant | success | outside changed (> 2/255), median [IQR] | leakage | "
+             "other factors (sd) | seam |", "|---|---|---|---|---|---|---|"]
+    for pair, variants in report["pairs"].items():
+        for variant, r in variants.items():
+            o, leak, oth, sm = r["outside_changed"], r["leakage"], r["other_factors"], r["seam"]
+            lines.append(f"| {pair} | {variant} (n {r['n']}) | {r['success']:.0%} | {o['median']:.2%} "
+                         f"[{o['q1']:.2%}, {o['q3']:.2%}] | {leak['median']:.3f} | {oth['median']:.3f} | "
+                         f"{sm['median']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="faces.yml")
+    parser.add_argument("--model_path", type=Path, default=None)
+    parser.add_argument("--data_dir", type=Path, default=Path("data/faces"))
+    parser.add_argument("--boundary_dir", type=Path, default=Path("boundary"))
+    parser.add_argument("--n_test", type=int, default=40, help="test faces considered (those on the negative side are edited)")
+    parser.add_argument("--n_loco", type=int, default=6, help="faces edited with LOCO's projection (an exact Jacobian each)")
+    parser.add_argument("--target", type=float, default=1.5, help="the edit's target in the relative unit")
+    parser.add_argument("--feather", type=float, default=2.0, help="the region's feather, pixels")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--table", type=Path, default=None)
+    parser.add_argument("--picture", type=Path, default=None)
+    args = parser.parse_args(argv)
+    try:
+        return run(args, argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace, argv) -> int:
+    start = time.perf_counter()
+    config = load_config(args.config)
+    model = load_evaluated_model(config, args.model_path, "fp32", args.threads)
+    faces = load_faces(args.data_dir, args.n_test)
+    runner = EngineRunner(evaluation_engine(model), faces.images, config.edit.n_inv_step, 8, args.boundary_dir)
+    predictor = load_predictor()
+    measured = predictor.predict(faces.images)
+    spread = np.array([float(measured[n].double().std()) for n in PREDICTED_CONTINUOUS])
+    denoising = Denoising(config.edit.n_test_step, batch_size=8)
+    report, shown = {"pairs": {}}, {}
+    for attribute, part in PAIRS:
+        rows = negative_rows(runner, predictor, attribute)
+        results, pictures = run_pair(runner, attribute, part, faces, rows, args, predictor, spread, denoising)
+        report["pairs"][f"{attribute} / {part}"] = results
+        shown[(attribute, part)] = (rows, pictures)
+    report.update(command=command_line(argv), seconds=time.perf_counter() - start, n_test=args.n_test,
+                  target=args.target, feather=args.feather, t_0=config.edit.t_0)
+    write_report(report, table(report), args.json, args.table)
+    if args.picture:
+        picture(faces, shown, args.picture)
+    print(table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
