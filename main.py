@@ -2,7 +2,8 @@
 
 Modes: --boundary_search (fit SVM boundaries on inverted latents), --edit_image_boundary (edit real
 images -- a file, a folder or a glob -- across them), --unconditional (edit sampled latents),
---radius (mixing-step analysis), --serve (the web app: edit in the browser, docs/app.md).
+--radius (mixing-step analysis; with --edit_attr also the t_0 report), --discover (directions without
+labels, written as boundary files), --serve (the web app: edit in the browser, docs/app.md).
 Defaults marked "config" come from the config's edit section. Errors print one line and exit 1.
 Under torchrun, --boundary_search and folder edits shard their images across the processes
 (docs/distributed.md).
@@ -158,6 +159,10 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--bs_train", type=_positive_int, default=None, help="inversion batch size (default: 1 for 256-px models on the CPU, else 8)")
     data.add_argument("--bs_test", type=_positive_int, default=None, help="batch size of the radius analysis (default: 1 for 256-px models on the CPU, else 8)")
     data.add_argument("--boundary_dir", type=Path, default=Path("boundary"), help="where boundary files are written")
+    data.add_argument("--within", type=Path, default=None,
+                      help="--boundary_search: fit each SVM on the latents' coordinates in the subspace the "
+                           "directions of this folder span (written by --discover), a few labels suffice "
+                           "(e.g. --n_train_img 10)")
     data.add_argument("--align_face", type=_int, default=None, choices=(0, 1),
                       help="--edit_image_boundary: 1 aligns the largest face the FFHQ way (dlib landmarks; "
                            "pip install -r requirements-face.txt) and edits that crop, 0 does not "
@@ -221,6 +226,23 @@ def _edit_flags(parser: argparse.ArgumentParser) -> None:
 
 
 
+def _discover_flags(parser: argparse.ArgumentParser) -> None:
+    """Directions without labels (--discover)."""
+    found = parser.add_argument_group("directions without labels (--discover)")
+    found.add_argument("--n_directions", type=_positive_int, default=8, help="directions found in each space")
+    found.add_argument("--n_discover_img", type=_positive_int, default=64,
+                       help="images inverted (the first of --img_path, else of the data folder)")
+    found.add_argument("--discover_prefix", default="pc", help="the directions' names: PREFIX_00, PREFIX_01, ...")
+    found.add_argument("--oversample", type=_int, default=8,
+                       help="extra vectors of the Jacobian's subspace iteration (faster convergence)")
+    found.add_argument("--n_power_iter", type=_int, default=5, help="power steps of the Jacobian's subspace iteration")
+    found.add_argument("--sheet_images", type=_int, default=3,
+                       help="images of the contact sheet (each direction in each space; 0: none)")
+    found.add_argument("--sheet_range", type=_positive_float, default=3.0,
+                       help="the contact sheet's edits span -R..+R in the relative unit (K points: --edit_img_number, "
+                            "default 5)")
+
+
 def _mixing_and_app_flags(parser: argparse.ArgumentParser) -> None:
     """The mixing-step analysis and the web app."""
     mix = parser.add_argument_group("mixing step")
@@ -242,11 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--boundary_search", action="store_true", help="invert labelled images to t_0 and fit boundaries")
     mode.add_argument("--edit_image_boundary", action="store_true", help="edit real images (a file, a folder or a glob) across the boundaries")
     mode.add_argument("--unconditional", action="store_true", help="edit latents sampled from noise")
-    mode.add_argument("--radius", action="store_true", help="mixing-step analysis: radius of sampled vs inverted latents")
+    mode.add_argument("--radius", action="store_true", help="mixing-step analysis: radius of sampled vs inverted "
+                                                             "latents; with --edit_attr also the t_0 report")
+    mode.add_argument("--discover", action="store_true",
+                      help="directions without labels: the top Jacobian directions of z and principal directions of h "
+                           "of N inverted images, written as boundary files (pc_00, ...) with a contact sheet")
     mode.add_argument("--serve", action="store_true",
                       help="web app: edit in the browser with a distance slider (pip install -r requirements-ui.txt)")
 
-    for add in (_run_flags, _diffusion_flags, _search_flags, _edit_flags, _mixing_and_app_flags):
+    for add in (_run_flags, _diffusion_flags, _search_flags, _edit_flags, _discover_flags, _mixing_and_app_flags):
         add(parser)
     return parser
 

@@ -22,6 +22,8 @@ SHARDED_MODES = ("boundary_search", "edit_image_boundary")
 
 def _print_search(summary: dict) -> None:
     names = [summary["attribute"]] if "attribute" in summary else list(summary["attributes"])
+    if "within" in summary:
+        print(f"fitted within the {summary['within']['dimensions']} directions of {summary['within']['folder']}")
     for name in names:
         spaces = summary["spaces"] if "attribute" in summary else summary["attributes"][name]
         for space, fit in spaces.items():
@@ -46,10 +48,21 @@ def report(settings: Settings, result: RunResult) -> None:
         print(f"wrote {summary['n_written']} edits and grid.png")
     elif settings.mode == "unconditional":
         print(f"wrote {settings.job.n_samples} edit sequence(s)")
+    elif settings.mode == "discover":
+        for line in summary["names"]:
+            print(line)
+        print(f"wrote {summary['n_directions']} directions (z and h) to {settings.job.boundary_dir}"
+              + (" and contact_sheet.png" if summary["contact_sheet"] else ""))
     else:
         print(summary["table"])
         print(f"mixing step t_m = {summary['t_m']} (largest t with relative radius difference <= "
               f"{settings.job.epsilon})")
+        if summary.get("t0"):
+            t0 = summary["t0"]
+            print(t0["table"])
+            recommended = t0["recommended"]
+            print(f"recommended t_0 for {t0['attribute']}: {recommended['t_0']} ({recommended['rule']})"
+                  + (f"; {recommended['versus_t_m']}" if recommended["versus_t_m"] else ""))
     print(f"results in {result.folder}")
 
 

@@ -9,12 +9,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from runners.engine import (MAX_EDITS, MOVED, BoundaryIndex, Config, Denoising, EditJob, EditRequest, Inverting, Move,
+from runners.engine import (MAX_EDITS, MOVED, BoundaryIndex, Config, Denoising, DiscoverJob, EditJob, EditRequest, Inverting, Move,
                             RadiusJob, Region, SampleJob, SearchJob, UserError, check_request, check_steps, fitted_t_0, latent_shapes)
 
 log = logging.getLogger(__name__)
 
-MODES = ("boundary_search", "edit_image_boundary", "unconditional", "radius")
+MODES = ("boundary_search", "edit_image_boundary", "unconditional", "radius", "discover")
 EDIT_MODES = ("edit_image_boundary", "unconditional")
 #: The flags each run-level field comes from, and those --serve honours besides them.
 SERVE_FLAGS = {"config", "model_path", "cache_dir", "no_cache", "device", "precision", "verbose", "t_0",
@@ -40,12 +40,12 @@ class RunSettings:
 class Settings:
     """A run: its run-level settings and the engine's job (``runners.engine``), complete when built."""
     run: RunSettings
-    job: SearchJob | EditJob | SampleJob | RadiusJob
+    job: SearchJob | EditJob | SampleJob | RadiusJob | DiscoverJob
 
     @property
     def mode(self) -> str:
         return {SearchJob: "boundary_search", EditJob: "edit_image_boundary", SampleJob: "unconditional",
-                RadiusJob: "radius"}[type(self.job)]
+                RadiusJob: "radius", DiscoverJob: "discover"}[type(self.job)]
 
     def to_dict(self) -> dict:
         """The settings as plain values, for summary.json."""
@@ -169,18 +169,39 @@ def _edit_job(args, config, mode: str, batches: dict) -> EditJob | SampleJob:
                    args.save_tensors)
 
 
+def _discover_job(args: argparse.Namespace, config: Config, t_0: int, batches: dict) -> DiscoverJob:
+    """--discover: the images, the directions' search and names, the contact sheet's edits."""
+    steps = args.n_test_step if args.n_test_step is not None else config.edit.n_test_step
+    denoising = Denoising(steps, args.eta, args.h_policy, args.seed, batches["edit_batch_size"])
+    sheet = {} if args.edit_img_number is None else {"sheet_points": args.edit_img_number}
+    return DiscoverJob(_inverting(args, config, t_0, batches["bs_train"], "discover"), args.img_path, args.data_dir,
+                       args.boundary_dir, denoising, n_images=args.n_discover_img, n_directions=args.n_directions,
+                       prefix=args.discover_prefix, oversample=args.oversample, n_power_iter=args.n_power_iter,
+                       sheet_images=args.sheet_images, sheet_range=args.sheet_range, seed=args.seed,
+                       overwrite=args.ni, **sheet)
+
+
 def _job(args: argparse.Namespace, config: Config, mode: str, batches: dict):
+    if args.within is not None and mode != "boundary_search":
+        raise UserError(f"--within is for --boundary_search, not --{mode}")
     if mode in EDIT_MODES:
         return _edit_job(args, config, mode, batches)
     if args.edit or args.grid:
         raise UserError(f"--edit and --grid are for the edit modes, not --{mode}")
     t_0 = args.t_0 if args.t_0 is not None else config.edit.t_0
+    if mode == "discover":
+        return _discover_job(args, config, t_0, batches)
     if mode == "radius":
+        n_inv_step = args.n_inv_step if args.n_inv_step is not None else config.edit.n_inv_step
         return RadiusJob(args.img_path, args.data_dir or (Path(config.data.data_dir) if config.data.data_dir else None),
-                         args.n_test_img, args.radius_step, args.radius_eps, batches["bs_test"], args.seed)
+                         args.n_test_img, args.radius_step, args.radius_eps, batches["bs_test"], args.seed,
+                         attribute=args.edit_attr,
+                         attr_file=args.attr_file or (Path(config.data.attr_file) if config.data.attr_file else None),
+                         n_train_img=args.n_train_img, n_test_img=args.n_test_img, n_inv_step=n_inv_step,
+                         svm_c=args.svm_c)
     return SearchJob(_inverting(args, config, t_0, batches["bs_train"], mode), args.edit_attr, args.data_dir,
                      args.attr_file, args.pos_dir, args.neg_dir, args.n_train_img, args.n_test_img, args.svm_c,
-                     args.balance, args.boundary_dir, args.seed, args.ni)
+                     args.balance, args.boundary_dir, args.seed, args.ni, within=args.within)
 
 
 def resolve_settings(args: argparse.Namespace, config: Config, default_batch_size: int = 8) -> Settings:

@@ -15,11 +15,13 @@ from models.loading import LoadedModel, load_model
 from models.runtime import PRECISIONS, InferenceNet, cpu_flags, default_batch_size, pick_device, retain_freed_memory
 from runners.engine.boundaries import AUTO_SCALE, BoundaryIndex, auto_span, fitted_t_0, relative_scale
 from runners.engine.describe import MAX_HOLD_RATIO, EditDescription
+from runners.engine.discover import DiscoverJob, factor_matches
 from runners.engine.editor import Editor
 from runners.engine.engine import Engine, EngineOptions, OneEdit, RunResult, check_job, latent_cache_root
 from runners.engine.outputs import edit_file_names
 from runners.engine.outputs import outline as outline_region
 from runners.engine.sessions import server_folder
+from runners.engine.t0_report import recommend_t0, t0_report
 from runners.engine.requests import (MAX_ATTRIBUTES, MAX_DISTANCE, MAX_EDITS, MAX_POINTS, REGION_H, UNITS, Denoising,
                                      EditJob, EditLimits, EditRequest, Inverting, Move, RadiusJob, Region, SampleJob,
                                      SearchJob, check_request, check_steps, spaced)
@@ -57,6 +59,8 @@ __all__ = [
     "AUTO_SCALE", "BoundaryIndex", "H_POLICIES", "HOLD_THRESHOLD", "MAX_ATTRIBUTES", "MAX_DISTANCE", "MAX_EDITS",
     "BoundaryRecord", "save_boundary",
     "MAX_HOLD_RATIO", "MAX_POINTS", "MOVED", "SVM_C_RANGE", "SPACES", "UNITS", "auto_span", "fitted_t_0", "relative_scale",
+    # directions without labels (--discover), the faces' naming of them, which t_0
+    "DiscoverJob", "factor_matches", "recommend_t0", "t0_report",
     # errors
     "UserError",
 ]

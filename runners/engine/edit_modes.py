@@ -21,12 +21,13 @@ from runners.engine.outputs import (SequenceWriter, edit_label, folder_names, wr
                                     write_summary)
 from runners.engine.regions import part_folders, region_edits, region_masks
 from runners.engine.requests import EditJob, RadiusJob, SampleJob
+from runners.engine.t0_report import Labelled, labelled_for_report, t0_report
 from utils.core.diffusion import Inversion, sampling_pairs
 from utils.core.editing import RegionEdits
 from utils.core.seeds import EDIT, RADIUS_NOISE, SAMPLE_EDIT, image_key, item_seed
 from utils.distributed import ProcessContext, broadcast_from_main, gather_to_main, shard, unshard
 from utils.errors import UserError
-from utils.io.files import write_json
+from utils.io.files import write_bytes, write_json
 from utils.io.images import expand_image_paths, list_images
 from utils.io.plots import radius_plot
 
@@ -230,22 +231,42 @@ def radius_images(job: RadiusJob) -> list[Path]:
     return paths
 
 
+def radius_labelled(job: RadiusJob) -> Labelled | None:
+    """The labelled images of the t_0 report (``--radius --edit_attr A``), split; None without an attribute."""
+    if not job.attribute:
+        return None
+    if not job.data_dir or not job.attr_file:
+        raise UserError("--radius --edit_attr needs --data_dir and --attr_file (the config names none)")
+    return labelled_for_report(job.attribute, job.data_dir, job.attr_file, job.n_train_img, job.n_test_img, job.seed)
+
+
 def radius(editor: Editor, job: RadiusJob, run_dir: Path, summary: dict) -> dict:
     """The mixing-step analysis (docs/algorithm.md section 7): the radius of sampled vs inverted
     latents over t, written as radius.json, radius.csv and radius.png; returns the curves with
-    ``table`` (the CSV text)."""
+    ``table`` (the CSV text). With ``job.attribute`` also the t_0 report at the same candidates
+    (t0_report.json, t0_report.csv; its recommendation in summary.json as ``t0``)."""
     paths = radius_images(job)
+    labelled = radius_labelled(job)
     reader = ImageReader.for_config(editor.config, align_face=False)
     real = torch.stack([reader.read(p) for p in paths])
     generator = torch.Generator().manual_seed(item_seed(job.seed, domain=RADIUS_NOISE))
     noise = torch.randn((job.n_images, *editor.shapes["z"]), generator=generator)
     T = editor.config.diffusion.num_diffusion_timesteps
-    result = editor.radius_curves(real, noise, sorted(set(range(0, T, job.step)) | {T - 1}), job.epsilon,
-                                  job.batch_size)
+    candidates = sorted(set(range(0, T, job.step)) | {T - 1})
+    result = editor.radius_curves(real, noise, candidates, job.epsilon, job.batch_size)
     identity = editor.model.identity.summary()
+    t0 = None
+    if labelled is not None:
+        t0 = t0_report(editor.model, [t for t in candidates if t >= 1], job.n_inv_step, labelled=labelled,
+                       t_m=result["t_m"], svm_c=job.svm_c, batch_size=job.batch_size,
+                       cache_root=editor.cache.root if editor.cache else None, show_progress=editor.net.show)
+        write_json(run_dir / "t0_report.json", {**t0, "n_train": len(labelled.train), "n_test": len(labelled.test),
+                                                **identity})
+        write_bytes(run_dir / "t0_report.csv", (t0["table"] + "\n").encode())
     write_json(run_dir / "radius.json", {**result, "n_real": len(real), "n_sampled": len(noise),
                                          "images": [str(p) for p in paths], **identity})
     table = write_radius_table(result, run_dir / "radius.csv")
-    write_summary(run_dir, {"mode": "radius", "t_m": result["t_m"], "epsilon": job.epsilon, **summary, **identity})
+    write_summary(run_dir, {"mode": "radius", "t_m": result["t_m"], "epsilon": job.epsilon, **summary, **identity,
+                            **({"t0": t0["recommended"], "t0_attribute": t0["attribute"]} if t0 else {})})
     radius_plot(result, job.epsilon, run_dir / "radius.png")
-    return {**result, "table": table}
+    return {**result, "table": table, "t0": t0}

@@ -25,12 +25,14 @@ from runners.engine.boundaries import BoundaryIndex
 from runners.engine.describe import EditDescription, describe_edit
 from models.checkpoints import default_cache_dir
 from runners.engine.edit_modes import edit_images, edit_samples, radius, radius_images, reconstruction_and_region
+from runners.engine.discover import DiscoverJob, plan_discover, run_discover
+from runners.engine.edit_modes import radius_labelled
 from runners.engine.editor import Editor, ImageReader, RecentLatents, RecentReconstructions
 from runners.engine.regions import check_masks, is_part, region_masks
 from runners.engine.outputs import SequenceWriter, edit_file_names
 from runners.engine.requests import (MAX_GRID_PIXELS, EditJob, EditRequest, Job, RadiusJob, SampleJob, SearchJob,
                                      check_steps, check_t_0)
-from runners.engine.search import plan_search, run_search, write_search_summary
+from runners.engine.search import plan_search, run_search, within_bases, write_search_summary
 from utils.core.diffusion import Inversion
 from utils.core.seeds import image_key
 from utils.distributed import SINGLE, ProcessContext
@@ -53,6 +55,9 @@ def check_job(job: Job, config: Config) -> None:
         expand_image_paths(job.images)
     elif isinstance(job, RadiusJob):
         radius_images(job)
+        radius_labelled(job)
+    elif isinstance(job, DiscoverJob):
+        plan_discover(job, config)
     elif isinstance(job, SearchJob):
         data_dir = job.data_dir or (Path(config.data.data_dir) if config.data.data_dir else None)
         attr_file = job.attr_file or (Path(config.data.attr_file) if config.data.attr_file else None)
@@ -65,7 +70,8 @@ def check_job(job: Job, config: Config) -> None:
 
 
 #: Each mode's subfolder of --exp.
-SUBFOLDERS = {SearchJob: "boundary_search", EditJob: "edit", SampleJob: "unconditional", RadiusJob: "radius"}
+SUBFOLDERS = {SearchJob: "boundary_search", EditJob: "edit", SampleJob: "unconditional", RadiusJob: "radius",
+              DiscoverJob: "discover"}
 
 
 @dataclass(frozen=True)
@@ -231,7 +237,7 @@ class Engine:
         in summary.json. Under torchrun, rank 0 alone makes the folder and writes the summaries."""
         process = self.options.process
         prepare = {SearchJob: self._prepare_search, EditJob: self._prepare_edit, SampleJob: self._prepare_edit,
-                   RadiusJob: self._prepare_radius}[type(job)]
+                   RadiusJob: self._prepare_radius, DiscoverJob: self._prepare_discover}[type(job)]
         editor, work = prepare(job)  # every check that needs the model, before the folder exists
         folder = RunFolder(exp, SUBFOLDERS[type(job)], overwrite=overwrite, inputs=self._inputs(job)) \
             if process.is_main else None
@@ -245,9 +251,10 @@ class Engine:
         data = self.model.config.data
         plan = plan_search(job, job.data_dir or (Path(data.data_dir) if data.data_dir else None),
                            job.attr_file or (Path(data.attr_file) if data.attr_file else None))
+        bases = within_bases(job, editor)
 
         def work(editor, folder, run_dir, summary):
-            result = run_search(editor, job, plan, folder, run_dir, self.options.process)
+            result = run_search(editor, job, plan, folder, run_dir, self.options.process, bases)
             if run_dir is not None:
                 result = {**summary, **result}
                 write_search_summary(run_dir, result)
@@ -273,6 +280,15 @@ class Engine:
         editor = self._new_editor(1, 2)  # the radius walks its own candidate timesteps, not an inversion grid
         return editor, lambda editor, folder, run_dir, summary: radius(editor, job, run_dir, summary)
 
+    def _prepare_discover(self, job: DiscoverJob):
+        editor = self._new_editor(job.inverting.t_0, job.inverting.n_inv_step)
+        plan = plan_discover(job, self.model.config)
+        index = self.boundary_index(job.boundary_dir)  # the supervised boundaries, before this run writes any
+
+        def work(editor, folder, run_dir, summary):
+            return run_discover(editor, job, plan, index, folder, run_dir, summary)
+        return editor, work
+
     def _inputs(self, job: Job) -> list[Path]:
         """Every path the run reads (or writes outside its folder): none may be replaced by it."""
         named = []
@@ -280,6 +296,6 @@ class Engine:
             named = [p for m in job.request.moves for p in (m.paths or {}).values()]
             named += [p for paths in job.request.held_paths.values() for p in paths]
         paths = [getattr(job, name, None) for name in ("images", "data_dir", "attr_file", "pos_dir", "neg_dir",
-                                                       "boundary_dir")]
+                                                       "boundary_dir", "within")]
         cache = self.options.cache_root
         return [Path(p) for p in [*paths, *named, self.model.checkpoint, cache] if p]

@@ -256,7 +256,9 @@ class Inverting:
 class SearchJob:
     """A boundary search (``--boundary_search``): ``attributes`` one name, ``a,b,c`` or ``all`` (or
     None with ``pos_dir``/``neg_dir``); the images and attribute file; the split; the SVM's C and
-    class balancing; where the files go (``overwrite``: --ni)."""
+    class balancing; where the files go (``overwrite``: --ni); ``within``: a folder of discovered
+    directions (``--discover``), each SVM then fitted on the latents' coordinates in the subspace
+    they span (runners/engine/within.py)."""
     inverting: Inverting
     attributes: str | None
     data_dir: Path | None
@@ -270,6 +272,7 @@ class SearchJob:
     boundary_dir: Path
     seed: int
     overwrite: bool = False
+    within: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -304,7 +307,10 @@ class SampleJob:
 class RadiusJob:
     """The mixing-step analysis (``--radius``): ``n_images`` real images (``images``: a file,
     folder or glob; else the data folder) against as many noise samples, candidates every
-    ``step`` timesteps, ``epsilon`` the relative radius difference counted as mixed."""
+    ``step`` timesteps, ``epsilon`` the relative radius difference counted as mixed. With
+    ``attribute`` (``--edit_attr``) also the t_0 report (runners/engine/t0_report.py) at the same
+    candidates: ``n_train_img`` + ``n_test_img`` labelled images of ``attr_file`` inverted at each,
+    in ``n_inv_step`` points, SVMs at C ``svm_c``."""
     images: Path | None
     data_dir: Path | None
     n_images: int
@@ -312,6 +318,12 @@ class RadiusJob:
     epsilon: float
     batch_size: int
     seed: int
+    attribute: str | None = None
+    attr_file: Path | None = None
+    n_train_img: int = 20
+    n_test_img: int = 20
+    n_inv_step: int = 40
+    svm_c: float = 1.0
 
 
 Job = SearchJob | EditJob | SampleJob | RadiusJob

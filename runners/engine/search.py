@@ -18,6 +18,7 @@ import torch
 
 from runners.engine.editor import Editor, ImageReader
 from runners.engine.requests import SearchJob
+from runners.engine.within import fit_space_within, within_basis
 from utils.core.atlas import phi_matrix
 from utils.core.batching import batch_slices
 from utils.core.boundary import MIN_CLASS_COUNT, class_counts, class_summary, fit_attributes, split_indices
@@ -151,14 +152,33 @@ def _fit_space(space: str, rows: LatentRows, job: SearchJob, plan: SearchSet, di
         raise UserError(f"the {space} boundary cannot be fitted at --svm_c {job.svm_c:g}: {exc}; {hint}") from None
 
 
-def _records(editor: Editor, job: SearchJob, plan: SearchSet, rows: LatentRows, grams: dict) -> tuple[dict, dict]:
-    """{attribute: {space: BoundaryRecord}} and the report's distances {(attribute, space): ...}."""
+def within_bases(job: SearchJob, editor: Editor) -> dict | None:
+    """With --within: {space: (basis (r, D), its files)}, the directions of that folder at the run's
+    t_0 (``within_basis``), checked before any image is read; None without --within."""
+    if job.within is None:
+        return None
+    if Path(job.within).resolve() == Path(job.boundary_dir).resolve():
+        raise UserError(f"--within {job.within} is also --boundary_dir: the new boundary would join the directions "
+                        "it is fitted in; write it to another folder")
+    return {space: within_basis(Path(job.within), editor.config.name, editor.shapes, editor.t_0, space,
+                                editor.model.checkpoint_sha256) for space in SPACES}
+
+
+def _records(editor: Editor, job: SearchJob, plan: SearchSet, rows: LatentRows, grams: dict,
+             bases: dict | None = None) -> tuple[dict, dict]:
+    """{attribute: {space: BoundaryRecord}} and the report's distances {(attribute, space): ...};
+    with ``bases`` (--within) each SVM is fitted on the coordinates in the space's basis."""
     records, report = {name: {} for name in plan.names}, {}
     order = np.concatenate([plan.train, plan.test])
     labels_train, labels_test = plan.labels[plan.train], plan.labels[plan.test]
     for space in SPACES:
         dim = int(np.prod(editor.shapes[space]))
-        fits = _fit_space(space, rows, job, plan, dim, grams.get(space), editor.device)
+        if bases is None:
+            fits = _fit_space(space, rows, job, plan, dim, grams.get(space), editor.device)
+        else:
+            fits = fit_space_within(rows.readers[space], len(plan.train), len(plan.test), plan.labels[plan.train],
+                                    plan.labels[plan.test], bases[space][0], job.svm_c,
+                                    SEARCH_BALANCE if job.balance else "none", job.seed, plan.names, space)
         for a, (name, fit) in enumerate(zip(plan.names, fits)):
             y_train = (labels_train[fit.train_rows, a] > 0).astype(np.int64)
             y_test = (labels_test[fit.test_rows, a] > 0).astype(np.int64)
@@ -201,9 +221,9 @@ def _publish(job: SearchJob, folder: RunFolder, run_dir: Path, plan: SearchSet, 
 
 
 def run_search(editor: Editor, job: SearchJob, plan: SearchSet, folder: RunFolder | None, run_dir: Path | None,
-               process: ProcessContext) -> dict:
+               process: ProcessContext, bases: dict | None = None) -> dict:
     """Invert, fit and write (rank 0 writes; the others invert their shares and help with the Gram
-    matrices). Returns the summary (empty on other ranks)."""
+    matrices). ``bases``: ``within_bases`` (--within). Returns the summary (empty on other ranks)."""
     if folder is not None:  # before the long inversion: the boundaries can be written
         folder.created_dirs(check_writable_dir(Path(job.boundary_dir)))
     start = time.perf_counter()
@@ -219,7 +239,7 @@ def run_search(editor: Editor, job: SearchJob, plan: SearchSet, folder: RunFolde
     if folder is None:
         return {}
     start = time.perf_counter()
-    records, report = _records(editor, job, plan, rows, grams)
+    records, report = _records(editor, job, plan, rows, grams, bases)
     fit_seconds = time.perf_counter() - start
     written = _publish(job, folder, run_dir, plan, records, report, editor.config.name, editor.t_0)
     attributes = {name: {space: {"path": str(written[name][space]), "train_acc": records[name][space].train_acc,
@@ -230,6 +250,9 @@ def run_search(editor: Editor, job: SearchJob, plan: SearchSet, folder: RunFolde
                "invert_seconds": invert_seconds, "fit_seconds": fit_seconds, **rows.sharding,
                "train_images": [str(plan.paths[i]) for i in plan.train],
                "test_images": [str(plan.paths[i]) for i in plan.test], **editor.model.identity.summary()}
+    if bases is not None:
+        summary["within"] = {"folder": str(job.within), "dimensions": len(bases["z"][1]),
+                             "files": {space: [str(p) for p in bases[space][1]] for space in SPACES}}
     if len(plan.names) == 1:
         summary.update(attribute=plan.names[0], spaces=attributes[plan.names[0]])
     else:

@@ -170,7 +170,7 @@ def _subspace_iteration(f: Callable[[Tensor], Tensor], x: Tensor, rank: int, blo
     def jtu(u: Tensor) -> Tensor:
         return pullback(u)[0]
 
-    V = _orthonormal_rows(torch.randn(block, x.numel(), generator=generator, dtype=torch.float64))
+    V = _orthonormal_rows(torch.randn(block, x.numel(), generator=generator, dtype=torch.float64)).to(x.device)
     JV, batching = _choose_batching(jv, V.to(x.dtype), batching)
     ritz, s = _ritz(V, JV, rank)
     angles = []
@@ -412,7 +412,7 @@ def edit_linearity(net: Net, x_t: Tensor, t: int, alphas_cumprod: Tensor, direct
     norm = n.norm()
     if norm == 0 or not torch.isfinite(norm):
         raise ValueError("the direction is zero or not finite")
-    n = (n / norm).to(x.dtype)
+    n = (n / norm).to(device=x.device, dtype=x.dtype)
     with torch.no_grad():
         base, Jn = jvp(f, (x,), (n,))
         moved = f(x + step * n)
