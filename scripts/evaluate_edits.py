@@ -4,11 +4,13 @@
     python -m scripts.evaluate_edits --attribute thick --ablations --quality \\
         --json docs/digits_eval.json --table docs/digits_eval.md --grid docs/digits_thick_edits.png
     python -m scripts.evaluate_edits --joint                 # thick and slant together (issue 22)
+    python -m scripts.evaluate_edits --config faces.yml --quality --entanglement --ablations   # the faces
 
 The evaluation is chosen by the config's ``data.dataset`` (``--config``, default digits.yml): each
 data set has its module in ``scripts/evaluation/`` (``EVALUATIONS``), which parses its own flags
 (``--help`` lists them) and measures its own attributes; every edit goes through ``runners.engine``
-(``scripts/evaluation/common.py``). What the digits evaluation measures: ``scripts/evaluation/digits.py``.
+(``scripts/evaluation/common.py``). What the digits evaluation measures: ``scripts/evaluation/digits.py``;
+the faces: ``scripts/evaluation/faces.py``.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from runners.engine import UserError, load_config
 #: data.dataset -> the module of its evaluation (it provides ``main(argv) -> int``).
 EVALUATIONS = {
     "digits": "scripts.evaluation.digits",
-    # "faces": "scripts.evaluation.faces",  # the synthetic faces (configs/faces.yml): to come
+    "faces": "scripts.evaluation.faces",  # the synthetic faces (configs/faces.yml)
 }
 
 

@@ -54,6 +54,15 @@ class EngineRunner:
     def session(self, t_0: int) -> ContextManager[Editor]:
         return self.engine.session(t_0, self.n_inv_step)
 
+    def subset(self, rows: Sequence[int]) -> "EngineRunner":
+        """A runner of the images ``rows`` only, on the same engine, boundary folder and batch size,
+        with the latents already inverted here (an image's latents, and its edits' seeds, depend on
+        its pixels alone, not on the other images of the run)."""
+        rows = list(rows)
+        other = EngineRunner(self.engine, self.images[rows], self.n_inv_step, self.batch_size, self.index.folder)
+        other._latents = {t: Inversion(latents.z[rows], latents.h[rows]) for t, latents in self._latents.items()}
+        return other
+
     # ------------------------------------------------------------------ boundaries and descriptions
     def boundaries(self, attribute: str, t_0: int) -> dict[str, Path]:
         """{space: file} the engine edits ``attribute`` at ``t_0`` with (``BoundaryIndex.find``, the
@@ -194,7 +203,7 @@ def ablations(default: Setting, t_0s: Sequence[int], scales: Sequence[float], sh
     other eta (0 / 1), other t_0 values (the range moved by ``shift(t_0)``) and ranges scaled by
     ``scales`` about their centre."""
     replace = dataclasses.replace
-    found = [replace(default, name=f"{space} only", space=space) for space in ("z", "h") if space != default.space]
+    found = [replace(default, name=f"{space} only", space=space) for space in SPACES if space != default.space]
     if default.space != "both":
         found.append(replace(default, name="both", space="both"))
     other_policy = "once" if default.h_policy == "lagged" else "lagged"
