@@ -133,7 +133,8 @@ def edit_request(args: argparse.Namespace, config: Config, batch_size: int) -> t
                                                      args.region_rank)
     if region is None and (args.region_h != "cells" or args.feather != 2.0 or args.region_method != "blend"):
         raise UserError("--region_h, --feather and --region_method go with --region")
-    request = EditRequest(moves, denoising, k, held, held_paths, args.edit_space, args.edit_unit, args.grid,
+    unit = args.edit_unit or config.edit.unit
+    request = EditRequest(moves, denoising, k, held, held_paths, args.edit_space, unit, args.grid,
                           args.force, region)
     return check_request(request), t_0
 

@@ -91,6 +91,7 @@ class EditConfig:
     end_distance: float = 150.0
     edit_img_number: int = 20
     attribute: str = ""  # the attribute an edit names when none is given (the web app opens on it)
+    unit: str = "absolute"  # the unit of start_distance / end_distance and of --edit values: absolute or relative
 
 
 #: The most distances (--edit_img_number, edit.edit_img_number) one run may ask for: every edit of
@@ -310,6 +311,8 @@ def _validated(config: Config) -> Config:
     if diff.beta_start > diff.beta_end:
         raise ConfigError(f"config key 'diffusion.beta_start' ({diff.beta_start}) must not exceed "
                         f"'diffusion.beta_end' ({diff.beta_end})")
+    if e.unit not in ("absolute", "relative"):
+        raise ConfigError(f"config key 'edit.unit' must be absolute or relative, got {quote(e.unit)}")
     if e.t_0 > diff.num_diffusion_timesteps - 1:
         raise ConfigError(f"config key 'edit.t_0' must be in [1, {diff.num_diffusion_timesteps - 1}], got {e.t_0}")
     return config
