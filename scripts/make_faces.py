@@ -12,6 +12,7 @@ writes, under ``DEST/faces/`` (docs/faces_data.md):
                              of mouth, eyes, hair, face and background in each pixel
     correlations.json        the correlation matrix of the factors and of the attributes
     example.png              the README's test face: not smiling, facing the camera, no hat
+    example.png.parts.npz    its part masks (``--region mouth`` reads them; shipped as imgs/face_example.png)
 
 Face ``i`` is drawn from ``numpy.random.default_rng([seed, i])``, so any face can be rendered
 again alone, and the same seed gives the same bytes in any order and on any machine.
@@ -129,7 +130,16 @@ def make_faces(dest: Path, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: i
     _write_bytes(root / "correlations.json", (json.dumps(correlations(factors, attributes), indent=1) + "\n").encode())
     example = example_index(factors, np.arange(n_train, n_train + n_test))
     _write_bytes(root / "example.png", (root / "images" / "test" / face_name(example)).read_bytes())
+    _write_bytes(root / "example.png.parts.npz", parts_file("example.png", render_face(faces[example])[1]))
     return root
+
+
+def parts_file(name: str, masks: np.ndarray) -> bytes:
+    """A parts file of one image (``<image>.parts.npz``, utils/io/region.py): its name, the part names
+    and the masks (1, len(PARTS), 32, 32) uint8."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, names=np.array([name]), parts=np.array(PARTS), masks=masks[None])
+    return buffer.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:

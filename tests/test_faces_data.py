@@ -69,7 +69,8 @@ def test_data_set_is_byte_identical_when_written_again(two_sets):
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert files_a == files_b
-    assert len(files_a) == 20 + 5 + 6  # images, factors.csv, the attribute file, 2 masks files, correlations, example
+    assert len(files_a) == 20 + 5 + 7  # images, factors.csv, the attribute file, 2 masks files, correlations,
+    # the example and its parts
     for rel in files_a:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     assert not any(p.name.endswith(".tmp") for p in a.rglob("*"))
@@ -225,3 +226,13 @@ def test_mouth_mask_is_the_same_for_every_smile_and_opening():
     for smile, mouth_open in ((-1.0, 0.0), (1.0, 1.0), (0.3, 0.5)):
         np.testing.assert_array_equal(render_face(dataclasses.replace(base, smile=smile, mouth_open=mouth_open))[1][mouth],
                                       reference)
+
+
+def test_the_bundled_example_face_is_test_face_41444_with_its_parts():
+    """imgs/face_example.png (the README's first command edits it) is rendered face 41444, and its
+    parts file holds that face's masks (``--region mouth`` reads it)."""
+    image, masks = render_face(mf.face_factors(mf.SEED, 41444))
+    assert (REPO / "imgs" / "face_example.png").read_bytes() == mf.png_bytes(image)
+    with np.load(REPO / "imgs" / "face_example.png.parts.npz", allow_pickle=False) as parts:
+        assert list(parts["names"]) == ["face_example.png"] and list(parts["parts"]) == list(PARTS)
+        np.testing.assert_array_equal(parts["masks"][0], masks)
