@@ -113,8 +113,8 @@ def test_a_grid_sweeps_two_attributes_over_k_by_k_points(tmp_path, capsys):
     assert len(names) == 9
     assert names[1] == "edit_01_thick-5.00_slant+0.00.png" and names[3] == "edit_03_thick-2.50_slant+2.00.png"
     with Image.open(out / "grid.png") as grid, Image.open(out / names[0]) as tile:
-        # 3 x 3 tiles (each shown at least 64 px), plus a label row above and a label column at the left
-        assert grid.height > 3 * max(64, tile.height) and grid.width > 3 * max(64, tile.width) + 40
+        # 3 x 3 tiles (each shown at least 96 px), plus a label row above and a label column at the left
+        assert grid.height > 3 * max(96, tile.height) and grid.width > 3 * max(96, tile.width) + 40
         pixels = np.asarray(grid.convert("L"))
     left = pixels[:, :30]  # the row labels ("thick -5.00", ...) are drawn in black there
     assert (left < 100).sum() > 50

@@ -89,12 +89,12 @@ def test_labelled_grid_has_labels_above_columns(tmp_path):
     labelled_grid(images, tmp_path / "g.png", column_labels=["original", "reconstruction", "d=+1.50"],
                   row_labels=["img0"])
     with Image.open(tmp_path / "plain.png") as plain, Image.open(tmp_path / "g.png") as grid:
-        assert plain.size == (3 * (64 + 4) + 4, 64 + 2 * 4)  # three 64-px tiles, 4 px apart and around
+        assert plain.size == (3 * (96 + 4) + 4, 96 + 2 * 4)  # three 96-px tiles, 4 px apart and around
         assert grid.height > plain.height and grid.width > plain.width  # a label strip and a row label
         strip = np.asarray(grid.convert("L"))[:12]
         assert (strip < 128).sum() > 20, "dark label text above the tiles"
-        # Tiles of 16 px are enlarged to 64 px (nearest neighbour), grey = 128.
-        assert 3 * 64 * 64 <= (np.asarray(grid.convert("L")) == 128).sum() < 3 * 64 * 64 + 100  # + anti-aliased text
+        # Tiles of 16 px are enlarged to 96 px (nearest neighbour, MIN_TILE), grey = 128.
+        assert 3 * 96 * 96 <= (np.asarray(grid.convert("L")) == 128).sum() < 3 * 96 * 96 + 100  # + anti-aliased text
 
 
 def test_gif_goes_back_and_forth(tmp_path):

@@ -51,7 +51,8 @@ def test_the_outside_beyond_the_feather_is_the_reconstruction_bit_for_bit(setup,
     summary = json.loads((tmp_path / "edit" / "summary.json").read_text())
     assert summary["region"]["kind"] == "box" and summary["region"]["coverage"] == pytest.approx(0.25)
     assert summary["edit"]["region"] == {"spec": "0.25,0.25,0.75,0.75", "h": argv[argv.index("--region_h") + 1]
-                                         if "--region_h" in argv else "cells", "feather": 2.0}
+                                         if "--region_h" in argv else "cells", "feather": 2.0, "method": "blend",
+                                         "rank": 32}
 
 
 def test_the_confined_move_hits_the_targets_and_stays_inside(setup, tmp_path, capsys):

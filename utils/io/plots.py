@@ -31,9 +31,15 @@ def _font(size: int = 12) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+#: The smallest side of an image in a grid or a GIF: 16-px digits and 32-px faces are enlarged by an
+#: integer factor (nearest neighbour) to at least this, in the picture only (the images' own files
+#: keep their size), so that a grid can be read.
+MIN_TILE = 96
+
+
 def _tiles(images: torch.Tensor, min_tile: int) -> list[Image.Image]:
     """(N, C, H, W) in [-1, 1] as RGB PIL images, enlarged by an integer factor (nearest
-    neighbour) to at least ``min_tile`` pixels so that 16-px digits can be looked at."""
+    neighbour) to at least ``min_tile`` pixels."""
     factor = max(1, -(-min_tile // images.shape[-1]))
     out = []
     for x in images:
@@ -43,7 +49,8 @@ def _tiles(images: torch.Tensor, min_tile: int) -> list[Image.Image]:
 
 
 def labelled_grid(images: torch.Tensor, path: str | Path, column_labels: Sequence[str] = (),
-                  row_labels: Sequence[str] = (), ncol: int | None = None, pad: int = 4, min_tile: int = 64) -> None:
+                  row_labels: Sequence[str] = (), ncol: int | None = None, pad: int = 4,
+                  min_tile: int = MIN_TILE) -> None:
     """Write (N, C, H, W) images in [-1, 1] as one PNG grid, row-major, ``ncol`` per row, with a
     label above each column (e.g. "original", "reconstruction", "d=+1.50") and, if given, one at
     the left of each row (e.g. the image's name)."""
@@ -71,7 +78,8 @@ def labelled_grid(images: torch.Tensor, path: str | Path, column_labels: Sequenc
         canvas.save(tmp, format="PNG")
 
 
-def back_and_forth_gif(images: torch.Tensor, path: str | Path, frame_ms: int = 150, min_tile: int = 64) -> None:
+def back_and_forth_gif(images: torch.Tensor, path: str | Path, frame_ms: int = 150,
+                       min_tile: int = MIN_TILE) -> None:
     """Write (K, C, H, W) images in [-1, 1] as an endlessly looping GIF that plays the sequence
     forward and then backward (1, 2, ..., K, K-1, ..., 2), without repeating the end frames."""
     frames = _tiles(images, min_tile)
