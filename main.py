@@ -134,7 +134,8 @@ def _diffusion_flags(parser: argparse.ArgumentParser) -> None:
     diff.add_argument("--n_train_step", type=_int, default=None, help="accepted for compatibility; unused")
     diff.add_argument("--n_iter", type=_positive_int, default=1, help="edit sequences per image, each with its own noise")
     diff.add_argument("--deterministic_inv", type=_int, default=1, help="accepted for compatibility; inversion is always DDIM eta 0")
-    diff.add_argument("--eta", type=_non_negative_float, default=1.0, help="DDIM eta of the edits (reconstruction uses 0)")
+    diff.add_argument("--eta", type=_non_negative_float, default=None,
+                      help="DDIM eta of the edits; reconstruction uses 0 (config, the original's 1 where it names none)")
 
 
 

@@ -578,7 +578,7 @@ class WebApp:
                               info=f"fewer for a quick preview; {self.service.steps} for the result")
             with gr.Row():
                 seed = gr.Number(1234, precision=0, label="Seed", minimum=0)
-                eta = gr.Number(1.0, label="eta", minimum=0)
+                eta = gr.Number(self.config.edit.eta, label="eta", minimum=0)
             align = gr.Checkbox(bool(config.data.align_face), label="Align the face (face extra)",
                                 visible=bool(config.data.align_face))
             with gr.Row():

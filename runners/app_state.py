@@ -683,7 +683,7 @@ class EditService:
             raise UserError(f"the attributes moved together must share one t_0, got {', '.join(t_0s.values())}")
         return tuple(checked), next(iter(t_0s))
 
-    def request(self, moves, space="both", hold=(), steps=None, seed=1234, eta=1.0, align=None, unit="absolute",
+    def request(self, moves, space="both", hold=(), steps=None, seed=1234, eta=None, align=None, unit="absolute",
                 k=1, grid=False, region=None, feather=2.0, region_h="cells") -> AppRequest:
         """An ``AppRequest`` from what the page or an API client sent: each argument's type parsed
         here (UserError), then the request checked by the engine (``check_request``), before any
@@ -691,6 +691,7 @@ class EditService:
         region, feather, region_h: the part of the image the edit may change (``region``)."""
         moves, t_0 = self._moves(moves)
         steps = self.steps if steps is None else whole_number(steps, "steps")
+        eta = self.engine.model.config.edit.eta if eta is None else eta  # the config's, as on the command line
         denoising = Denoising(steps, real_number(eta, "eta", 0.0), self.h_policy,
                               whole_number(seed, "seed", 0, 2 ** 63 - 1), self.bs_edit)
         edit = EditRequest(moves, denoising, whole_number(k, "K"), held=name_list(hold, "hold fixed"),

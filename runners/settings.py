@@ -128,7 +128,7 @@ def edit_request(args: argparse.Namespace, config: Config, batch_size: int) -> t
     held_paths = {s: tuple(p) for s, p in (("z", args.condition_z), ("h", args.condition_h)) if p}
     k = args.edit_img_number if args.edit_img_number is not None else config.edit.edit_img_number
     steps = args.n_test_step if args.n_test_step is not None else config.edit.n_test_step
-    denoising = Denoising(steps, args.eta, args.h_policy, args.seed, batch_size)
+    denoising = Denoising(steps, config.edit.eta if args.eta is None else args.eta, args.h_policy, args.seed, batch_size)
     region = None if args.region is None else Region(args.region, args.region_h, args.feather, args.region_method,
                                                      args.region_rank)
     if region is None and (args.region_h != "cells" or args.feather != 2.0 or args.region_method != "blend"):
@@ -173,7 +173,8 @@ def _edit_job(args, config, mode: str, batches: dict) -> EditJob | SampleJob:
 def _discover_job(args: argparse.Namespace, config: Config, t_0: int, batches: dict) -> DiscoverJob:
     """--discover: the images, the directions' search and names, the contact sheet's edits."""
     steps = args.n_test_step if args.n_test_step is not None else config.edit.n_test_step
-    denoising = Denoising(steps, args.eta, args.h_policy, args.seed, batches["edit_batch_size"])
+    denoising = Denoising(steps, config.edit.eta if args.eta is None else args.eta, args.h_policy, args.seed,
+                          batches["edit_batch_size"])
     sheet = {} if args.edit_img_number is None else {"sheet_points": args.edit_img_number}
     return DiscoverJob(_inverting(args, config, t_0, batches["bs_train"], "discover"), args.img_path, args.data_dir,
                        args.boundary_dir, denoising, n_images=args.n_discover_img, n_directions=args.n_directions,

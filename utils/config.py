@@ -92,6 +92,7 @@ class EditConfig:
     edit_img_number: int = 20
     attribute: str = ""  # the attribute an edit names when none is given (the web app opens on it)
     unit: str = "absolute"  # the unit of start_distance / end_distance and of --edit values: absolute or relative
+    eta: float = 1.0  # DDIM eta of the edits (--eta; the original's 1: fresh noise; 0: deterministic)
 
 
 #: The most distances (--edit_img_number, edit.edit_img_number) one run may ask for: every edit of
@@ -311,6 +312,8 @@ def _validated(config: Config) -> Config:
     if diff.beta_start > diff.beta_end:
         raise ConfigError(f"config key 'diffusion.beta_start' ({diff.beta_start}) must not exceed "
                         f"'diffusion.beta_end' ({diff.beta_end})")
+    if not 0 <= e.eta <= 10:
+        raise ConfigError(f"config key 'edit.eta' must be in [0, 10], got {e.eta}")
     if e.unit not in ("absolute", "relative"):
         raise ConfigError(f"config key 'edit.unit' must be absolute or relative, got {quote(e.unit)}")
     if e.t_0 > diff.num_diffusion_timesteps - 1:

@@ -98,13 +98,18 @@ RELATIVE_RANGE = (-3.0, 3.0)
 def default_setting(args: argparse.Namespace, config: Config) -> FaceSetting:
     """The run's setting: the flags, else the command line's defaults (the config's edit section)."""
     edit = config.edit
-    relative = args.unit == "relative"
+    unit = args.unit or edit.unit
+    relative = unit == "relative"
+    own = unit == edit.unit  # the config's distances are in its own unit
+    if not own and not relative and (args.start_distance is None or args.end_distance is None):
+        raise UserError(f"the config's distances are in the {edit.unit} unit: give --start and --end in absolute units")
     start = args.start_distance if args.start_distance is not None else \
-        (RELATIVE_RANGE[0] if relative else float(edit.start_distance))
+        (float(edit.start_distance) if own else RELATIVE_RANGE[0])
     end = args.end_distance if args.end_distance is not None else \
-        (RELATIVE_RANGE[1] if relative else float(edit.end_distance))
+        (float(edit.end_distance) if own else RELATIVE_RANGE[1])
     return FaceSetting("default", args.t_0 or edit.t_0, float(start), float(end), args.k or edit.edit_img_number,
-                       args.space, args.unit, args.eta, args.h_policy, args.n_test_step or edit.n_test_step)
+                       args.space, unit, edit.eta if args.eta is None else args.eta, args.h_policy,
+                       args.n_test_step or edit.n_test_step)
 
 
 def evaluated_attributes(runner: EngineRunner, wanted: str | None, t_0: int) -> list[str]:
@@ -226,12 +231,13 @@ def _edit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--end_distance", "--end", type=float, default=None,
                         help=f"last target (default: config edit.end_distance; {RELATIVE_RANGE[1]:g} with --unit "
                              "relative)")
-    parser.add_argument("--unit", choices=("absolute", "relative"), default="absolute",
+    parser.add_argument("--unit", choices=("absolute", "relative"), default=None,
                         help="unit of the distances, as main.py's --edit_unit")
     parser.add_argument("--k", type=int, default=None, help="edits per face (default: config edit.edit_img_number)")
     parser.add_argument("--space", choices=sorted(MOVED), default="both", help="latents to move")
     parser.add_argument("--h_policy", choices=("lagged", "once"), default="lagged", help="h injection")
-    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta of the edits (the command line's: 1)")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM eta of the edits (default: the config's, as on "
+                        "the command line)")
     parser.add_argument("--n_test", type=int, default=200, help="test faces inverted (the first of the split)")
     parser.add_argument("--per_side", type=int, default=20,
                         help="faces edited per attribute on each side of its threshold (from the --n_test faces)")
