@@ -15,7 +15,6 @@ networks: renaming diffusers keys into this project's layout is ``models.diffuse
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -33,7 +32,7 @@ from torch import nn
 
 from utils.config import MIRROR_SCHEMES, Config, mirror_problem
 from utils.errors import UserError
-from utils.io.files import atomic_path, read_json, write_bytes
+from utils.io.files import atomic_path, read_json, sha256_file, write_bytes
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,14 +40,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("BOUNDARYDIFFUSION_CACHE", Path.home() / ".cache" / "boundarydiffusion"))
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fetch(url: str, tmp: Path) -> None:

@@ -20,7 +20,6 @@ What the app keeps:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 import logging
@@ -39,7 +38,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from runners.engine import (SPACES, BoundaryIndex, BoundaryRecord, Denoising, EditDescription, EditLimits, EditRequest, Engine,
+from runners.engine import (SPACES, sha256_file, BoundaryIndex, BoundaryRecord, Denoising, EditDescription, EditLimits, EditRequest, Engine,
                             Move, Region, UserError, check_request, relative_scale)
 
 log = logging.getLogger(__name__)
@@ -215,14 +214,6 @@ def region_picture(image, box: tuple[float, float, float, float] | None, corner:
         picture[y0:y1, x0:x1] = YELLOW
         picture[y0 + line:y1 - line, x0 + line:x1 - line] = pixels[:, int(corner[1]), int(corner[0])]
     return picture
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- attributes
@@ -709,7 +700,7 @@ class EditService:
         """The upload read (the engine's reader: pixel cap, decoding, modes, alignment), or found
         in the session (the same file uploaded again is found)."""
         align = self._align(align)
-        key = (_file_digest(path), align, t_0)
+        key = (sha256_file(path), align, t_0)
         self.store.use_upload(session, path)
         prepared = session.lookup(key)
         if prepared is None:

@@ -36,6 +36,7 @@ from utils.distributed import context_from_env as distributed_process
 from utils.errors import UserError
 from utils.io.boundary_files import BoundaryRecord, save_boundary
 from utils.io.datasets import attribute_table
+from utils.io.files import sha256_file
 
 __all__ = [
     # the model
@@ -49,8 +50,8 @@ __all__ = [
     "check_job", "edit_file_names", "latent_cache_root", "outline_region", "server_folder",
     # the seed rule (utils/core/seeds.py): every edit's noise from (seed, image key, iteration, k)
     "EVALUATION_NOISE", "image_key", "item_seed",
-    # data sets
-    "attribute_table",
+    # data sets and files
+    "attribute_table", "sha256_file",
     # requests
     "Denoising", "EditJob", "EditLimits", "EditRequest", "Inverting", "Move", "RadiusJob", "Region", "REGION_H",
     "SampleJob", "SearchJob",

@@ -13,7 +13,6 @@ Images in are (B, 3, 32, 32) float in [-1, 1], the diffusion model's pixel conve
 """
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.io.files import sha256_file
 from utils.errors import UserError
 from utils.faces.factors import ATTRIBUTES, FACTOR_NAMES, PREDICTED_BINARY, PREDICTED_CONTINUOUS, attribute_scores
 
@@ -139,12 +139,8 @@ def prediction_matrix(prediction: dict[str, torch.Tensor], names: tuple[str, ...
 
 
 def sha256_of(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex SHA-256 of a file's bytes (``utils.io.files.sha256_file``)."""
+    return sha256_file(path)
 
 
 def load_predictor(path: str | Path = DEFAULT_PATH, sha256: str | None = PREDICTOR_SHA256) -> FactorPredictor:

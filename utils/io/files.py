@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -78,6 +79,15 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     with _temp_beside(target) as tmp:
         yield tmp
         os.replace(tmp, target)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_new_file(target: str | Path, write: Callable[[Path], None], overwrite: bool) -> Path:

@@ -1,7 +1,6 @@
 """Reading the region a user wants edited: a mask image or a box, as a size x size mask in [0, 1]."""
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from utils.errors import UserError
+from utils.io.files import sha256_file
 from utils.io.images import open_image
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def read_region(spec: str, size: int) -> RegionSpec:
     path = Path(spec)
     if path.is_file() or "," not in spec:  # a comma and no such file: a box
         mask = _read_mask(path, size)
-        region = RegionSpec(mask, "file", float(mask.mean()), path=str(path), sha256=_sha256(path))
+        region = RegionSpec(mask, "file", float(mask.mean()), path=str(path), sha256=sha256_file(path))
     else:
         box = _parse_box(spec, size)
         mask = _box_mask(box, size)
@@ -86,14 +86,6 @@ def _read_mask(path: Path, size: int) -> np.ndarray:
     if grey.size != (size, size):
         grey = grey.resize((size, size), Image.Resampling.BOX)
     return np.clip(np.asarray(grey, dtype=np.float32) / 255.0, 0.0, 1.0)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _parse_box(spec: str, size: int) -> tuple[float, float, float, float]:
