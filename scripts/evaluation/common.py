@@ -222,6 +222,18 @@ def ablations(default: Setting, t_0s: Sequence[int], scales: Sequence[float], sh
 
 # --------------------------------------------------------------------------------- helpers
 
+def add_output_flags(parser, batch_size: int) -> None:
+    """The flags every evaluation shares: where its numbers go, its batches, seed, threads, precision."""
+    from runners.engine import PRECISIONS
+
+    parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
+    parser.add_argument("--table", type=Path, default=None, help="write the markdown table(s) here")
+    parser.add_argument("--batch_size", type=int, default=batch_size, help="images per network call")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the edit and sampling noise (the CLI's default)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="network precision")
+
+
 def load_evaluated_model(config: Config, model_path: Path | None, precision: str, threads: int) -> LoadedModel:
     """The model of ``config`` on ``threads`` CPU threads (large freed blocks kept for reuse)."""
     torch.set_num_threads(threads)

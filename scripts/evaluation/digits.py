@@ -54,7 +54,7 @@ from sklearn.linear_model import LogisticRegression
 from runners.engine import (AUTO_SCALE, EVALUATION_NOISE, MOVED, PRECISIONS, Config, EditDescription, LoadedModel,
                             UserError, attribute_table, item_seed, load_config)
 from scripts.evaluation import digits_joint
-from scripts.evaluation.common import (EngineRunner, Setting, ablations, command_line, evaluation_engine,
+from scripts.evaluation.common import (add_output_flags, EngineRunner, Setting, ablations, command_line, evaluation_engine,
                                        load_evaluated_model, psnr, setting_request, shown_checkpoint,
                                        subset_per_class, t_0_shift, to_unit, write_report)
 from utils.core.morphometry import check_scikit_image
@@ -252,12 +252,7 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n_samples", type=int, default=200, help="samples for --quality")
     parser.add_argument("--samples_png", type=Path, default=None, help="grid of 100 samples (with --quality)")
     parser.add_argument("--grid", type=Path, default=None, help="PNG of the default run's edits of 10 digits")
-    parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
-    parser.add_argument("--table", type=Path, default=None, help="write the markdown table here")
-    parser.add_argument("--batch_size", type=int, default=256, help="images per network call")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the edit and sampling noise (the CLI's default)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="network precision")
+    add_output_flags(parser, batch_size=256)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

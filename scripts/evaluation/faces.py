@@ -79,7 +79,7 @@ import torch
 
 from runners.engine import EVALUATION_NOISE, MOVED, PRECISIONS, Config, LoadedModel, UserError, item_seed, load_config
 from scripts.evaluation import faces_report, faces_studies
-from scripts.evaluation.common import (EngineRunner, command_line, evaluation_engine, load_evaluated_model, psnr,
+from scripts.evaluation.common import (add_output_flags, EngineRunner, command_line, evaluation_engine, load_evaluated_model, psnr,
                                        shown_checkpoint, to_unit, write_report)
 from scripts.evaluation.faces_measures import Sweep, frechet_distance, frequency_table, sweep_measures
 from scripts.evaluation.faces_runs import FaceRunner, FaceSetting, FaceSplit, Progress, load_instrument, read_split
@@ -253,12 +253,7 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     faces_studies.add_flags(parser)
     parser.add_argument("--grid", type=Path, default=None, help="PNG of edits of a few faces along each attribute")
     parser.add_argument("--grid_faces", type=int, default=1, help="faces per attribute and side in --grid")
-    parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
-    parser.add_argument("--table", type=Path, default=None, help="write the markdown tables here")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per network call")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the edit and sampling noise (the CLI's)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="network precision")
+    add_output_flags(parser, batch_size=64)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
