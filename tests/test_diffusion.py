@@ -415,3 +415,16 @@ def test_radius_curves_and_mixing_step_golden(ac):
     assert out["t_m"] == 250
     assert radius_curves(LinearEpsNet(1.0), images, noise, ac, ts, epsilon=0.1)["t_m"] is None
     assert radius_curves(LinearEpsNet(1.0), images, noise, ac, ts, epsilon=0.5)["t_m"] == 999
+
+
+def test_ddim_step_clips_x0_hat_only_when_asked():
+    """clip_x0 (sampling from noise only): x0_hat clipped to [-1, 1] and the noise recomputed from it,
+    x_{t'} = sqrt(a') clip(x0_hat) + sqrt(1 - a') (x_t - sqrt(a) clip(x0_hat)) / sqrt(1 - a)."""
+    a, a_next = torch.tensor(0.04, dtype=torch.float64), torch.tensor(0.09, dtype=torch.float64)
+    x = torch.tensor([[[[0.5, -0.5]]]], dtype=torch.float64)
+    eps = torch.tensor([[[[-2.0, 0.1]]]], dtype=torch.float64)
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # 12.298..., -2.9874...: both beyond [-1, 1]
+    clipped = x0.clamp(-1, 1)
+    expected = a_next.sqrt() * clipped + (1 - a_next).sqrt() * (x - a.sqrt() * clipped) / (1 - a).sqrt()
+    assert torch.allclose(ddim_step(x, eps, a, a_next, clip_x0=True), expected, atol=1e-12)
+    assert torch.allclose(ddim_step(x, eps, a, a_next), a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps, atol=1e-12)

@@ -69,6 +69,9 @@ class DiffusionConfig:
     beta_end: float
     num_diffusion_timesteps: int
     beta_schedule: str = "linear"
+    #: Sampling from noise (--unconditional's latents, sample quality) clips x0_hat to [-1, 1] at every
+    #: step (DDPM's clip_denoised); edits and inversions never do.
+    clip_x0: bool = False
 
 
 @dataclass(frozen=True)

@@ -312,18 +312,20 @@ class Editor:
         x_T = torch.randn((1, *self.shapes["z"]), generator=generator).to(self.device)
         pairs = sampling_pairs(self.config.diffusion.num_diffusion_timesteps, self.t_0, self.n_inv_step)
         with self.net.progress(len(pairs), f"sampling {index + 1}"):
-            latent = sample_latents(self.net, x_T, self.alphas_cumprod, pairs)
+            latent = sample_latents(self.net, x_T, self.alphas_cumprod, pairs, self.config.diffusion.clip_x0)
         return Inversion(latent.z.cpu(), latent.h.cpu())
 
     def sample_images(self, x_T: Tensor, n_steps: int, batch_size: int = 8) -> Tensor:
         """Images (N, C, H, W) in [-1, 1] (not clipped) denoised with DDIM eta 0 from x_T (N, ...)
-        at T - 1 over an ``n_steps``-point grid (sample quality; not an edit)."""
+        at T - 1 over an ``n_steps``-point grid (sample quality; not an edit); x0_hat clipped to
+        [-1, 1] at each step when the config says (``diffusion.clip_x0``)."""
         grid = timestep_grid(self.config.diffusion.num_diffusion_timesteps - 1, n_steps)
         parts = []
         with self.net.progress(-(-len(x_T) // batch_size) * len(grid), "sampling"):
             for chunk in batch_slices(len(x_T), batch_size):
                 x = pair_lone(x_T[chunk].to(self.device), batch_size)
-                parts.append(generate(self.net, x, self.alphas_cumprod, grid)[:chunk.stop - chunk.start].cpu())
+                parts.append(generate(self.net, x, self.alphas_cumprod, grid, clip_x0=self.config.diffusion.clip_x0)
+                             [:chunk.stop - chunk.start].cpu())
         return torch.cat(parts)
 
     def radius_curves(self, images: Tensor, noise: Tensor, candidates: Sequence[int], epsilon: float,

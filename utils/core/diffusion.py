@@ -83,11 +83,12 @@ def sampling_pairs(num_timesteps: int, t_0: int, n_steps: int) -> list[tuple[int
 
 
 def ddim_step(x: Tensor, eps: Tensor, a_t: Tensor, a_next: Tensor, eta: float = 0.0,
-              noise: Tensor | None = None) -> Tensor:
+              noise: Tensor | None = None, clip_x0: bool = False) -> Tensor:
     """One DDIM move from x_t to x_{t'} (docs/algorithm.md section 2).
 
     x, eps: (B, C, H, W); a_t, a_next: a_t and a_{t'}, 0-d or broadcastable to x (e.g. (B, 1, 1, 1)).
-    x0_hat = (x_t - sqrt(1 - a_t) e) / sqrt(a_t), no clipping;
+    x0_hat = (x_t - sqrt(1 - a_t) e) / sqrt(a_t), no clipping (``clip_x0``: clipped to [-1, 1] and e
+    recomputed from it, DDPM's ``clip_denoised``; only for sampling from noise, never for edits);
     eta = 0: x_{t'} = sqrt(a_{t'}) x0_hat + sqrt(1 - a_{t'}) e;
     eta > 0 (denoising only): c1 = eta sqrt((1 - a_t/a_{t'}) (1 - a_{t'}) / (1 - a_t)),
     c2 = sqrt(1 - a_{t'} - c1^2), x_{t'} = sqrt(a_{t'}) x0_hat + c2 e + c1 n.
@@ -97,6 +98,9 @@ def ddim_step(x: Tensor, eps: Tensor, a_t: Tensor, a_next: Tensor, eta: float = 
     a_next = torch.as_tensor(a_next, dtype=torch.float64, device=x.device)
     xd, ed = x.double(), eps.double()
     x0_hat = (xd - (1 - a_t).sqrt() * ed) / a_t.sqrt()
+    if clip_x0:
+        x0_hat = x0_hat.clamp(-1, 1)
+        ed = (xd - a_t.sqrt() * x0_hat) / (1 - a_t).sqrt()
     if eta == 0:
         return (a_next.sqrt() * x0_hat + (1 - a_next).sqrt() * ed).to(x.dtype)
     if eta < 0:
@@ -157,7 +161,7 @@ class Step:
 def ddim_trajectory(net: Net, x: Tensor, alphas_cumprod: Tensor, pairs: Sequence[tuple[int, int]],
                     eta: float = 0.0, generators: Sequence[torch.Generator] | None = None,
                     h_edit: Tensor | None = None, h_policy: HPolicy = "lagged",
-                    keep: Keep | None = None) -> Iterator[Step]:
+                    keep: Keep | None = None, clip_x0: bool = False) -> Iterator[Step]:
     """Walk ``pairs`` with DDIM, yielding a ``Step`` after each move.
 
     The network is evaluated at the first timestep of each pair. With ``h_edit`` (B, C_mid, H_mid,
@@ -166,7 +170,7 @@ def ddim_trajectory(net: Net, x: Tensor, alphas_cumprod: Tensor, pairs: Sequence
     "once" -- nothing (the network's own h), as the paper describes.
     ``generators``: one per batch item, needed when eta > 0. ``keep``: after each move to t', the
     kept pixels are set back on the reference run, x <- blend(x, keep.states[t'], keep.weights)
-    (a region edit: the outside follows the unedited trajectory).
+    (a region edit: the outside follows the unedited trajectory). ``clip_x0``: as ``ddim_step``'s.
     """
     if h_policy not in H_POLICIES:
         raise ValueError(f"unknown h_policy '{h_policy}' (choices: {', '.join(H_POLICIES)})")
@@ -178,7 +182,7 @@ def ddim_trajectory(net: Net, x: Tensor, alphas_cumprod: Tensor, pairs: Sequence
         _check_finite(out, f"the network's output at timestep {t}")
         eps = out[:, : x.shape[1]]  # learned-variance models: the rest are variance channels
         noise = _noise_like(x, generators) if eta > 0 else None
-        x = ddim_step(x, eps, alpha_bar(alphas_cumprod, t), alpha_bar(alphas_cumprod, t_next), eta, noise)
+        x = ddim_step(x, eps, alpha_bar(alphas_cumprod, t), alpha_bar(alphas_cumprod, t_next), eta, noise, clip_x0)
         _check_finite(x, f"the DDIM step from timestep {t} to {t_next}")
         if keep is not None:
             x = blend(x, keep.states[t_next], keep.weights)
@@ -214,17 +218,20 @@ def invert(net: Net, x0: Tensor, alphas_cumprod: Tensor, grid: Sequence[int]) ->
 
 def generate(net: Net, z: Tensor, alphas_cumprod: Tensor, grid: Sequence[int], h_edit: Tensor | None = None,
              h_policy: HPolicy = "lagged", eta: float = 0.0,
-             generators: Sequence[torch.Generator] | None = None, keep: Keep | None = None) -> Tensor:
+             generators: Sequence[torch.Generator] | None = None, keep: Keep | None = None,
+             clip_x0: bool = False) -> Tensor:
     """Denoise z = x_{t_0} (B, C, H, W) to images in [-1, 1] (not clipped) over S downward moves.
 
-    The first call is at t_0; ``h_edit``, ``h_policy`` and ``keep`` as in ``ddim_trajectory``.
+    The first call is at t_0; ``h_edit``, ``h_policy``, ``keep`` and ``clip_x0`` as in ``ddim_trajectory``.
     """
     pairs = generation_pairs(grid)
-    return _last(ddim_trajectory(net, z, alphas_cumprod, pairs, eta, generators, h_edit, h_policy, keep)).x
+    return _last(ddim_trajectory(net, z, alphas_cumprod, pairs, eta, generators, h_edit, h_policy, keep,
+                                 clip_x0)).x
 
 
-def sample_latents(net: Net, x_T: Tensor, alphas_cumprod: Tensor, pairs: Sequence[tuple[int, int]]) -> Inversion:
+def sample_latents(net: Net, x_T: Tensor, alphas_cumprod: Tensor, pairs: Sequence[tuple[int, int]],
+                   clip_x0: bool = False) -> Inversion:
     """Denoise sampled noise x_T (B, C, H, W) with DDIM eta 0 along downward ``pairs`` ending at t_0;
     returns x_{t_0} and the bottleneck of the last call (docs/algorithm.md section 6)."""
-    last = _last(ddim_trajectory(net, x_T, alphas_cumprod, pairs))
+    last = _last(ddim_trajectory(net, x_T, alphas_cumprod, pairs, clip_x0=clip_x0))
     return Inversion(z=last.x, h=last.h)
