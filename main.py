@@ -216,9 +216,10 @@ def _edit_flags(parser: argparse.ArgumentParser) -> None:
                            "images; docs/faces_report.md compares them)")
     edit.add_argument("--region_rank", type=_positive_int, default=32,
                       help="with --region_method loco: the Jacobian directions the move is kept off")
-    edit.add_argument("--edit_unit", default=None, choices=("absolute", "relative"),
-                      help="the unit of distances: absolute (signed distance v.n, as the original) or relative "
-                           "(-1 and +1 at the boundary's class medians, in each space) (config)")
+    edit.add_argument("--edit_unit", default=None, choices=("absolute", "relative", "shift"),
+                      help="the unit of distances: absolute (signed distance v.n, as the original), relative "
+                           "(-1 and +1 at the boundary's class medians, in each space), or shift (changes in the "
+                           "relative unit from where each image is, in each space) (config)")
     edit.add_argument("--edit_batch_size", type=_positive_int, default=None,
                       help="edits denoised per batch (default: 1 for 256-px models on the CPU, else 8)")
     edit.add_argument("--n_samples", type=_positive_int, default=1, help="--unconditional: sampled latents to edit")

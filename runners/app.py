@@ -352,8 +352,9 @@ class WebApp:
 
     def slider_edit(self, session, report, image, space, steps, seed, eta, align, values, holds, region=None,
                     feather=2.0, region_h="cells") -> tuple:
-        """A slider moved: the joint move (relative unit) of every slider away from the image's own
-        position, the ticked attributes held, the others not moved; within the page's region box."""
+        """A slider moved: the joint move of every slider away from the image's own position, by as
+        much as it was moved (the shift unit: from where the image is, in z and in h alike), the
+        ticked attributes held, the others not moved; within the page's region box."""
         shown = self.positions_shown(self.service.locate(session, image, align, report), space)
         held, moves = [], {}
         for entry, value, hold in zip(self.sliders, values, holds):
@@ -361,10 +362,10 @@ class WebApp:
             if flag(hold, f"the hold box of {entry.name}"):
                 held.append(entry.name)
             elif abs(value - shown[entry.key]) > STEP / 2:
-                moves[entry.key] = value
+                moves[entry.key] = round(value - shown[entry.key], 2)  # on the slider's step, as shown
         if not moves:
             raise UserError("every slider is at the image's own position (or held): move one to edit")
-        request = self.service.request(moves, space, held, steps, seed, eta, align, "relative", region=region,
+        request = self.service.request(moves, space, held, steps, seed, eta, align, "shift", region=region,
                                        feather=feather, region_h=region_h)
         result = self.service.run(session, image, request, report)
         names = next(iter(result.info["cosines"].values()))["names"]

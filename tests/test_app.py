@@ -249,9 +249,9 @@ def relative_positions(summary: dict) -> dict[str, dict[str, float]]:
 def test_sliders_start_at_the_image_and_a_nudge_is_the_command_lines_joint_edit(app, tmp_path):
     """After an upload every slider shows where the image sits (z's relative position, as the
     command line's summary gives it); twenty 0.01 steps of three_vs_eight's slider then edit with
-    --edit three_vs_eight=u+0.2:u+0.2 --edit_unit relative, pixel for pixel, and the z target moves
-    0.2 relative units from where the image is (before, the slider started at 0 whatever the image,
-    so the first press set three_vs_eight's h from +12.30 to +3.16)."""
+    --edit three_vs_eight=0.2:0.2 --edit_unit shift, pixel for pixel: the target moves 0.2 relative
+    units from where the image is, in z and in h alike (before, the slider started at 0 whatever the
+    image, so the first press set three_vs_eight's h from +12.30 to +3.16)."""
     session = app.store.get("sliders")
     updates = app.locate(session, None, str(DIGIT), "both", None)
     shown = {e.key: u.value for e, u in zip(app.sliders, updates)}
@@ -267,14 +267,13 @@ def test_sliders_start_at_the_image_and_a_nudge_is_the_command_lines_joint_edit(
     result = app.slider_edit(session, None, str(DIGIT), "both", 40, 1234, 1.0, False, values,
                              [False] * len(values))
     edit, details = result[0], result[4]
-    assert details["attributes"] == ["three_vs_eight"] and details["unit"] == "relative"  # the others not moved
-    theirs = cli_run(tmp_path, "--edit", f"three_vs_eight={values[nudged]}:{values[nudged]}", "--edit_unit",
-                     "relative", "--edit_img_number", 1)
+    assert details["attributes"] == ["three_vs_eight"] and details["unit"] == "shift"  # the others not moved
+    theirs = cli_run(tmp_path, "--edit", "three_vs_eight=0.2:0.2", "--edit_unit", "shift", "--edit_img_number", 1)
     assert [p.name for p in theirs.glob("edit_00_*.png")] == [Path(edit).name]
     np.testing.assert_array_equal(pixels(edit), pixels(next(theirs.glob("edit_00_*.png"))))
-    centre, half = relative_scale(load_boundary(REPO / "boundary" / "digits_three_vs_eight_t200_z.npz"))
-    moved = (details["targets"][0]["three_vs_eight"]["z"] - details["source_distances"]["z"]) / half
-    assert moved == pytest.approx(0.2, abs=0.006)  # from where the image sits (its position on the step)
+    for space in ("z", "h"):  # the shift's targets are changes: 0.2 relative units in each space
+        half = relative_scale(load_boundary(REPO / "boundary" / f"digits_three_vs_eight_t200_{space}.npz"))[1]
+        assert details["targets"][0]["three_vs_eight"][space] == pytest.approx(0.2 * half, rel=1e-9)
 
 
 def test_a_held_slider_is_held_and_unmoved_sliders_are_not_an_edit(app, tmp_path):
@@ -290,7 +289,7 @@ def test_a_held_slider_is_held_and_unmoved_sliders_are_not_an_edit(app, tmp_path
     edit, *_, details, _, cosines = app.slider_edit(session, None, str(DIGIT), "both", 10, 1234, 1.0, False, values,
                                                     holds)
     assert details["held"] == ["slant"] and "Cosines of the normals" in cosines
-    theirs = cli_run(tmp_path, "--edit", f"thick={values[thick]}:{values[thick]}", "--edit_unit", "relative",
+    theirs = cli_run(tmp_path, "--edit", "thick=-0.5:-0.5", "--edit_unit", "shift",
                      "--condition_attr", "slant", "--n_test_step", 10, "--edit_img_number", 1)
     np.testing.assert_array_equal(pixels(edit), pixels(next(theirs.glob("edit_00_*.png"))))
 

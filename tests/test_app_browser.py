@@ -4,7 +4,7 @@ Playwright) uploads the example digit, and every attribute slider moves to where
 (z's relative position, as the command line's summary.json gives it). Then twenty arrow-key presses
 nudge three_vs_eight by +0.20, a mouse drag moves thick, a hold box is ticked and thick nudged again,
 and digit_3 is dragged: each time the edit the page shows -- its pixels read back from the page --
-equals the command line's joint edit (``--edit A=u:u ... --edit_unit relative [--condition_attr
+equals the command line's joint edit (``--edit A=u:u ... --edit_unit shift [--condition_attr
 slant]``) for the values the sliders show, and the entanglement warning names digit_3 and
 three_vs_eight. Two clicks on the region preview draw a box (outlined in yellow) and thick is
 nudged again: the edit is the command line's with ``--region`` of that box, its outside (beyond the
@@ -109,15 +109,18 @@ def wait_until_served(url: str, log: Path, proc: subprocess.Popen, timeout: floa
         time.sleep(0.2)
 
 
-def cli_joint_edit(tmp_path: Path, values: dict[str, float], held: tuple[str, ...] = (),
-                   region: str | None = None) -> tuple[np.ndarray, Path]:
-    """The command line's joint edit of the example digit in the relative unit (the moves in the
-    order given; within ``region``, if any): its RGB pixels and its run folder."""
+def cli_joint_edit(tmp_path: Path, values: dict[str, float], positions: dict[str, float] | None = None,
+                   held: tuple[str, ...] = (), region: str | None = None) -> tuple[np.ndarray, Path]:
+    """The command line's joint edit of the example digit that the sliders' ``values`` ask for: each
+    moved slider's change from the image's ``positions`` in the shift unit (``--edit A=u:u
+    --edit_unit shift``, the moves in the order given; within ``region``, if any): its RGB pixels and
+    its run folder. Without ``positions`` the values are the changes themselves."""
     run = tmp_path / f"cli-{len(list(tmp_path.glob('cli-*')))}"
-    moves = [arg for name, u in values.items() for arg in ("--edit", f"{name}={u}:{u}")]
+    shifts = {n: round(u - (positions or {}).get(n, 0.0), 2) for n, u in values.items()}
+    moves = [arg for name, u in shifts.items() for arg in ("--edit", f"{name}={u}:{u}")]
     hold = ["--condition_attr", ",".join(held)] if held else []
     where = ["--region", region] if region else []
-    assert cli.main(["--edit_image_boundary", *moves, *hold, *where, "--edit_unit", "relative", "--edit_img_number",
+    assert cli.main(["--edit_image_boundary", *moves, *hold, *where, "--edit_unit", "shift", "--edit_img_number",
                      "1", "--img_path", str(DIGIT), "--exp", str(run), "--no_cache"]) == 0
     (edit,) = (run / "edit").glob("edit_00_*.png")
     with Image.open(edit) as img:
@@ -213,19 +216,19 @@ def nudge_drag_and_hold(page, tmp_path: Path, positions: dict[str, float]) -> di
     """The moves of the test, each checked against the command line's joint edit; the values moved."""
     moved = {"three_vs_eight": press(page, "three_vs_eight", "ArrowRight", 20)}
     assert moved["three_vs_eight"] == pytest.approx(positions["three_vs_eight"] + 0.2)  # 20 steps of 0.01
-    wait_for_edit(page, cli_joint_edit(tmp_path, moved)[0])
+    wait_for_edit(page, cli_joint_edit(tmp_path, moved, positions)[0])
     moved = {"thick": drag(page, "thick", 0.2), **moved}  # the page's order: thick (it opens on it) first
     assert moved["thick"] != positions["thick"]
-    wait_for_edit(page, cli_joint_edit(tmp_path, moved)[0])
+    wait_for_edit(page, cli_joint_edit(tmp_path, moved, positions)[0])
     cosines = page.locator("#cosines").inner_text()
     assert "Cosines of the normals" in cosines and "No pair at |cos| 0.3 or above" in cosines
     page.locator("#hold-slant input").check()
     moved["thick"] = press(page, "thick", "ArrowLeft", 5)
-    wait_for_edit(page, cli_joint_edit(tmp_path, moved, held=("slant",))[0])
+    wait_for_edit(page, cli_joint_edit(tmp_path, moved, positions, held=("slant",))[0])
     assert "slant held" in page.locator("#caption").inner_text()
     # digit_3's shipped normals lie at |cos| above the threshold 0.3 to three_vs_eight's: the page warns
     moved = {"thick": moved["thick"], "digit_3": drag(page, "digit_3", 0.7), "three_vs_eight": moved["three_vs_eight"]}
-    wait_for_edit(page, cli_joint_edit(tmp_path, moved, held=("slant",))[0])
+    wait_for_edit(page, cli_joint_edit(tmp_path, moved, positions, held=("slant",))[0])
     page.locator("#cosines").get_by_text("Warning: entangled attributes").wait_for(timeout=30_000)
     warning = page.locator("#cosines").inner_text()
     for space in ("z", "h"):
@@ -252,7 +255,7 @@ def region_box(page) -> str:
     return page.locator("#region-box").locator("textarea, input").first.input_value()
 
 
-def draw_region_and_nudge(page, tmp_path: Path, moved: dict[str, float]) -> None:
+def draw_region_and_nudge(page, tmp_path: Path, moved: dict[str, float], positions: dict[str, float]) -> None:
     """Two clicks on the preview (pixels (4, 4) and (11, 11)) make the box ``BOX``; thick nudged: the
     page's edit is the command line's joint edit with --region BOX, the outside beyond the feather (2
     pixels) is the page's reconstruction, and the inside moved."""
@@ -263,7 +266,7 @@ def draw_region_and_nudge(page, tmp_path: Path, moved: dict[str, float]) -> None
     page.locator("#region-note").get_by_text(f"Region: box {BOX}, 25.0% of the image").wait_for(timeout=30_000)
     assert region_box(page) == BOX
     moved["thick"] = press(page, "thick", "ArrowRight", 3)
-    expected = cli_joint_edit(tmp_path, moved, held=("slant",), region=BOX)[0]
+    expected = cli_joint_edit(tmp_path, moved, positions, held=("slant",), region=BOX)[0]
     wait_for_edit(page, expected)
     page.locator("#caption").get_by_text(f"Region: box {BOX}, 25.0% of the image").wait_for(timeout=30_000)
     recon = shown_edit(page, "#reconstruction img").astype(int)
@@ -288,7 +291,7 @@ def test_sliders_start_at_the_image_and_a_nudge_is_the_command_lines_edit(server
             assert sliders.first.get_attribute("id") == "joint-thick" and sliders.count() == 13
             upload_and_locate(page, positions)
             moved = nudge_drag_and_hold(page, tmp_path, positions)
-            draw_region_and_nudge(page, tmp_path, moved)
+            draw_region_and_nudge(page, tmp_path, moved, positions)
             # the sweep (absolute distances, the attribute the page opened on): the strip and GIF
             page.get_by_text("Sweep (absolute distances v.n)", exact=True).first.click()
             page.locator("#sweep-button").click()

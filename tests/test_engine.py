@@ -19,7 +19,7 @@ from runners.engine.describe import MAX_HOLD_RATIO, hold_ratios
 from runners.engine.editor import Editor
 from tests.helpers import REPO, assert_one_error_line, loaded_tiny_model, make_edit_setup
 from utils.config import latent_shapes
-from utils.io.boundary_files import BoundaryRecord, save_boundary
+from utils.io.boundary_files import BoundaryRecord, load_boundary, save_boundary
 
 
 def run(argv, capsys) -> tuple[int, str]:
@@ -208,3 +208,22 @@ def test_no_function_of_the_engine_the_front_ends_or_the_evaluation_is_over_60_l
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{path.relative_to(REPO)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def test_the_shift_unit_moves_each_space_from_where_the_image_is(tmp_path, capsys):
+    """--edit_unit shift: an edit of u changes the projection by u relative units in z and in h from
+    the image's own, so a nudge is a nudge in both spaces (the web app's sliders edit this way)."""
+    from runners.engine import relative_scale
+    from tests.test_multi_edit import FAST, projections
+
+    code, err = run([*FAST, "--config", "digits.yml", "--edit", "thick=0.25:0.5", "--edit_unit", "shift",
+                     "--edit_img_number", 2, "--save_tensors", "--exp", tmp_path], capsys)
+    assert code == 0, err
+    tensors = torch.load(tmp_path / "edit" / "tensors.pt", weights_only=True)
+    for space in ("z", "h"):
+        half = relative_scale(load_boundary(REPO / "boundary" / f"digits_thick_t200_{space}.npz"))[1]
+        own = projections(tensors, space, "thick", key=space)[0]
+        assert projections(tensors, space, "thick") == pytest.approx([own + 0.25 * half, own + 0.5 * half], abs=1e-4)
+    code, err = run([*FAST, "--config", "digits.yml", "--edit", "thick=auto", "--edit_unit", "shift", "--exp",
+                     tmp_path / "auto"], capsys)
+    assert_one_error_line(code, err, "auto ranges are where the classes lie")

@@ -66,7 +66,7 @@ class SpaceEdit:
     hold_ratios: tuple[float, ...] = ()
 
     def move(self) -> LatentMove:
-        return LatentMove(self.normals, torch.from_numpy(self.targets), self.held_normals)
+        return LatentMove(self.normals, torch.from_numpy(self.targets), self.held_normals, self.unit == "shift")
 
 
 @dataclass(frozen=True)
@@ -171,18 +171,20 @@ def _spaces(request: EditRequest, paths: Sequence[Mapping[str, Path]]) -> tuple[
 
 
 def _absolute(values: Sequence[float], record: BoundaryRecord, unit: str) -> np.ndarray:
-    """Requested values as signed distances v.n: as they are (absolute), or through the boundary's
-    relative scale; UserError for a boundary without a usable class summary in the relative unit."""
+    """Requested values as signed distances v.n: as they are (absolute), through the boundary's
+    relative scale (relative), or as changes of v.n in that scale (shift: the targets of the
+    description are then changes from each latent's own projection); UserError for a boundary
+    without a usable class summary in the relative units."""
     v = np.asarray(values, dtype=np.float64)
     if unit == "absolute":
         return v
     scale = relative_scale(record)
     if scale is None:
         raise UserError(f"the {record.space} boundary of {record.attribute or 'the edit'} has no usable class "
-                        "summary, so it has no relative unit; fit it again with --boundary_search (or add the "
+                        f"summary, so it has no {unit} unit; fit it again with --boundary_search (or add the "
                         "summary with python -m scripts.add_class_summaries), or pass --edit_unit absolute")
     centre, half = scale
-    return centre + v * half
+    return v * half if unit == "shift" else centre + v * half
 
 
 def _targets(request: EditRequest, records: Sequence[BoundaryRecord]) -> np.ndarray:

@@ -23,7 +23,9 @@ from utils.core.diffusion import H_POLICIES, HPolicy
 from utils.core.spaces import MOVED, EditSpace
 from utils.errors import UserError
 
-UNITS = ("absolute", "relative")
+#: absolute: signed distances v.n (the original's); relative: -1 / +1 at each boundary's class
+#: medians; shift: changes in the relative unit from where each image is (0: leave it).
+UNITS = ("absolute", "relative", "shift")
 #: Most attributes one edit moves or holds (each is a file read and a row of G).
 MAX_ATTRIBUTES = 32
 #: Most points along one edit's moves (--edit_img_number, the config's edit.edit_img_number): every
@@ -213,6 +215,9 @@ def check_request(request: EditRequest, limits: EditLimits = EditLimits()) -> Ed
         raise UserError(f"unknown h policy {request.denoising.h_policy!r} (choices: {', '.join(H_POLICIES)})")
     if isinstance(request.k, bool) or not isinstance(request.k, int) or not 1 <= request.k <= limits.max_points:
         raise UserError(f"the number of edits must be in [1, {limits.max_points}], got {request.k!r}")
+    if request.unit == "shift" and any(m.auto for m in request.moves):
+        raise UserError("auto ranges are where the classes lie, not changes: use --edit_unit absolute or relative "
+                        "with auto")
     if request.grid and len(request.moves) != 2:
         raise UserError(f"a grid sweeps exactly two attributes, got {len(request.moves)}")
     if request.n_edits > limits.max_edits:

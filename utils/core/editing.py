@@ -34,11 +34,14 @@ class LatentMove:
     """How one latent space (z or h) moves: to every target of the move's K edits at once.
 
     normals: (M, D) float64 unit rows, the moved attributes (``utils.core.boundary.unit_rows``);
-    targets: (K, M) float64, edit k's signed projection onto each; held: (H, D) float64 unit rows
-    or None, the attributes whose projection each edit leaves where it is (``joint_move``)."""
+    targets: (K, M) float64, edit k's signed projection onto each (``shift``: the change of each
+    projection from the latent's own, so edit k sets v'.n_m = v.n_m + targets[k, m]); held: (H, D)
+    float64 unit rows or None, the attributes whose projection each edit leaves where it is
+    (``joint_move``)."""
     normals: Tensor
     targets: Tensor
     held: Tensor | None = None
+    shift: bool = False
 
     @classmethod
     def along(cls, normal: Tensor | np.ndarray, distances: Tensor | Sequence[float]) -> "LatentMove":
@@ -56,6 +59,9 @@ class LatentMove:
         the same targets, zero change where the weights are 0); with ``basis`` (r, D) orthonormal rows it
         is kept off their span (``projected_joint_move``, LOCO-Edit's projection)."""
         targets = self.targets[list(ks)]
+        if self.shift:  # from where this latent is: its own projections plus the changes
+            flat = latent.reshape(1, -1).double()
+            targets = targets + (flat @ self.normals.to(flat.device).T).cpu()
         if basis is not None:
             return projected_joint_move(latent, self.normals, targets, self.held, basis)[0]
         if weights is None:
