@@ -31,7 +31,8 @@ FRONT_ENDS = {
 # the numerical core or of model loading (fit_attributes on a synthetic cache, checkpoint readers)
 # and import that component directly; tools that write data or weights (make_*, train*) likewise.
 EVALUATION_INSTRUMENTS = ("scripts.evaluation", "utils.core.morphometry", "utils.core.edit_measures", "utils.faces",
-                          "utils.io.plots", "utils.io.files", "utils.io.images")
+                          "utils.io.plots", "utils.io.files", "utils.io.images",
+                          "utils.core.discovery")
 
 
 def module_name(path: Path) -> str:

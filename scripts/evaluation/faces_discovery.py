@@ -1,0 +1,174 @@
+"""Directions without labels measured on the synthetic faces (issue 32; docs/faces_report.md section 8).
+
+    .venv/bin/python main.py --discover --n_discover_img 64 --boundary_dir runs/faces_found --exp runs/faces_discover
+    .venv/bin/python -m scripts.evaluation.faces_discovery --found runs/faces_found \\
+        --json docs/faces_discovery.json --table docs/faces_discovery.md
+
+Given the directions ``--discover`` wrote (``--found``) and the shipped supervised boundaries
+(``--boundary_dir``), at the config's t_0:
+
+- **found**: every direction edited on ``--n_test`` test faces from -3 to +3 (relative unit, z and h
+  together, the config's denoising), each edit measured by the factor predictor; per direction and
+  factor the mean over faces of Spearman's rho between the distance and the measured factor
+  (``runners.engine.factor_matches``); a factor is found when some direction reaches |rho| >= 0.8;
+- **captured**: the share of each supervised z normal's squared norm inside the span of the
+  discovered z directions (random baseline r / D);
+- **few labels**: per attribute, the boundary fitted by ``--boundary_search --within`` on
+  ``--n_labels`` labelled train faces, its held-out accuracy over the shipped full-label boundary's;
+- **subspace iteration**: on ``--n_exact`` test faces, the largest principal angle between the top-r
+  subspace the iteration finds (the discovery's settings) and the exact one (a full Jacobian and
+  its SVD).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runners.engine import (SPACES, Denoising, EditRequest, Inverting, Move, SearchJob, UserError, differentiable_net,
+                            factor_matches, load_config)
+from scripts.evaluation.common import (EngineRunner, add_output_flags, command_line, evaluation_engine,
+                                       load_evaluated_model, write_report)
+from scripts.evaluation.faces_region import load_faces
+from utils.faces.factors import ATTRIBUTES
+
+RHO_FOUND = 0.8
+CAPTURED = 0.5
+
+
+def discovered(runner: EngineRunner, t_0: int, prefix: str) -> dict[str, dict[str, Path]]:
+    """{direction: {space: file}} of the found folder at t_0 (``<prefix>_00`` ...)."""
+    names = sorted(n for n in runner.index.attributes(t_0) if n.startswith(prefix + "_"))
+    if not names:
+        raise UserError(f"no {prefix}_NN directions at t_0 {t_0} in {runner.index.folder}: run main.py --discover")
+    return {n: runner.index.find(n, t_0)[2] for n in names}
+
+
+def found(runner: EngineRunner, directions: dict, t_0: int, denoising: Denoising, k: int) -> dict:
+    """Each direction's edits on the runner's faces, named by the factor it moves (``factor_matches``)."""
+    values = np.linspace(-3, 3, k)
+    edits = {}
+    for name, paths in directions.items():
+        request = EditRequest((Move(name, -3.0, 3.0, paths=paths),), denoising, k=k, unit="relative")
+        edits[name] = runner.edits(t_0, runner.describe(t_0, request))
+        print(f"edited along {name}", flush=True)
+    return factor_matches(edits, values)
+
+
+def captured(runner: EngineRunner, directions: dict, supervised: dict, t_0: int) -> dict:
+    """{attribute: share of its z normal inside the span of the discovered z directions}."""
+    from utils.core.discovery import captured_share
+    from utils.io.boundary_files import load_boundary
+
+    basis = np.stack([load_boundary(p["z"]).normal.astype(np.float64) for p in directions.values()])
+    basis = np.linalg.qr(basis.T)[0].T  # orthonormal rows spanning the same subspace
+    return {a: float(captured_share(load_boundary(p["z"]).normal.astype(np.float64), basis))
+            for a, p in supervised.items()}
+
+
+def few_labels(engine, config, args, attributes: list[str], t_0: int) -> dict:
+    """Per attribute and space: the held-out accuracy of the --within fit on ``args.n_labels`` labels,
+    and of the shipped full-label boundary (its file's test accuracy)."""
+    shipped_index = engine.boundary_index(args.boundary_dir)
+    headers = dict(shipped_index.scan)
+    out = {}
+    for attribute in attributes:
+        job = SearchJob(Inverting(t_0, config.edit.n_inv_step, args.batch_size), attribute, None, None, None, None,
+                        args.n_labels, args.n_within_test, 1.0, True, args.work / "few", args.seed, True,
+                        within=args.found)
+        spaces = engine.run(job, args.work / f"few_{attribute}", overwrite=True).summary["spaces"]
+        shipped = shipped_index.find(attribute, t_0)[2]
+        out[attribute] = {s: {"few": spaces[s]["test_acc"], "full": headers[shipped[s]].test_acc,
+                              "ratio": spaces[s]["test_acc"] / headers[shipped[s]].test_acc} for s in SPACES}
+        print(f"{attribute}: few labels z {out[attribute]['z']['few']:.3f} / full {out[attribute]['z']['full']:.3f}",
+              flush=True)
+    return out
+
+
+def subspace_accuracy(runner: EngineRunner, t_0: int, rank: int, n: int) -> list[dict]:
+    """On n faces: the iteration's top-``rank`` z subspace against the exact Jacobian's (degrees)."""
+    from utils.core.discovery import exact_jacobian, jacobian_subspace, principal_angles
+
+    net, out = differentiable_net(runner.engine.model), []
+    latents = runner.inversion(t_0)
+    for b in range(n):
+        z = latents.z[b:b + 1].float()
+        start = time.perf_counter()
+        found_ = jacobian_subspace(net, z, t_0, runner.engine.model.alphas_cumprod, rank, 5,
+                                   torch.Generator().manual_seed(b), oversample=8)
+        iteration = time.perf_counter() - start
+        start = time.perf_counter()
+        jacobian = exact_jacobian(net, z, t_0, runner.engine.model.alphas_cumprod).double()
+        exact = torch.linalg.svd(jacobian, full_matrices=False)[2][:rank]
+        out.append({"angle": float(principal_angles(found_.basis, exact)), "iteration_seconds": iteration,
+                    "exact_seconds": time.perf_counter() - start})
+        print(f"face {b}: {out[-1]['angle']:.2f} degrees from the exact top-{rank}", flush=True)
+    return out
+
+
+def table(report: dict) -> str:
+    lines = ["| direction | factor it moves most | mean per-face Spearman | change (sd) |", "|---|---|---|---|"]
+    for name, m in report["found"].items():
+        lines.append(f"| {name} | {m['factor']} | {m['spearman']:+.2f} | {m['change']:+.2f} |")
+    lines += ["", "| attribute | captured by the top directions | few labels z / full | few labels h / full |",
+              "|---|---|---|---|"]
+    for a in report["captured"]:
+        few = report["few_labels"].get(a)
+        cells = [f"{few[s]['few']:.3f} / {few[s]['full']:.3f}" if few else "" for s in SPACES]
+        lines.append(f"| {a} | {report['captured'][a]:.2f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="faces.yml")
+    parser.add_argument("--found", type=Path, required=True, help="the folder --discover wrote its directions into")
+    parser.add_argument("--prefix", default="pc")
+    parser.add_argument("--boundary_dir", type=Path, default=Path("boundary"))
+    parser.add_argument("--data_dir", type=Path, default=Path("data/faces"))
+    parser.add_argument("--n_test", type=int, default=20, help="test faces each direction is edited on")
+    parser.add_argument("--k", type=int, default=7, help="edits per face along each direction")
+    parser.add_argument("--n_labels", type=int, default=10, help="labels of the --within fits")
+    parser.add_argument("--n_within_test", type=int, default=500, help="held-out faces of the --within fits")
+    parser.add_argument("--attributes", default=",".join(ATTRIBUTES))
+    parser.add_argument("--n_exact", type=int, default=3, help="faces whose exact Jacobian is compared")
+    parser.add_argument("--work", type=Path, default=Path("runs/faces_discovery_eval"))
+    add_output_flags(parser, batch_size=8)
+    args = parser.parse_args(argv)
+    try:
+        return run(args, argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace, argv) -> int:
+    start = time.perf_counter()
+    config = load_config(args.config)
+    t_0 = config.edit.t_0
+    model = load_evaluated_model(config, None, args.precision, args.threads)
+    engine = evaluation_engine(model)
+    faces = load_faces(args.data_dir, args.n_test)
+    runner = EngineRunner(engine, faces.images, config.edit.n_inv_step, args.batch_size, args.found)
+    supervised_runner = EngineRunner(engine, faces.images, config.edit.n_inv_step, args.batch_size, args.boundary_dir)
+    directions = discovered(runner, t_0, args.prefix)
+    attributes = [a for a in args.attributes.split(",") if a]
+    supervised = {a: supervised_runner.index.find(a, t_0)[2] for a in attributes}
+    denoising = Denoising(config.edit.n_test_step, config.edit.eta, batch_size=args.batch_size, seed=args.seed)
+    report = {"found": found(runner, directions, t_0, denoising, args.k),
+              "captured": captured(runner, directions, supervised, t_0)}
+    report["few_labels"] = few_labels(engine, config, args, attributes, t_0)
+    report["subspace"] = subspace_accuracy(runner, t_0, len(directions), args.n_exact)
+    report.update(command=command_line(argv), seconds=time.perf_counter() - start, t_0=t_0,
+                  baseline_share=len(directions) / int(np.prod(model.shapes["z"])))
+    write_report(report, table(report), args.json, args.table)
+    print(table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
