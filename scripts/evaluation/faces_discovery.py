@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from runners.engine import (SPACES, Denoising, EditRequest, Inverting, Move, SearchJob, UserError, differentiable_net,
-                            factor_matches, load_config)
+                            factor_matches, load_boundary, load_config)
 from scripts.evaluation.common import (EngineRunner, add_output_flags, command_line, evaluation_engine,
                                        load_evaluated_model, write_report)
 from scripts.evaluation.faces_region import load_faces
@@ -62,7 +62,6 @@ def found(runner: EngineRunner, directions: dict, t_0: int, denoising: Denoising
 def captured(runner: EngineRunner, directions: dict, supervised: dict, t_0: int) -> dict:
     """{attribute: share of its z normal inside the span of the discovered z directions}."""
     from utils.core.discovery import captured_share
-    from utils.io.boundary_files import load_boundary
 
     basis = np.stack([load_boundary(p["z"]).normal.astype(np.float64) for p in directions.values()])
     basis = np.linalg.qr(basis.T)[0].T  # orthonormal rows spanning the same subspace
