@@ -23,7 +23,7 @@ from PIL import Image
 import main as cli
 from models.diffusers_map import diffusers_to_ddpm
 from models.loading import load_model
-from tests.helpers import REPO, assert_one_error_line
+from tests.helpers import REPO, assert_one_error_line, write_labelled_set
 from utils.io.boundary_files import BoundaryRecord, save_boundary
 from utils.config import latent_shapes, parse_config
 from utils.core.diffusion import invert, make_alphas_cumprod, timestep_grid
@@ -207,8 +207,9 @@ def test_config_json_missing_fields_take_diffusers_defaults(saved, tmp_path):
 
 def test_cli_refuses_mismatching_folder_in_one_line(saved, tmp_path, capsys):
     folder = _folder_with_config(saved, tmp_path, norm_eps=1e-5)
+    images, _ = write_labelled_set(tmp_path / "data", n=2, size=SIZE)  # inputs are checked before the model loads
     code = cli.main(["--radius", "--config", _write_small_config(tmp_path), "--model_path", str(folder),
-                     "--exp", str(tmp_path / "run"), "--data_dir", str(tmp_path), "--no_cache"])
+                     "--exp", str(tmp_path / "run"), "--data_dir", str(images), "--no_cache"])
     assert_one_error_line(code, capsys.readouterr().err, "norm_eps is 1e-05 there, 1e-06 expected")
     assert not (tmp_path / "run").exists()
 
@@ -224,7 +225,8 @@ def test_hub_id_offline_ends_in_one_line(tmp_path):
     """HF_HUB_OFFLINE=1 and an empty huggingface_hub cache: one line, exit status 1."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
            "BOUNDARYDIFFUSION_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    images, _ = write_labelled_set(tmp_path / "data", n=2, size=256)  # inputs are checked before the model loads
     proc = subprocess.run([sys.executable, str(REPO / "main.py"), "--radius", "--config", "celeba.yml", "--model_path",
-                           "hf:google/ddpm-ema-celebahq-256", "--exp", str(tmp_path / "run")],
+                           "hf:google/ddpm-ema-celebahq-256", "--exp", str(tmp_path / "run"), "--data_dir", str(images)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert_one_error_line(proc.returncode, proc.stderr, "hf:google/ddpm-ema-celebahq-256", "--model_path")

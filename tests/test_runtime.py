@@ -88,10 +88,10 @@ def test_retain_freed_memory_stops_refaulting_large_blocks():
 
 def test_main_retains_freed_memory_before_any_work(monkeypatch, tmp_path, capsys):
     import main as cli
-    import models.runtime as runtime
+    import runners.boundary_diffusion as front_end
 
     calls = []
-    monkeypatch.setattr(runtime, "retain_freed_memory", lambda: calls.append("retain") or True)
+    monkeypatch.setattr(front_end, "retain_freed_memory", lambda: calls.append("retain") or True)
     code = cli.main(["--boundary_search", "--config", str(tmp_path / "missing.yml")])
     assert calls == ["retain"]
     assert_one_error_line(code, capsys.readouterr().err, "missing.yml")
