@@ -101,7 +101,7 @@ class _Parser(argparse.ArgumentParser):
 def _run_flags(parser: argparse.ArgumentParser) -> None:
     """Run-level flags: the config, the run folder, the model's weights, device and precision."""
     run = parser.add_argument_group("run")
-    run.add_argument("--config", default="digits.yml", help="a file in configs/ or a path")
+    run.add_argument("--config", default="faces.yml", help="a file in configs/ or a path")
     run.add_argument("--exp", type=Path, default=Path("runs/test"), help="run folder; each mode writes a subfolder")
     run.add_argument("--seed", type=_seed, default=1234, help="seed of the data split, the sampled noise and the edit noise")
     run.add_argument("--model_path", default=None,
