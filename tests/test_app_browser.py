@@ -1,20 +1,26 @@
-"""The web app in a real browser: ``python main.py --serve`` on a free port (no --edit_attr: it opens
-on digits.yml's edit.attribute, thick), headless Chromium (from the system's packages, driven by
-Playwright) uploads the example digit, and every attribute slider moves to where the image sits
-(z's relative position, as the command line's summary.json gives it). Then twenty arrow-key presses
-nudge three_vs_eight by +0.20, a mouse drag moves thick, a hold box is ticked and thick nudged again,
-and digit_3 is dragged: each time the edit the page shows -- its pixels read back from the page --
-equals the command line's joint edit (``--edit A=u:u ... --edit_unit shift [--condition_attr
-slant]``) for the values the sliders show, and the entanglement warning names digit_3 and
-three_vs_eight. Two clicks on the region preview draw a box (outlined in yellow) and thick is
-nudged again: the edit is the command line's with ``--region`` of that box, its outside (beyond the
-feather) is the page's reconstruction and its inside moved. A sweep in the region (its grid
-outlines the box, in white on the one-channel digits) fills the strip and GIF; the screenshot is taken; "Back to the image" puts every slider back where the image is, and
-"Clear region" clears the box.
+"""The web app in a real browser, headless Chromium (from the system's packages, driven by Playwright).
 
-Without Chromium or Playwright the test is skipped, saying how to install them; with
+On the digits (``python main.py --serve --config digits.yml`` on a free port, no --edit_attr: it
+opens on digits.yml's edit.attribute, thick): the example digit is uploaded, and every attribute
+slider moves to where the image sits (z's relative position, as the command line's summary.json
+gives it). Then twenty arrow-key presses nudge three_vs_eight by +0.20, a mouse drag moves thick, a
+hold box is ticked and thick nudged again, and digit_3 is dragged: each time the edit the page shows
+-- its pixels read back from the page -- equals the command line's joint edit (``--edit A=u:u ...
+--edit_unit shift [--condition_attr slant]``) for the values the sliders show, and the
+entanglement warning names digit_3 and three_vs_eight. Two clicks on the region preview draw a box
+(outlined in yellow) and thick is nudged again: the edit is the command line's with ``--region`` of
+that box, its outside (beyond the feather) is the page's reconstruction and its inside moved. A
+sweep in the region (its grid outlines the box, in white on the one-channel digits) fills the strip
+and GIF; "Back to the image" puts every slider back where the image is, and "Clear region" clears
+the box.
+
+On the default, the faces (``python main.py --serve``, as the README starts it): the page opens on
+Smiling, and a nudge of the uploaded face's Smiling slider is the command line's edit; the
+screenshot is taken there.
+
+Without Chromium or Playwright the tests are skipped, saying how to install them; with
 BOUNDARYDIFFUSION_REQUIRE_BROWSER=1 (set by .ci/run) that is a failure instead.
-BOUNDARYDIFFUSION_SCREENSHOT=path keeps the screenshot there (docs/app_screenshot.png)."""
+BOUNDARYDIFFUSION_SCREENSHOT=path keeps the faces screenshot there (docs/app_screenshot.png)."""
 from __future__ import annotations
 
 import importlib.util
@@ -36,8 +42,11 @@ from PIL import Image
 
 import main as cli
 from tests.helpers import REPO
+from utils.config import load_config
 
 DIGIT = REPO / "imgs" / "digit_example.png"
+FACE = REPO / "imgs" / "face_example.png"
+DIGITS = ("--config", "digits.yml")  # the thorough test runs on the fast digits model; the default is the faces
 INSTALL = ("install a browser and its driver: apt-get install chromium && pip install -r requirements-test.txt "
            "(or point BOUNDARYDIFFUSION_CHROMIUM at a Chromium binary)")
 
@@ -76,22 +85,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture()
-def server(tmp_path):
-    """``python main.py --serve`` starting in its own process: (url, its output file, the process)."""
+def start_server(tmp_path: Path, flags: tuple[str, ...]) -> tuple[str, Path, subprocess.Popen]:
+    """``python main.py --serve *flags`` starting in its own process: (url, its output file, the process)."""
     _browser()
     port = free_port()
     log = tmp_path / "server.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "main.py", "--serve", "--port", str(port), "--no_cache"], cwd=REPO,
-                                stdout=err, stderr=subprocess.STDOUT)
-    yield f"http://127.0.0.1:{port}/", log, proc
+        proc = subprocess.Popen([sys.executable, "main.py", "--serve", "--port", str(port), "--no_cache", *flags],
+                                cwd=REPO, stdout=err, stderr=subprocess.STDOUT)
+    return f"http://127.0.0.1:{port}/", log, proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture()
+def server(tmp_path):
+    """The app on the digits model."""
+    url, log, proc = start_server(tmp_path, DIGITS)
+    yield url, log, proc
+    stop_server(proc)
+
+
+@pytest.fixture()
+def default_server(tmp_path):
+    """The app as ``python main.py --serve`` starts it: on the default config, the faces."""
+    url, log, proc = start_server(tmp_path, ())
+    yield url, log, proc
+    stop_server(proc)
 
 
 def wait_until_served(url: str, log: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
@@ -110,7 +137,8 @@ def wait_until_served(url: str, log: Path, proc: subprocess.Popen, timeout: floa
 
 
 def cli_joint_edit(tmp_path: Path, values: dict[str, float], positions: dict[str, float] | None = None,
-                   held: tuple[str, ...] = (), region: str | None = None) -> tuple[np.ndarray, Path]:
+                   held: tuple[str, ...] = (), region: str | None = None, config: tuple[str, ...] = DIGITS,
+                   image: Path = DIGIT) -> tuple[np.ndarray, Path]:
     """The command line's joint edit of the example digit that the sliders' ``values`` ask for: each
     moved slider's change from the image's ``positions`` in the shift unit (``--edit A=u:u
     --edit_unit shift``, the moves in the order given; within ``region``, if any): its RGB pixels and
@@ -120,25 +148,28 @@ def cli_joint_edit(tmp_path: Path, values: dict[str, float], positions: dict[str
     moves = [arg for name, u in shifts.items() for arg in ("--edit", f"{name}={u}:{u}")]
     hold = ["--condition_attr", ",".join(held)] if held else []
     where = ["--region", region] if region else []
-    assert cli.main(["--edit_image_boundary", *moves, *hold, *where, "--edit_unit", "shift", "--edit_img_number",
-                     "1", "--img_path", str(DIGIT), "--exp", str(run), "--no_cache"]) == 0
+    assert cli.main([*config, "--edit_image_boundary", *moves, *hold, *where, "--edit_unit", "shift",
+                     "--edit_img_number", "1", "--img_path", str(image), "--exp", str(run), "--no_cache"]) == 0
     (edit,) = (run / "edit").glob("edit_00_*.png")
     with Image.open(edit) as img:
         return np.asarray(img.convert("RGB")), run / "edit"
 
 
-def image_positions(tmp_path: Path, names: tuple[str, ...]) -> dict[str, float]:
+def image_positions(tmp_path: Path, names: tuple[str, ...], config: tuple[str, ...] = DIGITS,
+                    image: Path = DIGIT) -> dict[str, float]:
     """Where the example digit sits along ``names`` (z, relative unit, on the sliders' 0.01 step),
     from the command line's summary.json (its unedited latent's distances) and each boundary's
     relative unit (-1 and +1 at the class medians)."""
     from runners.engine import relative_scale
-    from utils.io.boundary_files import load_boundary
+    from utils.io.boundary_files import boundary_name, boundary_path, load_boundary
 
-    _, run = cli_joint_edit(tmp_path, dict.fromkeys(names, 0.0))
+    _, run = cli_joint_edit(tmp_path, dict.fromkeys(names, 0.0), config=config, image=image)
     distances = json.loads((run / "summary.json").read_text())["source_distances"]["z"]
+    model = load_config(config[1] if config else "faces.yml")
     positions = {}
     for name in names:
-        centre, half = relative_scale(load_boundary(REPO / "boundary" / f"digits_{name}_t200_z.npz"))
+        path = boundary_path(REPO / "boundary", boundary_name(model.name, name, model.edit.t_0, "z"))
+        centre, half = relative_scale(load_boundary(path))
         positions[name] = round((distances[name] - centre) / half, 2)
     return positions
 
@@ -281,7 +312,7 @@ def test_sliders_start_at_the_image_and_a_nudge_is_the_command_lines_edit(server
     url, log, proc = server
     positions = image_positions(tmp_path, ("thick", "slant", "three_vs_eight", "digit_3"))  # while the server starts
     wait_until_served(url, log, proc)
-    screenshot = Path(os.environ.get("BOUNDARYDIFFUSION_SCREENSHOT") or tmp_path / "app_screenshot.png")
+    screenshot = tmp_path / "app_screenshot.png"
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         try:
@@ -321,3 +352,37 @@ def test_sliders_start_at_the_image_and_a_nudge_is_the_command_lines_edit(server
     found = re.search(r"temporary files in (\S+)", log.read_text())
     assert found, log.read_text()[-2000:]
     assert not Path(found.group(1)).exists()
+
+
+def test_the_app_opens_on_the_faces_and_a_smile_nudge_is_the_command_lines_edit(default_server, tmp_path):
+    """``python main.py --serve`` as the README starts it: the faces model, the page opening on
+    Smiling (faces.yml's edit.attribute) with one slider per shipped attribute; the uploaded face's
+    Smiling slider starts where the face is, fifty key presses move it by +0.50, and the page's edit
+    equals the command line's. The screenshot (docs/app_screenshot.png) is taken here."""
+    from utils.faces.factors import ATTRIBUTES
+
+    sync_api, chromium = _browser()
+    url, log, proc = default_server
+    positions = image_positions(tmp_path, ("Smiling",), config=(), image=FACE)  # while the server starts
+    wait_until_served(url, log, proc)
+    screenshot = Path(os.environ.get("BOUNDARYDIFFUSION_SCREENSHOT") or tmp_path / "app_screenshot.png")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            sliders = page.locator("[id^=joint-]")
+            assert sliders.first.get_attribute("id") == "joint-Smiling" and sliders.count() == len(ATTRIBUTES)
+            assert page.locator("#joint-Smiling input[type=range]").is_disabled()  # nothing to move from yet
+            page.locator("#upload input[type=file]").set_input_files(str(FACE))
+            wait_for_value(page, "Smiling", positions["Smiling"])
+            moved = {"Smiling": press(page, "Smiling", "ArrowRight", 50)}
+            assert moved["Smiling"] == pytest.approx(positions["Smiling"] + 0.5)
+            wait_for_edit(page, cli_joint_edit(tmp_path, moved, positions, config=(), image=FACE)[0])
+            assert "Smiling" in page.locator("#caption").inner_text()
+            page.wait_for_timeout(300)
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
