@@ -170,7 +170,8 @@ def image_positions(tmp_path: Path, names: tuple[str, ...], config: tuple[str, .
     for name in names:
         path = boundary_path(REPO / "boundary", boundary_name(model.name, name, model.edit.t_0, "z"))
         centre, half = relative_scale(load_boundary(path))
-        positions[name] = round((distances[name] - centre) / half, 2)
+        distance = distances[name] if isinstance(distances, dict) else distances  # one attribute: a number
+        positions[name] = round((distance - centre) / half, 2)
     return positions
 
 
