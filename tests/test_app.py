@@ -90,7 +90,8 @@ def client(app):
 def cli_run(tmp_path: Path, *flags) -> Path:
     """The command line's edit of the example digit (no latent cache): its run folder."""
     run = tmp_path / f"cli{len(list(tmp_path.glob('cli*')))}"
-    argv = ["--edit_image_boundary", "--img_path", str(DIGIT), "--exp", str(run), "--no_cache", *map(str, flags)]
+    argv = ["--config", "digits.yml", "--edit_image_boundary", "--img_path", str(DIGIT), "--exp", str(run), "--no_cache",
+            *map(str, flags)]
     assert cli.main(argv) == 0
     return run / "edit"
 

@@ -5,7 +5,7 @@
 
 For each (attribute, part) pair -- Smiling with the mouth, Eyeglasses with the eyes, a hair colour
 with the hair -- test faces on the attribute's negative side (by the factor predictor) are edited
-toward its positive side, to ``--target`` in the relative unit, with the command line's defaults
+toward its positive side, to ``--target`` (in ``--unit``), with the command line's defaults
 otherwise (the config's t_0, steps, eta, seeds): without a region, with the face's own part mask
 (``--region <part>``: the outside kept on the unedited run, h confined to the part's cells or not
 moved), and with LOCO-Edit's projection (``--region_method loco``) on the first ``--n_loco`` faces.
@@ -163,14 +163,14 @@ def negative_rows(runner: EngineRunner, predictor, attribute: str) -> np.ndarray
 
 
 def variant_request(attribute: str, target: float, denoising: Denoising, variant: str, feather: float,
-                    part_mask: str = "part") -> EditRequest:
+                    part_mask: str = "part", unit: str = "relative") -> EditRequest:
     """The command line's request of one variant (the region's spec is a placeholder: the masks are
     each face's own part, given to ``Engine.edit_in_regions``)."""
     region = {"whole image": None,
               "region, h in its cells": Region(part_mask, "cells", feather),
               "region, h kept": Region(part_mask, "none", feather),
               "LOCO projection": Region(part_mask, "none", feather, "loco")}[variant]
-    return EditRequest((Move(attribute, target, target),), denoising, k=1, unit="relative", region=region)
+    return EditRequest((Move(attribute, target, target),), denoising, k=1, unit=unit, region=region)
 
 
 def run_pair(runner: EngineRunner, attribute: str, part: str, faces: Faces, rows: np.ndarray, args, predictor,
@@ -184,7 +184,8 @@ def run_pair(runner: EngineRunner, attribute: str, part: str, faces: Faces, rows
             continue
         start = time.perf_counter()
         sub = runner.subset(chosen)
-        description = sub.describe(t_0, variant_request(attribute, args.target, denoising, variant, args.feather))
+        description = sub.describe(t_0, variant_request(attribute, args.target, denoising, variant, args.feather,
+                                                        unit=args.unit))
         masks = faces.masks[part][chosen]
         with sub.session(t_0) as editor:
             latents = sub.inversion(t_0)
@@ -239,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boundary_dir", type=Path, default=Path("boundary"))
     parser.add_argument("--n_test", type=int, default=40, help="test faces considered (those on the negative side are edited)")
     parser.add_argument("--n_loco", type=int, default=6, help="faces edited with LOCO's projection (an exact Jacobian each)")
-    parser.add_argument("--target", type=float, default=1.5, help="the edit's target in the relative unit")
+    parser.add_argument("--target", type=float, default=30.0, help="the edit's target, in --unit (default: the "
+                                                                   "far end of faces.yml's range)")
+    parser.add_argument("--unit", choices=("absolute", "relative"), default="absolute", help="the target's unit")
     parser.add_argument("--feather", type=float, default=2.0, help="the region's feather, pixels")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
@@ -262,7 +265,7 @@ def run(args: argparse.Namespace, argv) -> int:
     predictor = load_predictor()
     measured = predictor.predict(faces.images)
     spread = np.array([float(measured[n].double().std()) for n in PREDICTED_CONTINUOUS])
-    denoising = Denoising(config.edit.n_test_step, batch_size=8)
+    denoising = Denoising(config.edit.n_test_step, eta=config.edit.eta, batch_size=8)  # the command line's
     report, shown = {"pairs": {}}, {}
     for attribute, part in PAIRS:
         rows = negative_rows(runner, predictor, attribute)
@@ -270,7 +273,7 @@ def run(args: argparse.Namespace, argv) -> int:
         report["pairs"][f"{attribute} / {part}"] = results
         shown[(attribute, part)] = (rows, pictures)
     report.update(command=command_line(argv), seconds=time.perf_counter() - start, n_test=args.n_test,
-                  target=args.target, feather=args.feather, t_0=config.edit.t_0)
+                  target=args.target, unit=args.unit, eta=config.edit.eta, feather=args.feather, t_0=config.edit.t_0)
     write_report(report, table(report), args.json, args.table)
     if args.picture:
         picture(faces, shown, args.picture)
