@@ -21,7 +21,7 @@ from tests.helpers import assert_one_error_line
 from utils.io.boundary_files import load_boundary
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--img_path", str(REPO / "imgs" / "digit_example.png"), "--n_inv_step", "10", "--n_test_step", "10",
+FAST = ["--config", "digits.yml", "--img_path", str(REPO / "imgs" / "digit_example.png"), "--n_inv_step", "10", "--n_test_step", "10",
         "--no_cache", "--edit_image_boundary"]
 
 
