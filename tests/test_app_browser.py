@@ -23,6 +23,7 @@ BOUNDARYDIFFUSION_REQUIRE_BROWSER=1 (set by .ci/run) that is a failure instead.
 BOUNDARYDIFFUSION_SCREENSHOT=path keeps the faces screenshot there (docs/app_screenshot.png)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -77,6 +78,20 @@ def _browser() -> tuple[object, str]:
         pytest.skip(message)
     from playwright import sync_api
     return sync_api, chromium
+
+
+@contextlib.contextmanager
+def opened_page(url: str):
+    """Headless Chromium at 1280 x 1000 showing ``url``: the page, closed on the way out."""
+    sync_api, chromium = _browser()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
 
 
 def free_port() -> int:
@@ -309,42 +324,35 @@ def draw_region_and_nudge(page, tmp_path: Path, moved: dict[str, float], positio
 
 
 def test_sliders_start_at_the_image_and_a_nudge_is_the_command_lines_edit(server, tmp_path):
-    sync_api, chromium = _browser()
     url, log, proc = server
     positions = image_positions(tmp_path, ("thick", "slant", "three_vs_eight", "digit_3"))  # while the server starts
     wait_until_served(url, log, proc)
     screenshot = tmp_path / "app_screenshot.png"
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(url)
-            sliders = page.locator("[id^=joint-]")
-            assert sliders.first.get_attribute("id") == "joint-thick" and sliders.count() == 13
-            upload_and_locate(page, positions)
-            moved = nudge_drag_and_hold(page, tmp_path, positions)
-            draw_region_and_nudge(page, tmp_path, moved, positions)
-            # the sweep (absolute distances, the attribute the page opened on): the strip and GIF
-            page.get_by_text("Sweep (absolute distances v.n)", exact=True).first.click()
-            page.locator("#sweep-button").click()
-            page.locator("#grid").scroll_into_view_if_needed()  # its image loads lazily, once in view
-            page.locator("#grid img").wait_for(timeout=60_000)
-            page.locator("#gif img").wait_for(timeout=60_000)
-            page.locator("#sweep-caption").get_by_text(f"Region: box {BOX}").wait_for(timeout=30_000)
-            assert "thick" in page.locator("#attribute").inner_text() or \
-                page.locator("#attribute input").input_value().startswith("thick")
-            page.wait_for_timeout(300)
-            screenshot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(screenshot), full_page=True)
-            page.locator("#back-button").click()  # every slider back where the image is, every hold cleared
-            for name in moved:
-                wait_for_value(page, name, positions[name], timeout=30_000)
-            assert not page.locator("#hold-slant input").is_checked()
-            page.locator("#clear-region").click()
-            page.locator("#region-note").get_by_text("Region: the whole image").wait_for(timeout=30_000)
-            assert region_box(page) == ""
-        finally:
-            browser.close()
+    with opened_page(url) as page:
+        sliders = page.locator("[id^=joint-]")
+        assert sliders.first.get_attribute("id") == "joint-thick" and sliders.count() == 13
+        upload_and_locate(page, positions)
+        moved = nudge_drag_and_hold(page, tmp_path, positions)
+        draw_region_and_nudge(page, tmp_path, moved, positions)
+        # the sweep (absolute distances, the attribute the page opened on): the strip and GIF
+        page.get_by_text("Sweep (absolute distances v.n)", exact=True).first.click()
+        page.locator("#sweep-button").click()
+        page.locator("#grid").scroll_into_view_if_needed()  # its image loads lazily, once in view
+        page.locator("#grid img").wait_for(timeout=60_000)
+        page.locator("#gif img").wait_for(timeout=60_000)
+        page.locator("#sweep-caption").get_by_text(f"Region: box {BOX}").wait_for(timeout=30_000)
+        assert "thick" in page.locator("#attribute").inner_text() or \
+            page.locator("#attribute input").input_value().startswith("thick")
+        page.wait_for_timeout(300)
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
+        page.locator("#back-button").click()  # every slider back where the image is, every hold cleared
+        for name in moved:
+            wait_for_value(page, name, positions[name], timeout=30_000)
+        assert not page.locator("#hold-slant input").is_checked()
+        page.locator("#clear-region").click()
+        page.locator("#region-note").get_by_text("Region: the whole image").wait_for(timeout=30_000)
+        assert region_box(page) == ""
     assert screenshot.stat().st_size > 10_000
 
     # the server stops on SIGTERM and removes its temporary files
@@ -362,28 +370,21 @@ def test_the_app_opens_on_the_faces_and_a_smile_nudge_is_the_command_lines_edit(
     equals the command line's. The screenshot (docs/app_screenshot.png) is taken here."""
     from utils.faces.factors import ATTRIBUTES
 
-    sync_api, chromium = _browser()
     url, log, proc = default_server
     positions = image_positions(tmp_path, ("Smiling",), config=(), image=FACE)  # while the server starts
     wait_until_served(url, log, proc)
     screenshot = Path(os.environ.get("BOUNDARYDIFFUSION_SCREENSHOT") or tmp_path / "app_screenshot.png")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(url)
-            sliders = page.locator("[id^=joint-]")
-            assert sliders.first.get_attribute("id") == "joint-Smiling" and sliders.count() == len(ATTRIBUTES)
-            assert page.locator("#joint-Smiling input[type=range]").is_disabled()  # nothing to move from yet
-            page.locator("#upload input[type=file]").set_input_files(str(FACE))
-            wait_for_value(page, "Smiling", positions["Smiling"])
-            moved = {"Smiling": press(page, "Smiling", "ArrowRight", 50)}
-            assert moved["Smiling"] == pytest.approx(positions["Smiling"] + 0.5)
-            wait_for_edit(page, cli_joint_edit(tmp_path, moved, positions, config=(), image=FACE)[0])
-            assert "Smiling" in page.locator("#caption").inner_text()
-            page.wait_for_timeout(300)
-            screenshot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
+    with opened_page(url) as page:
+        sliders = page.locator("[id^=joint-]")
+        assert sliders.first.get_attribute("id") == "joint-Smiling" and sliders.count() == len(ATTRIBUTES)
+        assert page.locator("#joint-Smiling input[type=range]").is_disabled()  # nothing to move from yet
+        page.locator("#upload input[type=file]").set_input_files(str(FACE))
+        wait_for_value(page, "Smiling", positions["Smiling"])
+        moved = {"Smiling": press(page, "Smiling", "ArrowRight", 50)}
+        assert moved["Smiling"] == pytest.approx(positions["Smiling"] + 0.5)
+        wait_for_edit(page, cli_joint_edit(tmp_path, moved, positions, config=(), image=FACE)[0])
+        assert "Smiling" in page.locator("#caption").inner_text()
+        page.wait_for_timeout(300)
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
