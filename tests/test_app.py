@@ -686,11 +686,13 @@ def test_an_ipv6_address_is_served_in_brackets():
 
 
 def start_server(tmp_path: Path, name: str, *flags) -> tuple[subprocess.Popen, int, Path]:
-    """``python main.py --serve`` in its own process on a free port: (process, port, its output)."""
+    """``python main.py --serve`` (on the digits unless ``flags`` name a config) in its own process on a free
+    port: (process, port, its output)."""
     port = free_port()
     log = tmp_path / f"{name}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "main.py", "--serve", "--port", str(port), "--no_cache", *flags],
+        config = () if "--config" in flags else ("--config", "digits.yml")  # the fast model; the default is the faces
+        proc = subprocess.Popen([sys.executable, "main.py", "--serve", "--port", str(port), "--no_cache", *config, *flags],
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     return proc, port, log
 
