@@ -278,3 +278,12 @@ def write_report(report: dict, table: str, json_path: Path | None, table_path: P
         write_bytes(table_path, table.encode())
     print(table)
     print(f"done in {report['seconds']:.0f}s")
+
+
+def run_reporting_errors(run: Callable[..., int], *args) -> int:
+    """``run(*args)``; a UserError (bad input) is one ``error:`` line on stderr and exit status 1."""
+    try:
+        return run(*args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -32,7 +32,7 @@ import torch
 from runners.engine import (SPACES, Denoising, EditRequest, Inverting, Move, SearchJob, UserError, differentiable_net,
                             factor_matches, load_boundary, load_config)
 from scripts.evaluation.common import (EngineRunner, add_output_flags, command_line, evaluation_engine,
-                                       load_evaluated_model, write_report)
+                                       load_evaluated_model, run_reporting_errors, write_report)
 from scripts.evaluation.faces_region import load_faces
 from utils.faces.factors import ATTRIBUTES
 
@@ -138,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/faces_discovery_eval"))
     add_output_flags(parser, batch_size=8)
     args = parser.parse_args(argv)
-    try:
-        return run(args, argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_reporting_errors(run, args, argv)
 
 
 def run(args: argparse.Namespace, argv) -> int:

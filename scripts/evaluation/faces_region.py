@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runners.engine import Denoising, EditRequest, Move, Region, UserError, load_config, outline_region
+from runners.engine import Denoising, EditRequest, Move, Region, load_config, outline_region
 from scripts.evaluation.common import (EngineRunner, command_line, evaluation_engine, load_evaluated_model,
-                                       write_report)
+                                       run_reporting_errors, write_report)
 from utils.faces.factors import ATTRIBUTES, FACTOR_NAMES, PREDICTED_CONTINUOUS, attribute_scores
 from utils.faces.predictor import load_predictor
 from utils.io.images import dequantize, quantize
@@ -249,11 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", type=Path, default=None)
     parser.add_argument("--picture", type=Path, default=None)
     args = parser.parse_args(argv)
-    try:
-        return run(args, argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_reporting_errors(run, args, argv)
 
 
 def run(args: argparse.Namespace, argv) -> int:
