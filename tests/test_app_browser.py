@@ -180,7 +180,7 @@ def image_positions(tmp_path: Path, names: tuple[str, ...], config: tuple[str, .
 
     _, run = cli_joint_edit(tmp_path, dict.fromkeys(names, 0.0), config=config, image=image)
     distances = json.loads((run / "summary.json").read_text())["source_distances"]["z"]
-    model = load_config(config[1] if config else "faces.yml")
+    model = load_config(config[1] if config else cli.build_parser().get_default("config"))
     positions = {}
     for name in names:
         path = boundary_path(REPO / "boundary", boundary_name(model.name, name, model.edit.t_0, "z"))
