@@ -1,11 +1,14 @@
 """Convert boundaries: ``import-sav`` (the original's pickled SVC -> this project's .npz),
 ``export-npy`` (.npz -> an InterFaceGAN-style (1, D) unit normal), and ``atlas`` (the attribute atlas,
-atlas.json and atlas.png, of the boundary files in a folder: utils/io/atlas.py).
+atlas.json and atlas.png, of the boundary files in a folder: utils/io/atlas.py), and ``random-control``
+(each boundary of a folder with its normal replaced by a seeded random unit direction: the control
+that tells what a move of the same size does without the attribute's direction).
 
     python -m scripts.boundary_tools import-sav smile_z.sav --space z --config celeba.yml --t_0 500 \\
         --n_inv_step 40 --attribute smiling --out boundary/celeba_smiling_t500_z.npz
     python -m scripts.boundary_tools export-npy boundary/celeba_smiling_t500_z.npz smiling_z.npy
     python -m scripts.boundary_tools atlas boundary/ --config_name digits --t_0 200 --out runs/atlas
+    python -m scripts.boundary_tools random-control boundary/ runs/random_control --seed 0
 """
 from __future__ import annotations
 
@@ -59,6 +62,37 @@ def atlas(args: argparse.Namespace) -> Path:
     return json_path
 
 
+def random_normal(shape: tuple[int, ...], seed: int, index: int) -> np.ndarray:
+    """A unit vector of ``prod(shape)`` values, uniform on the sphere, from (``seed``, ``index``)."""
+    v = np.random.default_rng([seed, index]).standard_normal(int(np.prod(shape)))
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def random_control(args: argparse.Namespace) -> Path:
+    """Every boundary file of ``args.src`` written to ``args.out`` under its own name and header,
+    with a random unit normal (file i of the sorted names: ``random_normal(shape, seed, i)``),
+    intercept 0 and no accuracies or class summaries: an edit in the absolute unit then moves each
+    latent as far as with the attribute's normal (its projection on a random direction is about
+    N(0, 1)), in a direction that carries no attribute."""
+    from dataclasses import replace
+
+    from utils.io.boundary_files import load_boundary, save_boundary
+
+    files = sorted(Path(args.src).glob("*.npz"))
+    if not files:
+        raise UserError(f"{args.src} holds no boundary file (*.npz)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(files):
+        target = args.out / path.name
+        if target.exists() and not args.overwrite:
+            raise UserError(f"{target} exists; pass --overwrite to replace it")
+        record = load_boundary(path)
+        normal = random_normal(record.shape, args.seed, i)
+        save_boundary(target, replace(record, normal=normal, coef=normal.copy(), intercept=0.0,
+                                      train_acc=float("nan"), test_acc=float("nan"), class_summary=None))
+    return args.out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,9 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     at.add_argument("--config_name", default=None, help="the config whose boundaries to take (if several)")
     at.add_argument("--t_0", type=int, default=None, help="the t_0 whose boundaries to take (if several)")
     at.add_argument("--out", type=Path, default=None, help="folder to write into (default: dir)")
+    rc = sub.add_parser("random-control", help="the folder's boundaries with seeded random unit normals")
+    rc.add_argument("src", type=Path, help="folder of boundary files")
+    rc.add_argument("out", type=Path, help="folder to write the control files into")
+    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        written = {"import-sav": import_sav, "export-npy": export_npy, "atlas": atlas}[args.command](args)
+        written = {"import-sav": import_sav, "export-npy": export_npy, "atlas": atlas,
+                   "random-control": random_control}[args.command](args)
     except (UserError, OSError, ValueError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1

@@ -85,3 +85,44 @@ def test_garbage_and_non_svc_pickles_are_refused(tmp_path):
     plain.write_bytes(pickle.dumps(np.zeros(3)))
     with pytest.raises(UserError, match="linear SVC"):
         read_sav(plain)
+
+
+def test_random_control_keeps_each_header_and_draws_a_seeded_unit_normal(tmp_path, capsys):
+    """random-control: the same files and headers, each normal a unit vector drawn from the seed
+    (nearly orthogonal to the attribute's in 2,048 dimensions), intercept 0; an existing file is
+    kept unless --overwrite, and a folder without boundaries is one line."""
+    from utils.io.boundary_files import load_boundary
+
+    cfg = tmp_path / "tiny.yml"
+    cfg.write_text(yaml.safe_dump(tiny_config("ddpm")))
+    src = tmp_path / "bd"
+    src.mkdir()
+    for name in ("smile", "hat"):
+        sav = tmp_path / f"{name}.sav"
+        sav.write_bytes(pickle.dumps(_svc(32 * 8 * 8), protocol=2))
+        assert tools_main(["import-sav", str(sav), "--space", "h", "--config", str(cfg), "--t_0", "300",
+                           "--n_inv_step", "4", "--attribute", name, "--out", str(src / f"tiny_{name}_t300_h.npz")]) == 0
+    outs = {seed: tmp_path / f"control{seed}" for seed in (0, 1)}
+    for seed, out in outs.items():
+        assert tools_main(["random-control", str(src), str(out), "--seed", str(seed)]) == 0
+    normals = {}
+    for original in sorted(src.glob("*.npz")):
+        before = load_boundary(original)
+        after, other = (load_boundary(outs[s] / original.name) for s in (0, 1))
+        assert (after.attribute, after.space, after.t_0, after.shape, after.config_name) == \
+               (before.attribute, before.space, before.t_0, before.shape, before.config_name)
+        assert abs(np.linalg.norm(after.normal.astype(np.float64)) - 1) < 1e-6
+        assert after.intercept == 0.0 and after.class_summary is None
+        assert abs(float(after.normal @ before.normal)) < 0.15
+        assert abs(float(after.normal @ other.normal)) < 0.15
+        normals[original.name] = after.normal
+    assert abs(float(np.dot(*normals.values()))) < 0.15
+    again = tmp_path / "again"
+    assert tools_main(["random-control", str(src), str(again), "--seed", "0"]) == 0
+    for name, normal in normals.items():
+        np.testing.assert_array_equal(load_boundary(again / name).normal, normal)
+    assert tools_main(["random-control", str(src), str(again)]) == 1
+    assert "exists" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert tools_main(["random-control", str(tmp_path / "empty"), str(tmp_path / "x")]) == 1
+    assert "no boundary file" in capsys.readouterr().err
