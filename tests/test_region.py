@@ -447,3 +447,28 @@ def test_bad_mask_files_are_one_line(tmp_path):
     white = tmp_path / "white.png"
     Image.new("RGB", (20, 20), (255, 255, 255)).save(white)
     assert "drop --region" in one_line_user_error(lambda: read_region(str(white), 16))
+
+
+def test_region_evaluation_pools_the_other_factors_per_unit_of_score_change():
+    """faces_region's leak per unit: sum of the other factors' changes over the sum of the score's,
+    so a face whose score hardly moved does not dominate; NaN when no score moved; and the LOCO
+    leakage of a change confined to the inside is 0, of one confined to the outside 1."""
+    from scripts.evaluation.faces_region import Measured, leakage
+
+    def measured(others, moved):
+        n = len(others)
+        return Measured(np.zeros(n), np.zeros(n), np.ones(n, bool), np.asarray(others, float), np.ones(n),
+                        np.asarray(moved, float))
+
+    assert measured([0.2, 0.4], [1.0, 0.001]).other_per_unit() == pytest.approx(0.6 / 1.001)
+    assert math.isnan(measured([0.2], [0.0]).other_per_unit())
+    summary = measured([0.1, 0.3], [2.0, 2.0]).summary()
+    assert summary["other_per_unit"] == pytest.approx(0.1) and summary["score_change"]["median"] == 2.0
+    recon = torch.zeros(3, 4, 4)
+    inside = np.zeros((4, 4), bool)
+    inside[:2] = True
+    edit_in, edit_out = recon.clone(), recon.clone()
+    edit_in[:, :2] = 0.5
+    edit_out[:, 2:] = 0.5
+    assert leakage(edit_in, recon, inside, ~inside) == 0.0
+    assert leakage(edit_out, recon, inside, ~inside) == 1.0

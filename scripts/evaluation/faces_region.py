@@ -1,4 +1,4 @@
-"""Region-locked edits measured on the synthetic faces (issue 31; docs/faces_report.md section 5).
+"""Region-locked edits measured on the synthetic faces (issue 31; docs/faces_report.md section 8).
 
     .venv/bin/python -m scripts.evaluation.faces_region --n_test 40 --n_loco 6 \\
         --json docs/faces_region.json --table docs/faces_region.md --picture docs/faces_region.png
@@ -17,8 +17,11 @@ Measured per variant, over the faces (median and quartiles where per face):
   than 2 levels from the reconstruction (the target: under 1 %);
 - leakage (LOCO-Edit's audit): RMS change outside / (RMS change inside + RMS change outside);
 - success: the attribute's predicted score crosses its class threshold (``attribute_scores``);
+- score change: the edited attribute's |score change| in units of its spread over the test faces;
 - other factors: the mean absolute change of every other predicted factor, each in units of its
-  spread over the test faces;
+  spread over the test faces; and per unit of score change, pooled over the faces (sum over sum):
+  the leak as section 6 measures it, fair between an edit that moves its attribute and one that
+  hardly does;
 - seam: the mean gradient magnitude on the ring of pixels along the region's border, over the
   reconstruction's there (1: no seam).
 """
@@ -121,6 +124,8 @@ class Measured:
     success: np.ndarray
     others: np.ndarray
     seam: np.ndarray
+    #: |score change| over the score's spread across the faces: what ``others`` is per unit of.
+    moved: np.ndarray
 
     def summary(self) -> dict:
         def spread(v):
@@ -128,18 +133,27 @@ class Measured:
                     "mean": float(np.mean(v))}
         return {"n": int(len(self.success)), "outside_changed": spread(self.outside), "leakage": spread(self.leakage),
                 "success": float(np.mean(self.success)), "other_factors": spread(self.others),
-                "seam": spread(self.seam)}
+                "score_change": spread(self.moved), "other_per_unit": self.other_per_unit(), "seam": spread(self.seam)}
+
+    def other_per_unit(self) -> float:
+        """The other factors' mean change per unit of the edited score's, pooled over the faces
+        (sum over sum, as ``utils.core.edit_measures.pooled_leak``): an edit that moves its
+        attribute further may move the rest further too."""
+        total = float(self.moved.sum())
+        return float(self.others.sum()) / total if total > 0 else float("nan")
 
 
 def measure(edits: torch.Tensor, recon: torch.Tensor, masks: np.ndarray, attribute: str, predictor, spread: np.ndarray,
-            feather: float) -> Measured:
-    """The measures of edits (B, C, H, W) against their reconstructions, with the faces' masks (B, H, W)."""
+            feather: float, score_sd: float) -> Measured:
+    """The measures of edits (B, C, H, W) against their reconstructions, with the faces' masks (B, H, W);
+    spread: the continuous factors' spread, score_sd: the attribute score's, over the test faces."""
     predicted = {k: v.double().numpy() for k, v in predictor.predict(edits).items()}
     before = {k: v.double().numpy() for k, v in predictor.predict(recon).items()}
     after_m = np.stack([predicted[n] for n in FACTOR_NAMES if n in predicted], axis=1)
     before_m = np.stack([before[n] for n in FACTOR_NAMES if n in before], axis=1)
     names = tuple(n for n in FACTOR_NAMES if n in predicted)
     scores = attribute_scores(after_m, names)[:, ATTRIBUTES.index(attribute)]
+    moved = np.abs(scores - attribute_scores(before_m, names)[:, ATTRIBUTES.index(attribute)]) / score_sd
     others = [i for i, n in enumerate(PREDICTED_CONTINUOUS) if n not in OWN_FACTORS[attribute]]
     continuous = np.stack([predicted[n] - before[n] for n in PREDICTED_CONTINUOUS], axis=1) / spread
     rows = []
@@ -149,17 +163,16 @@ def measure(edits: torch.Tensor, recon: torch.Tensor, masks: np.ndarray, attribu
         rows.append((outside_changed(edits[b], recon[b], kept), leakage(edits[b], recon[b], inside, kept),
                      seam(edits[b], ring) / max(seam(recon[b], ring), 1e-9)))
     rows = np.array(rows)
-    return Measured(rows[:, 0], rows[:, 1], scores > 0, np.abs(continuous[:, others]).mean(axis=1), rows[:, 2])
+    return Measured(rows[:, 0], rows[:, 1], scores > 0, np.abs(continuous[:, others]).mean(axis=1), rows[:, 2], moved)
 
 
 # ----------------------------------------------------------------------------------- the runs
 
-def negative_rows(runner: EngineRunner, predictor, attribute: str) -> np.ndarray:
-    """The faces the predictor puts on the attribute's negative side."""
-    predicted = {k: v.double().numpy() for k, v in predictor.predict(runner.images).items()}
+def predicted_scores(images: torch.Tensor, predictor) -> np.ndarray:
+    """(N, A) attribute scores of images as the predictor measures them (``ATTRIBUTES`` order)."""
+    predicted = {k: v.double().numpy() for k, v in predictor.predict(images).items()}
     names = tuple(n for n in FACTOR_NAMES if n in predicted)
-    scores = attribute_scores(np.stack([predicted[n] for n in names], axis=1), names)
-    return np.flatnonzero(scores[:, ATTRIBUTES.index(attribute)] < 0)
+    return attribute_scores(np.stack([predicted[n] for n in names], axis=1), names)
 
 
 def variant_request(attribute: str, target: float, denoising: Denoising, variant: str, feather: float,
@@ -174,7 +187,7 @@ def variant_request(attribute: str, target: float, denoising: Denoising, variant
 
 
 def run_pair(runner: EngineRunner, attribute: str, part: str, faces: Faces, rows: np.ndarray, args, predictor,
-             spread: np.ndarray, denoising: Denoising) -> tuple[dict, dict]:
+             spread: np.ndarray, score_sd: float, denoising: Denoising) -> tuple[dict, dict]:
     """Every variant of one (attribute, part) pair: {variant: summary} and {variant: edits} (for the picture)."""
     t_0 = runner.engine.model.config.edit.t_0
     results, pictures = {}, {}
@@ -194,7 +207,7 @@ def run_pair(runner: EngineRunner, attribute: str, part: str, faces: Faces, rows
                                                                                          sub.seed_keys)
             else:
                 recon, edits = runner.engine.edit_in_regions(editor, latents, description, masks, sub.seed_keys)
-        measured = measure(edits[:, 0], recon, masks, attribute, predictor, spread, args.feather)
+        measured = measure(edits[:, 0], recon, masks, attribute, predictor, spread, args.feather, score_sd)
         results[variant] = {**measured.summary(), "seconds": time.perf_counter() - start}
         pictures[variant] = (recon, edits[:, 0])
         print(f"{attribute} / {part}, {variant}: success {results[variant]['success']:.0%}, outside changed "
@@ -222,13 +235,14 @@ def picture(faces: Faces, pairs: dict, path: Path, n: int = 3) -> None:
 
 def table(report: dict) -> str:
     lines = ["| attribute / part | variant | success | outside changed (> 2/255), median [IQR] | leakage | "
-             "other factors (sd) | seam |", "|---|---|---|---|---|---|---|"]
+             "score change (sd) | other factors (sd) | other factors per unit of score change | seam |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for pair, variants in report["pairs"].items():
         for variant, r in variants.items():
             o, leak, oth, sm = r["outside_changed"], r["leakage"], r["other_factors"], r["seam"]
             lines.append(f"| {pair} | {variant} (n {r['n']}) | {r['success']:.0%} | {o['median']:.2%} "
-                         f"[{o['q1']:.2%}, {o['q3']:.2%}] | {leak['median']:.3f} | {oth['median']:.3f} | "
-                         f"{sm['median']:.2f} |")
+                         f"[{o['q1']:.2%}, {o['q3']:.2%}] | {leak['median']:.3f} | {r['score_change']['median']:.2f} | "
+                         f"{oth['median']:.3f} | {r['other_per_unit']:.3f} | {sm['median']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -263,9 +277,12 @@ def run(args: argparse.Namespace, argv) -> int:
     spread = np.array([float(measured[n].double().std()) for n in PREDICTED_CONTINUOUS])
     denoising = Denoising(config.edit.n_test_step, eta=config.edit.eta, batch_size=8)  # the command line's
     report, shown = {"pairs": {}}, {}
+    scores = predicted_scores(faces.images, predictor)
     for attribute, part in PAIRS:
-        rows = negative_rows(runner, predictor, attribute)
-        results, pictures = run_pair(runner, attribute, part, faces, rows, args, predictor, spread, denoising)
+        a = ATTRIBUTES.index(attribute)
+        rows = np.flatnonzero(scores[:, a] < 0)  # the faces on the attribute's negative side
+        results, pictures = run_pair(runner, attribute, part, faces, rows, args, predictor, spread,
+                                     float(scores[:, a].std()), denoising)
         report["pairs"][f"{attribute} / {part}"] = results
         shown[(attribute, part)] = (rows, pictures)
     report.update(command=command_line(argv), seconds=time.perf_counter() - start, n_test=args.n_test,
