@@ -2,7 +2,7 @@
 per mode; front ends build the requests below and show the results.
 
     model = load_model("faces.yml")
-    engine = Engine(model, EngineOptions(cache_root=default_cache_root()))
+    engine = Engine(model, EngineOptions(cache_root=latent_cache_root(None)))
     engine.run(EditJob(Inverting(400, 40), Path("imgs/face_example.png"),
                        EditRequest((Move("Smiling", -10, 10),), Denoising(40), k=7), Path("boundary")),
                exp=Path("runs/demo"))

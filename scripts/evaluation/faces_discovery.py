@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runners.engine import (SPACES, Denoising, EditRequest, Inverting, Move, SearchJob, UserError, differentiable_net,
+from runners.engine import (SPACES, Denoising, EditRequest, Engine, EngineOptions, Inverting, Move, SearchJob,
+                            UserError, differentiable_net, latent_cache_root,
                             factor_matches, load_boundary, load_config)
 from scripts.evaluation.common import (EngineRunner, add_output_flags, command_line, evaluation_engine,
                                        load_evaluated_model, run_reporting_errors, write_report)
@@ -71,7 +72,8 @@ def captured(runner: EngineRunner, directions: dict, supervised: dict, t_0: int)
 
 def few_labels(engine, config, args, attributes: list[str], t_0: int) -> dict:
     """Per attribute and space: the held-out accuracy of the --within fit on ``args.n_labels`` labels,
-    and of the shipped full-label boundary (its file's test accuracy)."""
+    and of the shipped full-label boundary (its file's test accuracy). ``engine`` is the command
+    line's (its latent cache: each fit inverts its own labelled set, as ``--boundary_search`` does)."""
     shipped_index = engine.boundary_index(args.boundary_dir)
     headers = dict(shipped_index.scan)
     out = {}
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attributes", default=",".join(ATTRIBUTES))
     parser.add_argument("--n_exact", type=int, default=3, help="faces whose exact Jacobian is compared")
     parser.add_argument("--work", type=Path, default=Path("runs/faces_discovery_eval"))
+    parser.add_argument("--cache_dir", type=Path, default=None,
+                        help="the latent cache of the --within fits (default: the command line's)")
     add_output_flags(parser, batch_size=8)
     args = parser.parse_args(argv)
     return run_reporting_errors(run, args, argv)
@@ -156,7 +160,8 @@ def run(args: argparse.Namespace, argv) -> int:
     denoising = Denoising(config.edit.n_test_step, config.edit.eta, batch_size=args.batch_size, seed=args.seed)
     report = {"found": found(runner, directions, t_0, denoising, args.k),
               "captured": captured(runner, directions, supervised, t_0)}
-    report["few_labels"] = few_labels(engine, config, args, attributes, t_0)
+    search_engine = Engine(model, EngineOptions(cache_root=latent_cache_root(args.cache_dir), show_progress=False))
+    report["few_labels"] = few_labels(search_engine, config, args, attributes, t_0)
     report["subspace"] = subspace_accuracy(runner, t_0, len(directions), args.n_exact)
     report.update(command=command_line(argv), seconds=time.perf_counter() - start, t_0=t_0,
                   baseline_share=len(directions) / int(np.prod(model.shapes["z"])))
