@@ -162,8 +162,9 @@ def _search_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--boundary_dir", type=Path, default=Path("boundary"), help="where boundary files are written")
     data.add_argument("--within", type=Path, default=None,
                       help="--boundary_search: fit each SVM on the latents' coordinates in the subspace the "
-                           "directions of this folder span (written by --discover), a few labels suffice "
-                           "(e.g. --n_train_img 10)")
+                           "directions of this folder span (written by --discover; the files named "
+                           "--discover_prefix_NN, so the supervised boundaries beside them are passed over), a "
+                           "few labels suffice (e.g. --n_train_img 10)")
     data.add_argument("--align_face", type=_int, default=None, choices=(0, 1),
                       help="--edit_image_boundary: 1 aligns the largest face the FFHQ way (dlib landmarks; "
                            "pip install -r requirements-face.txt) and edits that crop, 0 does not "
@@ -234,7 +235,7 @@ def _discover_flags(parser: argparse.ArgumentParser) -> None:
     found.add_argument("--n_directions", type=_positive_int, default=8, help="directions found in each space")
     found.add_argument("--n_discover_img", type=_positive_int, default=64,
                        help="images inverted (the first of --img_path, else of the data folder)")
-    found.add_argument("--discover_prefix", default="pc", help="the directions' names: PREFIX_00, PREFIX_01, ...")
+    found.add_argument("--discover_prefix", default="pc", help="the directions' names: PREFIX_00, PREFIX_01, ... (--within takes those)")
     found.add_argument("--oversample", type=_int, default=8,
                        help="extra vectors of the Jacobian's subspace iteration (faster convergence)")
     found.add_argument("--n_power_iter", type=_int, default=5, help="power steps of the Jacobian's subspace iteration")

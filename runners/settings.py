@@ -203,7 +203,8 @@ def _job(args: argparse.Namespace, config: Config, mode: str, batches: dict):
                          svm_c=args.svm_c)
     return SearchJob(_inverting(args, config, t_0, batches["bs_train"], mode), args.edit_attr, args.data_dir,
                      args.attr_file, args.pos_dir, args.neg_dir, args.n_train_img, args.n_test_img, args.svm_c,
-                     args.balance, args.boundary_dir, args.seed, args.ni, within=args.within)
+                     args.balance, args.boundary_dir, args.seed, args.ni, within=args.within,
+                     within_prefix=args.discover_prefix)
 
 
 def resolve_settings(args: argparse.Namespace, config: Config, default_batch_size: int = 8) -> Settings:

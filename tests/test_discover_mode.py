@@ -277,12 +277,20 @@ def labelled(discovered):
     return {"paths": paths, "latents": latents, "labels": labels, "images": images, "attrs": attrs}
 
 
-def test_within_refuses_a_folder_with_supervised_boundaries(discovered):
-    model = discovered["model"]
-    with pytest.raises(UserError, match="not orthonormal"):
-        within_basis(discovered["root"] / "bd", "tiny_ed", model.shapes, T_0, "z", model.checkpoint_sha256)
+def test_within_takes_the_directions_beside_supervised_boundaries(discovered):
+    """The folder --discover wrote into also holds the supervised boundaries it named them after:
+    with the prefix, --within takes the directions only (the same basis as a folder of them alone);
+    without it, or with a prefix that names none, the non-orthonormal set is refused."""
+    model, folder = discovered["model"], discovered["root"] / "bd"
+    V, files = within_basis(folder, "tiny_ed", model.shapes, T_0, "z", model.checkpoint_sha256, "pc")
+    assert [f.name for f in files] == [f"tiny_ed_pc_0{k}_t{T_0}_z.npz" for k in range(3)]
+    expected = np.stack([np.load(discovered["summary"]["written"][n]["z"])["normal"] for n in discovered["names"]])
+    np.testing.assert_array_equal(V, expected.astype(np.float64))
+    for prefix in (None, "dir"):
+        with pytest.raises(UserError, match="not orthonormal"):
+            within_basis(folder, "tiny_ed", model.shapes, T_0, "z", model.checkpoint_sha256, prefix)
     with pytest.raises(UserError, match="no z direction"):
-        within_basis(discovered["root"] / "bd", "tiny_ed", model.shapes, 200, "z", model.checkpoint_sha256)
+        within_basis(folder, "tiny_ed", model.shapes, 200, "z", model.checkpoint_sha256, "pc")
 
 
 @pytest.mark.parametrize("space", ["z", "h"])

@@ -64,6 +64,7 @@ from runners.engine.describe import describe_edit
 from runners.engine.editor import Editor, ImageReader
 from runners.engine.outputs import thumbnail, write_contact_sheet
 from runners.engine.requests import (MAX_POINTS, Denoising, EditRequest, Inverting, Move, check_steps, spaced)
+from runners.engine.within import is_discovered_name
 from utils.config import Config, latent_shapes
 from utils.core.atlas import HOLD_THRESHOLD
 from utils.core.batching import batch_slices
@@ -130,11 +131,6 @@ class DiscoverPlan:
 def direction_names(prefix: str, n: int) -> tuple[str, ...]:
     """``<prefix>_00`` .. : the names of n discovered directions (two digits at least)."""
     return tuple(f"{prefix}_{k:02d}" for k in range(n))
-
-
-def is_discovered_name(name: str, prefix: str) -> bool:
-    """Whether ``name`` is one a discovery with ``prefix`` writes (case-insensitive)."""
-    return re.fullmatch(rf"{re.escape(prefix)}_\d+", name, flags=re.IGNORECASE) is not None
 
 
 def plan_discover(job: DiscoverJob, config: Config) -> DiscoverPlan:

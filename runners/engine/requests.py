@@ -278,6 +278,8 @@ class SearchJob:
     seed: int
     overwrite: bool = False
     within: Path | None = None
+    #: The names of the directions ``within`` is taken from (``<prefix>_NN``, as --discover wrote them).
+    within_prefix: str = "pc"
 
 
 @dataclass(frozen=True)

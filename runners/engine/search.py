@@ -161,7 +161,7 @@ def within_bases(job: SearchJob, editor: Editor) -> dict | None:
         raise UserError(f"--within {job.within} is also --boundary_dir: the new boundary would join the directions "
                         "it is fitted in; write it to another folder")
     return {space: within_basis(Path(job.within), editor.config.name, editor.shapes, editor.t_0, space,
-                                editor.model.checkpoint_sha256) for space in SPACES}
+                                editor.model.checkpoint_sha256, job.within_prefix) for space in SPACES}
 
 
 def _records(editor: Editor, job: SearchJob, plan: SearchSet, rows: LatentRows, grams: dict,

@@ -2,10 +2,13 @@
 the coordinates of the latents in the subspace the directions of DIR span, written as a boundary of
 the full space like any other (utils/core/discovery.py ``fit_within``).
 
-The basis of a space: the current file of every attribute in DIR fitted for the run's config at its
-t_0 in that space (on its checkpoint, or naming none), in attribute order; they must be orthonormal,
-as ``--discover`` writes them (a folder that also holds supervised boundaries is refused: their
-normals are not orthogonal to the directions).
+The basis of a space: the current file of every direction in DIR fitted for the run's config at its
+t_0 in that space (on its checkpoint, or naming none), in name order. A direction is a file named as
+``--discover`` names them (``<prefix>_NN``, ``--discover_prefix``); a folder without such names
+gives all its files. They must be orthonormal, as ``--discover`` writes them, so the folder that
+``--discover`` wrote into, next to the supervised boundaries it named its directions after, serves
+as it is (those boundaries are passed over); a folder of other files that are not orthonormal is
+refused, naming the worst pair.
 
 With V (r, D) the basis and c = V x (r,) a latent's coordinates, the subspace SVM (w (r,), b) is
 the hyperplane V^T w . x + b = 0 of the full space: the file's ``coef`` is V^T w, its normal
@@ -15,6 +18,7 @@ what they mean for any boundary.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -31,11 +35,17 @@ from utils.io.boundary_files import current_file, load_boundary, scan_boundaries
 COORDINATE_CHUNK = 256
 
 
+def is_discovered_name(name: str, prefix: str) -> bool:
+    """Whether ``name`` is one a discovery with ``prefix`` writes (case-insensitive)."""
+    return re.fullmatch(rf"{re.escape(prefix)}_\d+", name, flags=re.IGNORECASE) is not None
+
+
 def within_basis(folder: Path, config_name: str, shapes: Mapping[str, tuple[int, ...]], t_0: int, space: str,
-                 checkpoint_sha256: str = "") -> tuple[np.ndarray, list[Path]]:
+                 checkpoint_sha256: str = "", prefix: str | None = None) -> tuple[np.ndarray, list[Path]]:
     """The basis (r, D) float64 of ``space`` that the directions in ``folder`` span at ``t_0``, and
-    their files (one per attribute, the current one, in attribute order). UserError when there is
-    none, or when they are not orthonormal (naming the worst pair)."""
+    their files (one per name, the current one, in name order): those named ``<prefix>_NN`` when
+    the folder holds any (``prefix`` None: every file). UserError when there is none, or when they
+    are not orthonormal (naming the worst pair)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--within {folder}: not a folder; write directions there with --discover --boundary_dir "
@@ -45,6 +55,8 @@ def within_basis(folder: Path, config_name: str, shapes: Mapping[str, tuple[int,
     by_name: dict[str, list[Path]] = {}
     for path, record in hits:
         by_name.setdefault(record.attribute.lower(), []).append(path)
+    directions = {n: paths for n, paths in by_name.items() if prefix and is_discovered_name(n, prefix)}
+    by_name = directions or by_name
     if not by_name:
         raise UserError(f"--within {folder} holds no {space} direction for config {config_name} at t_0 {t_0}; write "
                         f"them with --discover --t_0 {t_0} --boundary_dir {folder}")
@@ -56,8 +68,8 @@ def within_basis(folder: Path, config_name: str, shapes: Mapping[str, tuple[int,
     if abs(gram[worst]) > ORTHONORMAL_TOLERANCE:
         a, b = records[worst[0]].attribute, records[worst[1]].attribute
         raise UserError(f"--within {folder}: the {space} directions are not orthonormal ({a} and {b}: "
-                        f"cos {gram[worst] + (1 if worst[0] == worst[1] else 0):.3f}); --within takes a folder "
-                        "holding only the directions of one --discover run")
+                        f"cos {gram[worst] + (1 if worst[0] == worst[1] else 0):.3f}); --within takes the "
+                        "directions of one --discover run (named --discover_prefix_NN)")
     return V, files
 
 
