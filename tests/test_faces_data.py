@@ -236,3 +236,24 @@ def test_the_bundled_example_face_is_test_face_41444_with_its_parts():
     with np.load(REPO / "imgs" / "face_example.png.parts.npz", allow_pickle=False) as parts:
         assert list(parts["names"]) == ["face_example.png"] and list(parts["parts"]) == list(PARTS)
         np.testing.assert_array_equal(parts["masks"][0], masks)
+
+
+def test_toggled_faces_change_class_and_nothing_the_score_does_not_read():
+    """Every attribute toggled either way on sampled faces: the attribute table gives the class asked
+    for, and every factor outside the attribute's toggle keeps its value (the nuisance above all)."""
+    import dataclasses
+
+    from utils.faces.factors import ATTRIBUTES, TOGGLES, attribute_table, factor_matrix, sample_factors, toggled
+
+    rng = np.random.default_rng(5)
+    faces = [sample_factors(rng) for _ in range(200)]
+    assert set(TOGGLES) == set(ATTRIBUTES)
+    for a, attribute in enumerate(ATTRIBUTES):
+        for positive in (True, False):
+            moved = [toggled(f, attribute, positive) for f in faces]
+            assert (attribute_table(factor_matrix(moved))[:, a] == (1 if positive else -1)).all(), attribute
+            touched = set(TOGGLES[attribute][0 if positive else 1])
+            for before, after in zip(faces, moved):
+                for field in dataclasses.fields(before):
+                    if field.name not in touched:
+                        assert getattr(before, field.name) == getattr(after, field.name), (attribute, field.name)

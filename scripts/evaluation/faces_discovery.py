@@ -166,7 +166,6 @@ def run(args: argparse.Namespace, argv) -> int:
     report.update(command=command_line(argv), seconds=time.perf_counter() - start, t_0=t_0,
                   baseline_share=len(directions) / int(np.prod(model.shapes["z"])))
     write_report(report, table(report), args.json, args.table)
-    print(table(report))
     return 0
 
 

@@ -290,7 +290,6 @@ def run(args: argparse.Namespace, argv) -> int:
     write_report(report, table(report), args.json, args.table)
     if args.picture:
         picture(faces, shown, args.picture)
-    print(table(report))
     return 0
 
 

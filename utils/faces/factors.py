@@ -11,7 +11,7 @@ Arrays in, arrays out; no files here.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -230,3 +230,28 @@ def attribute_scores(factors: np.ndarray, names: tuple[str, ...] = FACTOR_NAMES)
         "Young": 0.425 - col["age"],
     }
     return np.stack([columns[a] for a in ATTRIBUTES], axis=1).astype(np.float64).reshape(len(values), len(ATTRIBUTES))
+
+
+#: The perfect edit of each attribute, for the renderer: the factors its score reads set well inside
+#: the class asked for (positive, negative), every other factor left as it is (``toggled``).
+TOGGLES: dict[str, tuple[dict[str, float], dict[str, float]]] = {
+    "Smiling": ({"smile": 0.6}, {"smile": -0.1}),
+    "Mouth_Slightly_Open": ({"mouth_open": 0.6}, {"mouth_open": 0.1}),
+    "Narrow_Eyes": ({"eye_open": 0.15}, {"eye_open": 0.7}),
+    "Eyeglasses": ({"glasses": 1}, {"glasses": 0}),
+    "Mustache": ({"moustache": 1}, {"moustache": 0}),
+    "Bangs": ({"bangs": 1}, {"bangs": 0}),
+    "Wearing_Hat": ({"hat": 1}, {"hat": 0}),
+    "Black_Hair": ({"hair_tone": 0.1, "hair_gray": 0.0}, {"hair_tone": 0.9}),
+    "Brown_Hair": ({"hair_tone": 0.45, "hair_gray": 0.0}, {"hair_tone": 0.1}),
+    "Blond_Hair": ({"hair_tone": 0.9, "hair_gray": 0.0}, {"hair_tone": 0.1}),
+    "Gray_Hair": ({"hair_gray": 0.9}, {"hair_gray": 0.1}),
+    "Pale_Skin": ({"skin_tone": 0.1}, {"skin_tone": 0.5}),
+    "Young": ({"age": 0.1}, {"age": 0.8}),
+}
+
+
+def toggled(face: FaceFactors, attribute: str, positive: bool) -> FaceFactors:
+    """``face`` with ``attribute`` (an ``ATTRIBUTES`` name) moved into its positive (or negative)
+    class and nothing else changed: what an ideal edit renders (``TOGGLES``)."""
+    return replace(face, **TOGGLES[attribute][0 if positive else 1])
