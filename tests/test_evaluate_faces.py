@@ -291,3 +291,25 @@ def test_a_missing_predictor_or_attribute_is_one_line(faces_setup, capsys):
     assert ev.main([*faces_setup["args"], "--attributes", "Wearing_Hat"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Wearing_Hat" in err[0]
+
+
+def test_normal_diagnostics_on_constructed_latents():
+    """faces_normals: the class-mean difference of two clouds shifted along e_0 is e_0 with the
+    threshold halfway; separation and d' along it; the share of a normal on a part's pixels."""
+    from scripts.evaluation.faces_normals import mean_difference, part_share, separation
+
+    rng = np.random.default_rng(3)
+    noise = rng.standard_normal((4000, 12)) * 0.1
+    shift = np.zeros(12)
+    shift[0] = 2.0
+    positive, negative = noise[:2000] + shift + 1.0, noise[2000:] + 1.0
+    n, threshold = mean_difference(positive, negative)
+    assert abs(n[0]) > 0.999 and n[0] > 0
+    assert threshold == pytest.approx(n @ (positive.mean(0) + negative.mean(0)) / 2)
+    gap, d_prime = separation(n, positive, negative)
+    assert gap == pytest.approx(2.0, abs=0.02) and d_prime == pytest.approx(20.0, rel=0.05)
+    normal = np.zeros((3, 2, 2))
+    normal[:, 0, 0], normal[:, 1, 1] = 1.0, np.sqrt(3.0)  # a quarter of the energy on pixel (0, 0)
+    masks = np.zeros((2, 2, 2))
+    masks[0, 0, 0], masks[1, 0, 0], masks[1, 1, 1] = 1.0, 1.0, 1.0  # the second face's part also holds (1, 1)
+    assert part_share(normal.ravel(), masks) == pytest.approx((0.25 + 1.0) / 2)

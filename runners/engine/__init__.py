@@ -19,6 +19,7 @@ from runners.engine.discover import DiscoverJob, differentiable_net, factor_matc
 from runners.engine.editor import Editor
 from runners.engine.engine import Engine, EngineOptions, OneEdit, RunResult, check_job, latent_cache_root
 from runners.engine.outputs import edit_file_names
+from runners.engine.search import plan_search
 from runners.engine.outputs import outline as outline_region
 from runners.engine.sessions import server_folder
 from runners.engine.t0_report import recommend_t0, t0_report
@@ -50,8 +51,8 @@ __all__ = [
     "check_job", "edit_file_names", "latent_cache_root", "outline_region", "server_folder",
     # the seed rule (utils/core/seeds.py): every edit's noise from (seed, image key, iteration, k)
     "EVALUATION_NOISE", "image_key", "item_seed",
-    # data sets and files
-    "attribute_table", "sha256_file",
+    # data sets and files; a boundary search's images, labels and split
+    "attribute_table", "plan_search", "sha256_file",
     # requests
     "Denoising", "EditJob", "EditLimits", "EditRequest", "Inverting", "Move", "RadiusJob", "Region", "REGION_H",
     "SampleJob", "SearchJob",
