@@ -35,7 +35,8 @@ import torch
 
 from runners.engine import (Engine, EngineOptions, Inverting, SearchJob, latent_cache_root, load_boundary, load_config,
                             plan_search)
-from scripts.evaluation.common import command_line, load_evaluated_model, run_reporting_errors, write_report
+from scripts.evaluation.common import (add_output_flags, command_line, load_evaluated_model, run_reporting_errors,
+                                       write_report)
 from scripts.evaluation.faces_region import load_faces
 from utils.core.discovery import captured_share
 
@@ -86,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_train_img", type=int, default=1000, help="as the shipped search")
     parser.add_argument("--n_test_img", type=int, default=300, help="as the shipped search")
     parser.add_argument("--n_masks", type=int, default=200, help="test faces whose part masks are averaged")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--table", type=Path, default=None)
+    add_output_flags(parser, batch_size=8)  # --seed: the search's split seed (the shipped fit's)
     args = parser.parse_args(argv)
     return run_reporting_errors(run, args, argv)
 
@@ -102,12 +100,12 @@ def run(args: argparse.Namespace, argv) -> int:
                     Path(config.data.attr_file), None, None, args.n_train_img, args.n_test_img, 1.0, False,
                     args.boundary_dir, args.seed)
     plan = plan_search(job, job.data_dir, job.attr_file)
-    model = load_evaluated_model(config, None, "fp32", args.threads)
+    model = load_evaluated_model(config, None, args.precision, args.threads)
     engine = Engine(model, EngineOptions(cache_root=latent_cache_root(None), show_progress=False))
     read = engine.reader(False).read
     rows = np.concatenate([plan.train, plan.test])
     with engine.session(t_0, config.edit.n_inv_step) as editor:
-        latents, cached = editor.invert(torch.stack([read(plan.paths[i]) for i in rows]))
+        latents, cached = editor.invert(torch.stack([read(plan.paths[i]) for i in rows]), args.batch_size)
     z = latents.z.flatten(1).double().numpy()
     train, test = z[:len(plan.train)], z[len(plan.train):]
     labels_train, labels_test = plan.labels[plan.train], plan.labels[plan.test]

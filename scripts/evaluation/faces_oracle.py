@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scripts.evaluation.common import command_line, run_reporting_errors, write_report
+from scripts.evaluation.common import add_output_flags, command_line, run_reporting_errors, write_report
 from scripts.evaluation.faces_measures import kept, share
 from scripts.evaluation.faces_runs import load_instrument, read_split
 from utils.faces.factors import ATTRIBUTES, FACTOR_NAMES, attribute_scores, factors_from_row, toggled
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_test", type=int, default=200, help="rendered test faces toggled")
     parser.add_argument("--noise_multiple", type=float, default=3.0,
                         help="a change below this many RMSEs of the predictor counts as noise (as evaluate_edits)")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--table", type=Path, default=None)
+    add_output_flags(parser, batch_size=8)  # --json and --table (no model runs: the rest are unused)
     args = parser.parse_args(argv)
     return run_reporting_errors(run, args, argv)
 
