@@ -13,8 +13,10 @@ Given the directions ``--discover`` wrote (``--found``) and the shipped supervis
   (``runners.engine.factor_matches``); a factor is found when some direction reaches |rho| >= 0.8;
 - **captured**: the share of each supervised z normal's squared norm inside the span of the
   discovered z directions (random baseline r / D);
-- **few labels**: per attribute, the boundary fitted by ``--boundary_search --within`` on
-  ``--n_labels`` labelled train faces, its held-out accuracy over the shipped full-label boundary's;
+- **few labels**: per attribute and space, the SVM fitted in the discovered subspace (``fit_within``,
+  as ``--boundary_search --within`` fits it) on ``--n_labels`` labelled train faces, half of each
+  class, and its accuracy on ``--n_within_test`` other labelled train faces beside the shipped
+  full-label boundary's on the same faces;
 - **subspace iteration**: on ``--n_exact`` test faces, the largest principal angle between the top-r
   subspace the iteration finds (the discovery's settings) and the exact one (a full Jacobian and
   its SVD).
@@ -29,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runners.engine import (SPACES, Denoising, EditRequest, Engine, EngineOptions, Inverting, Move, SearchJob,
-                            UserError, differentiable_net, latent_cache_root,
-                            factor_matches, load_boundary, load_config)
+from runners.engine import (SPACES, Denoising, EditRequest, Engine, EngineOptions, Move, UserError, attribute_table,
+                            differentiable_net, factor_matches, latent_cache_root, load_boundary, load_config)
 from scripts.evaluation.common import (EngineRunner, add_output_flags, command_line, evaluation_engine,
                                        load_evaluated_model, run_reporting_errors, write_report)
 from scripts.evaluation.faces_region import load_faces
@@ -70,21 +71,53 @@ def captured(runner: EngineRunner, directions: dict, supervised: dict, t_0: int)
             for a, p in supervised.items()}
 
 
-def few_labels(engine, config, args, attributes: list[str], t_0: int) -> dict:
-    """Per attribute and space: the held-out accuracy of the --within fit on ``args.n_labels`` labels,
-    and of the shipped full-label boundary (its file's test accuracy). ``engine`` is the command
-    line's (its latent cache: each fit inverts its own labelled set, as ``--boundary_search`` does)."""
-    shipped_index = engine.boundary_index(args.boundary_dir)
-    headers = dict(shipped_index.scan)
+def stratified_rows(labels: np.ndarray, n_labels: int, n_test: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Held-out rows (n_test, seeded) and, per attribute (column of labels (N, A) in {-1, 0, 1}),
+    n_labels // 2 positive and as many negative rows among the others: the few labels a person
+    would give, both classes shown."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    test, pool = np.sort(order[:n_test]), order[n_test:]
+    half = n_labels // 2
+    chosen = []
+    for a in range(labels.shape[1]):
+        pos, neg = pool[labels[pool, a] > 0], pool[labels[pool, a] < 0]
+        if min(len(pos), len(neg)) < half:
+            raise UserError(f"attribute {a}: fewer than {half} labelled faces of a class outside the test rows")
+        chosen.append(np.concatenate([rng.choice(pos, half, replace=False), rng.choice(neg, half, replace=False)]))
+    return test, chosen
+
+
+def few_labels(engine, config, args, found: dict, supervised: dict, t_0: int) -> dict:
+    """Per attribute and space: the SVM fitted on the coordinates, in the discovered directions'
+    subspace (``fit_within``, what ``--boundary_search --within`` fits), of ``--n_labels`` training
+    faces (half of each class, ``stratified_rows``), and its accuracy on ``--n_within_test`` other
+    labelled training faces, beside the shipped full-label boundary's accuracy on the same faces.
+    ``engine``: the command line's (its latent cache)."""
+    from utils.core.discovery import fit_within
+
+    table = attribute_table(Path(config.data.data_dir), Path(config.data.attr_file), list(supervised))
+    test, chosen = stratified_rows(table.labels, args.n_labels, args.n_within_test, args.seed)
+    rows = np.unique(np.concatenate([test, *chosen]))
+    read = engine.reader(False).read
+    with engine.session(t_0, config.edit.n_inv_step) as editor:
+        latents, _ = editor.invert(torch.stack([read(table.paths[i]) for i in rows]), args.batch_size)
+    where = {int(r): i for i, r in enumerate(rows)}
+    bases = {s: np.stack([load_boundary(p[s]).normal.astype(np.float64) for p in found.values()]) for s in SPACES}
     out = {}
-    for attribute in attributes:
-        job = SearchJob(Inverting(t_0, config.edit.n_inv_step, args.batch_size), attribute, None, None, None, None,
-                        args.n_labels, args.n_within_test, 1.0, True, args.work / "few", args.seed, True,
-                        within=args.found)
-        spaces = engine.run(job, args.work / f"few_{attribute}", overwrite=True).summary["spaces"]
-        shipped = shipped_index.find(attribute, t_0)[2]
-        out[attribute] = {s: {"few": spaces[s]["test_acc"], "full": headers[shipped[s]].test_acc,
-                              "ratio": spaces[s]["test_acc"] / headers[shipped[s]].test_acc} for s in SPACES}
+    for a, attribute in enumerate(supervised):
+        out[attribute] = {}
+        labelled = test[table.labels[test, a] != 0]
+        y_test = (table.labels[labelled, a] > 0).astype(np.int64)
+        y = (table.labels[chosen[a], a] > 0).astype(np.int64)
+        for s in SPACES:
+            x = getattr(latents, s).flatten(1).double().numpy()
+            x_test = x[[where[int(r)] for r in labelled]]
+            few = fit_within(x[[where[int(r)] for r in chosen[a]]], y, bases[s], x_test, y_test)
+            full = load_boundary(supervised[attribute][s])
+            full_acc = float(np.mean((x_test @ full.coef.astype(np.float64) + full.intercept > 0) == y_test))
+            out[attribute][s] = {"few": float(few.test_acc), "full": full_acc, "ratio": float(few.test_acc) / full_acc,
+                                 "full_file": float(full.test_acc), "n_test": int(len(labelled))}
         print(f"{attribute}: few labels z {out[attribute]['z']['few']:.3f} / full {out[attribute]['z']['full']:.3f}",
               flush=True)
     return out
@@ -133,13 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_dir", type=Path, default=Path("data/faces"))
     parser.add_argument("--n_test", type=int, default=20, help="test faces each direction is edited on")
     parser.add_argument("--k", type=int, default=7, help="edits per face along each direction")
-    parser.add_argument("--n_labels", type=int, default=10, help="labels of the --within fits")
-    parser.add_argument("--n_within_test", type=int, default=500, help="held-out faces of the --within fits")
+    parser.add_argument("--n_labels", type=int, default=10, help="labels of each few-label fit (half of each class)")
+    parser.add_argument("--n_within_test", type=int, default=500, help="held-out faces of the few-label fits")
     parser.add_argument("--attributes", default=",".join(ATTRIBUTES))
     parser.add_argument("--n_exact", type=int, default=3, help="faces whose exact Jacobian is compared")
-    parser.add_argument("--work", type=Path, default=Path("runs/faces_discovery_eval"))
     parser.add_argument("--cache_dir", type=Path, default=None,
-                        help="the latent cache of the --within fits (default: the command line's)")
+                        help="the latent cache of the few-label fits' faces (default: the command line's)")
     add_output_flags(parser, batch_size=8)
     args = parser.parse_args(argv)
     return run_reporting_errors(run, args, argv)
@@ -161,7 +193,7 @@ def run(args: argparse.Namespace, argv) -> int:
     report = {"found": found(runner, directions, t_0, denoising, args.k),
               "captured": captured(runner, directions, supervised, t_0)}
     search_engine = Engine(model, EngineOptions(cache_root=latent_cache_root(args.cache_dir), show_progress=False))
-    report["few_labels"] = few_labels(search_engine, config, args, attributes, t_0)
+    report["few_labels"] = few_labels(search_engine, config, args, directions, supervised, t_0)
     report["subspace"] = subspace_accuracy(runner, t_0, len(directions), args.n_exact)
     report.update(command=command_line(argv), seconds=time.perf_counter() - start, t_0=t_0,
                   baseline_share=len(directions) / int(np.prod(model.shapes["z"])))
