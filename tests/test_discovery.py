@@ -380,21 +380,22 @@ def test_edit_linearity_linear_and_nonlinear(lin, tiny):
     assert near > 0.999 and far < near
 
 
-def test_few_label_rows_show_both_classes_and_stay_out_of_the_test_rows():
-    """faces_discovery.stratified_rows: per attribute half positive, half negative labels, none of
-    them held out or unlabelled; the same seed gives the same rows; too few of a class is one line."""
-    from scripts.evaluation.faces_discovery import stratified_rows
+def test_few_labels_show_both_classes_from_the_pool():
+    """faces_discovery.stratified_labels: per attribute half positive, half negative labels, all from
+    the pool; the same seed gives the same rows; too few of a class is one line."""
+    from scripts.evaluation.faces_discovery import stratified_labels
     from utils.errors import UserError
 
     rng = np.random.default_rng(0)
     labels = rng.choice([-1, 0, 1], size=(300, 3), p=[0.6, 0.1, 0.3])
     labels[:, 2] = np.where(np.arange(300) < 12, 1, -1)  # a rare class
-    test, chosen = stratified_rows(labels, 10, 100, seed=4)
-    assert len(test) == 100 and len(set(test)) == 100
+    pool = np.arange(100, 300)
+    chosen = stratified_labels(labels[:, :2], pool, 10, seed=4)
     for a, rows in enumerate(chosen):
-        assert len(rows) == 10 and not set(rows) & set(test)
+        assert len(rows) == 10 and set(rows) <= set(pool)
         assert sorted(labels[rows, a]) == [-1] * 5 + [1] * 5
-    again = stratified_rows(labels, 10, 100, seed=4)
-    assert np.array_equal(again[0], test) and all(np.array_equal(x, y) for x, y in zip(again[1], chosen))
+    again = stratified_labels(labels[:, :2], pool, 10, seed=4)
+    assert all(np.array_equal(x, y) for x, y in zip(again, chosen))
+    assert len(stratified_labels(labels[:, 2:], np.arange(300), 10, seed=4)[0]) == 10
     with pytest.raises(UserError, match="fewer than 5"):
-        stratified_rows(labels[:, 2:], 10, 295, seed=4)
+        stratified_labels(labels[:, 2:], pool, 10, seed=4)

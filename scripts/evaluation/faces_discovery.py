@@ -14,8 +14,8 @@ Given the directions ``--discover`` wrote (``--found``) and the shipped supervis
 - **captured**: the share of each supervised z normal's squared norm inside the span of the
   discovered z directions (random baseline r / D);
 - **few labels**: per attribute and space, the SVM fitted in the discovered subspace (``fit_within``,
-  as ``--boundary_search --within`` fits it) on ``--n_labels`` labelled train faces, half of each
-  class, and its accuracy on ``--n_within_test`` other labelled train faces beside the shipped
+  as ``--boundary_search --within`` fits it) on ``--n_labels`` faces, half of each class, of the
+  shipped search's training split, and its accuracy on that search's test split beside the shipped
   full-label boundary's on the same faces;
 - **subspace iteration**: on ``--n_exact`` test faces, the largest principal angle between the top-r
   subspace the iteration finds (the discovery's settings) and the exact one (a full Jacobian and
@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runners.engine import (SPACES, Denoising, EditRequest, Engine, EngineOptions, Move, UserError, attribute_table,
-                            differentiable_net, factor_matches, latent_cache_root, load_boundary, load_config)
+from runners.engine import (SPACES, Denoising, EditRequest, Engine, EngineOptions, Inverting, Move, SearchJob, UserError,
+                            differentiable_net, factor_matches, latent_cache_root, load_boundary, load_config,
+                            plan_search)
 from scripts.evaluation.common import (EngineRunner, add_output_flags, command_line, evaluation_engine,
                                        load_evaluated_model, run_reporting_errors, write_report)
 from scripts.evaluation.faces_region import load_faces
@@ -71,45 +72,46 @@ def captured(runner: EngineRunner, directions: dict, supervised: dict, t_0: int)
             for a, p in supervised.items()}
 
 
-def stratified_rows(labels: np.ndarray, n_labels: int, n_test: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Held-out rows (n_test, seeded) and, per attribute (column of labels (N, A) in {-1, 0, 1}),
-    n_labels // 2 positive and as many negative rows among the others: the few labels a person
-    would give, both classes shown."""
+def stratified_labels(labels: np.ndarray, pool: np.ndarray, n_labels: int, seed: int) -> list[np.ndarray]:
+    """Per attribute (column of labels (N, A) in {-1, 0, 1}), n_labels // 2 positive and as many
+    negative rows of ``pool``, seeded: the few labels a person would give, both classes shown."""
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(labels))
-    test, pool = np.sort(order[:n_test]), order[n_test:]
-    half = n_labels // 2
-    chosen = []
+    half, chosen = n_labels // 2, []
     for a in range(labels.shape[1]):
         pos, neg = pool[labels[pool, a] > 0], pool[labels[pool, a] < 0]
         if min(len(pos), len(neg)) < half:
-            raise UserError(f"attribute {a}: fewer than {half} labelled faces of a class outside the test rows")
+            raise UserError(f"attribute {a}: fewer than {half} labelled faces of a class to choose from")
         chosen.append(np.concatenate([rng.choice(pos, half, replace=False), rng.choice(neg, half, replace=False)]))
-    return test, chosen
+    return chosen
 
 
 def few_labels(engine, config, args, found: dict, supervised: dict, t_0: int) -> dict:
     """Per attribute and space: the SVM fitted on the coordinates, in the discovered directions'
-    subspace (``fit_within``, what ``--boundary_search --within`` fits), of ``--n_labels`` training
-    faces (half of each class, ``stratified_rows``), and its accuracy on ``--n_within_test`` other
-    labelled training faces, beside the shipped full-label boundary's accuracy on the same faces.
+    subspace (``fit_within``, what ``--boundary_search --within`` fits), of ``--n_labels`` faces
+    (half of each class, ``stratified_labels``) from the shipped search's training split, and its
+    accuracy on that search's test split (``plan_search`` with ``--n_train_img``, ``--n_test_img``
+    and the seed of the shipped fit), beside the shipped full-label boundary's on the same faces.
     ``engine``: the command line's (its latent cache)."""
     from utils.core.discovery import fit_within
 
-    table = attribute_table(Path(config.data.data_dir), Path(config.data.attr_file), list(supervised))
-    test, chosen = stratified_rows(table.labels, args.n_labels, args.n_within_test, args.seed)
+    job = SearchJob(Inverting(t_0, config.edit.n_inv_step), ",".join(supervised), Path(config.data.data_dir),
+                    Path(config.data.attr_file), None, None, args.n_train_img, args.n_test_img, 1.0, False,
+                    args.boundary_dir, args.seed)
+    plan = plan_search(job, job.data_dir, job.attr_file)
+    column = {name.lower(): a for a, name in enumerate(plan.names)}
+    test, chosen = plan.test, stratified_labels(plan.labels, plan.train, args.n_labels, args.seed)
     rows = np.unique(np.concatenate([test, *chosen]))
     read = engine.reader(False).read
     with engine.session(t_0, config.edit.n_inv_step) as editor:
-        latents, _ = editor.invert(torch.stack([read(table.paths[i]) for i in rows]), args.batch_size)
+        latents, _ = editor.invert(torch.stack([read(plan.paths[i]) for i in rows]), args.batch_size)
     where = {int(r): i for i, r in enumerate(rows)}
     bases = {s: np.stack([load_boundary(p[s]).normal.astype(np.float64) for p in found.values()]) for s in SPACES}
     out = {}
-    for a, attribute in enumerate(supervised):
-        out[attribute] = {}
-        labelled = test[table.labels[test, a] != 0]
-        y_test = (table.labels[labelled, a] > 0).astype(np.int64)
-        y = (table.labels[chosen[a], a] > 0).astype(np.int64)
+    for attribute in supervised:
+        out[attribute], a = {}, column[attribute.lower()]
+        labelled = test[plan.labels[test, a] != 0]
+        y_test = (plan.labels[labelled, a] > 0).astype(np.int64)
+        y = (plan.labels[chosen[a], a] > 0).astype(np.int64)
         for s in SPACES:
             x = getattr(latents, s).flatten(1).double().numpy()
             x_test = x[[where[int(r)] for r in labelled]]
@@ -167,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_test", type=int, default=20, help="test faces each direction is edited on")
     parser.add_argument("--k", type=int, default=7, help="edits per face along each direction")
     parser.add_argument("--n_labels", type=int, default=10, help="labels of each few-label fit (half of each class)")
-    parser.add_argument("--n_within_test", type=int, default=500, help="held-out faces of the few-label fits")
+    parser.add_argument("--n_train_img", type=int, default=1000, help="the shipped search's training faces")
+    parser.add_argument("--n_test_img", type=int, default=300, help="the shipped search's test faces (held out)")
     parser.add_argument("--attributes", default=",".join(ATTRIBUTES))
     parser.add_argument("--n_exact", type=int, default=3, help="faces whose exact Jacobian is compared")
     parser.add_argument("--cache_dir", type=Path, default=None,
