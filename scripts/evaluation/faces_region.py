@@ -218,13 +218,15 @@ def run_pair(runner: EngineRunner, attribute: str, part: str, faces: Faces, rows
 
 def picture(faces: Faces, pairs: dict, path: Path, n: int = 3) -> None:
     """Rows: a few faces of each pair; columns: original, reconstruction, each variant's edit, the
-    region-locked ones with the part outlined; upscaled 4x for reading."""
-    cells, labels = [], ["original", "reconstruction", *VARIANTS]
+    region-locked ones with the part outlined (a variant run on none of the pairs has no column;
+    a face a variant did not reach is left white); upscaled 4x for reading."""
+    variants = [v for v in VARIANTS if any(v in shown for _, shown in pairs.values())]
+    cells, labels = [], ["original", "reconstruction", *variants]
     for (attribute, part), (rows, shown) in pairs.items():
         for j, row in enumerate(rows[:n]):
             recon, _ = shown["whole image"]
             line = [faces.images[row], recon[j]]
-            for variant in VARIANTS:
+            for variant in variants:
                 edit = shown[variant][1][j] if variant in shown and j < len(shown[variant][1]) else torch.ones_like(recon[j])
                 line.append(edit if variant == "whole image" else
                             dequantize(outline_region(quantize(edit[None]), faces.masks[part][row]))[0])
