@@ -81,15 +81,15 @@ def random_control(args: argparse.Namespace) -> Path:
     files = sorted(Path(args.src).glob("*.npz"))
     if not files:
         raise UserError(f"{args.src} holds no boundary file (*.npz)")
+    existing = [args.out / f.name for f in files if (args.out / f.name).exists()]
+    if existing and not args.overwrite:  # checked for every file before any is written
+        raise UserError(f"{existing[0]} exists; pass --overwrite to replace it")
+    records = [load_boundary(path) for path in files]
     args.out.mkdir(parents=True, exist_ok=True)
-    for i, path in enumerate(files):
-        target = args.out / path.name
-        if target.exists() and not args.overwrite:
-            raise UserError(f"{target} exists; pass --overwrite to replace it")
-        record = load_boundary(path)
+    for i, (path, record) in enumerate(zip(files, records)):
         normal = random_normal(record.shape, args.seed, i)
-        save_boundary(target, replace(record, normal=normal, coef=normal.copy(), intercept=0.0,
-                                      train_acc=float("nan"), test_acc=float("nan"), class_summary=None))
+        save_boundary(args.out / path.name, replace(record, normal=normal, coef=normal.copy(), intercept=0.0,
+                                                    train_acc=float("nan"), test_acc=float("nan"), class_summary=None))
     return args.out
 
 

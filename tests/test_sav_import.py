@@ -123,6 +123,13 @@ def test_random_control_keeps_each_header_and_draws_a_seeded_unit_normal(tmp_pat
         np.testing.assert_array_equal(load_boundary(again / name).normal, normal)
     assert tools_main(["random-control", str(src), str(again)]) == 1
     assert "exists" in capsys.readouterr().err
+    partial = tmp_path / "partial"  # only the last file there: refused before the first is written
+    partial.mkdir()
+    last = sorted(src.glob("*.npz"))[-1].name
+    (partial / last).write_bytes(b"kept")
+    assert tools_main(["random-control", str(src), str(partial)]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert sorted(f.name for f in partial.iterdir()) == [last] and (partial / last).read_bytes() == b"kept"
     (tmp_path / "empty").mkdir()
     assert tools_main(["random-control", str(tmp_path / "empty"), str(tmp_path / "x")]) == 1
     assert "no boundary file" in capsys.readouterr().err
