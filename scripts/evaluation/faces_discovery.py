@@ -62,12 +62,17 @@ def found(runner: EngineRunner, directions: dict, t_0: int, denoising: Denoising
     return factor_matches(edits, values)
 
 
+def direction_basis(files) -> np.ndarray:
+    """Orthonormal rows (r, D) float64 spanning the unit normals of the boundary ``files``."""
+    rows = np.stack([load_boundary(f).normal.astype(np.float64) for f in files])
+    return np.linalg.qr(rows.T)[0].T
+
+
 def captured(runner: EngineRunner, directions: dict, supervised: dict, t_0: int) -> dict:
     """{attribute: share of its z normal inside the span of the discovered z directions}."""
     from utils.core.discovery import captured_share
 
-    basis = np.stack([load_boundary(p["z"]).normal.astype(np.float64) for p in directions.values()])
-    basis = np.linalg.qr(basis.T)[0].T  # orthonormal rows spanning the same subspace
+    basis = direction_basis([p["z"] for p in directions.values()])
     return {a: float(captured_share(load_boundary(p["z"]).normal.astype(np.float64), basis))
             for a, p in supervised.items()}
 
@@ -106,6 +111,7 @@ def few_labels(engine, config, args, found: dict, supervised: dict, t_0: int) ->
         latents, _ = editor.invert(torch.stack([read(plan.paths[i]) for i in rows]), args.batch_size)
     where = {int(r): i for i, r in enumerate(rows)}
     bases = {s: np.stack([load_boundary(p[s]).normal.astype(np.float64) for p in found.values()]) for s in SPACES}
+    flat = {s: getattr(latents, s).flatten(1).double().numpy() for s in SPACES}
     out = {}
     for attribute in supervised:
         out[attribute], a = {}, column[attribute.lower()]
@@ -113,7 +119,7 @@ def few_labels(engine, config, args, found: dict, supervised: dict, t_0: int) ->
         y_test = (plan.labels[labelled, a] > 0).astype(np.int64)
         y = (plan.labels[chosen[a], a] > 0).astype(np.int64)
         for s in SPACES:
-            x = getattr(latents, s).flatten(1).double().numpy()
+            x = flat[s]
             x_test = x[[where[int(r)] for r in labelled]]
             few = fit_within(x[[where[int(r)] for r in chosen[a]]], y, bases[s], x_test, y_test)
             full = load_boundary(supervised[attribute][s])

@@ -37,6 +37,7 @@ from runners.engine import (Engine, EngineOptions, Inverting, SearchJob, latent_
                             plan_search)
 from scripts.evaluation.common import (add_output_flags, command_line, load_evaluated_model, run_reporting_errors,
                                        write_report)
+from scripts.evaluation.faces_discovery import direction_basis
 from scripts.evaluation.faces_region import load_faces
 from utils.core.discovery import captured_share
 
@@ -67,15 +68,10 @@ def mean_difference(positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndar
     return n, float((positive.mean(axis=0) + negative.mean(axis=0)) @ n / 2)
 
 
-def found_basis(folder: Path | None, shape: tuple[int, ...]) -> np.ndarray | None:
+def found_basis(folder: Path | None) -> np.ndarray | None:
     """Orthonormal rows spanning the z directions ``pc_NN`` of ``folder`` (None without one)."""
-    if folder is None:
-        return None
-    files = sorted(Path(folder).glob("*_pc_*_z.npz"))
-    if not files:
-        return None
-    rows = np.stack([load_boundary(f, {"z": shape}).normal.astype(np.float64) for f in files])
-    return np.linalg.qr(rows.T)[0].T
+    files = sorted(Path(folder).glob("*_pc_*_z.npz")) if folder is not None else []
+    return direction_basis(files) if files else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,12 +106,13 @@ def run(args: argparse.Namespace, argv) -> int:
     train, test = z[:len(plan.train)], z[len(plan.train):]
     labels_train, labels_test = plan.labels[plan.train], plan.labels[plan.test]
     masks = load_faces(args.data_dir, args.n_masks).masks
-    basis = found_basis(args.found, tuple(model.shapes["z"]))
+    basis = found_basis(args.found)
+    index = engine.boundary_index(args.boundary_dir)
     report = {"attributes": {}}
     for a, attribute in enumerate(plan.names):
         pos, neg = train[labels_train[:, a] > 0], train[labels_train[:, a] < 0]
         labelled = labels_test[:, a] != 0
-        shipped = load_boundary(engine.boundary_index(args.boundary_dir).find(attribute, t_0)[2]["z"])
+        shipped = load_boundary(index.find(attribute, t_0)[2]["z"])
         difference, threshold = mean_difference(pos, neg)
         entry = {"part": PARTS.get(attribute),
                  "part_area": float(np.mean(masks[PARTS[attribute]] > 0.5)) if PARTS.get(attribute) else None}

@@ -40,7 +40,7 @@ from runners.engine import Denoising, EditRequest, Move, Region, load_config, ou
 from scripts.evaluation.common import (EngineRunner, command_line, evaluation_engine, load_evaluated_model,
                                        run_reporting_errors, write_report)
 from utils.faces.factors import ATTRIBUTES, FACTOR_NAMES, PREDICTED_CONTINUOUS, attribute_scores
-from utils.faces.predictor import load_predictor
+from utils.faces.predictor import images_to_tensor, load_predictor
 from utils.io.images import dequantize, quantize
 from utils.io.plots import labelled_grid
 
@@ -66,9 +66,9 @@ def load_faces(data_dir: Path, n: int) -> Faces:
     with np.load(data_dir / "masks_test.npz", allow_pickle=False) as parts:
         names = [str(v) for v in parts["names"][:n]]
         masks = {str(p): parts["masks"][:n, i].astype(np.float32) / 255.0 for i, p in enumerate(parts["parts"])}
-    images = np.stack([np.asarray(Image.open(data_dir / "images" / "test" / name).convert("RGB"), dtype=np.float32)
-                       for name in names]) / 127.5 - 1.0
-    return Faces(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), names, masks)
+    images = images_to_tensor(np.stack([np.asarray(Image.open(data_dir / "images" / "test" / name).convert("RGB"))
+                                        for name in names]))
+    return Faces(images, names, masks)
 
 
 # ----------------------------------------------------------------------------------- measures
@@ -143,17 +143,21 @@ class Measured:
         return float(self.others.sum()) / total if total > 0 else float("nan")
 
 
+def scores_of(predicted: dict) -> np.ndarray:
+    """(N, A) attribute scores (``ATTRIBUTES`` order) of the predictor's measurements {factor: (N,)}."""
+    names = tuple(n for n in FACTOR_NAMES if n in predicted)
+    return attribute_scores(np.stack([np.asarray(predicted[n], dtype=np.float64) for n in names], axis=1), names)
+
+
 def measure(edits: torch.Tensor, recon: torch.Tensor, masks: np.ndarray, attribute: str, predictor, spread: np.ndarray,
             feather: float, score_sd: float) -> Measured:
     """The measures of edits (B, C, H, W) against their reconstructions, with the faces' masks (B, H, W);
     spread: the continuous factors' spread, score_sd: the attribute score's, over the test faces."""
     predicted = {k: v.double().numpy() for k, v in predictor.predict(edits).items()}
     before = {k: v.double().numpy() for k, v in predictor.predict(recon).items()}
-    after_m = np.stack([predicted[n] for n in FACTOR_NAMES if n in predicted], axis=1)
-    before_m = np.stack([before[n] for n in FACTOR_NAMES if n in before], axis=1)
-    names = tuple(n for n in FACTOR_NAMES if n in predicted)
-    scores = attribute_scores(after_m, names)[:, ATTRIBUTES.index(attribute)]
-    moved = np.abs(scores - attribute_scores(before_m, names)[:, ATTRIBUTES.index(attribute)]) / score_sd
+    a = ATTRIBUTES.index(attribute)
+    scores = scores_of(predicted)[:, a]
+    moved = np.abs(scores - scores_of(before)[:, a]) / score_sd
     others = [i for i, n in enumerate(PREDICTED_CONTINUOUS) if n not in OWN_FACTORS[attribute]]
     continuous = np.stack([predicted[n] - before[n] for n in PREDICTED_CONTINUOUS], axis=1) / spread
     rows = []
@@ -167,13 +171,6 @@ def measure(edits: torch.Tensor, recon: torch.Tensor, masks: np.ndarray, attribu
 
 
 # ----------------------------------------------------------------------------------- the runs
-
-def predicted_scores(images: torch.Tensor, predictor) -> np.ndarray:
-    """(N, A) attribute scores of images as the predictor measures them (``ATTRIBUTES`` order)."""
-    predicted = {k: v.double().numpy() for k, v in predictor.predict(images).items()}
-    names = tuple(n for n in FACTOR_NAMES if n in predicted)
-    return attribute_scores(np.stack([predicted[n] for n in names], axis=1), names)
-
 
 def variant_request(attribute: str, target: float, denoising: Denoising, variant: str, feather: float,
                     part_mask: str = "part", unit: str = "relative") -> EditRequest:
@@ -275,11 +272,11 @@ def run(args: argparse.Namespace, argv) -> int:
     faces = load_faces(args.data_dir, args.n_test)
     runner = EngineRunner(evaluation_engine(model), faces.images, config.edit.n_inv_step, 8, args.boundary_dir)
     predictor = load_predictor()
-    measured = predictor.predict(faces.images)
-    spread = np.array([float(measured[n].double().std()) for n in PREDICTED_CONTINUOUS])
+    measured = {k: v.double().numpy() for k, v in predictor.predict(faces.images).items()}
+    spread = np.array([float(measured[n].std(ddof=1)) for n in PREDICTED_CONTINUOUS])
     denoising = Denoising(config.edit.n_test_step, eta=config.edit.eta, batch_size=8)  # the command line's
     report, shown = {"pairs": {}}, {}
-    scores = predicted_scores(faces.images, predictor)
+    scores = scores_of(measured)
     for attribute, part in PAIRS:
         a = ATTRIBUTES.index(attribute)
         rows = np.flatnonzero(scores[:, a] < 0)  # the faces on the attribute's negative side
