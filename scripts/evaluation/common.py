@@ -265,9 +265,9 @@ def shown_checkpoint(path: Path) -> str:
     return str(resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else path)
 
 
-def command_line(argv: list[str] | None) -> str:
-    """The command that ran the evaluation (for its report)."""
-    return " ".join(["python", "-m", "scripts.evaluate_edits", *(argv if argv is not None else sys.argv[1:])])
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that ran the evaluation ``module`` (for its report)."""
+    return " ".join(["python", "-m", module, *(argv if argv is not None else sys.argv[1:])])
 
 
 def write_report(report: dict, table: str, json_path: Path | None, table_path: Path | None) -> None:

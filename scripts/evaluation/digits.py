@@ -403,7 +403,7 @@ def evaluate(args: argparse.Namespace, config: Config, model: LoadedModel, argv:
                            **run_settings(runner, args, config, digits, classifier),
                            "quality": quality(runner, args, config, digits, classifier)})
             table = markdown_table(report["runs"], bool(args.flip))
-    report.update({"command": command_line(argv), "seconds": time.perf_counter() - started})
+    report.update({"command": command_line("scripts.evaluate_edits", argv), "seconds": time.perf_counter() - started})
     return report, table
 
 

@@ -315,8 +315,8 @@ def evaluate(args: argparse.Namespace, config: Config, model: LoadedModel, argv:
         report.update(faces_studies.run_studies(fr, sweeps, plans, args, progress))
     if args.grid is not None:
         faces_report.edit_grid(args.grid, shown, setting, report["edits"], report["test_faces"])
-    report.update({"command": command_line(argv), "hardware": faces_report.hardware(args.threads),
-                   "seconds": time.perf_counter() - started, "network": progress.summary()})
+    report.update({"command": command_line("scripts.evaluate_edits", argv),
+                   "hardware": faces_report.hardware(args.threads), "seconds": time.perf_counter() - started, "network": progress.summary()})
     return report, faces_report.markdown(report)
 
 

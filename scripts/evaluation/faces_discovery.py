@@ -204,7 +204,8 @@ def run(args: argparse.Namespace, argv) -> int:
     search_engine = Engine(model, EngineOptions(cache_root=latent_cache_root(args.cache_dir), show_progress=False))
     report["few_labels"] = few_labels(search_engine, config, args, directions, supervised, t_0)
     report["subspace"] = subspace_accuracy(runner, t_0, len(directions), args.n_exact)
-    report.update(command=command_line(argv), seconds=time.perf_counter() - start, t_0=t_0,
+    report.update(command=command_line("scripts.evaluation.faces_discovery", argv),
+                  seconds=time.perf_counter() - start, t_0=t_0,
                   baseline_share=len(directions) / int(np.prod(model.shapes["z"])))
     write_report(report, table(report), args.json, args.table)
     return 0

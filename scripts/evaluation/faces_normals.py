@@ -126,7 +126,8 @@ def run(args: argparse.Namespace, argv) -> int:
                            "captured": float(captured_share(normal, basis)) if basis is not None else None}
         entry["cos"] = float(shipped.normal.astype(np.float64) @ difference)
         report["attributes"][attribute] = entry
-    report.update(command=command_line(argv), seconds=time.perf_counter() - start, t_0=t_0,
+    report.update(command=command_line("scripts.evaluation.faces_normals", argv),
+                  seconds=time.perf_counter() - start, t_0=t_0,
                   n_train=len(plan.train), n_test=len(plan.test), cached=cached,
                   found=str(args.found) if basis is not None else None,
                   baseline_captured=(len(basis) / z.shape[1]) if basis is not None else None)

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, argv) -> int:
     faces = [factors_from_row(dict(zip(FACTOR_NAMES, row))) for row in test.factors]
     instrument = load_instrument(DEFAULT_PATH, test, args.noise_multiple)
     report = {"attributes": oracle(instrument, faces, instrument.measure(rendered(faces))), "n_test": len(faces),
-              "noise_multiple": args.noise_multiple, "command": command_line(argv),
+              "noise_multiple": args.noise_multiple, "command": command_line("scripts.evaluation.faces_oracle", argv),
               "seconds": time.perf_counter() - start}
     write_report(report, table(report), args.json, args.table)
     return 0

@@ -284,7 +284,7 @@ def run(args: argparse.Namespace, argv) -> int:
                                      float(scores[:, a].std()), denoising)
         report["pairs"][f"{attribute} / {part}"] = results
         shown[(attribute, part)] = (rows, pictures)
-    report.update(command=command_line(argv), seconds=time.perf_counter() - start, n_test=args.n_test,
+    report.update(command=command_line("scripts.evaluation.faces_region", argv), seconds=time.perf_counter() - start, n_test=args.n_test,
                   target=args.target, unit=args.unit, eta=config.edit.eta, feather=args.feather, t_0=config.edit.t_0)
     write_report(report, table(report), args.json, args.table)
     if args.picture:
