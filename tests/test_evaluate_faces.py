@@ -313,3 +313,18 @@ def test_normal_diagnostics_on_constructed_latents():
     masks = np.zeros((2, 2, 2))
     masks[0, 0, 0], masks[1, 0, 0], masks[1, 1, 1] = 1.0, 1.0, 1.0  # the second face's part also holds (1, 1)
     assert part_share(normal.ravel(), masks) == pytest.approx((0.25 + 1.0) / 2)
+
+
+def test_move_consistency_on_constructed_moves():
+    """faces_oracle_directions: identical moves share all their energy with their mean; orthogonal
+    moves of equal length share 1/N; components along the mean direction and lengths as constructed."""
+    from scripts.evaluation.faces_oracle_directions import move_consistency
+
+    same = move_consistency(np.tile([3.0, 4.0, 0.0], (5, 1)))
+    assert same["consistency"] == pytest.approx(1.0) and same["mean_norm"] == pytest.approx(5.0)
+    assert same["along_mean"] == pytest.approx(5.0) and same["along_mean_sd"] == pytest.approx(0.0, abs=1e-12)
+    orthogonal = move_consistency(2.0 * np.eye(4))
+    assert orthogonal["consistency"] == pytest.approx(0.25) and orthogonal["move_norm"] == pytest.approx(2.0)
+    assert orthogonal["mean_norm"] == pytest.approx(1.0) and orthogonal["along_mean"] == pytest.approx(1.0)
+    mixed = move_consistency(np.array([[1.0, 1.0], [1.0, -1.0]]))  # mean (1, 0): half of each move's energy
+    assert mixed["consistency"] == pytest.approx(0.5) and mixed["along_mean_sd"] == pytest.approx(0.0, abs=1e-12)
