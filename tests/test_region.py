@@ -453,17 +453,19 @@ def test_region_evaluation_pools_the_other_factors_per_unit_of_score_change():
     """faces_region's leak per unit: sum of the other factors' changes over the sum of the score's,
     so a face whose score hardly moved does not dominate; NaN when no score moved; and the LOCO
     leakage of a change confined to the inside is 0, of one confined to the outside 1."""
-    from scripts.evaluation.faces_region import Measured, leakage
+    from scripts.evaluation.faces_region import Measured, largest, leakage
 
     def measured(others, moved):
         n = len(others)
         return Measured(np.zeros(n), np.zeros(n), np.ones(n, bool), np.asarray(others, float), np.ones(n),
-                        np.asarray(moved, float))
+                        np.asarray(moved, float), {"eye_open": np.asarray(others, float), "yaw": np.zeros(n)})
 
     assert measured([0.2, 0.4], [1.0, 0.001]).other_per_unit() == pytest.approx(0.6 / 1.001)
     assert math.isnan(measured([0.2], [0.0]).other_per_unit())
     summary = measured([0.1, 0.3], [2.0, 2.0]).summary()
     assert summary["other_per_unit"] == pytest.approx(0.1) and summary["score_change"]["median"] == 2.0
+    assert summary["other_factor_means"] == pytest.approx({"eye_open": 0.2, "yaw": 0.0})
+    assert largest(summary, 1) == "eye_open 0.20"
     recon = torch.zeros(3, 4, 4)
     inside = np.zeros((4, 4), bool)
     inside[:2] = True

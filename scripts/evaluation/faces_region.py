@@ -126,6 +126,8 @@ class Measured:
     seam: np.ndarray
     #: |score change| over the score's spread across the faces: what ``others`` is per unit of.
     moved: np.ndarray
+    #: {other factor: (N,) |change| over its spread}: what ``others`` averages.
+    per_factor: dict[str, np.ndarray]
 
     def summary(self) -> dict:
         def spread(v):
@@ -133,7 +135,8 @@ class Measured:
                     "mean": float(np.mean(v))}
         return {"n": int(len(self.success)), "outside_changed": spread(self.outside), "leakage": spread(self.leakage),
                 "success": float(np.mean(self.success)), "other_factors": spread(self.others),
-                "score_change": spread(self.moved), "other_per_unit": self.other_per_unit(), "seam": spread(self.seam)}
+                "score_change": spread(self.moved), "other_per_unit": self.other_per_unit(), "seam": spread(self.seam),
+                "other_factor_means": {n: float(np.mean(v)) for n, v in self.per_factor.items()}}
 
     def other_per_unit(self) -> float:
         """The other factors' mean change per unit of the edited score's, pooled over the faces
@@ -167,20 +170,23 @@ def measure(edits: torch.Tensor, recon: torch.Tensor, masks: np.ndarray, attribu
         rows.append((outside_changed(edits[b], recon[b], kept), leakage(edits[b], recon[b], inside, kept),
                      seam(edits[b], ring) / max(seam(recon[b], ring), 1e-9)))
     rows = np.array(rows)
-    return Measured(rows[:, 0], rows[:, 1], scores > 0, np.abs(continuous[:, others]).mean(axis=1), rows[:, 2], moved)
+    changes = np.abs(continuous[:, others])
+    per_factor = {PREDICTED_CONTINUOUS[i]: changes[:, j] for j, i in enumerate(others)}
+    return Measured(rows[:, 0], rows[:, 1], scores > 0, changes.mean(axis=1), rows[:, 2], moved, per_factor)
 
 
 # ----------------------------------------------------------------------------------- the runs
 
 def variant_request(attribute: str, target: float, denoising: Denoising, variant: str, feather: float,
-                    part_mask: str = "part", unit: str = "relative") -> EditRequest:
-    """The command line's request of one variant (the region's spec is a placeholder: the masks are
+                    part_mask: str = "part", unit: str = "relative", held: tuple[str, ...] = ()) -> EditRequest:
+    """The command line's request of one variant, holding ``held`` (``--condition_attr``; "auto": the
+    atlas's suggestion) in every variant alike (the region's spec is a placeholder: the masks are
     each face's own part, given to ``Engine.edit_in_regions``)."""
     region = {"whole image": None,
               "region, h in its cells": Region(part_mask, "cells", feather),
               "region, h kept": Region(part_mask, "none", feather),
               "LOCO projection": Region(part_mask, "none", feather, "loco")}[variant]
-    return EditRequest((Move(attribute, target, target),), denoising, k=1, unit=unit, region=region)
+    return EditRequest((Move(attribute, target, target),), denoising, k=1, held=held, unit=unit, region=region)
 
 
 def run_pair(runner: EngineRunner, attribute: str, part: str, faces: Faces, rows: np.ndarray, args, predictor,
@@ -195,7 +201,7 @@ def run_pair(runner: EngineRunner, attribute: str, part: str, faces: Faces, rows
         start = time.perf_counter()
         sub = runner.subset(chosen)
         description = sub.describe(t_0, variant_request(attribute, args.target, denoising, variant, args.feather,
-                                                        unit=args.unit))
+                                                        unit=args.unit, held=args.held))
         masks = faces.masks[part][chosen]
         with sub.session(t_0) as editor:
             latents = sub.inversion(t_0)
@@ -232,16 +238,22 @@ def picture(faces: Faces, pairs: dict, path: Path, n: int = 3) -> None:
     labelled_grid(images, path, column_labels=labels, ncol=len(labels))
 
 
+def largest(summary: dict, n: int = 3) -> str:
+    """The ``n`` other factors that changed most on average, as 'name value, ...'."""
+    means = summary.get("other_factor_means", {})
+    return ", ".join(f"{k} {v:.2f}" for k, v in sorted(means.items(), key=lambda kv: -kv[1])[:n])
+
+
 def table(report: dict) -> str:
     lines = ["| attribute / part | variant | success | outside changed (> 2/255), median [IQR] | leakage | "
-             "score change (sd) | other factors (sd) | other factors per unit of score change | seam |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "score change (sd) | other factors (sd) | other factors per unit of score change | seam | "
+             "largest other factors (mean, sd) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for pair, variants in report["pairs"].items():
         for variant, r in variants.items():
             o, leak, oth, sm = r["outside_changed"], r["leakage"], r["other_factors"], r["seam"]
             lines.append(f"| {pair} | {variant} (n {r['n']}) | {r['success']:.0%} | {o['median']:.2%} "
                          f"[{o['q1']:.2%}, {o['q3']:.2%}] | {leak['median']:.3f} | {r['score_change']['median']:.2f} | "
-                         f"{oth['median']:.3f} | {r['other_per_unit']:.3f} | {sm['median']:.2f} |")
+                         f"{oth['median']:.3f} | {r['other_per_unit']:.3f} | {sm['median']:.2f} | {largest(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -256,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=30.0, help="the edit's target, in --unit (default: the "
                                                                    "far end of faces.yml's range)")
     parser.add_argument("--unit", choices=("absolute", "relative"), default="absolute", help="the target's unit")
+    parser.add_argument("--held", type=lambda v: tuple(a for a in v.split(",") if a), default=(),
+                        help="attributes every variant holds, comma-separated, as --condition_attr (auto: the atlas's)")
     parser.add_argument("--feather", type=float, default=2.0, help="the region's feather, pixels")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
@@ -284,8 +298,9 @@ def run(args: argparse.Namespace, argv) -> int:
                                      float(scores[:, a].std()), denoising)
         report["pairs"][f"{attribute} / {part}"] = results
         shown[(attribute, part)] = (rows, pictures)
-    report.update(command=command_line("scripts.evaluation.faces_region", argv), seconds=time.perf_counter() - start, n_test=args.n_test,
-                  target=args.target, unit=args.unit, eta=config.edit.eta, feather=args.feather, t_0=config.edit.t_0)
+    report.update(command=command_line("scripts.evaluation.faces_region", argv), seconds=time.perf_counter() - start,
+                  n_test=args.n_test, target=args.target, unit=args.unit, held=list(args.held), eta=config.edit.eta,
+                  feather=args.feather, t_0=config.edit.t_0)
     write_report(report, table(report), args.json, args.table)
     if args.picture:
         picture(faces, shown, args.picture)
