@@ -21,7 +21,7 @@ Measured per variant, over the faces (median and quartiles where per face):
 - other factors: the mean absolute change of every other predicted factor, each in units of its
   spread over the test faces; and per unit of score change, pooled over the faces (sum over sum):
   the leak as section 6 measures it, fair between an edit that moves its attribute and one that
-  hardly does;
+  hardly does; each factor's mean change is reported too, and the table names the three largest;
 - seam: the mean gradient magnitude on the ring of pixels along the region's border, over the
   reconstruction's there (1: no seam).
 """
