@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runners.engine import Engine, EngineOptions, UserError, latent_cache_root, load_boundary, load_config
+from runners.engine import (Engine, EngineOptions, UserError, latent_cache_root, load_boundary, load_config,
+                            save_boundary)
 from scripts.evaluation.common import (add_output_flags, command_line, load_evaluated_model, run_reporting_errors,
                                        write_report)
 from scripts.evaluation.faces_oracle import rendered
 from utils.faces.factors import ATTRIBUTES, attribute_scores, factor_matrix, factors_from_row, toggled
-from utils.io.boundary_files import save_boundary
 
 #: Attributes measured by default: two of each kind (a small part, colour, a large part, age).
 DEFAULT_ATTRIBUTES = "Smiling,Eyeglasses,Black_Hair,Blond_Hair,Pale_Skin,Gray_Hair,Bangs,Young"
