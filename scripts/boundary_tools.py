@@ -74,8 +74,6 @@ def random_control(args: argparse.Namespace) -> Path:
     intercept 0 and no accuracies or class summaries: an edit in the absolute unit then moves each
     latent as far as with the attribute's normal (its projection on a random direction is about
     N(0, 1)), in a direction that carries no attribute."""
-    from dataclasses import replace
-
     from utils.io.boundary_files import load_boundary, save_boundary
 
     files = sorted(Path(args.src).glob("*.npz"))
@@ -88,8 +86,7 @@ def random_control(args: argparse.Namespace) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     for i, (path, record) in enumerate(zip(files, records)):
         normal = random_normal(record.shape, args.seed, i)
-        save_boundary(args.out / path.name, replace(record, normal=normal, coef=normal.copy(), intercept=0.0,
-                                                    train_acc=float("nan"), test_acc=float("nan"), class_summary=None))
+        save_boundary(args.out / path.name, record.with_direction(normal))
     return args.out
 
 

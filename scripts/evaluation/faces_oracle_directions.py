@@ -27,7 +27,6 @@ import argparse
 import csv
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +107,7 @@ def run(args: argparse.Namespace, argv) -> int:
                 direction = mean / np.linalg.norm(mean)
                 record = load_boundary(headers[attribute][space])
                 normal = direction.astype(np.float32).reshape(record.normal.shape)
-                save_boundary(args.out / Path(headers[attribute][space]).name,
-                              replace(record, normal=normal, coef=normal.copy(), intercept=0.0, train_acc=float("nan"),
-                                      test_acc=float("nan"), class_summary=None))
+                save_boundary(args.out / Path(headers[attribute][space]).name, record.with_direction(normal))
                 shipped = record.normal.astype(np.float64).reshape(-1)
                 entry[space] = {**move_consistency(moves),
                                 "cos_shipped": float(direction @ shipped / np.linalg.norm(shipped))}

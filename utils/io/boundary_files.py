@@ -56,6 +56,12 @@ class BoundaryRecord:
         return cls(normal=boundary.normal, coef=boundary.coef, intercept=boundary.intercept,
                    train_acc=boundary.train_acc, test_acc=boundary.test_acc, **meta)
 
+    def with_direction(self, normal: np.ndarray) -> "BoundaryRecord":
+        """This record's header with ``normal`` (a unit vector of the record's shape) as a direction
+        that nothing was fitted for: coef the normal, intercept 0, no accuracies, no class summary."""
+        return dataclasses.replace(self, normal=normal, coef=normal.copy(), intercept=0.0, train_acc=float("nan"),
+                                   test_acc=float("nan"), class_summary=None)
+
     def describe(self) -> dict:
         """Metadata without the arrays (for summaries)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("normal", "coef")}
