@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from utils.core.seeds import image_key
 from utils.faces.factors import ATTRIBUTES, FACTOR_NAMES, PREDICTED_CONTINUOUS, attribute_scores, factor_matrix, \
     sample_factors
 from utils.faces.predictor import PREDICTED_NAMES, FactorPredictor, prediction_matrix
-from utils.faces.render import render_face
+from utils.faces.render import PARTS, render_face
 from utils.io.boundary_files import summary_dict
 
 F = len(PREDICTED_NAMES)
@@ -120,6 +121,66 @@ def test_frequencies_and_their_differences_in_points():
     assert table["B"] == {"samples": 0.25, "test": 0.5, "difference_points": pytest.approx(-25.0)}
 
 
+def test_background_changed_counts_background_pixels_beyond_the_feather():
+    background = np.zeros((1, 8, 8), np.float32)
+    background[0, :, :4] = 1.0                        # columns 0..3 background, 4..7 head
+    level = 1 / 127.5                                 # one level of 8 bits (images in [-1, 1])
+    reference = torch.full((1, 3, 8, 8), 0.5 * level)  # exactly level 128
+    edit = reference.clone()
+    edit[0, 0, 0, 0] += 3 * level                     # background, 4 px from the head: counted
+    edit[0, 1, 1, 3] += 9 * level                     # background next to the head (1 px): not counted
+    edit[0, 2, 2, 6] += 9 * level                     # the head: not counted
+    edit[0, 0, 3, 1] += 2 * level                     # 2 levels: within the tolerance
+    found = fm.background_changed(edit, reference, background)
+    assert found == pytest.approx([1 / 24])           # columns 0..2 (at least 2 px from column 4): 24 pixels
+
+
+def test_the_background_kept_by_the_pixels_joins_success():
+    distances = np.array([-1.0, 1.0])
+    reference = np.stack([factors(smile=0.1)] * 3)
+    edits = np.stack([np.stack([factors(smile=0.6)] * 2)] * 3)
+    scale = fm.Scale(np.ones(F), np.full(F, 0.01), np.ones(13), np.full(13, 0.01),
+                     {a: () for a in ATTRIBUTES} | {"Smiling": ("smile",)})
+    sweep = fm.Sweep("Smiling", np.arange(3), np.array([-1, -1, -1]), distances, reference, edits,
+                     np.array([0.0, 0.009, 0.5]))
+    found = fm.sweep_measures(sweep, scale)
+    assert found["both"]["background_kept"] == pytest.approx(2 / 3)
+    assert found["both"]["success_and_background_kept"] == pytest.approx(2 / 3)
+    assert found["to_positive"]["background_kept"] == pytest.approx(2 / 3)
+    assert found["faces"]["background_changed"] == [0.0, 0.009, 0.5]
+    assert fm.sweep_measures(sweep.subset(np.array([2])), scale)["both"]["background_kept"] == 0.0
+
+
+def test_each_attribute_is_edited_in_the_parts_the_renderer_draws_it_in():
+    from scripts.evaluation.faces_runs import attribute_region
+    from utils.faces.factors import ATTRIBUTE_PARTS
+
+    assert set(ATTRIBUTE_PARTS) == set(ATTRIBUTES)
+    assert all(set(parts) <= set(PARTS) - {"background"} for parts in ATTRIBUTE_PARTS.values())
+    masks = {p: np.zeros((2, 4, 4), np.float32) for p in PARTS}
+    masks["hair"][:, 0] = 1.0
+    masks["face"][:, 1:3] = 0.5
+    masks["face"][:, 0, 0] = 0.25                     # a pixel shared with the hair: the larger coverage
+    bangs = attribute_region(masks, "bangs")          # any case, as boundary files name attributes
+    np.testing.assert_array_equal(bangs, np.maximum(masks["hair"], masks["face"]))
+    np.testing.assert_array_equal(attribute_region(masks, "Blond_Hair"), masks["hair"])
+
+
+def test_part_masks_are_found_by_name(tmp_path):
+    from runners.engine import UserError
+    from scripts.evaluation.faces_runs import read_part_masks
+
+    masks = np.arange(3 * len(PARTS) * 4, dtype=np.uint8).reshape(3, len(PARTS), 2, 2)
+    np.savez_compressed(tmp_path / "masks_test.npz", names=np.array(["a.png", "b.png", "c.png"]),
+                        parts=np.array(PARTS), masks=masks)
+    found = read_part_masks(tmp_path, "test", ["c.png", "a.png"])
+    np.testing.assert_allclose(found["eyes"], masks[[2, 0], PARTS.index("eyes")] / 255.0)
+    with pytest.raises(UserError, match="no masks of 1 test faces"):
+        read_part_masks(tmp_path, "test", ["a.png", "d.png"])
+    with pytest.raises(UserError, match="masks_train.npz is missing"):
+        read_part_masks(tmp_path, "train", ["a.png"])
+
+
 def test_sweep_measures_per_direction():
     distances = np.array([-1.0, 0.0, 1.0])
     smile = [(0.1, 0.6), (0.1, 0.2), (0.5, -0.1), (0.5, 0.45)]       # (reference, judged edit): ok, short, ok, short
@@ -149,15 +210,22 @@ def _summary(neg: float, pos: float) -> dict:
 
 
 def _write_faces(root, n_test: int = 6, n_train: int = 4) -> None:
-    """root/faces: rendered faces with their factors, as scripts/make_faces.py writes them."""
+    """root/faces: rendered faces with their factors and part masks, as scripts/make_faces.py writes
+    them (the masks in the reverse order of the faces: they are found by name)."""
     rows = []
     for split, n, offset in (("train", n_train, 0), ("test", n_test, 100)):
         (root / "faces" / "images" / split).mkdir(parents=True)
+        names, masks = [], []
         for i in range(n):
             face = sample_factors(np.random.default_rng([11, offset + i]))
-            Image.fromarray(render_face(face)[0]).save(root / "faces" / "images" / split / f"{offset + i:05d}.png")
+            image, parts = render_face(face)
+            Image.fromarray(image).save(root / "faces" / "images" / split / f"{offset + i:05d}.png")
             rows.append({"name": f"{offset + i:05d}.png", "split": split,
                          **{f: getattr(face, f) for f in FACTOR_NAMES}})
+            names.append(f"{offset + i:05d}.png")
+            masks.append(parts)
+        np.savez_compressed(root / "faces" / f"masks_{split}.npz", names=np.array(names[::-1]), parts=np.array(PARTS),
+                            masks=np.stack(masks[::-1]))
     with open(root / "faces" / "factors.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, ["name", "split", *FACTOR_NAMES])
         writer.writeheader()
@@ -226,7 +294,8 @@ def test_a_tiny_run_measures_every_edit_through_the_engine(faces_setup):
     report = json.loads(out["report.json"].read_text())
     assert report["attributes"] == ["Smiling", "Mouth_Slightly_Open", "Young"]
     assert report["setting"] == {"name": "default", "t_0": T_0, "start": -2.0, "end": 2.0, "k": 3, "space": "both",
-                                 "unit": "absolute", "eta": 1.0, "h_policy": "lagged", "n_test_step": STEPS}
+                                 "unit": "absolute", "eta": 1.0, "h_policy": "lagged", "n_test_step": STEPS,
+                                 "region": False}
     assert {"cpu", "threads", "torch"} <= set(report["hardware"]) and report["seconds"] > 0
     assert set(report["quality"]["frequencies"]) == set(ATTRIBUTES)
     assert np.isfinite(report["quality"]["frechet"]["samples_vs_test"])
@@ -267,6 +336,48 @@ def _check_against_the_engine(faces_setup, found: dict) -> None:
     # the predictor's outputs are scaled up some 10^4 times (faces_setup): float32 rounding of other batches shows
     np.testing.assert_allclose(found["faces"]["score_end"], scores(ends), atol=2e-3)
     np.testing.assert_allclose(found["faces"]["score_reference"], scores(reference[rows]), atol=2e-3)
+    # the background read off the pixels: its pixels at least 2 px from the head that moved > 2 levels
+    with np.load(root / "faces" / "masks_test.npz") as parts:
+        order = [str(n) for n in parts["names"]]
+        background = parts["masks"][:, list(parts["parts"]).index("background")]
+    expected = []
+    for b, r in enumerate(rows):
+        coverage = background[order.index(paths[r].name)]
+        head = np.argwhere(coverage < 255)
+        yy, xx = np.mgrid[:32, :32]
+        distance = np.sqrt(((yy[..., None] - head[:, 0]) ** 2 + (xx[..., None] - head[:, 1]) ** 2).min(-1))
+        counted = (coverage == 255) & (distance >= 2)
+        levels = [np.rint((x.clamp(-1, 1).numpy() + 1) * 127.5) for x in (ends[b], reference[r])]
+        expected.append(float((np.abs(levels[0] - levels[1]) > 2).any(0)[counted].mean()))
+    np.testing.assert_allclose(found["faces"]["background_changed"], expected, atol=1e-12)
+    assert max(expected) > 0    # this random network's edits do move the background
+
+
+def test_region_parts_keep_every_background_pixel(faces_setup):
+    out = faces_setup["root"] / "region.json"
+    assert ev.main([*faces_setup["args"], "--attributes", "Smiling,Young", "--region_parts", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["setting"]["region"] is True and report["setting"]["name"] == "region"
+    for attribute in ("Smiling", "Young"):    # mouth and face: confined edits leave the background's bits
+        found = report["edits"][attribute]
+        assert found["faces"]["background_changed"] == [0.0] * found["both"]["n"]
+        assert found["both"]["background_kept"] == 1.0
+
+
+def test_region_parts_need_the_masks_and_the_attribute_runs_only(faces_setup, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ev.main([*faces_setup["args"], "--region_parts", "--entanglement"])
+    assert "--region_parts measures the attribute runs only" in capsys.readouterr().err
+    data = tmp_path / "faces"
+    shutil.copytree(faces_setup["root"] / "faces", data)
+    (data / "masks_test.npz").unlink()
+    args = [*faces_setup["args"], "--data_dir", str(data)]
+    assert ev.main([*args, "--region_parts"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "masks_test.npz is missing" in err[0]
+    out = tmp_path / "whole.json"
+    assert ev.main([*args, "--attributes", "Young", "--json", str(out)]) == 0   # without masks: no pixel measure
+    assert "background_kept" not in json.loads(out.read_text())["edits"]["Young"]["both"]
 
 
 @pytest.mark.parametrize("unit", ["absolute", "relative"])

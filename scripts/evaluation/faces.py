@@ -43,6 +43,12 @@ writes them (clipped to [-1, 1], 8-bit). Measured:
    factors the target's score reads) when each changes by less than ``--noise_multiple`` (3) x the
    predictor's RMSE on that factor (the difference of two measurements of an unchanged factor has
    an sd of about 1.4 RMSE). Per attribute: success, kept, and success with the nuisance kept.
+   Where the data set has its part masks, the background is also read off the pixels, with no
+   instrument (``faces_measures.background_changed``): kept when under 1 % of its pixels (beyond
+   2 px of the head) moved by more than 2/255; the renderer paints it flat and lights only the
+   head, so that keeps the background's colour and the head's outline (position and size).
+   ``--region_parts`` confines each attribute's edit to its part of each face
+   (``utils.faces.factors.ATTRIBUTE_PARTS``), as ``main.py --region <part>`` does.
 4. entanglement (``--entanglement``, ``scripts/evaluation/faces_studies.py``): pairs of attributes
    whose z normals have |cos| >= 0.3 (the engine's ``HOLD_THRESHOLD``) or ``--pairs``; the first
    is edited alone, with the second held, and (in a one-space run) with the second moved to each
@@ -82,7 +88,8 @@ from scripts.evaluation import faces_report, faces_studies
 from scripts.evaluation.common import (add_output_flags, EngineRunner, command_line, evaluation_engine, load_evaluated_model, psnr,
                                        shown_checkpoint, to_unit, write_report)
 from scripts.evaluation.faces_measures import Sweep, frechet_distance, frequency_table, sweep_measures
-from scripts.evaluation.faces_runs import FaceRunner, FaceSetting, FaceSplit, Progress, load_instrument, read_split
+from scripts.evaluation.faces_runs import (FaceRunner, FaceSetting, FaceSplit, Progress, load_instrument,
+                                           read_part_masks, read_split)
 from utils.core.edit_measures import spread
 from utils.faces.factors import ATTRIBUTES, attribute_scores
 from utils.faces.predictor import DEFAULT_PATH, PREDICTED_NAMES
@@ -107,9 +114,9 @@ def default_setting(args: argparse.Namespace, config: Config) -> FaceSetting:
         (float(edit.start_distance) if own else RELATIVE_RANGE[0])
     end = args.end_distance if args.end_distance is not None else \
         (float(edit.end_distance) if own else RELATIVE_RANGE[1])
-    return FaceSetting("default", args.t_0 or edit.t_0, float(start), float(end), args.k or edit.edit_img_number,
-                       args.space, unit, edit.eta if args.eta is None else args.eta, args.h_policy,
-                       args.n_test_step or edit.n_test_step)
+    return FaceSetting("region" if args.region_parts else "default", args.t_0 or edit.t_0, float(start), float(end),
+                       args.k or edit.edit_img_number, args.space, unit, edit.eta if args.eta is None else args.eta,
+                       args.h_policy, args.n_test_step or edit.n_test_step, args.region_parts)
 
 
 def evaluated_attributes(runner: EngineRunner, wanted: str | None, t_0: int) -> list[str]:
@@ -241,6 +248,9 @@ def _edit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n_test", type=int, default=200, help="test faces inverted (the first of the split)")
     parser.add_argument("--per_side", type=int, default=20,
                         help="faces edited per attribute on each side of its threshold (from the --n_test faces)")
+    parser.add_argument("--region_parts", action="store_true",
+                        help="confine each attribute's edit to its part of each face (mouth, eyes, hair, face: "
+                             "utils.faces.factors.ATTRIBUTE_PARTS), as main.py's --region <part> does")
     parser.add_argument("--noise_multiple", type=float, default=3.0,
                         help="a change below this many RMSEs of the predictor counts as noise (nuisance kept)")
 
@@ -271,6 +281,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.k is not None and args.k < 2:
         parser.error("--k must be at least 2 (a range has two ends)")
     faces_studies.check_flags(parser, args)
+    if args.region_parts and (args.entanglement or args.ablations):
+        parser.error("--region_parts measures the attribute runs only; run --entanglement and --ablations without it")
     return args
 
 
@@ -295,7 +307,11 @@ def evaluate(args: argparse.Namespace, config: Config, model: LoadedModel, argv:
     n_inv_step = args.n_inv_step or config.edit.n_inv_step
     runner = EngineRunner(engine, test.images[:args.n_test], n_inv_step, args.batch_size, args.boundary_dir)
     attributes = evaluated_attributes(runner, args.attributes, setting.t_0)
-    fr = FaceRunner(runner, instrument, args.seed)
+    # the part masks, where the data set has them: the region setting needs them (else one line),
+    # and each edit's background is read off the pixels with them
+    has_masks = setting.region or (args.data_dir / "masks_test.npz").is_file()
+    masks = read_part_masks(args.data_dir, "test", test.names[:args.n_test]) if has_masks else None
+    fr = FaceRunner(runner, instrument, args.seed, masks)
     plans = faces_studies.plan_studies(fr, setting, attributes, args)
     progress = Progress(planned_calls(len(runner.images), setting, n_inv_step, attributes, args)
                         + sum(plan.calls() for plan in plans.values()))

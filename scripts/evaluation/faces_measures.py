@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from utils.core.edit_measures import leak, pooled_leak, spread
 from utils.faces.factors import ATTRIBUTES, attribute_scores
@@ -20,6 +21,12 @@ from utils.faces.predictor import PREDICTED_NAMES
 #: The factors an edit of a face attribute should leave alone, and whose change is checked against
 #: the predictor's own error (``kept``): background colour, position, size and skin tone.
 NUISANCE_KEPT = ("bg_r", "bg_g", "bg_b", "pos_x", "pos_y", "scale", "skin_tone")
+#: A pixel changed when its 8-bit value moved by more than this many levels (issue 31's 2/255) ...
+PIXEL_LEVELS = 2
+#: ... and a face's background is kept when under this share of its pixels changed (its 1 %).
+BACKGROUND_KEPT_SHARE = 0.01
+#: The background's pixels within this many pixels of the head are not counted (a region's feather).
+BACKGROUND_FEATHER = 2.0
 
 
 def canonical(attribute: str) -> str:
@@ -166,6 +173,39 @@ def kept(reference: np.ndarray, edited: np.ndarray, thresholds: np.ndarray, fact
     return within.all(axis=1), {f: share(within[:, i]) for i, f in enumerate(factors)}
 
 
+def quantised(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] images -> 8-bit levels, as the edits are written."""
+    return np.rint((x.clamp(-1, 1).numpy() + 1) * 127.5).astype(np.int16)
+
+
+def outside_changed(edit: torch.Tensor, recon: torch.Tensor, kept: np.ndarray) -> float:
+    """The share of kept pixels (``kept`` (H, W) bool) whose 8-bit value changed by more than
+    ``PIXEL_LEVELS`` levels in any channel; edit, recon: (C, H, W)."""
+    moved = (np.abs(quantised(edit) - quantised(recon)) > PIXEL_LEVELS).any(axis=0)
+    return float(moved[kept].mean()) if kept.any() else 0.0
+
+
+def kept_pixels(mask: np.ndarray, feather: float) -> np.ndarray:
+    """The pixels beyond the feather: at least ``feather`` from every pixel the mask touches."""
+    from scipy.ndimage import distance_transform_edt
+
+    return distance_transform_edt(~(mask > 0)) >= max(feather, 1e-9)
+
+
+def background_changed(edits: torch.Tensor, references: torch.Tensor, background: np.ndarray,
+                       feather: float = BACKGROUND_FEATHER) -> np.ndarray:
+    """(n,) per face, the share of its background's pixels whose 8-bit value an edit changed
+    (``outside_changed``), counting only the pixels at least ``feather`` from the head, since a
+    region that touches the background (the hair) blends into it over its feather. edits,
+    references (n, C, H, W) in [-1, 1]; background (n, H, W): the faces' background coverage.
+
+    Read off the pixels, with no instrument: the renderer paints the background one flat colour
+    and lights the head only, so background pixels that stay put keep the background's colour and
+    the head's outline, hence its position and size."""
+    return np.array([outside_changed(e, r, kept_pixels(1.0 - b, feather))
+                     for e, r, b in zip(edits, references, np.asarray(background))])
+
+
 def moved_beyond_noise(side: np.ndarray, before: np.ndarray, after: np.ndarray, noise: float) -> np.ndarray:
     """(n,) bool: the score moved toward the other side by more than ``noise`` (e.g. 3 x the
     predictor's RMSE on that score): an edit that moves the attribute, whether or not it crosses."""
@@ -179,23 +219,34 @@ def moved_beyond_noise(side: np.ndarray, before: np.ndarray, after: np.ndarray, 
 class Sweep:
     """One attribute's edits of n faces, as measured: ``side`` (n,) the side of each original face
     (-1 / +1, by the predictor), ``distances`` the K targets of the edit (v.n of its first space),
-    ``reference`` (n, F) the measured reconstructions, ``edits`` (n, K, F) the measured edits."""
+    ``reference`` (n, F) the measured reconstructions, ``edits`` (n, K, F) the measured edits,
+    ``background_changed`` (n,) or None: the share of each face's background pixels that its edit
+    at the end of the range changed (``background_changed``; None where the masks are unknown)."""
     attribute: str
     rows: np.ndarray
     side: np.ndarray
     distances: np.ndarray
     reference: np.ndarray
     edits: np.ndarray
+    background_changed: np.ndarray | None = None
 
     def end(self) -> np.ndarray:
-        """(n, F): each face's edit at the end of the range it is edited toward: the largest target
-        for a face on the negative side, the smallest for one on the positive side."""
-        k = np.where(self.side < 0, int(np.argmax(self.distances)), int(np.argmin(self.distances)))
-        return self.edits[np.arange(len(self.side)), k] if len(self.side) else self.reference
+        """(n, F): each face's edit at the end of the range it is edited toward (``end_index``)."""
+        return self.edits[np.arange(len(self.side)), self.end_index()] if len(self.side) else self.reference
+
+    def end_index(self) -> np.ndarray:
+        """(n,) which of the K edits each face is judged at: the largest target for a face on the
+        negative side, the smallest for one on the positive side."""
+        return end_index(self.side, self.distances)
 
     def subset(self, chosen: np.ndarray) -> "Sweep":
         return Sweep(self.attribute, self.rows[chosen], self.side[chosen], self.distances, self.reference[chosen],
-                     self.edits[chosen])
+                     self.edits[chosen], None if self.background_changed is None else self.background_changed[chosen])
+
+
+def end_index(side: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """``Sweep.end_index`` of faces on ``side`` (n,) edited over ``distances`` (K,)."""
+    return np.where(np.asarray(side) < 0, int(np.argmax(distances)), int(np.argmin(distances)))
 
 
 @dataclass(frozen=True)
@@ -216,6 +267,17 @@ class Scale:
         return tuple(f for f in NUISANCE_KEPT if f not in self.own.get(canonical(attribute), ()))
 
 
+def pixel_measures(sweep: Sweep, group: np.ndarray, success: np.ndarray) -> dict:
+    """The faces ``group``'s background read off the pixels: the share whose background was kept
+    (under ``BACKGROUND_KEPT_SHARE`` of its pixels changed), and whose edit succeeded (``success``,
+    the group's (m,) bool) with it kept; {} where the sweep has no pixel measure."""
+    if sweep.background_changed is None:
+        return {}
+    background_kept = sweep.background_changed[group] < BACKGROUND_KEPT_SHARE
+    return {"background_kept": share(background_kept), "success_and_background_kept": share(success & background_kept),
+            "background_changed": spread(sweep.background_changed[group])}
+
+
 DIRECTIONS = {"to_positive": -1, "to_negative": 1}  # direction -> the side of the faces edited that way
 
 
@@ -230,6 +292,7 @@ def _direction(sweep: Sweep, scale: Scale, group: np.ndarray, before: np.ndarray
     scores = attribute_scores(sweep.edits[group].reshape(-1, sweep.edits.shape[-1]), PREDICTED_NAMES)[:, a]
     return {"n": int(group.sum()), **{k: share(v) for k, v in masks.items()}, "moved_beyond_noise": share(beyond),
             "kept": share(all_kept), "success_and_kept": share(masks["success"] & all_kept),
+            **pixel_measures(sweep, group, masks["success"]),
             "kept_per_factor": per_factor,
             "score_change": spread(after[group] - before[group]),
             "score_change_in_sd": spread((after[group] - before[group]) / scale.score_sd[a]),
@@ -254,9 +317,12 @@ def sweep_measures(sweep: Sweep, scale: Scale) -> dict:
     away = moved_beyond_noise(-sweep.side, before, after, noise)
     out["both"] = {"n": int(len(sweep.side)), "success": share(masks["success"]), "kept": share(all_kept),
                    "success_and_kept": share(masks["success"] & all_kept), "moved_beyond_noise": share(beyond),
+                   **pixel_measures(sweep, np.ones(len(sweep.side), bool), masks["success"]),
                    "moved_away_beyond_noise": share(away), "n_toward": int(beyond.sum()), "n_away": int(away.sum()),
                    "score_change_toward_in_sd": spread((before - after) * sweep.side / scale.score_sd[a])}
     out["nuisance_checked"] = list(scale.nuisance(sweep.attribute))
     out["faces"] = {"rows": sweep.rows.tolist(), "side": sweep.side.tolist(), "score_reference": before.tolist(),
-                    "score_end": after.tolist(), "success": masks["success"].tolist(), "kept": all_kept.tolist()}
+                    "score_end": after.tolist(), "success": masks["success"].tolist(), "kept": all_kept.tolist(),
+                    **({} if sweep.background_changed is None else
+                       {"background_changed": sweep.background_changed.tolist()})}
     return out

@@ -39,6 +39,8 @@ import torch
 from runners.engine import Denoising, EditRequest, Move, Region, load_config, outline_region
 from scripts.evaluation.common import (EngineRunner, command_line, evaluation_engine, load_evaluated_model,
                                        run_reporting_errors, write_report)
+from scripts.evaluation.faces_measures import kept_pixels, outside_changed
+from scripts.evaluation.faces_runs import read_part_masks
 from utils.faces.factors import ATTRIBUTES, FACTOR_NAMES, PREDICTED_CONTINUOUS, attribute_scores
 from utils.faces.predictor import images_to_tensor, load_predictor
 from utils.io.images import dequantize, quantize
@@ -65,25 +67,13 @@ def load_faces(data_dir: Path, n: int) -> Faces:
 
     with np.load(data_dir / "masks_test.npz", allow_pickle=False) as parts:
         names = [str(v) for v in parts["names"][:n]]
-        masks = {str(p): parts["masks"][:n, i].astype(np.float32) / 255.0 for i, p in enumerate(parts["parts"])}
+    masks = read_part_masks(data_dir, "test", names)
     images = images_to_tensor(np.stack([np.asarray(Image.open(data_dir / "images" / "test" / name).convert("RGB"))
                                         for name in names]))
     return Faces(images, names, masks)
 
 
 # ----------------------------------------------------------------------------------- measures
-
-def quantised(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] images -> 8-bit levels, as the edits are written."""
-    return np.rint((x.clamp(-1, 1).numpy() + 1) * 127.5).astype(np.int16)
-
-
-def outside_changed(edit: torch.Tensor, recon: torch.Tensor, kept: np.ndarray) -> float:
-    """The share of kept pixels (``kept`` (H, W) bool) whose 8-bit value changed by more than 2
-    levels in any channel; edit, recon: (C, H, W)."""
-    moved = (np.abs(quantised(edit) - quantised(recon)) > 2).any(axis=0)
-    return float(moved[kept].mean()) if kept.any() else 0.0
-
 
 def leakage(edit: torch.Tensor, recon: torch.Tensor, inside: np.ndarray, outside: np.ndarray) -> float:
     """RMS change outside / (RMS change inside + RMS change outside) (LOCO-Edit's leakage)."""
@@ -107,13 +97,6 @@ def border_ring(mask: np.ndarray) -> np.ndarray:
     near_out = ~padded[:-2, 1:-1] | ~padded[2:, 1:-1] | ~padded[1:-1, :-2] | ~padded[1:-1, 2:]
     near_in = padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
     return (inside & near_out) | (~inside & near_in)
-
-
-def kept_pixels(mask: np.ndarray, feather: float) -> np.ndarray:
-    """The pixels beyond the feather: farther than ``feather`` from every pixel the mask touches."""
-    from scipy.ndimage import distance_transform_edt
-
-    return distance_transform_edt(~(mask > 0)) >= max(feather, 1e-9)
 
 
 @dataclass(frozen=True)

@@ -83,11 +83,12 @@ def success_lines(edits: dict) -> list[str]:
         rows.append([attribute, f"{_pct(up['success'])} ({up['n']})", f"{_pct(down['success'])} ({down['n']})",
                      f"{_pct(up['already_across'])} / {_pct(down['already_across'])}",
                      f"{_pct(r['both']['moved_beyond_noise'])} / {_pct(r['both']['moved_away_beyond_noise'])}",
-                     _pct(r["both"]["kept"]),
-                     _pct(r["both"]["success_and_kept"]), ", ".join(f"{f} {leaks[f]:.2f}" for f in top)])
+                     _pct(r["both"]["kept"]), _pct(r["both"]["success_and_kept"]),
+                     _pct(r["both"].get("background_kept")), _pct(r["both"].get("success_and_background_kept")),
+                     ", ".join(f"{f} {leaks[f]:.2f}" for f in top)])
     head = ["attribute", "success to + (n)", "success to − (n)", "reconstruction already across (+ / −)",
             "moved beyond noise: toward / away", "nuisance kept", "success with nuisance kept",
-            "largest leaks (per unit of score)"]
+            "background kept (pixels)", "success with background kept", "largest leaks (per unit of score)"]
     return _table(head, rows) + [""]
 
 

@@ -13,11 +13,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from runners.engine import Denoising, EditDescription, EditRequest, Move, UserError
+from runners.engine import Denoising, EditDescription, EditRequest, Move, Region, UserError
 from scripts.evaluation.common import EngineRunner
-from scripts.evaluation.faces_measures import Scale, Sweep, canonical, rmse, score_factors
-from utils.faces.factors import ATTRIBUTES, FACTOR_NAMES, attribute_scores, attribute_table, factor_matrix, \
-    factors_from_row
+from scripts.evaluation.faces_measures import (Scale, Sweep, background_changed, canonical, end_index, rmse,
+                                              score_factors)
+from utils.faces.factors import ATTRIBUTE_PARTS, ATTRIBUTES, FACTOR_NAMES, attribute_scores, attribute_table, \
+    factor_matrix, factors_from_row
 from utils.io.images import dequantize, quantize
 from utils.faces.predictor import (DEFAULT_PATH, PREDICTED_NAMES, PREDICTOR_SHA256, FactorPredictor,
                                    evaluate_predictor, load_predictor, prediction_matrix, sha256_of)
@@ -52,6 +53,28 @@ def read_split(read: Callable[[Path], torch.Tensor], data_dir: Path, split: str,
         raise UserError(f"{len(missing)} {split} faces of {table.name} are not in {folder} (first: {missing[0]})")
     images = torch.stack([read(folder / r["name"]) for r in rows])
     return FaceSplit([r["name"] for r in rows], images, factor_matrix([factors_from_row(r) for r in rows]))
+
+
+def read_part_masks(data_dir: Path, split: str, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The part masks of the faces ``names`` of ``split`` (the renderer's ``masks_<split>.npz``):
+    {part: (N, H, W) float32 coverage in [0, 1]}, rows in the order of ``names``."""
+    path = Path(data_dir) / f"masks_{split}.npz"
+    if not path.is_file():
+        raise UserError(f"no part masks in {data_dir} ({path.name} is missing); render the data set again "
+                        "(bash data_download.sh faces)")
+    with np.load(path, allow_pickle=False) as parts:
+        row = {str(name): i for i, name in enumerate(parts["names"])}
+        missing = [n for n in names if n not in row]
+        if missing:
+            raise UserError(f"{path} has no masks of {len(missing)} {split} faces (first: {missing[0]})")
+        masks = parts["masks"][[row[n] for n in names]]
+        return {str(p): masks[:, i].astype(np.float32) / 255.0 for i, p in enumerate(parts["parts"])}
+
+
+def attribute_region(masks: dict[str, np.ndarray], attribute: str) -> np.ndarray:
+    """(N, H, W) the part where each face draws ``attribute`` (``ATTRIBUTE_PARTS``; the union of
+    its parts' coverage)."""
+    return np.max(np.stack([masks[p] for p in ATTRIBUTE_PARTS[canonical(attribute)]]), axis=0)
 
 
 def eight_bit(x: torch.Tensor) -> torch.Tensor:
@@ -115,21 +138,28 @@ class FaceSetting:
     eta: float = 1.0
     h_policy: str = "lagged"
     n_test_step: int = 40
+    #: Confine each attribute's edit to its part of each face (``ATTRIBUTE_PARTS``), as the
+    #: command line's ``--region <part>`` does (h in the part's cells, a 2-pixel feather).
+    region: bool = False
 
 
 def edit_request(setting: FaceSetting, moves: Sequence[Move], seed: int, batch_size: int, held: Sequence[str] = (),
                  force: bool = False) -> EditRequest:
     """The command line's request for ``moves`` under ``setting`` (``--condition_attr`` = held)."""
     return EditRequest(tuple(moves), Denoising(setting.n_test_step, setting.eta, setting.h_policy, seed, batch_size),
-                       k=setting.k, held=tuple(held), space=setting.space, unit=setting.unit, force=force)
+                       k=setting.k, held=tuple(held), space=setting.space, unit=setting.unit, force=force,
+                       region=Region("part") if setting.region else None)
 
 
 class FaceRunner:
     """The faces of an ``EngineRunner`` as the instrument measures them: the originals (and so each
-    face's side of every attribute), the references (cached per reconstruction setting) and sweeps."""
+    face's side of every attribute), the references (cached per reconstruction setting) and sweeps.
+    ``masks``: the faces' part masks ({part: (N, H, W)}, ``read_part_masks``): for region settings,
+    and to read each edit's background off the pixels (``Sweep.background_changed``)."""
 
-    def __init__(self, runner: EngineRunner, instrument: Instrument, seed: int):
-        self.runner, self.instrument, self.seed = runner, instrument, seed
+    def __init__(self, runner: EngineRunner, instrument: Instrument, seed: int,
+                 masks: dict[str, np.ndarray] | None = None):
+        self.runner, self.instrument, self.seed, self.masks = runner, instrument, seed, masks
         self.original = instrument.measure(runner.images)
         self.original_scores = attribute_scores(self.original, PREDICTED_NAMES)
         self._references: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
@@ -162,13 +192,32 @@ class FaceRunner:
         """One attribute's edits of the faces ``rows`` under ``setting``: (the measured ``Sweep``,
         the edits (n, K, C, H, W))."""
         description = self.describe(setting, attribute, batch_size)
-        _, reference = self.reference(description)
-        edits = self.runner.edits(setting.t_0, description, rows.tolist()) if len(rows) else \
-            torch.zeros((0, setting.k, *self.runner.images.shape[1:]))
+        reference_images, reference = self.reference(description)
+        if not len(rows):
+            edits = torch.zeros((0, setting.k, *self.runner.images.shape[1:]))
+        elif setting.region:
+            edits = self.region_edits(setting, attribute, description, rows)
+        else:
+            edits = self.runner.edits(setting.t_0, description, rows.tolist())
         measured = self.instrument.measure(edits.flatten(0, 1)).reshape(len(rows), -1, len(PREDICTED_NAMES))
-        sweep = Sweep(attribute, rows, self.sides(attribute)[rows], np.asarray(description.distances()),
-                      reference[rows], measured)
-        return sweep, edits
+        side, distances = self.sides(attribute)[rows], np.asarray(description.distances())
+        background = None
+        if self.masks is not None:
+            judged = edits[torch.arange(len(rows)), torch.as_tensor(end_index(side, distances))]
+            background = background_changed(judged, reference_images[rows], self.masks["background"][rows])
+        return Sweep(attribute, rows, side, distances, reference[rows], measured, background), edits
+
+    def region_edits(self, setting: FaceSetting, attribute: str, description: EditDescription, rows: np.ndarray
+                     ) -> torch.Tensor:
+        """The edits (n, K, C, H, W) of the faces ``rows``, each confined to its own part of
+        ``attribute`` (``Engine.edit_in_regions``, the command line's region edit)."""
+        if self.masks is None:
+            raise UserError("a region setting needs the faces' part masks")
+        sub = self.runner.subset(rows.tolist())
+        with sub.session(setting.t_0) as editor:
+            _, edits = sub.engine.edit_in_regions(editor, sub.inversion(setting.t_0), description,
+                                                  attribute_region(self.masks, attribute)[rows], sub.seed_keys)
+        return edits
 
 
 # --------------------------------------------------------------------------------- progress

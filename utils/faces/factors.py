@@ -145,6 +145,20 @@ ATTRIBUTES = ("Smiling", "Mouth_Slightly_Open", "Narrow_Eyes", "Eyeglasses", "Mu
               "Black_Hair", "Brown_Hair", "Blond_Hair", "Gray_Hair", "Pale_Skin", "Young")
 
 #: Each attribute's thresholds, in words (docs/faces_data.md copies this table).
+#: Where the renderer draws each attribute: the parts (``utils.faces.render.PARTS``) whose pixels its
+#: factors change, on a face with the attribute and on one without it, for edits confined to them
+#: (``--region``). The moustache lies inside the mouth's ellipse; bangs cover the forehead of a
+#: face without them (its face part); age is drawn as lines on the face. The hat covers the
+#: hair's place, and its brim reaches into the background, which is left out: a region that
+#: held the background could not keep it.
+ATTRIBUTE_PARTS = {
+    "Smiling": ("mouth",), "Mouth_Slightly_Open": ("mouth",), "Mustache": ("mouth",),
+    "Narrow_Eyes": ("eyes",), "Eyeglasses": ("eyes",),
+    "Bangs": ("hair", "face"), "Wearing_Hat": ("hair",),
+    "Black_Hair": ("hair",), "Brown_Hair": ("hair",), "Blond_Hair": ("hair",), "Gray_Hair": ("hair",),
+    "Pale_Skin": ("face",), "Young": ("face",),
+}
+
 ATTRIBUTE_RULES = {
     "Smiling": "+1 if smile > 0.35, -1 if smile < 0.15",
     "Mouth_Slightly_Open": "+1 if mouth_open > 0.4, -1 if mouth_open < 0.25",
