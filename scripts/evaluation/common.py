@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from runners.engine import (SPACES, BoundaryRecord, Config, Denoising, EditDescription, EditRequest, Editor, Engine,
-                            EngineOptions, Inversion, LoadedModel, Move, UserError, image_key, load_model,
-                            retain_freed_memory)
+                            EngineOptions, Inversion, Inverting, LoadedModel, Move, SearchJob, UserError, image_key,
+                            load_model, plan_search, retain_freed_memory)
 from utils.io.files import write_bytes, write_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -232,6 +232,23 @@ def add_output_flags(parser, batch_size: int) -> None:
     parser.add_argument("--seed", type=int, default=1234, help="seed of the edit and sampling noise (the CLI's default)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="network precision")
+
+
+def add_search_flags(parser) -> None:
+    """The split of the shipped boundary search (``shipped_search``): its training and test faces."""
+    parser.add_argument("--n_train_img", type=int, default=1000, help="the shipped search's training faces")
+    parser.add_argument("--n_test_img", type=int, default=300, help="the shipped search's test faces (held out)")
+
+
+def shipped_search(config: Config, attributes: str, args):
+    """The images, labels and split of the boundary search that fitted the shipped boundaries
+    (``plan_search``, as ``main.py --boundary_search --edit_attr attributes`` plans it): the config's
+    data set and t_0, ``args.n_train_img`` / ``args.n_test_img`` (``add_search_flags``) and the
+    split seed ``args.seed`` (the command line's default, as the shipped fit's)."""
+    job = SearchJob(Inverting(config.edit.t_0, config.edit.n_inv_step), attributes, Path(config.data.data_dir),
+                    Path(config.data.attr_file), None, None, args.n_train_img, args.n_test_img, 1.0, False,
+                    args.boundary_dir, args.seed)
+    return plan_search(job, job.data_dir, job.attr_file)
 
 
 def load_evaluated_model(config: Config, model_path: Path | None, precision: str, threads: int) -> LoadedModel:

@@ -31,11 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runners.engine import (SPACES, Denoising, EditRequest, Engine, EngineOptions, Inverting, Move, SearchJob, UserError,
-                            differentiable_net, factor_matches, latent_cache_root, load_boundary, load_config,
-                            plan_search)
-from scripts.evaluation.common import (EngineRunner, add_output_flags, command_line, evaluation_engine,
-                                       load_evaluated_model, run_reporting_errors, write_report)
+from runners.engine import (SPACES, Denoising, EditRequest, Engine, EngineOptions, Move, UserError, differentiable_net,
+                            factor_matches, latent_cache_root, load_boundary, load_config)
+from scripts.evaluation.common import (EngineRunner, add_output_flags, add_search_flags, command_line, evaluation_engine,
+                                       load_evaluated_model, run_reporting_errors, shipped_search, write_report)
 from scripts.evaluation.faces_region import load_faces
 from utils.faces.factors import ATTRIBUTES
 
@@ -99,10 +98,7 @@ def few_labels(engine, config, args, found: dict, supervised: dict, t_0: int) ->
     ``engine``: the command line's (its latent cache)."""
     from utils.core.discovery import fit_within
 
-    job = SearchJob(Inverting(t_0, config.edit.n_inv_step), ",".join(supervised), Path(config.data.data_dir),
-                    Path(config.data.attr_file), None, None, args.n_train_img, args.n_test_img, 1.0, False,
-                    args.boundary_dir, args.seed)
-    plan = plan_search(job, job.data_dir, job.attr_file)
+    plan = shipped_search(config, ",".join(supervised), args)
     column = {name.lower(): a for a, name in enumerate(plan.names)}
     test, chosen = plan.test, stratified_labels(plan.labels, plan.train, args.n_labels, args.seed)
     rows = np.unique(np.concatenate([test, *chosen]))
@@ -175,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_test", type=int, default=20, help="test faces each direction is edited on")
     parser.add_argument("--k", type=int, default=7, help="edits per face along each direction")
     parser.add_argument("--n_labels", type=int, default=10, help="labels of each few-label fit (half of each class)")
-    parser.add_argument("--n_train_img", type=int, default=1000, help="the shipped search's training faces")
-    parser.add_argument("--n_test_img", type=int, default=300, help="the shipped search's test faces (held out)")
+    add_search_flags(parser)
     parser.add_argument("--attributes", default=",".join(ATTRIBUTES))
     parser.add_argument("--n_exact", type=int, default=3, help="faces whose exact Jacobian is compared")
     parser.add_argument("--cache_dir", type=Path, default=None,

@@ -33,10 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runners.engine import (Engine, EngineOptions, Inverting, SearchJob, latent_cache_root, load_boundary, load_config,
-                            plan_search)
-from scripts.evaluation.common import (add_output_flags, command_line, load_evaluated_model, run_reporting_errors,
-                                       write_report)
+from runners.engine import Engine, EngineOptions, latent_cache_root, load_boundary, load_config
+from scripts.evaluation.common import (add_output_flags, add_search_flags, command_line, load_evaluated_model,
+                                       run_reporting_errors, shipped_search, write_report)
 from scripts.evaluation.faces_discovery import direction_basis
 from scripts.evaluation.faces_region import load_faces
 from utils.core.discovery import captured_share
@@ -80,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boundary_dir", type=Path, default=Path("boundary"))
     parser.add_argument("--found", type=Path, default=None, help="a folder of --discover's directions")
     parser.add_argument("--data_dir", type=Path, default=Path("data/faces"))
-    parser.add_argument("--n_train_img", type=int, default=1000, help="as the shipped search")
-    parser.add_argument("--n_test_img", type=int, default=300, help="as the shipped search")
+    add_search_flags(parser)
     parser.add_argument("--n_masks", type=int, default=200, help="test faces whose part masks are averaged")
     add_output_flags(parser, batch_size=8)  # --seed: the search's split seed (the shipped fit's)
     args = parser.parse_args(argv)
@@ -92,10 +90,7 @@ def run(args: argparse.Namespace, argv) -> int:
     start = time.perf_counter()
     config = load_config(args.config)
     t_0 = config.edit.t_0
-    job = SearchJob(Inverting(t_0, config.edit.n_inv_step), "all", Path(config.data.data_dir),
-                    Path(config.data.attr_file), None, None, args.n_train_img, args.n_test_img, 1.0, False,
-                    args.boundary_dir, args.seed)
-    plan = plan_search(job, job.data_dir, job.attr_file)
+    plan = shipped_search(config, "all", args)
     model = load_evaluated_model(config, None, args.precision, args.threads)
     engine = Engine(model, EngineOptions(cache_root=latent_cache_root(None), show_progress=False))
     read = engine.reader(False).read

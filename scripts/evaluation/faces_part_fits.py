@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runners.engine import (Engine, EngineOptions, Inverting, SearchJob, fit_boundary, latent_cache_root, load_boundary,
-                            load_config, plan_search, save_boundary)
-from scripts.evaluation.common import (add_output_flags, command_line, load_evaluated_model, run_reporting_errors,
-                                       write_report)
+from runners.engine import (Engine, EngineOptions, fit_boundary, latent_cache_root, load_boundary, load_config,
+                            save_boundary)
+from scripts.evaluation.common import (add_output_flags, add_search_flags, command_line, load_evaluated_model,
+                                       run_reporting_errors, shipped_search, write_report)
 from scripts.evaluation.faces_normals import part_share
 from scripts.evaluation.faces_runs import attribute_region, read_part_masks
 
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder the part fits are written to")
     parser.add_argument("--data_dir", type=Path, default=Path("data/faces"))
     parser.add_argument("--attributes", default="all", help="A,B,... (default: every attribute of the data set)")
-    parser.add_argument("--n_train_img", type=int, default=1000, help="as the shipped search")
-    parser.add_argument("--n_test_img", type=int, default=300, help="as the shipped search")
+    add_search_flags(parser)
     add_output_flags(parser, batch_size=16)  # --seed: the search's split seed (the shipped fit's)
     args = parser.parse_args(argv)
     return run_reporting_errors(run, args, argv)
@@ -63,10 +62,7 @@ def run(args: argparse.Namespace, argv) -> int:
     start = time.perf_counter()
     config = load_config(args.config)
     t_0 = config.edit.t_0
-    job = SearchJob(Inverting(t_0, config.edit.n_inv_step), args.attributes, Path(config.data.data_dir),
-                    Path(config.data.attr_file), None, None, args.n_train_img, args.n_test_img, 1.0, False,
-                    args.boundary_dir, args.seed)
-    plan = plan_search(job, job.data_dir, job.attr_file)
+    plan = shipped_search(config, args.attributes, args)
     engine = Engine(load_evaluated_model(config, None, args.precision, args.threads),
                     EngineOptions(cache_root=latent_cache_root(None), show_progress=False))
     index = engine.boundary_index(args.boundary_dir)
