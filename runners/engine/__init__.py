@@ -31,10 +31,10 @@ from utils.core.atlas import HOLD_THRESHOLD
 from utils.core.gram import SVM_C_RANGE
 from utils.core.diffusion import H_POLICIES, Inversion
 from utils.core.seeds import EVALUATION_NOISE, image_key, item_seed
+from utils.core.boundary import fit_boundary
 from utils.core.spaces import MOVED, SPACES
 from utils.distributed import ProcessContext, local_device, process_group
 from utils.distributed import context_from_env as distributed_process
-from utils.core.boundary import fit_boundary
 from utils.errors import UserError
 from utils.io.boundary_files import BoundaryRecord, load_boundary, save_boundary
 from utils.io.datasets import attribute_table

@@ -237,16 +237,11 @@ class Sweep:
     def end_index(self) -> np.ndarray:
         """(n,) which of the K edits each face is judged at: the largest target for a face on the
         negative side, the smallest for one on the positive side."""
-        return end_index(self.side, self.distances)
+        return np.where(self.side < 0, int(np.argmax(self.distances)), int(np.argmin(self.distances)))
 
     def subset(self, chosen: np.ndarray) -> "Sweep":
         return Sweep(self.attribute, self.rows[chosen], self.side[chosen], self.distances, self.reference[chosen],
                      self.edits[chosen], None if self.background_changed is None else self.background_changed[chosen])
-
-
-def end_index(side: np.ndarray, distances: np.ndarray) -> np.ndarray:
-    """``Sweep.end_index`` of faces on ``side`` (n,) edited over ``distances`` (K,)."""
-    return np.where(np.asarray(side) < 0, int(np.argmax(distances)), int(np.argmin(distances)))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -15,8 +15,7 @@ import torch
 
 from runners.engine import Denoising, EditDescription, EditRequest, Move, Region, UserError
 from scripts.evaluation.common import EngineRunner
-from scripts.evaluation.faces_measures import (Scale, Sweep, background_changed, canonical, end_index, rmse,
-                                              score_factors)
+from scripts.evaluation.faces_measures import Scale, Sweep, background_changed, canonical, rmse, score_factors
 from utils.faces.factors import ATTRIBUTE_PARTS, ATTRIBUTES, FACTOR_NAMES, attribute_scores, attribute_table, \
     factor_matrix, factors_from_row
 from utils.io.images import dequantize, quantize
@@ -200,12 +199,13 @@ class FaceRunner:
         else:
             edits = self.runner.edits(setting.t_0, description, rows.tolist())
         measured = self.instrument.measure(edits.flatten(0, 1)).reshape(len(rows), -1, len(PREDICTED_NAMES))
-        side, distances = self.sides(attribute)[rows], np.asarray(description.distances())
-        background = None
+        sweep = Sweep(attribute, rows, self.sides(attribute)[rows], np.asarray(description.distances()),
+                      reference[rows], measured)
         if self.masks is not None:
-            judged = edits[torch.arange(len(rows)), torch.as_tensor(end_index(side, distances))]
-            background = background_changed(judged, reference_images[rows], self.masks["background"][rows])
-        return Sweep(attribute, rows, side, distances, reference[rows], measured, background), edits
+            judged = edits[torch.arange(len(rows)), torch.as_tensor(sweep.end_index())]
+            sweep = replace(sweep, background_changed=background_changed(
+                judged, reference_images[rows], self.masks["background"][rows]))
+        return sweep, edits
 
     def region_edits(self, setting: FaceSetting, attribute: str, description: EditDescription, rows: np.ndarray
                      ) -> torch.Tensor:

@@ -144,7 +144,6 @@ def _between(x: np.ndarray, low: float, high: float) -> np.ndarray:
 ATTRIBUTES = ("Smiling", "Mouth_Slightly_Open", "Narrow_Eyes", "Eyeglasses", "Mustache", "Bangs", "Wearing_Hat",
               "Black_Hair", "Brown_Hair", "Blond_Hair", "Gray_Hair", "Pale_Skin", "Young")
 
-#: Each attribute's thresholds, in words (docs/faces_data.md copies this table).
 #: Where the renderer draws each attribute: the parts (``utils.faces.render.PARTS``) whose pixels its
 #: factors change, on a face with the attribute and on one without it, for edits confined to them
 #: (``--region``). The moustache lies inside the mouth's ellipse; bangs cover the forehead of a
@@ -159,6 +158,7 @@ ATTRIBUTE_PARTS = {
     "Pale_Skin": ("face",), "Young": ("face",),
 }
 
+#: Each attribute's thresholds, in words (docs/faces_data.md copies this table).
 ATTRIBUTE_RULES = {
     "Smiling": "+1 if smile > 0.35, -1 if smile < 0.15",
     "Mouth_Slightly_Open": "+1 if mouth_open > 0.4, -1 if mouth_open < 0.25",
