@@ -205,7 +205,9 @@ def _edit_flags(parser: argparse.ArgumentParser) -> None:
     edit.add_argument("--region", default=None, metavar="MASK|x0,y0,x1,y1|PART",
                       help="edit only this part of each image: a mask image (white = editable, any size), a box "
                            "in fractions of the image, or a part's name (mouth, eyes, hair, face, background: "
-                           "from the image's parts file); the rest follows the unedited run (docs/modes.md)")
+                           "from the image's parts file, or a union such as hair+face); the rest follows the "
+                           "unedited run (docs/modes.md). With --boundary_search: fit each SVM on each image's "
+                           "region alone")
     edit.add_argument("--region_h", default="cells", choices=("cells", "none"),
                       help="with --region: confine h to the share of each bottleneck cell the region covers, or "
                            "leave h as it is")

@@ -190,6 +190,8 @@ def _job(args: argparse.Namespace, config: Config, mode: str, batches: dict):
         return _edit_job(args, config, mode, batches)
     if args.edit or args.grid:
         raise UserError(f"--edit and --grid are for the edit modes, not --{mode}")
+    if args.region is not None and mode != "boundary_search":
+        raise UserError(f"--region is for the edit modes and --boundary_search, not --{mode}")
     t_0 = args.t_0 if args.t_0 is not None else config.edit.t_0
     if mode == "discover":
         return _discover_job(args, config, t_0, batches)
@@ -204,7 +206,19 @@ def _job(args: argparse.Namespace, config: Config, mode: str, batches: dict):
     return SearchJob(_inverting(args, config, t_0, batches["bs_train"], mode), args.edit_attr, args.data_dir,
                      args.attr_file, args.pos_dir, args.neg_dir, args.n_train_img, args.n_test_img, args.svm_c,
                      args.balance, args.boundary_dir, args.seed, args.ni, within=args.within,
-                     within_prefix=args.discover_prefix)
+                     within_prefix=args.discover_prefix, region=_search_region(args))
+
+
+def _search_region(args: argparse.Namespace) -> str | None:
+    """--boundary_search --region: the region each SVM is fitted on (z on its pixels, h on its
+    share of each bottleneck cell); the edit's other region flags do not apply."""
+    if args.region_h != "cells" or args.feather != 2.0 or args.region_method != "blend":
+        raise UserError("--region_h, --feather and --region_method are for edits; a search fits z on the region's "
+                        "pixels and h on its share of each bottleneck cell")
+    if args.region is not None and args.within is not None:
+        raise UserError("--region and --within do not combine: --within fits in the discovered directions, which "
+                        "span the whole latent")
+    return args.region
 
 
 def resolve_settings(args: argparse.Namespace, config: Config, default_batch_size: int = 8) -> Settings:

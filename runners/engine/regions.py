@@ -25,7 +25,7 @@ from utils.core.editing import RegionEdits
 from utils.core.region import (RegionError, area_downsample, check_projection, check_region, feather,
                                outside_jacobian_basis)
 from utils.errors import UserError
-from utils.io.region import RegionSpec, read_part, read_region
+from utils.io.region import RegionSpec, read_parts, read_region
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,14 @@ def part_folders(config) -> list[Path]:
 def region_masks(region: Region, images: Sequence[Path | None], size: int, data_dirs: Sequence[Path]
                  ) -> list[RegionSpec]:
     """Each image's region at ``size`` x ``size``: the same mask for all (a file, a box) or the named
-    part of each (``utils.io.region.read_part``: a sampled latent has no parts). UserError in one line."""
+    part of each (``utils.io.region.read_parts``: a sampled latent has no parts). UserError in one line."""
     if not is_part(region.spec):
         shared = read_region(region.spec, size)
         return [shared] * len(images)
     if any(image is None for image in images):
         raise UserError(f"--region {region.spec}: a part names a part of a real image; latents sampled from noise "
                         "have none: give a mask image or a box")
-    return [read_part(Path(image), region.spec, size, list(data_dirs)) for image in images]
+    return read_parts([Path(image) for image in images], region.spec, size, list(data_dirs))
 
 
 def _h_weights(mask: np.ndarray, shape: tuple[int, ...]) -> Tensor:

@@ -263,7 +263,7 @@ class SearchJob:
     None with ``pos_dir``/``neg_dir``); the images and attribute file; the split; the SVM's C and
     class balancing; where the files go (``overwrite``: --ni); ``within``: a folder of discovered
     directions (``--discover``), each SVM then fitted on the latents' coordinates in the subspace
-    they span (runners/engine/within.py)."""
+    they span (runners/engine/within.py); ``region``: the part of each image the SVMs are fitted on."""
     inverting: Inverting
     attributes: str | None
     data_dir: Path | None
@@ -280,6 +280,9 @@ class SearchJob:
     within: Path | None = None
     #: The names of the directions ``within`` is taken from (``<prefix>_NN``, as --discover wrote them).
     within_prefix: str = "pc"
+    #: --region: fit on each image's region alone (``Region.spec``: a mask image, a box or a part's
+    #: name), z on its pixels and h on its share of each bottleneck cell; None: the whole latents.
+    region: str | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ writes the boundary files, the report or the atlas, and the summary.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -17,12 +18,14 @@ import numpy as np
 import torch
 
 from runners.engine.editor import Editor, ImageReader
-from runners.engine.requests import SearchJob
+from runners.engine.regions import part_folders, region_masks
+from runners.engine.requests import Region, SearchJob
 from runners.engine.within import fit_space_within, within_basis
 from utils.core.atlas import phi_matrix
 from utils.core.batching import batch_slices
 from utils.core.boundary import MIN_CLASS_COUNT, class_counts, class_summary, fit_attributes, split_indices
 from utils.core.gram import FitError, OneSided
+from utils.core.region import area_downsample, confined_rows
 from utils.core.spaces import SPACES
 from utils.distributed import ProcessContext, broadcast_from_main, gather_to_main, gram_across_ranks, shard, unshard
 from utils.errors import UserError
@@ -164,10 +167,41 @@ def within_bases(job: SearchJob, editor: Editor) -> dict | None:
                                 editor.model.checkpoint_sha256, job.within_prefix) for space in SPACES}
 
 
+@dataclass(frozen=True)
+class FitRegion:
+    """With --region: what the region is (``RegionSpec.source``, recorded in every file), each
+    image's weights in each space {space: (N, S) float32, S = H * W of its latent; z: the mask,
+    h: the mask's share of each bottleneck cell}, in the order the latents are read, and how much
+    of the images it covers (for the summary)."""
+    source: str
+    weights: dict
+    coverage: dict
+
+    def confine(self, rows: LatentRows) -> LatentRows:
+        """The row readers with every latent multiplied by its image's weights (``confined_rows``)."""
+        def confined(read, weights):
+            return lambda start, stop: confined_rows(read(start, stop), weights[start:stop])
+        return dataclasses.replace(rows, readers={space: confined(read, self.weights[space])
+                                                  for space, read in rows.readers.items()})
+
+
+def fit_region(editor: Editor, spec: str, paths: Sequence[Path]) -> FitRegion:
+    """Every image's region (a mask image, a box, or the named part of each image from its parts
+    file: ``region_masks``), read before any image is inverted; UserError in one line."""
+    masks = region_masks(Region(spec), paths, editor.config.data.image_size, part_folders(editor.config))
+    side = editor.shapes["h"][-1]
+    coverage = np.array([m.coverage for m in masks])
+    return FitRegion(masks[0].source(), {
+        "z": np.stack([m.mask.reshape(-1) for m in masks]),
+        "h": np.stack([area_downsample(m.mask, side).reshape(-1).float().numpy() for m in masks])},
+        {"mean": float(coverage.mean()), "min": float(coverage.min()), "max": float(coverage.max())})
+
+
 def _records(editor: Editor, job: SearchJob, plan: SearchSet, rows: LatentRows, grams: dict,
-             bases: dict | None = None) -> tuple[dict, dict]:
+             bases: dict | None = None, fit_source: str = "") -> tuple[dict, dict]:
     """{attribute: {space: BoundaryRecord}} and the report's distances {(attribute, space): ...};
-    with ``bases`` (--within) each SVM is fitted on the coordinates in the space's basis."""
+    with ``bases`` (--within) each SVM is fitted on the coordinates in the space's basis;
+    ``fit_source``: the region the latents were confined to (``FitRegion.source``), or ''."""
     records, report = {name: {} for name in plan.names}, {}
     order = np.concatenate([plan.train, plan.test])
     labels_train, labels_test = plan.labels[plan.train], plan.labels[plan.test]
@@ -189,7 +223,7 @@ def _records(editor: Editor, job: SearchJob, plan: SearchSet, rows: LatentRows, 
                 fit.boundary, shape=editor.shapes[space], space=space, t_0=editor.t_0, n_inv_step=editor.n_inv_step,
                 attribute=name, n_train=len(fit.train_rows), n_test=len(fit.test_rows),
                 n_pos=int((labelled > 0).sum()), n_neg=int((labelled < 0).sum()), config_name=editor.config.name,
-                checkpoint_sha256=editor.model.checkpoint_sha256,
+                checkpoint_sha256=editor.model.checkpoint_sha256, fit_region=fit_source,
                 class_summary={"train": class_summary(fit.train_distances, y_train),
                                "test": class_summary(fit.test_distances, y_test)})
     return records, report
@@ -223,13 +257,18 @@ def _publish(job: SearchJob, folder: RunFolder, run_dir: Path, plan: SearchSet, 
 def run_search(editor: Editor, job: SearchJob, plan: SearchSet, folder: RunFolder | None, run_dir: Path | None,
                process: ProcessContext, bases: dict | None = None) -> dict:
     """Invert, fit and write (rank 0 writes; the others invert their shares and help with the Gram
-    matrices). ``bases``: ``within_bases`` (--within). Returns the summary (empty on other ranks)."""
+    matrices). ``bases``: ``within_bases`` (--within). With ``job.region`` every latent is confined
+    to its image's region before the fit (``FitRegion``). Returns the summary (empty on other ranks)."""
     if folder is not None:  # before the long inversion: the boundaries can be written
         folder.created_dirs(check_writable_dir(Path(job.boundary_dir)))
     start = time.perf_counter()
     order = np.concatenate([plan.train, plan.test])
+    paths = [plan.paths[i] for i in order]
+    region = None if job.region is None else fit_region(editor, job.region, paths)
     reader = ImageReader.for_config(editor.config, align_face=False)
-    rows = latent_rows(editor, [plan.paths[i] for i in order], reader, job.inverting.batch_size, process)
+    rows = latent_rows(editor, paths, reader, job.inverting.batch_size, process)
+    if region is not None:
+        rows = region.confine(rows)
     invert_seconds = time.perf_counter() - start
     # Under torchrun every rank computes its share of each Gram matrix, rank 0 gets them (a single
     # process computes the same tiles in fit_attributes: the same K).
@@ -239,7 +278,7 @@ def run_search(editor: Editor, job: SearchJob, plan: SearchSet, folder: RunFolde
     if folder is None:
         return {}
     start = time.perf_counter()
-    records, report = _records(editor, job, plan, rows, grams, bases)
+    records, report = _records(editor, job, plan, rows, grams, bases, "" if region is None else region.source)
     fit_seconds = time.perf_counter() - start
     written = _publish(job, folder, run_dir, plan, records, report, editor.config.name, editor.t_0)
     attributes = {name: {space: {"path": str(written[name][space]), "train_acc": records[name][space].train_acc,
@@ -250,6 +289,8 @@ def run_search(editor: Editor, job: SearchJob, plan: SearchSet, folder: RunFolde
                "invert_seconds": invert_seconds, "fit_seconds": fit_seconds, **rows.sharding,
                "train_images": [str(plan.paths[i]) for i in plan.train],
                "test_images": [str(plan.paths[i]) for i in plan.test], **editor.model.identity.summary()}
+    if region is not None:
+        summary["region"] = {"source": region.source, "coverage": region.coverage}
     if bases is not None:
         summary["within"] = {"folder": str(job.within), "dimensions": len(bases["z"][1]),
                              "files": {space: [str(p) for p in bases[space][1]] for space in SPACES}}

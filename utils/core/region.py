@@ -313,6 +313,20 @@ def area_downsample(mask, side: int) -> Tensor:
     return _cell_overlaps(m.shape[0], side) @ m.cpu() @ _cell_overlaps(m.shape[1], side).T
 
 
+# ------------------------------------------------------------------------ fitting on a region
+
+def confined_rows(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Flattened latents (n, C * S) times each one's region weights (n, S) in [0, 1] (S = H * W, its
+    mask at the latent's size), every channel alike: what a boundary fitted on the region alone
+    sees. A linear SVM's normal is a combination of the rows it is fitted on, so it is 0 wherever
+    every row's weight is 0: made of the region's values only, the move a region edit confines."""
+    rows, weights = np.asarray(rows), np.asarray(weights)
+    n, size = weights.shape
+    if rows.shape[0] != n or rows.shape[1] % size:
+        raise ValueError(f"rows of shape {rows.shape} are not {n} latents of C x {size} values")
+    return (rows.reshape(n, -1, size) * weights[:, None, :].astype(rows.dtype)).reshape(rows.shape)
+
+
 # ------------------------------------------------------------------------ blended denoising
 
 def reference_trajectory(net: Net, z: Tensor, alphas_cumprod: Tensor, grid: Sequence[int],

@@ -6,7 +6,8 @@ shape without batch); ``space`` ('h' or 'z'); ``t_0``; ``n_inv_step``; ``attribu
 ``checkpoint_sha256``; ``format_version``; from version 2 ``class_summary``: (2, 2, 5) float64, for
 [train, test] x [negative, positive] class the statistics ``SUMMARY_STATS`` (mean, std, 5th/50th/95th
 percentiles) of the signed hyperplane distances (w.x + b) / ||w|| (nan for an empty split or class).
-Version 1 files (without it) still load, with ``class_summary`` None.
+Version 1 files (without it) still load, with ``class_summary`` None. Optional: ``fit_region`` (text),
+the region the normal was fitted on (``--boundary_search --region``), absent for the whole latent.
 """
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ class BoundaryRecord:
     checkpoint_sha256: str = ""
     #: {'train'|'test': {'neg'|'pos': {stat: value}}} (``utils.core.boundary.class_summary``), or None.
     class_summary: dict | None = None
+    #: The region the normal was fitted on (``RegionSpec.source``: 'part mouth', 'box ...', 'file ...'),
+    #: '' for the whole latent.
+    fit_region: str = ""
 
     @classmethod
     def from_boundary(cls, boundary: Boundary, **meta) -> "BoundaryRecord":
@@ -151,7 +155,8 @@ def auto_range(record: BoundaryRecord, split: str = "train") -> tuple[float, flo
 # What each field may hold: its numpy kind ('f' float, 'i' integer, 'U' text) and how many values.
 _SCALAR_KINDS = {"intercept": "fi", "t_0": "i", "n_inv_step": "i", "train_acc": "fi", "test_acc": "fi",
                  "n_train": "i", "n_test": "i", "n_pos": "i", "n_neg": "i", "format_version": "i",
-                 "space": "U", "attribute": "U", "config_name": "U", "checkpoint_sha256": "U"}
+                 "space": "U", "attribute": "U", "config_name": "U", "checkpoint_sha256": "U",
+                 "fit_region": "U"}
 _MAX_TEXT = 1024          # characters of a text field
 _MAX_DIMS = 8             # entries of ``shape``
 MAX_VALUES = 1 << 24      # entries of a normal when the model is not known (64 MiB as float32)
@@ -208,6 +213,8 @@ def boundary_writer(record: BoundaryRecord) -> Callable[[Path], None]:
         if f.name == "class_summary":
             if value is not None:
                 arrays[f.name] = summary_array(value)
+            continue
+        if f.name == "fit_region" and not value:  # the whole latent: files as before the field existed
             continue
         arrays[f.name] = np.asarray(value, dtype=np.int64) if f.name == "shape" else np.asarray(value)
     arrays["normal"] = arrays["normal"].astype(np.float32).reshape(-1)

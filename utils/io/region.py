@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -34,6 +35,13 @@ class RegionSpec:
                  "box": lambda: "box " + ",".join(f"{v:g}" for v in self.box),
                  "part": lambda: f"part {self.part} of {self.path}"}[self.kind]()
         return f"{where}, {self.coverage:.1%} of the image"
+
+    def source(self) -> str:
+        """What the region is, the same for every image it is read for: 'part mouth', 'box
+        0.2,0.5,0.8,1' or 'file mask.png sha256 <64 hex>' (what a boundary fitted on it records)."""
+        return {"file": lambda: f"file {Path(self.path).name} sha256 {self.sha256}",
+                "box": lambda: "box " + ",".join(f"{v:g}" for v in self.box),
+                "part": lambda: f"part {self.part}"}[self.kind]()
 
     def record(self) -> dict:
         """What summaries record: where the region came from and the share of the image it covers."""
@@ -137,26 +145,59 @@ def parts_files(image: Path, data_dirs: list[Path]) -> list[Path]:
 
 
 def read_part(image: Path, part: str, size: int, data_dirs: list[Path]) -> RegionSpec:
-    """The mask of the part ``part`` (e.g. mouth, eyes, hair) of ``image`` at size x size, from the
-    first parts file that names the image (``parts_files``); UserError naming the parts there are, or
-    what to pass instead when no parts file names the image."""
-    for path in parts_files(image, data_dirs):
-        if path.stat().st_size > MAX_PARTS_FILE:
-            continue
-        with np.load(path, allow_pickle=False) as parts:
-            names = [str(n) for n in parts["names"]]
-            if image.name not in names and path.name != image.name + PARTS_SUFFIX:
+    """The mask of the part ``part`` of ``image`` (``read_parts`` of one image)."""
+    return read_parts([image], part, size, data_dirs)[0]
+
+
+def read_parts(images: Sequence[Path], part: str, size: int, data_dirs: list[Path]) -> list[RegionSpec]:
+    """Each image's mask of the part ``part`` (e.g. mouth, eyes, hair, or a union such as
+    ``hair+face``: per pixel the largest of the parts' coverages) at size x size, from the first
+    parts file that names the image (``parts_files``). Each parts file is read once however many
+    images it holds (a data set's file holds every face of its split). UserError naming the parts
+    a file has, a part that covers under one pixel of an image, or what to pass instead when no
+    parts file names an image."""
+    wanted = part.split("+")
+    if not all(wanted):
+        raise UserError(f"--region {part}: an empty part name; name a part (mouth) or a union of parts (hair+face)")
+    indexes: dict[Path, tuple[dict[str, int], list[str]]] = {}
+
+    def index(path: Path) -> tuple[dict[str, int], list[str]]:
+        if path not in indexes:
+            with np.load(path, allow_pickle=False) as parts:
+                indexes[path] = ({str(n): i for i, n in enumerate(parts["names"])}, [str(p) for p in parts["parts"]])
+        return indexes[path]
+
+    where: list[tuple[Path, int]] = []
+    for image in map(Path, images):
+        for path in parts_files(image, data_dirs):
+            if path.stat().st_size > MAX_PARTS_FILE:
                 continue
-            known = [str(p) for p in parts["parts"]]
-            if part not in known:
+            rows, known = index(path)
+            if image.name not in rows and path.name != image.name + PARTS_SUFFIX:
+                continue
+            if any(p not in known for p in wanted):
                 raise UserError(f"--region {part}: {path} has the parts {', '.join(known)}")
-            row = names.index(image.name) if image.name in names else 0
-            mask = parts["masks"][row, known.index(part)].astype(np.float32) / 255.0
-        if mask.shape != (size, size):
-            mask = np.asarray(Image.fromarray(mask, mode="F").resize((size, size), Image.Resampling.BOX))
-        mask = np.clip(mask, 0.0, 1.0).astype(np.float32)
-        if float(mask.sum()) < 1:
-            raise UserError(f"--region {part}: the {part} of {image.name} covers under one pixel; choose another")
-        return RegionSpec(mask, "part", float(mask.mean()), path=str(path), part=part)
-    raise UserError(f"--region {part}: no parts file names {image.name} (looked for {image.name}{PARTS_SUFFIX} and "
-                    "the data set's masks_*.npz); give a mask image or a box x0,y0,x1,y1")
+            where.append((path, rows.get(image.name, 0)))
+            break
+        else:
+            raise UserError(f"--region {part}: no parts file names {image.name} (looked for {image.name}{PARTS_SUFFIX} "
+                            "and the data set's masks_*.npz); give a mask image or a box x0,y0,x1,y1")
+    masks: list[np.ndarray | None] = [None] * len(where)
+    for path in dict.fromkeys(p for p, _ in where):
+        columns = [indexes[path][1].index(p) for p in wanted]
+        with np.load(path, allow_pickle=False) as parts:
+            stack = parts["masks"]
+        for i, (source, row) in enumerate(where):
+            if source == path:
+                masks[i] = stack[row, columns].max(axis=0).astype(np.float32) / 255.0
+    return [_part_spec(mask, Path(image).name, part, path, size) for mask, image, (path, _) in zip(masks, images, where)]
+
+
+def _part_spec(mask: np.ndarray, image_name: str, part: str, path: Path, size: int) -> RegionSpec:
+    """One image's part mask resized to size x size (area filter), clipped, checked non-empty."""
+    if mask.shape != (size, size):
+        mask = np.asarray(Image.fromarray(mask, mode="F").resize((size, size), Image.Resampling.BOX))
+    mask = np.clip(mask, 0.0, 1.0).astype(np.float32)
+    if float(mask.sum()) < 1:
+        raise UserError(f"--region {part}: the {part} of {image_name} covers under one pixel; choose another")
+    return RegionSpec(mask, "part", float(mask.mean()), path=str(path), part=part)

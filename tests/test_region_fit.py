@@ -1,0 +1,168 @@
+"""Boundaries fitted on a region (``--boundary_search --region``, issue 31): every latent is multiplied
+by its image's region before the linear SVM, so the normal is made of the region's values only and a
+region edit along it need not push the few values inside harder. Checked against sklearn's SVC on
+latents confined by hand, from the parts files read by hand."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.svm import SVC
+
+import main as cli
+from runners.engine import load_model
+from runners.engine.editor import Editor, ImageReader
+from tests.helpers import assert_one_error_line, write_labelled_set, write_tiny_model
+from utils.core.region import area_downsample, confined_rows
+from utils.io.boundary_files import load_boundary
+from utils.io.region import read_parts
+
+N_IMAGES, SIZE = 24, 16
+
+
+def test_confined_rows_weigh_every_channel_of_a_pixel_by_its_weight():
+    rng = np.random.default_rng(0)
+    latents = rng.normal(size=(3, 2, 4, 5)).astype(np.float32)  # (n, C, H, W)
+    weights = rng.uniform(size=(3, 4, 5)).astype(np.float32)
+    weights[1] = 0
+    got = confined_rows(latents.reshape(3, -1), weights.reshape(3, -1))
+    want = np.empty_like(latents)
+    for i in range(3):
+        for c in range(2):
+            want[i, c] = latents[i, c] * weights[i]
+    np.testing.assert_array_equal(got, want.reshape(3, -1))
+    with pytest.raises(ValueError, match="not 3 latents"):
+        confined_rows(latents.reshape(3, -1)[:, :-1], weights.reshape(3, -1))
+
+
+def _masks(i: int) -> np.ndarray:
+    """Image i's parts (2, 16, 16) uint8: 'left', its left 6 + i % 3 columns with a half-covered
+    column beside them, and 'top', its top 5 rows."""
+    masks = np.zeros((2, SIZE, SIZE), dtype=np.uint8)
+    width = 6 + i % 3
+    masks[0, :, :width] = 255
+    masks[0, :, width] = 128
+    masks[1, :5] = 255
+    return masks
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """The tiny DDPM and 24 labelled images (Bright_Left), each with its own parts file."""
+    root = tmp_path_factory.mktemp("region_fit")
+    cfg, weights, _ = write_tiny_model(root, "ddpm", name="tiny_fit", seed=2)
+    images, attr = write_labelled_set(root, n=N_IMAGES, size=SIZE)
+    for i, path in enumerate(sorted(images.glob("*.png"))):
+        np.savez(path.with_name(path.name + ".parts.npz"), names=np.array([path.name]),
+                 parts=np.array(["left", "top"]), masks=_masks(i)[None])
+    common = ["--config", cfg, "--model_path", weights, "--cache_dir", root / "cache", "--data_dir", images,
+              "--attr_file", attr, "--n_train_img", "16", "--n_test_img", "8", "--bs_train", "8",
+              "--edit_attr", "Bright_Left"]
+    return {"root": root, "cfg": cfg, "weights": weights, "images": images, "common": [str(a) for a in common]}
+
+
+def _search(labelled, name: str, *extra) -> tuple[int, str, dict]:
+    exp, bd = labelled["root"] / name, labelled["root"] / f"bd_{name}"
+    import io
+    from contextlib import redirect_stderr
+
+    err = io.StringIO()
+    with redirect_stderr(err):
+        code = cli.main(["--boundary_search", *labelled["common"], "--exp", str(exp), "--boundary_dir", str(bd),
+                         *map(str, extra)])
+    if code:
+        return code, err.getvalue(), {}
+    summary = json.loads((exp / "boundary_search" / "summary.json").read_text())
+    return code, err.getvalue(), summary
+
+
+def _latents(labelled, record, paths: list[str]):
+    """The search's latents, inverted again here (through the same cache: the same values)."""
+    model = load_model(labelled["cfg"], labelled["weights"])
+    editor = Editor(model, record.t_0, record.n_inv_step, labelled["root"] / "cache", show_progress=False)
+    reader = ImageReader.for_config(model.config, align_face=False)
+    latents, _ = editor.invert(torch.stack([reader.read(p) for p in paths]), 8)
+    return latents
+
+
+def _svc(x: np.ndarray, labels: np.ndarray, n_train: int) -> np.ndarray:
+    w = SVC(kernel="linear", C=1.0).fit(x[:n_train].astype(np.float64), labels[:n_train]).coef_[0]
+    return w / np.linalg.norm(w)
+
+
+@pytest.mark.parametrize("region", ["left+top", "0,0,0.5,1"])
+def test_the_normal_is_the_svm_of_the_confined_latents_and_zero_outside(labelled, region):
+    code, err, summary = _search(labelled, region.replace(",", "_").replace("+", "_"), "--region", region)
+    assert code == 0, err
+    paths = summary["train_images"] + summary["test_images"]
+    if "," in region:  # the box: the left half of every image
+        masks = np.zeros((len(paths), SIZE, SIZE), np.float32)
+        masks[:, :, :SIZE // 2] = 1
+        source = "box 0,0,0.5,1"
+    else:  # by hand: each image's parts file, the larger of the two coverages at each pixel
+        masks = np.stack([np.load(p + ".parts.npz")["masks"][0].max(axis=0) / 255.0 for p in paths]).astype(np.float32)
+        source = "part left+top"
+    assert summary["region"]["source"] == source
+    assert summary["region"]["coverage"]["mean"] == pytest.approx(masks.mean(), rel=1e-6)
+    labels = np.array([1 if int(p[-10:-4]) % 2 == 0 else 0 for p in paths])
+    n_train = len(summary["train_images"])
+    records = {s: load_boundary(summary["spaces"][s]["path"]) for s in ("z", "h")}
+    latents = _latents(labelled, records["z"], paths)
+    for space, record in records.items():
+        assert record.fit_region == source
+        shape = tuple(record.shape)
+        weights = masks if space == "z" else np.stack([area_downsample(m, shape[-1]).numpy() for m in masks])
+        x = getattr(latents, space).reshape(len(paths), *shape).numpy() * weights[:, None].astype(np.float32)
+        want = _svc(x.reshape(len(paths), -1), labels, n_train)
+        got = record.normal.astype(np.float64)
+        assert float(got @ want) >= 1 - 1e-6, (space, float(got @ want))
+        outside = np.broadcast_to((weights == 0).all(axis=0), shape).reshape(-1)
+        assert outside.any() and np.all(got[outside] == 0)  # exactly: no image's latent has a value there
+
+
+def test_a_whole_latent_fit_records_no_region_and_differs(labelled):
+    code, err, summary = _search(labelled, "whole")
+    assert code == 0, err
+    assert "region" not in summary
+    record = load_boundary(summary["spaces"]["z"]["path"])
+    assert record.fit_region == "" and np.count_nonzero(record.normal) == record.normal.size
+
+
+def test_the_parts_of_many_images_are_read_from_each_file_once(tmp_path, monkeypatch):
+    names = [f"{i:05d}.png" for i in range(5)]
+    masks = np.stack([_masks(i) for i in range(5)])
+    np.savez(tmp_path / "masks_train.npz", names=np.array(names), parts=np.array(["left", "top"]), masks=masks)
+    opened = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda path, **kw: opened.append(path) or real_load(path, **kw))
+    specs = read_parts([tmp_path / "images" / n for n in names[::-1]], "left+top", SIZE, [tmp_path])
+    assert len(opened) == 2  # the names once, the masks once
+    for spec, i in zip(specs, range(4, -1, -1)):
+        np.testing.assert_array_equal(spec.mask, masks[i].max(axis=0).astype(np.float32) / 255.0)
+        assert spec.source() == "part left+top" and spec.kind == "part"
+    with pytest.raises(Exception, match="has the parts left, top"):
+        read_parts([tmp_path / "images" / names[0]], "left+mouth", SIZE, [tmp_path])
+    with pytest.raises(Exception, match="an empty part name"):
+        read_parts([tmp_path / "images" / names[0]], "left+", SIZE, [tmp_path])
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--region", "mouth"], ["--region mouth", "has the parts left, top"]),
+    (["--region", "0,0,1,1"], ["everything is editable"]),
+    (["--region", "left", "--feather", "3"], ["are for edits"]),
+    (["--region", "left", "--within", "somewhere"], ["do not combine"]),
+])
+def test_bad_fit_regions_are_one_line_before_any_inversion(labelled, tmp_path, capsys, extra, words):
+    argv = [a if a != labelled["common"][5] else str(tmp_path / "cache") for a in labelled["common"]]
+    code = cli.main(["--boundary_search", *argv, "--exp", str(tmp_path / "r"), "--boundary_dir", str(tmp_path / "bd"),
+                     *extra])
+    assert_one_error_line(code, capsys.readouterr().err, *words)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "bd").exists()
+
+
+def test_region_is_refused_by_the_modes_that_do_not_use_it(labelled, tmp_path, capsys):
+    code = cli.main(["--radius", "--config", str(labelled["cfg"]), "--model_path", str(labelled["weights"]),
+                     "--img_path", str(labelled["images"]), "--exp", str(tmp_path / "r"), "--region", "left"])
+    assert_one_error_line(code, capsys.readouterr().err, "--region is for the edit modes and --boundary_search")
