@@ -24,9 +24,9 @@ def _print_search(summary: dict) -> None:
     names = [summary["attribute"]] if "attribute" in summary else list(summary["attributes"])
     if "within" in summary:
         print(f"fitted within the {summary['within']['dimensions']} directions of {summary['within']['folder']}")
-    if "region" in summary:
-        print(f"fitted on the region {summary['region']['source']} alone "
-              f"({summary['region']['coverage']['mean']:.1%} of each image on average)")
+    for source, fitted in summary.get("region", {}).items():
+        print(f"fitted on the region {source} alone ({fitted['coverage']['mean']:.1%} of each image on average): "
+              + ", ".join(fitted["attributes"]))
     for name in names:
         spaces = summary["spaces"] if "attribute" in summary else summary["attributes"][name]
         for space, fit in spaces.items():

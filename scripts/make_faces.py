@@ -11,6 +11,7 @@ writes, under ``DEST/faces/`` (docs/faces_data.md):
     masks_train.npz, masks_test.npz   names (N,) and masks (N, 5, 32, 32) uint8: the coverage
                              of mouth, eyes, hair, face and background in each pixel
     correlations.json        the correlation matrix of the factors and of the attributes
+    attribute_parts.json     the part each attribute is drawn on (``--boundary_search --region auto``)
     example.png              the README's test face: not smiling, facing the camera, no hat
     example.png.parts.npz    its part masks (``--region mouth`` reads them; shipped as imgs/face_example.png)
 
@@ -30,8 +31,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from utils.faces.factors import ATTRIBUTES, FACTOR_NAMES, FaceFactors, attribute_table, factor_matrix, sample_factors
+from utils.faces.factors import (ATTRIBUTES, FACTOR_NAMES, FaceFactors, attribute_part_names, attribute_table,
+                                 factor_matrix, sample_factors)
 from utils.faces.render import PARTS, render_face
+from utils.io.region import ATTRIBUTE_PARTS_FILE
 
 N_TRAIN = 40_000
 N_TEST = 2_000
@@ -128,6 +131,7 @@ def make_faces(dest: Path, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: i
     lines += [name + " " + " ".join(f"{int(v):2d}" for v in row) for name, row in zip(names, attributes)]
     _write_bytes(root / "list_attr_faces.txt", ("\n".join(lines) + "\n").encode())
     _write_bytes(root / "correlations.json", (json.dumps(correlations(factors, attributes), indent=1) + "\n").encode())
+    _write_bytes(root / ATTRIBUTE_PARTS_FILE, (json.dumps(attribute_part_names(), indent=1) + "\n").encode())
     example = example_index(factors, np.arange(n_train, n_train + n_test))
     _write_bytes(root / "example.png", (root / "images" / "test" / face_name(example)).read_bytes())
     _write_bytes(root / "example.png.parts.npz", parts_file("example.png", render_face(faces[example])[1]))

@@ -439,15 +439,3 @@ def test_move_consistency_on_constructed_moves():
     assert orthogonal["mean_norm"] == pytest.approx(1.0) and orthogonal["along_mean"] == pytest.approx(1.0)
     mixed = move_consistency(np.array([[1.0, 1.0], [1.0, -1.0]]))  # mean (1, 0): half of each move's energy
     assert mixed["consistency"] == pytest.approx(0.5) and mixed["along_mean_sd"] == pytest.approx(0.0, abs=1e-12)
-
-
-def test_part_masked_latents_keep_the_part_only():
-    from scripts.evaluation.faces_part_fits import part_masked
-
-    latents = np.arange(2 * 3 * 2 * 2, dtype=np.float64).reshape(2, 3, 2, 2) + 1
-    coverage = np.array([[[1.0, 0.0], [0.5, 0.0]], [[0.0, 0.0], [0.0, 1.0]]])
-    found = part_masked(latents, coverage)
-    for face in range(2):
-        for channel in range(3):      # every channel alike, each face its own part
-            np.testing.assert_array_equal(found[face, channel], latents[face, channel] * coverage[face])
-    assert found[1, :, 0, 0].tolist() == [0.0, 0.0, 0.0] and found[0, 2, 1, 0] == 0.5 * latents[0, 2, 1, 0]

@@ -69,8 +69,8 @@ def test_data_set_is_byte_identical_when_written_again(two_sets):
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert files_a == files_b
-    assert len(files_a) == 20 + 5 + 7  # images, factors.csv, the attribute file, 2 masks files, correlations,
-    # the example and its parts
+    assert len(files_a) == 20 + 5 + 8  # images, factors.csv, the attribute file, 2 masks files, correlations,
+    # the attributes' parts, the example and its parts
     for rel in files_a:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     assert not any(p.name.endswith(".tmp") for p in a.rglob("*"))

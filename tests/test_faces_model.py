@@ -13,7 +13,7 @@ import main as cli
 from models import build_model
 from runners.engine import load_config
 from tests.helpers import REPO
-from utils.faces.factors import ATTRIBUTES, attribute_scores
+from utils.faces.factors import ATTRIBUTES, attribute_part_names, attribute_scores
 from utils.faces.predictor import load_predictor, prediction_matrix, PREDICTED_NAMES
 from utils.io.boundary_files import load_boundary
 from utils.io.files import sha256_file
@@ -37,6 +37,24 @@ def test_every_attribute_has_both_boundaries_at_the_configs_t_0_and_an_atlas():
             assert record.checkpoint_sha256 == config.checkpoint.sha256
     atlas = json.loads((REPO / "boundary" / "faces_atlas.json").read_text())
     assert set(atlas["attributes"]) == set(ATTRIBUTES) and atlas["t_0"] == config.edit.t_0
+
+
+def test_the_part_fitted_boundaries_cover_every_attribute_on_its_own_part():
+    """boundary/faces_parts: the search of the shipped files again (the same faces and split), each
+    attribute fitted on its part of every face (``--region auto``), so every normal is exactly 0
+    wherever no face's part reaches (the mouth's and eyes' normals on about four fifths of z)."""
+    config = load_config("faces.yml")
+    parts = attribute_part_names()
+    for attribute in ATTRIBUTES:
+        for space in ("z", "h"):
+            name = f"faces_{attribute.lower()}_t{config.edit.t_0}_{space}.npz"
+            record, whole = load_boundary(REPO / "boundary" / "faces_parts" / name), load_boundary(REPO / "boundary" / name)
+            assert record.fit_region == f"part {parts[attribute]}" and whole.fit_region == ""
+            assert (record.attribute, record.n_train, record.n_test, record.n_pos, record.n_neg) == \
+                (whole.attribute, whole.n_train, whole.n_test, whole.n_pos, whole.n_neg)
+            assert record.checkpoint_sha256 == config.checkpoint.sha256 and record.class_summary is not None
+            zeros = float(np.mean(record.normal == 0))
+            assert zeros >= (0.7 if parts[attribute] in ("mouth", "eyes") else 0.1), (attribute, space, zeros)
 
 
 def test_the_readme_command_makes_the_bundled_face_smile(tmp_path):

@@ -5,10 +5,12 @@ latents confined by hand, from the parts files read by hand."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from sklearn.svm import SVC
 
 import main as cli
@@ -17,9 +19,10 @@ from runners.engine.editor import Editor, ImageReader
 from tests.helpers import assert_one_error_line, write_labelled_set, write_tiny_model
 from utils.core.region import area_downsample, confined_rows
 from utils.io.boundary_files import load_boundary
-from utils.io.region import read_parts
+from utils.errors import UserError
+from utils.io.region import read_attribute_parts, read_parts
 
-N_IMAGES, SIZE = 24, 16
+N_IMAGES, SIZE = 48, 16
 
 
 def test_confined_rows_weigh_every_channel_of_a_pixel_by_its_weight():
@@ -50,17 +53,26 @@ def _masks(i: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
-    """The tiny DDPM and 24 labelled images (Bright_Left), each with its own parts file."""
+    """The tiny DDPM and 48 labelled images, each with its own parts file: Bright_Left (the images'
+    real attribute) and Noise (random labels); the config's parts folder says where each is drawn."""
     root = tmp_path_factory.mktemp("region_fit")
-    cfg, weights, _ = write_tiny_model(root, "ddpm", name="tiny_fit", seed=2)
-    images, attr = write_labelled_set(root, n=N_IMAGES, size=SIZE)
+    cfg, weights, config = write_tiny_model(root, "ddpm", name="tiny_fit", seed=2)
+    (root / "parts").mkdir()
+    (root / "parts" / "attribute_parts.json").write_text(json.dumps({"bright_left": "left", "Noise": "top"}))
+    config["data"]["parts_dir"] = str(root / "parts")
+    cfg.write_text(yaml.safe_dump(config))
+    images, _ = write_labelled_set(root, n=N_IMAGES, size=SIZE)
+    noise = np.random.default_rng(7).choice([-1, 1], size=N_IMAGES)
+    rows = [f"{i:06d}.png {1 if i % 2 == 0 else -1} {noise[i]}" for i in range(N_IMAGES)]
+    attr = root / "attrs2.txt"
+    attr.write_text(f"{N_IMAGES}\nBright_Left Noise\n" + "\n".join(rows) + "\n")
     for i, path in enumerate(sorted(images.glob("*.png"))):
         np.savez(path.with_name(path.name + ".parts.npz"), names=np.array([path.name]),
                  parts=np.array(["left", "top"]), masks=_masks(i)[None])
     common = ["--config", cfg, "--model_path", weights, "--cache_dir", root / "cache", "--data_dir", images,
-              "--attr_file", attr, "--n_train_img", "16", "--n_test_img", "8", "--bs_train", "8",
-              "--edit_attr", "Bright_Left"]
-    return {"root": root, "cfg": cfg, "weights": weights, "images": images, "common": [str(a) for a in common]}
+              "--attr_file", attr, "--n_train_img", "36", "--n_test_img", "12", "--bs_train", "8"]
+    return {"root": root, "cfg": cfg, "weights": weights, "images": images, "common": [str(a) for a in common],
+            "labels": {"Bright_Left": np.array([1 if i % 2 == 0 else -1 for i in range(N_IMAGES)]), "Noise": noise}}
 
 
 def _search(labelled, name: str, *extra) -> tuple[int, str, dict]:
@@ -92,38 +104,53 @@ def _svc(x: np.ndarray, labels: np.ndarray, n_train: int) -> np.ndarray:
     return w / np.linalg.norm(w)
 
 
-@pytest.mark.parametrize("region", ["left+top", "0,0,0.5,1"])
-def test_the_normal_is_the_svm_of_the_confined_latents_and_zero_outside(labelled, region):
-    code, err, summary = _search(labelled, region.replace(",", "_").replace("+", "_"), "--region", region)
-    assert code == 0, err
-    paths = summary["train_images"] + summary["test_images"]
-    if "," in region:  # the box: the left half of every image
+def _hand_masks(kind: str, paths: list[str]) -> np.ndarray:
+    """(N, 16, 16) each image's region, by hand: the box's left half, or from its parts file."""
+    if kind == "box":
         masks = np.zeros((len(paths), SIZE, SIZE), np.float32)
         masks[:, :, :SIZE // 2] = 1
-        source = "box 0,0,0.5,1"
-    else:  # by hand: each image's parts file, the larger of the two coverages at each pixel
-        masks = np.stack([np.load(p + ".parts.npz")["masks"][0].max(axis=0) / 255.0 for p in paths]).astype(np.float32)
-        source = "part left+top"
-    assert summary["region"]["source"] == source
-    assert summary["region"]["coverage"]["mean"] == pytest.approx(masks.mean(), rel=1e-6)
-    labels = np.array([1 if int(p[-10:-4]) % 2 == 0 else 0 for p in paths])
+        return masks
+    parts = {"left": [0], "top": [1], "left+top": [0, 1]}[kind]
+    return np.stack([np.load(p + ".parts.npz")["masks"][0][parts].max(axis=0) / 255.0 for p in paths]).astype(np.float32)
+
+
+@pytest.mark.parametrize("region, edit_attr, regions", [
+    ("left+top", "Bright_Left", {"Bright_Left": "left+top"}),
+    ("0,0,0.5,1", "Bright_Left", {"Bright_Left": "box"}),
+    ("auto", "all", {"Bright_Left": "left", "Noise": "top"}),  # each from the data set's attribute_parts.json
+])
+def test_the_normal_is_the_svm_of_the_confined_latents_and_zero_outside(labelled, region, edit_attr, regions):
+    code, err, summary = _search(labelled, region.replace(",", "_").replace("+", "_"), "--edit_attr", edit_attr,
+                                 "--region", region)
+    assert code == 0, err
+    paths = summary["train_images"] + summary["test_images"]
     n_train = len(summary["train_images"])
-    records = {s: load_boundary(summary["spaces"][s]["path"]) for s in ("z", "h")}
-    latents = _latents(labelled, records["z"], paths)
-    for space, record in records.items():
-        assert record.fit_region == source
-        shape = tuple(record.shape)
-        weights = masks if space == "z" else np.stack([area_downsample(m, shape[-1]).numpy() for m in masks])
-        x = getattr(latents, space).reshape(len(paths), *shape).numpy() * weights[:, None].astype(np.float32)
-        want = _svc(x.reshape(len(paths), -1), labels, n_train)
-        got = record.normal.astype(np.float64)
-        assert float(got @ want) >= 1 - 1e-6, (space, float(got @ want))
-        outside = np.broadcast_to((weights == 0).all(axis=0), shape).reshape(-1)
-        assert outside.any() and np.all(got[outside] == 0)  # exactly: no image's latent has a value there
+    sources = {"box": "box 0,0,0.5,1"}
+    assert {s: r["attributes"] for s, r in summary["region"].items()} == \
+        {sources.get(k, f"part {k}"): [a for a, v in regions.items() if v == k] for k in regions.values()}
+    rows = [int(Path(p).stem) for p in paths]
+    for attribute, kind in regions.items():
+        source = sources.get(kind, f"part {kind}")
+        masks = _hand_masks(kind, paths)
+        assert summary["region"][source]["coverage"]["mean"] == pytest.approx(masks.mean(), rel=1e-6)
+        spaces = summary["spaces"] if "spaces" in summary else summary["attributes"][attribute]
+        records = {s: load_boundary(spaces[s]["path"]) for s in ("z", "h")}
+        latents = _latents(labelled, records["z"], paths)
+        labels = (labelled["labels"][attribute][rows] > 0).astype(int)
+        for space, record in records.items():
+            assert record.fit_region == source
+            shape = tuple(record.shape)
+            weights = masks if space == "z" else np.stack([area_downsample(m, shape[-1]).numpy() for m in masks])
+            x = getattr(latents, space).reshape(len(paths), *shape).numpy() * weights[:, None].astype(np.float32)
+            want = _svc(x.reshape(len(paths), -1), labels, n_train)
+            got = record.normal.astype(np.float64)
+            assert float(got @ want) >= 1 - 1e-6, (attribute, space, float(got @ want))
+            outside = np.broadcast_to((weights == 0).all(axis=0), shape).reshape(-1)
+            assert outside.any() and np.all(got[outside] == 0)  # exactly: no image's latent has a value there
 
 
 def test_a_whole_latent_fit_records_no_region_and_differs(labelled):
-    code, err, summary = _search(labelled, "whole")
+    code, err, summary = _search(labelled, "whole", "--edit_attr", "Bright_Left")
     assert code == 0, err
     assert "region" not in summary
     record = load_boundary(summary["spaces"]["z"]["path"])
@@ -156,9 +183,23 @@ def test_the_parts_of_many_images_are_read_from_each_file_once(tmp_path, monkeyp
 ])
 def test_bad_fit_regions_are_one_line_before_any_inversion(labelled, tmp_path, capsys, extra, words):
     argv = [a if a != labelled["common"][5] else str(tmp_path / "cache") for a in labelled["common"]]
+    extra = extra if "--edit_attr" in extra else [*extra, "--edit_attr", "Bright_Left"]
     code = cli.main(["--boundary_search", *argv, "--exp", str(tmp_path / "r"), "--boundary_dir", str(tmp_path / "bd"),
                      *extra])
     assert_one_error_line(code, capsys.readouterr().err, *words)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "bd").exists()
+
+
+def test_auto_names_the_attributes_the_data_set_gives_no_part(labelled, tmp_path, capsys):
+    config = yaml.safe_load(labelled["cfg"].read_text())
+    (tmp_path / "attribute_parts.json").write_text(json.dumps({"Bright_Left": "left"}))
+    config["data"]["parts_dir"] = str(tmp_path)
+    (tmp_path / "tiny.yml").write_text(yaml.safe_dump(config))
+    argv = [str(tmp_path / "tiny.yml") if a == str(labelled["cfg"]) else a for a in labelled["common"]]
+    argv = [str(tmp_path / "cache") if a == labelled["common"][5] else a for a in argv]
+    code = cli.main(["--boundary_search", *argv, "--exp", str(tmp_path / "r"), "--boundary_dir", str(tmp_path / "bd"),
+                     "--edit_attr", "all", "--region", "auto"])
+    assert_one_error_line(code, capsys.readouterr().err, "attribute_parts.json names no part for Noise")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "bd").exists()
 
 
@@ -166,3 +207,33 @@ def test_region_is_refused_by_the_modes_that_do_not_use_it(labelled, tmp_path, c
     code = cli.main(["--radius", "--config", str(labelled["cfg"]), "--model_path", str(labelled["weights"]),
                      "--img_path", str(labelled["images"]), "--exp", str(tmp_path / "r"), "--region", "left"])
     assert_one_error_line(code, capsys.readouterr().err, "--region is for the edit modes and --boundary_search")
+
+
+@pytest.mark.parametrize("damage", ["bytes", "rows", "dtype", "no_masks"])
+def test_a_damaged_parts_file_is_one_line(tmp_path, damage):
+    path = tmp_path / "masks_train.npz"
+    masks = np.stack([_masks(i) for i in range(3)])
+    arrays = {"names": np.array(["a.png", "b.png", "c.png"]), "parts": np.array(["left", "top"]), "masks": masks}
+    if damage == "bytes":
+        path.write_bytes(b"PK\x03\x04 not a zip archive")
+    else:
+        if damage == "rows":
+            arrays["masks"] = masks[:2]
+        elif damage == "dtype":
+            arrays["masks"] = masks.astype(np.float64)
+        else:
+            del arrays["masks"]
+        np.savez(path, **arrays)
+    with pytest.raises(UserError, match="parts file") as caught:
+        read_parts([tmp_path / "images" / "a.png"], "left", SIZE, [tmp_path])
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("text, words", [("[1, 2]", "must map each attribute"), ("{\"a\": 3}", "must map each attribute"),
+                                         ("{not json", "not valid JSON")])
+def test_a_damaged_attribute_parts_file_is_one_line(tmp_path, text, words):
+    (tmp_path / "attribute_parts.json").write_text(text)
+    with pytest.raises(UserError, match=words):
+        read_attribute_parts([tmp_path])
+    with pytest.raises(UserError, match="no attribute_parts.json"):
+        read_attribute_parts([tmp_path / "elsewhere"])

@@ -36,6 +36,7 @@ from utils.io.datasets import attribute_table, check_two_classes, labelled_set, 
 from utils.io.files import RunFolder, StagedFiles, check_writable_dir, write_json
 from utils.io.latent_cache import entry_rows
 from utils.io.plots import boundary_report
+from utils.io.region import AUTO_REGION, attribute_parts, read_attribute_parts
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def within_bases(job: SearchJob, editor: Editor) -> dict | None:
 
 @dataclass(frozen=True)
 class FitRegion:
-    """With --region: what the region is (``RegionSpec.source``, recorded in every file), each
+    """A region the search fits on: what it is (``RegionSpec.source``, recorded in the files), each
     image's weights in each space {space: (N, S) float32, S = H * W of its latent; z: the mask,
     h: the mask's share of each bottleneck cell}, in the order the latents are read, and how much
     of the images it covers (for the summary)."""
@@ -185,9 +186,7 @@ class FitRegion:
                                                   for space, read in rows.readers.items()})
 
 
-def fit_region(editor: Editor, spec: str, paths: Sequence[Path]) -> FitRegion:
-    """Every image's region (a mask image, a box, or the named part of each image from its parts
-    file: ``region_masks``), read before any image is inverted; UserError in one line."""
+def _fit_region(editor: Editor, spec: str, paths: Sequence[Path]) -> FitRegion:
     masks = region_masks(Region(spec), paths, editor.config.data.image_size, part_folders(editor.config))
     side = editor.shapes["h"][-1]
     coverage = np.array([m.coverage for m in masks])
@@ -197,22 +196,53 @@ def fit_region(editor: Editor, spec: str, paths: Sequence[Path]) -> FitRegion:
         {"mean": float(coverage.mean()), "min": float(coverage.min()), "max": float(coverage.max())})
 
 
+def fit_regions(editor: Editor, spec: str | None, names: Sequence[str], paths: Sequence[Path]
+                ) -> dict[str, FitRegion] | None:
+    """With --region: {attribute: FitRegion}, every image's region read before any image is inverted
+    (UserError in one line); None without. ``spec`` a mask image, a box or a part's name
+    (``region_masks``) for every attribute, or ``auto``: each attribute's own part, as its data set
+    names it (``read_attribute_parts``). Attributes with one region share one ``FitRegion``."""
+    if spec is None:
+        return None
+    specs = dict.fromkeys(names, spec) if spec != AUTO_REGION else \
+        attribute_parts(read_attribute_parts(part_folders(editor.config)), names)
+    read = {s: _fit_region(editor, s, paths) for s in dict.fromkeys(specs.values())}
+    return {name: read[specs[name]] for name in names}
+
+
+def _fits(space: str, rows: LatentRows, job: SearchJob, plan: SearchSet, dim: int, gram, device,
+          bases: dict | None, regions: dict | None) -> list:
+    """Every attribute's fit in one space, in the order of ``plan.names``: on the whole latents, in
+    --within's basis (``bases``), or, with ``regions``, each set of attributes that share a region
+    on the latents confined to it (one Gram matrix per region)."""
+    if bases is not None:
+        return fit_space_within(rows.readers[space], len(plan.train), len(plan.test), plan.labels[plan.train],
+                                plan.labels[plan.test], bases[space][0], job.svm_c,
+                                SEARCH_BALANCE if job.balance else "none", job.seed, plan.names, space)
+    if regions is None:
+        return _fit_space(space, rows, job, plan, dim, gram, device)
+    fits = [None] * len(plan.names)
+    groups: dict[str, list[int]] = {}
+    for a, name in enumerate(plan.names):
+        groups.setdefault(regions[name].source, []).append(a)
+    for members in groups.values():
+        subset = dataclasses.replace(plan, names=tuple(plan.names[a] for a in members), labels=plan.labels[:, members])
+        confined = regions[plan.names[members[0]]].confine(rows)
+        for a, fit in zip(members, _fit_space(space, confined, job, subset, dim, None, device)):
+            fits[a] = fit
+    return fits
+
+
 def _records(editor: Editor, job: SearchJob, plan: SearchSet, rows: LatentRows, grams: dict,
-             bases: dict | None = None, fit_source: str = "") -> tuple[dict, dict]:
-    """{attribute: {space: BoundaryRecord}} and the report's distances {(attribute, space): ...};
-    with ``bases`` (--within) each SVM is fitted on the coordinates in the space's basis;
-    ``fit_source``: the region the latents were confined to (``FitRegion.source``), or ''."""
+             bases: dict | None = None, regions: dict | None = None) -> tuple[dict, dict]:
+    """{attribute: {space: BoundaryRecord}} and the report's distances {(attribute, space): ...}
+    (``_fits``: whole, --within or each attribute's region, recorded in its files)."""
     records, report = {name: {} for name in plan.names}, {}
     order = np.concatenate([plan.train, plan.test])
     labels_train, labels_test = plan.labels[plan.train], plan.labels[plan.test]
     for space in SPACES:
         dim = int(np.prod(editor.shapes[space]))
-        if bases is None:
-            fits = _fit_space(space, rows, job, plan, dim, grams.get(space), editor.device)
-        else:
-            fits = fit_space_within(rows.readers[space], len(plan.train), len(plan.test), plan.labels[plan.train],
-                                    plan.labels[plan.test], bases[space][0], job.svm_c,
-                                    SEARCH_BALANCE if job.balance else "none", job.seed, plan.names, space)
+        fits = _fits(space, rows, job, plan, dim, grams.get(space), editor.device, bases, regions)
         for a, (name, fit) in enumerate(zip(plan.names, fits)):
             y_train = (labels_train[fit.train_rows, a] > 0).astype(np.int64)
             y_test = (labels_test[fit.test_rows, a] > 0).astype(np.int64)
@@ -223,7 +253,8 @@ def _records(editor: Editor, job: SearchJob, plan: SearchSet, rows: LatentRows, 
                 fit.boundary, shape=editor.shapes[space], space=space, t_0=editor.t_0, n_inv_step=editor.n_inv_step,
                 attribute=name, n_train=len(fit.train_rows), n_test=len(fit.test_rows),
                 n_pos=int((labelled > 0).sum()), n_neg=int((labelled < 0).sum()), config_name=editor.config.name,
-                checkpoint_sha256=editor.model.checkpoint_sha256, fit_region=fit_source,
+                checkpoint_sha256=editor.model.checkpoint_sha256,
+                fit_region="" if regions is None else regions[name].source,
                 class_summary={"train": class_summary(fit.train_distances, y_train),
                                "test": class_summary(fit.test_distances, y_test)})
     return records, report
@@ -264,21 +295,20 @@ def run_search(editor: Editor, job: SearchJob, plan: SearchSet, folder: RunFolde
     start = time.perf_counter()
     order = np.concatenate([plan.train, plan.test])
     paths = [plan.paths[i] for i in order]
-    region = None if job.region is None else fit_region(editor, job.region, paths)
+    regions = fit_regions(editor, job.region, plan.names, paths)
     reader = ImageReader.for_config(editor.config, align_face=False)
     rows = latent_rows(editor, paths, reader, job.inverting.batch_size, process)
-    if region is not None:
-        rows = region.confine(rows)
     invert_seconds = time.perf_counter() - start
     # Under torchrun every rank computes its share of each Gram matrix, rank 0 gets them (a single
-    # process computes the same tiles in fit_attributes: the same K).
+    # process computes the same tiles in fit_attributes: the same K). With --region rank 0 computes
+    # them alone: each region confines the rows, so each has Gram matrices of its own.
     grams = {space: gram_across_ranks(rows.readers[space], len(plan.train), int(np.prod(editor.shapes[space])),
                                       process, editor.device)
-             for space in SPACES} if process.world_size > 1 and rows.shared else {}
+             for space in SPACES} if process.world_size > 1 and rows.shared and regions is None else {}
     if folder is None:
         return {}
     start = time.perf_counter()
-    records, report = _records(editor, job, plan, rows, grams, bases, "" if region is None else region.source)
+    records, report = _records(editor, job, plan, rows, grams, bases, regions)
     fit_seconds = time.perf_counter() - start
     written = _publish(job, folder, run_dir, plan, records, report, editor.config.name, editor.t_0)
     attributes = {name: {space: {"path": str(written[name][space]), "train_acc": records[name][space].train_acc,
@@ -289,8 +319,12 @@ def run_search(editor: Editor, job: SearchJob, plan: SearchSet, folder: RunFolde
                "invert_seconds": invert_seconds, "fit_seconds": fit_seconds, **rows.sharding,
                "train_images": [str(plan.paths[i]) for i in plan.train],
                "test_images": [str(plan.paths[i]) for i in plan.test], **editor.model.identity.summary()}
-    if region is not None:
-        summary["region"] = {"source": region.source, "coverage": region.coverage}
+    if regions is not None:  # {region: its attributes and coverage}
+        summary["region"] = {}
+        for name in plan.names:
+            entry = summary["region"].setdefault(regions[name].source, {"attributes": [],
+                                                                        "coverage": regions[name].coverage})
+            entry["attributes"].append(name)
     if bases is not None:
         summary["within"] = {"folder": str(job.within), "dimensions": len(bases["z"][1]),
                              "files": {space: [str(p) for p in bases[space][1]] for space in SPACES}}

@@ -158,6 +158,12 @@ ATTRIBUTE_PARTS = {
     "Pale_Skin": ("face",), "Young": ("face",),
 }
 
+def attribute_part_names() -> dict[str, str]:
+    """{attribute: the ``--region`` name of its parts} (``hair+face``: the union), what the data set's
+    ``attribute_parts.json`` holds for ``--boundary_search --region auto``."""
+    return {attribute: "+".join(parts) for attribute, parts in ATTRIBUTE_PARTS.items()}
+
+
 #: Each attribute's thresholds, in words (docs/faces_data.md copies this table).
 ATTRIBUTE_RULES = {
     "Smiling": "+1 if smile > 0.35, -1 if smile < 0.15",

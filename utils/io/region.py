@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -10,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from utils.errors import UserError
-from utils.io.files import sha256_file
+from utils.io.files import read_json, sha256_file
 from utils.io.images import open_image
 
 @dataclass(frozen=True)
@@ -163,8 +164,7 @@ def read_parts(images: Sequence[Path], part: str, size: int, data_dirs: list[Pat
 
     def index(path: Path) -> tuple[dict[str, int], list[str]]:
         if path not in indexes:
-            with np.load(path, allow_pickle=False) as parts:
-                indexes[path] = ({str(n): i for i, n in enumerate(parts["names"])}, [str(p) for p in parts["parts"]])
+            indexes[path] = _parts_index(path)
         return indexes[path]
 
     where: list[tuple[Path, int]] = []
@@ -193,6 +193,27 @@ def read_parts(images: Sequence[Path], part: str, size: int, data_dirs: list[Pat
     return [_part_spec(mask, Path(image).name, part, path, size) for mask, image, (path, _) in zip(masks, images, where)]
 
 
+def _parts_index(path: Path) -> tuple[dict[str, int], list[str]]:
+    """({image name: row}, part names) of a parts file, its ``masks`` checked from the header (N
+    names x P parts of uint8 images, at most ``MAX_PARTS_FILE`` bytes) before any mask is read.
+    UserError in one line for a file that is not such a parts file."""
+    try:
+        with np.load(path, allow_pickle=False) as parts:
+            names, known = [str(n) for n in parts["names"]], [str(p) for p in parts["parts"]]
+        with zipfile.ZipFile(path) as archive, archive.open("masks.npy") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"parts file {path} is unreadable or lacks names, parts or masks ({type(exc).__name__})") \
+            from None
+    if len(shape) != 4 or tuple(shape[:2]) != (len(names), len(known)) or dtype != np.uint8 \
+            or int(np.prod(shape)) > MAX_PARTS_FILE:
+        raise UserError(f"parts file {path}: masks must be uint8 of shape ({len(names)} names, {len(known)} parts, "
+                        f"H, W) and at most {MAX_PARTS_FILE} bytes, got {dtype} {tuple(shape)}")
+    return {n: i for i, n in enumerate(names)}, known
+
+
 def _part_spec(mask: np.ndarray, image_name: str, part: str, path: Path, size: int) -> RegionSpec:
     """One image's part mask resized to size x size (area filter), clipped, checked non-empty."""
     if mask.shape != (size, size):
@@ -201,3 +222,38 @@ def _part_spec(mask: np.ndarray, image_name: str, part: str, path: Path, size: i
     if float(mask.sum()) < 1:
         raise UserError(f"--region {part}: the {part} of {image_name} covers under one pixel; choose another")
     return RegionSpec(mask, "part", float(mask.mean()), path=str(path), part=part)
+
+
+#: ``--region auto``: each attribute on its own part, from the data set's ``ATTRIBUTE_PARTS_FILE``.
+AUTO_REGION = "auto"
+#: Beside a data set's parts files: {attribute: part} in JSON, the part a ``read_parts`` name (``mouth``,
+#: ``hair+face``): where the data set draws each attribute (the synthetic faces write it).
+ATTRIBUTE_PARTS_FILE = "attribute_parts.json"
+
+
+def read_attribute_parts(data_dirs: list[Path]) -> dict[str, str]:
+    """The first ``ATTRIBUTE_PARTS_FILE`` of ``data_dirs``: {attribute: part}. UserError in one line
+    when there is none or it is not such a mapping."""
+    for folder in data_dirs:
+        path = Path(folder) / ATTRIBUTE_PARTS_FILE
+        if not path.is_file():
+            continue
+        table = read_json(path, f"--region {AUTO_REGION}: the attributes' parts file")
+        if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                  for k, v in table.items()):
+            raise UserError(f"--region {AUTO_REGION}: {path} must map each attribute to a part's name")
+        return table
+    raise UserError(f"--region {AUTO_REGION}: no {ATTRIBUTE_PARTS_FILE} in the data set's parts folder "
+                    f"({', '.join(map(str, data_dirs)) or 'the config names none: data.parts_dir'}); "
+                    "name one region for every attribute instead")
+
+
+def attribute_parts(table: dict[str, str], names) -> dict[str, str]:
+    """{name: its part} from ``table`` (names matched ignoring case, as attribute columns are);
+    UserError naming the attributes the table leaves out."""
+    lower = {k.lower(): v for k, v in table.items()}
+    missing = [n for n in names if n.lower() not in lower]
+    if missing:
+        raise UserError(f"--region {AUTO_REGION}: {ATTRIBUTE_PARTS_FILE} names no part for "
+                        f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+    return {n: lower[n.lower()] for n in names}
