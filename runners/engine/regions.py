@@ -60,18 +60,25 @@ def _h_weights(mask: np.ndarray, shape: tuple[int, ...]) -> Tensor:
 
 
 def check_masks(description: EditDescription, masks: Sequence[RegionSpec], names: Sequence[str], h_side: int) -> None:
-    """Every moved attribute reaches into every image's region (``check_region``), in each space moved."""
+    """Every moved attribute reaches into every image's region (``check_region``), in each space moved.
+    Logs each moved normal's smallest share inside the images' regions, and the fit's region."""
     for space, edit in description.spaces.items():
         everything = edit.normals if edit.held_normals is None else torch.cat([edit.normals, edit.held_normals])
         shape = tuple(edit.records[0].shape)
+        smallest = np.ones(len(edit.attributes))
         for mask, name in zip(masks, names):
             weights = torch.from_numpy(mask.mask) if space == "z" else area_downsample(torch.from_numpy(mask.mask),
                                                                                     h_side)
             weights = torch.broadcast_to(weights.double(), shape)
             try:
-                check_region([*edit.attributes, *edit.held], everything, weights, n_held=len(edit.held))
+                shares = check_region([*edit.attributes, *edit.held], everything, weights, n_held=len(edit.held))
             except RegionError as exc:
                 raise UserError(f"--region {mask.describe()} in {space} for {name}: {exc}") from None
+            smallest = np.minimum(smallest, shares[:len(edit.attributes)])
+        for attribute, share, record in zip(edit.attributes, smallest, edit.records):
+            log.info("%s %s: %.1f %% of its normal inside the region (the confined move up to %.1fx as long); "
+                     "fitted on %s", attribute, space, 100 * share, 1 / np.sqrt(share),
+                     record.fit_region or "the whole latent (--boundary_search --region fits on the region)")
 
 
 def region_edits(editor: Editor, description: EditDescription, latents: Inversion, region: Region,
