@@ -180,7 +180,7 @@ def _discover_job(args: argparse.Namespace, config: Config, t_0: int, batches: d
                        args.boundary_dir, denoising, n_images=args.n_discover_img, n_directions=args.n_directions,
                        prefix=args.discover_prefix, oversample=args.oversample, n_power_iter=args.n_power_iter,
                        sheet_images=args.sheet_images, sheet_range=args.sheet_range, seed=args.seed,
-                       overwrite=args.ni, **sheet)
+                       overwrite=args.ni, region=_search_region(args), **sheet)
 
 
 def _job(args: argparse.Namespace, config: Config, mode: str, batches: dict):
@@ -190,8 +190,8 @@ def _job(args: argparse.Namespace, config: Config, mode: str, batches: dict):
         return _edit_job(args, config, mode, batches)
     if args.edit or args.grid:
         raise UserError(f"--edit and --grid are for the edit modes, not --{mode}")
-    if args.region is not None and mode != "boundary_search":
-        raise UserError(f"--region is for the edit modes and --boundary_search, not --{mode}")
+    if args.region is not None and mode not in ("boundary_search", "discover"):
+        raise UserError(f"--region is for the edit modes, --boundary_search and --discover, not --{mode}")
     t_0 = args.t_0 if args.t_0 is not None else config.edit.t_0
     if mode == "discover":
         return _discover_job(args, config, t_0, batches)
@@ -210,11 +210,12 @@ def _job(args: argparse.Namespace, config: Config, mode: str, batches: dict):
 
 
 def _search_region(args: argparse.Namespace) -> str | None:
-    """--boundary_search --region: the region each SVM is fitted on (z on its pixels, h on its
-    share of each bottleneck cell); the edit's other region flags do not apply."""
+    """--boundary_search / --discover --region: the region each SVM is fitted on, or the directions
+    are found in (z on its pixels, h on its share of each bottleneck cell); the edit's other region
+    flags do not apply."""
     if args.region_h != "cells" or args.feather != 2.0 or args.region_method != "blend":
-        raise UserError("--region_h, --feather and --region_method are for edits; a search fits z on the region's "
-                        "pixels and h on its share of each bottleneck cell")
+        raise UserError("--region_h, --feather and --region_method are for edits; a search or a discovery takes z on "
+                        "the region's pixels and h on its share of each bottleneck cell")
     if args.region is not None and args.within is not None:
         raise UserError("--region and --within do not combine: --within fits in the discovered directions, which "
                         "span the whole latent")

@@ -131,6 +131,25 @@ def test_too_few_iterations_do_not_converge(lin):
     assert principal_angles(got.basis, Vt[:8]) > 5
 
 
+def test_with_a_region_it_finds_the_singular_vectors_of_the_masked_jacobian(lin):
+    """output_weights W: the top right singular vectors of diag(W) J (numpy's SVD of the constructed
+    J with its rows weighted), the moves that change the region's pixels most; not those of J."""
+    U, Vt, x = lin
+    net = linear_net_with_jacobian(U, S_LIN, Vt, T_LIN, SHAPE, torch.float64)
+    weights = np.zeros((8, 8))
+    weights[:, :3] = 1.0
+    weights[:, 3] = 0.5  # a soft edge
+    masked = weights.reshape(-1, 1) * (U @ np.diag(S_LIN) @ Vt)
+    _, s_masked, vt_masked = np.linalg.svd(masked)
+    gap = s_masked[4] / s_masked[3]
+    steps = int(np.ceil(np.log(1e-12) / (2 * np.log(gap))))
+    got = jacobian_subspace(net, x, T_LIN, ALPHAS, 4, steps, torch.Generator().manual_seed(0), oversample=4,
+                            output_weights=torch.from_numpy(weights))
+    assert principal_angles(got.basis, vt_masked[:4]) < 1e-4
+    np.testing.assert_allclose(got.singular_values.numpy(), s_masked[:4], rtol=1e-8)
+    assert principal_angles(got.basis, Vt[:4]) > 5  # the whole image's top directions are other ones
+
+
 def test_oversampling_converges_where_the_block_gap_is_small(lin):
     """A spectrum without a gap after the 8th value (s_9 / s_8 = 0.99) but one after the 12th:
     8 vectors barely move in 10 steps, 8 + 4 converge."""

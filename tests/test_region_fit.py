@@ -206,7 +206,7 @@ def test_auto_names_the_attributes_the_data_set_gives_no_part(labelled, tmp_path
 def test_region_is_refused_by_the_modes_that_do_not_use_it(labelled, tmp_path, capsys):
     code = cli.main(["--radius", "--config", str(labelled["cfg"]), "--model_path", str(labelled["weights"]),
                      "--img_path", str(labelled["images"]), "--exp", str(tmp_path / "r"), "--region", "left"])
-    assert_one_error_line(code, capsys.readouterr().err, "--region is for the edit modes and --boundary_search")
+    assert_one_error_line(code, capsys.readouterr().err, "--region is for the edit modes, --boundary_search and --discover")
 
 
 @pytest.mark.parametrize("damage", ["bytes", "rows", "dtype", "no_masks"])
@@ -237,3 +237,21 @@ def test_a_damaged_attribute_parts_file_is_one_line(tmp_path, text, words):
         read_attribute_parts([tmp_path])
     with pytest.raises(UserError, match="no attribute_parts.json"):
         read_attribute_parts([tmp_path / "elsewhere"])
+
+
+def test_discovery_in_a_region_finds_moves_of_the_region_and_records_it(labelled, tmp_path):
+    """--discover --region: h's principal directions of the confined h are 0 on the cells the region
+    never covers (the box's right half), z's are the Jacobian's top moves of the region's pixels
+    (checked against the exact SVD in tests/test_discovery.py); every file records the region."""
+    argv = ["--discover", "--config", str(labelled["cfg"]), "--model_path", str(labelled["weights"]), "--cache_dir",
+            str(tmp_path / "cache"), "--boundary_dir", str(tmp_path / "bd"), "--img_path", str(labelled["images"]),
+            "--n_directions", "3", "--n_discover_img", "8", "--oversample", "2", "--n_power_iter", "2",
+            "--sheet_images", "0", "--region", "0,0,0.5,1", "--exp", str(tmp_path / "run")]
+    assert cli.main(argv) == 0
+    summary = json.loads((tmp_path / "run" / "discover" / "summary.json").read_text())
+    for name in ("pc_00", "pc_01", "pc_02"):
+        records = {s: load_boundary(summary["directions"][name][s]["path"]) for s in ("z", "h")}
+        assert {r.fit_region for r in records.values()} == {"box 0,0,0.5,1"}
+        h = records["h"].normal.reshape(records["h"].shape)
+        side = h.shape[-1]
+        assert np.abs(h[..., side // 2:]).max() <= 1e-6 and np.abs(h[..., :side // 2]).max() > 0.01

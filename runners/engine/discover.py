@@ -63,13 +63,16 @@ from runners.engine.boundaries import BoundaryIndex
 from runners.engine.describe import describe_edit
 from runners.engine.editor import Editor, ImageReader
 from runners.engine.outputs import thumbnail, write_contact_sheet
-from runners.engine.requests import (MAX_POINTS, Denoising, EditRequest, Inverting, Move, check_steps, spaced)
+from runners.engine.regions import part_folders, region_masks
+from runners.engine.requests import (MAX_POINTS, Denoising, EditRequest, Inverting, Move, Region, check_steps,
+                                     spaced)
 from runners.engine.within import is_discovered_name
 from utils.config import Config, latent_shapes
 from utils.core.atlas import HOLD_THRESHOLD
 from utils.core.batching import batch_slices
 from utils.core.boundary import class_summary
 from utils.core.diffusion import Inversion
+from utils.core.region import area_downsample, confined_rows
 from utils.core.discovery import (captured_share, global_basis, jacobian_subspace, match_directions,
                                   principal_directions)
 from utils.core.seeds import image_key
@@ -119,6 +122,9 @@ class DiscoverJob:
     sheet_range: float = 3.0
     seed: int = 1234
     overwrite: bool = False
+    #: --region: find the moves that change each image's region most (z: the Jacobian's rows of the
+    #: region's pixels; h: PCA of h confined to the region's cells); None: the whole image.
+    region: str | None = None
 
 
 @dataclass(frozen=True)
@@ -224,14 +230,17 @@ def _flat(latents: Tensor) -> np.ndarray:
 
 
 def z_directions(net, latents_z: Tensor, images: Tensor, t_0: int, alphas_cumprod: Tensor, rank: int,
-                 oversample: int, n_iter: int, seed: int, device, show_progress: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray, dict]:
+                 oversample: int, n_iter: int, seed: int, device, show_progress: bool = False,
+                 masks: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """The global z basis (rank, D) of N inverted latents (N, C, H, W), the pooled gain of each
-    direction (rank,), and the iteration's record."""
+    direction (rank,), and the iteration's record; with ``masks`` (N of (H, W)) each image's
+    Jacobian restricted to its region's pixels (``jacobian_subspace``'s output weights)."""
     local, weights, last_angles = [], [], []
     for i in tqdm(range(len(latents_z)), desc="jacobian", unit="image", leave=False, disable=not show_progress):
+        region = None if masks is None else torch.from_numpy(masks[i]).to(device)
         found = jacobian_subspace(net, latents_z[i:i + 1].to(device=device, dtype=torch.float32), t_0,
-                                  alphas_cumprod, rank, n_iter, _start_generator(seed, images[i]), oversample)
+                                  alphas_cumprod, rank, n_iter, _start_generator(seed, images[i]), oversample,
+                                  output_weights=region)
         local.append(found.basis.cpu().numpy())
         weights.append(found.singular_values.cpu().numpy())
         last_angles.append(float(found.step_angles[-1]) if len(found.step_angles) else float("nan"))
@@ -267,13 +276,18 @@ def pair_h(z_proj: np.ndarray, h_proj: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def find_directions(editor: Editor, latents: Inversion, images: Tensor, job: DiscoverJob,
-                    net: torch.nn.Module | None = None) -> Directions:
-    """Both spaces' directions of the inverted ``latents`` (N, ...) of ``images`` (N, C, H, W)."""
+                    net: torch.nn.Module | None = None, masks: Sequence[np.ndarray] | None = None) -> Directions:
+    """Both spaces' directions of the inverted ``latents`` (N, ...) of ``images`` (N, C, H, W); with
+    ``masks`` (each image's region, (H, W)) those that change the regions: z from the Jacobian's
+    rows of the region's pixels, h by PCA of h times the region's share of each bottleneck cell."""
     r = job.n_directions
     net = net if net is not None else differentiable_net(editor.model)
     z_basis, gain, record = z_directions(net, latents.z, images, editor.t_0, editor.alphas_cumprod, r, job.oversample,
-                                         job.n_power_iter, job.seed, editor.device, editor.net.show)
+                                         job.n_power_iter, job.seed, editor.device, editor.net.show, masks)
     h_flat = _flat(latents.h)
+    if masks is not None:
+        side = editor.shapes["h"][-1]
+        h_flat = confined_rows(h_flat, np.stack([area_downsample(m, side).reshape(-1).numpy() for m in masks]))
     h_basis, variance, _ = principal_directions(h_flat, r)
     order, signs, corr = pair_h(_flat(latents.z) @ z_basis.T, h_flat @ h_basis.T)
     return Directions({"z": z_basis, "h": signs[:, None] * h_basis[order]}, gain, variance[order], order, corr, record)
@@ -362,10 +376,11 @@ def median_split(projections: np.ndarray) -> np.ndarray:
     return labels
 
 
-def direction_records(editor: Editor, directions: Directions, latents: Inversion, names: Sequence[str]
-                      ) -> dict[str, dict[str, BoundaryRecord]]:
+def direction_records(editor: Editor, directions: Directions, latents: Inversion, names: Sequence[str],
+                      fit_region: str = "") -> dict[str, dict[str, BoundaryRecord]]:
     """{name: {space: BoundaryRecord}}: the unit direction as normal and coef, intercept 0, the class
-    summary of its projections split at the median (``median_split``; the module docstring)."""
+    summary of its projections split at the median (``median_split``; the module docstring), and the
+    region it was found in (``fit_region``, '' for the whole image)."""
     flat = {"z": _flat(latents.z), "h": _flat(latents.h)}
     empty = class_summary(np.zeros(0), np.zeros(0, dtype=np.int64))
     records: dict[str, dict[str, BoundaryRecord]] = {name: {} for name in names}
@@ -379,7 +394,7 @@ def direction_records(editor: Editor, directions: Directions, latents: Inversion
                 normal=v, coef=v.copy(), intercept=0.0, shape=tuple(editor.shapes[space]), space=space,
                 t_0=editor.t_0, n_inv_step=editor.n_inv_step, attribute=name, n_train=len(y), n_test=0,
                 n_pos=int(y.sum()), n_neg=int(len(y) - y.sum()), config_name=editor.config.name,
-                checkpoint_sha256=editor.model.checkpoint_sha256,
+                checkpoint_sha256=editor.model.checkpoint_sha256, fit_region=fit_region,
                 class_summary={"train": class_summary(projections, y), "test": empty})
     return records
 
@@ -518,19 +533,22 @@ def run_discover(editor: Editor, job: DiscoverJob, plan: DiscoverPlan, index: Bo
     boundaries the directions are named after). Returns the summary, with ``names`` (the lines to
     print) and ``written`` ({name: {space: path}})."""
     folder.created_dirs(check_writable_dir(Path(job.boundary_dir)))
+    regions = None if job.region is None else region_masks(Region(job.region), plan.paths,
+                                                           editor.config.data.image_size, part_folders(editor.config))
     timings = {}
     start = time.perf_counter()
     images, latents, hits = invert_images(editor, plan.paths, job.inverting.batch_size)
     timings["invert_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
-    directions = find_directions(editor, latents, images, job)
+    directions = find_directions(editor, latents, images, job, masks=None if regions is None else [r.mask
+                                                                                                  for r in regions])
     timings["directions_seconds"] = time.perf_counter() - start
     supervised = supervised_normals(index, editor.t_0, editor.model.checkpoint_sha256, job.prefix, editor.shapes)
     directions = orient(directions, plan.names, supervised)
     naming = name_directions(directions.bases, plan.names, supervised)
     for line in naming["lines"]:
         log.info("%s", line)
-    records = direction_records(editor, directions, latents, plan.names)
+    records = direction_records(editor, directions, latents, plan.names, "" if regions is None else regions[0].source())
     written = publish_directions(job, folder, records, editor.config.name, editor.t_0)
     values = list(spaced(-job.sheet_range, job.sheet_range, job.sheet_points))
     factor_naming, factor_problem, sheet = None, None, None

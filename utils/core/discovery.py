@@ -67,12 +67,18 @@ def x0_hat(net: Net, x_t: Tensor, t: int, alphas_cumprod: Tensor) -> Tensor:
     return (x_t - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
 
 
-def _flat_x0_map(net: Net, x_t: Tensor, t: int, alphas_cumprod: Tensor) -> Callable[[Tensor], Tensor]:
-    """x (D,) -> x0_hat (D,) at timestep t for one image of x_t's shape (1, C, H, W)."""
+def _flat_x0_map(net: Net, x_t: Tensor, t: int, alphas_cumprod: Tensor,
+                 output_weights: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """x (D,) -> x0_hat (D,) at timestep t for one image of x_t's shape (1, C, H, W), each output
+    value times ``output_weights`` (broadcastable to (C, H, W), e.g. a region's mask (H, W)) when given."""
     if x_t.ndim != 4 or x_t.shape[0] != 1:
         raise ValueError(f"x_t must be one image (1, C, H, W), got shape {tuple(x_t.shape)}")
     shape = x_t.shape
-    return lambda x: x0_hat(net, x.reshape(shape), t, alphas_cumprod).reshape(-1)
+    if output_weights is None:
+        return lambda x: x0_hat(net, x.reshape(shape), t, alphas_cumprod).reshape(-1)
+    weights = torch.broadcast_to(torch.as_tensor(output_weights, dtype=x_t.dtype, device=x_t.device),
+                                 tuple(shape[1:])).reshape(-1)
+    return lambda x: x0_hat(net, x.reshape(shape), t, alphas_cumprod).reshape(-1) * weights
 
 
 def _check_differentiable(net: Net, x_t: Tensor, t: int) -> None:
@@ -130,9 +136,11 @@ class JacobianSubspace:
 
 def jacobian_subspace(net: Net, x_t: Tensor, t: int, alphas_cumprod: Tensor, rank: int, n_iter: int,
                       generator: torch.Generator, oversample: int = 0,
-                      batching: str = "auto") -> JacobianSubspace:
+                      batching: str = "auto", output_weights: Tensor | None = None) -> JacobianSubspace:
     """The top-``rank`` right singular vectors of J = d x0_hat / d x_t at x_t, by subspace
-    (block power) iteration on J^T J with a Rayleigh-Ritz step after each power step.
+    (block power) iteration on J^T J with a Rayleigh-Ritz step after each power step. With
+    ``output_weights`` W (broadcastable to (C, H, W): a region's mask), of diag(W) J instead: the
+    moves of x_t that change the predicted clean image inside the region most.
 
     x_t: (1, C, H, W) in the network's dtype; t: int; rank: 1 <= rank; oversample: p >= 0 extra
     vectors iterated alongside (block size b = rank + p <= D = C H W); n_iter >= 0 power steps;
@@ -155,8 +163,8 @@ def jacobian_subspace(net: Net, x_t: Tensor, t: int, alphas_cumprod: Tensor, ran
         raise ValueError(f"n_iter must be >= 0, got {n_iter}")
     _check_differentiable(net, x_t, t)
     with torch.no_grad():  # torch.func differentiates w.r.t. x alone; no graph for the weights
-        return _subspace_iteration(_flat_x0_map(net, x_t, t, alphas_cumprod), x_t.detach().reshape(-1), rank,
-                                   rank + oversample, n_iter, generator, batching)
+        return _subspace_iteration(_flat_x0_map(net, x_t, t, alphas_cumprod, output_weights),
+                                   x_t.detach().reshape(-1), rank, rank + oversample, n_iter, generator, batching)
 
 
 def _subspace_iteration(f: Callable[[Tensor], Tensor], x: Tensor, rank: int, block: int, n_iter: int,
