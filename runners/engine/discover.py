@@ -63,7 +63,7 @@ from runners.engine.boundaries import BoundaryIndex
 from runners.engine.describe import describe_edit
 from runners.engine.editor import Editor, ImageReader
 from runners.engine.outputs import thumbnail, write_contact_sheet
-from runners.engine.regions import part_folders, region_masks
+from runners.engine.regions import part_folders, region_masks, space_weights
 from runners.engine.requests import (MAX_POINTS, Denoising, EditRequest, Inverting, Move, Region, check_steps,
                                      spaced)
 from runners.engine.within import is_discovered_name
@@ -72,7 +72,7 @@ from utils.core.atlas import HOLD_THRESHOLD
 from utils.core.batching import batch_slices
 from utils.core.boundary import class_summary
 from utils.core.diffusion import Inversion
-from utils.core.region import area_downsample, confined_rows
+from utils.core.region import confined_rows
 from utils.core.discovery import (captured_share, global_basis, jacobian_subspace, match_directions,
                                   principal_directions)
 from utils.core.seeds import image_key
@@ -286,8 +286,7 @@ def find_directions(editor: Editor, latents: Inversion, images: Tensor, job: Dis
                                          job.n_power_iter, job.seed, editor.device, editor.net.show, masks)
     h_flat = _flat(latents.h)
     if masks is not None:
-        side = editor.shapes["h"][-1]
-        h_flat = confined_rows(h_flat, np.stack([area_downsample(m, side).reshape(-1).numpy() for m in masks]))
+        h_flat = confined_rows(h_flat, space_weights(masks, editor.shapes["h"][-1])["h"])
     h_basis, variance, _ = principal_directions(h_flat, r)
     order, signs, corr = pair_h(_flat(latents.z) @ z_basis.T, h_flat @ h_basis.T)
     return Directions({"z": z_basis, "h": signs[:, None] * h_basis[order]}, gain, variance[order], order, corr, record)

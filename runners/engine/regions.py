@@ -54,6 +54,15 @@ def region_masks(region: Region, images: Sequence[Path | None], size: int, data_
     return read_parts([Path(image) for image in images], region.spec, size, list(data_dirs))
 
 
+def space_weights(masks: Sequence[np.ndarray], h_side: int) -> dict[str, np.ndarray]:
+    """Each image's region as weights of its flattened latents' values per channel, {space: (N, S)
+    float32}: z the mask itself (S = H * W), h the mask's share of each bottleneck cell (S =
+    h_side^2): what a search fits on and a discovery looks in (``utils.core.region.confined_rows``)."""
+    return {"z": np.stack([np.asarray(m, dtype=np.float32).reshape(-1) for m in masks]),
+            "h": np.stack([area_downsample(torch.from_numpy(np.asarray(m)), h_side).reshape(-1).float().numpy()
+                           for m in masks])}
+
+
 def _h_weights(mask: np.ndarray, shape: tuple[int, ...]) -> Tensor:
     """The mask's share of each cell of the bottleneck h (C_mid, H_mid, W_mid): (1, H_mid, W_mid)."""
     return area_downsample(torch.from_numpy(mask), shape[-1])[None].float()

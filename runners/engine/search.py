@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from runners.engine.editor import Editor, ImageReader
-from runners.engine.regions import part_folders, region_masks
+from runners.engine.regions import part_folders, region_masks, space_weights
 from runners.engine.requests import Region, SearchJob
 from runners.engine.within import fit_space_within, within_basis
 from utils.core.atlas import phi_matrix
 from utils.core.batching import batch_slices
 from utils.core.boundary import MIN_CLASS_COUNT, class_counts, class_summary, fit_attributes, split_indices
 from utils.core.gram import FitError, OneSided
-from utils.core.region import area_downsample, confined_rows
+from utils.core.region import confined_rows
 from utils.core.spaces import SPACES
 from utils.distributed import ProcessContext, broadcast_from_main, gather_to_main, gram_across_ranks, shard, unshard
 from utils.errors import UserError
@@ -188,12 +188,9 @@ class FitRegion:
 
 def _fit_region(editor: Editor, spec: str, paths: Sequence[Path]) -> FitRegion:
     masks = region_masks(Region(spec), paths, editor.config.data.image_size, part_folders(editor.config))
-    side = editor.shapes["h"][-1]
     coverage = np.array([m.coverage for m in masks])
-    return FitRegion(masks[0].source(), {
-        "z": np.stack([m.mask.reshape(-1) for m in masks]),
-        "h": np.stack([area_downsample(m.mask, side).reshape(-1).float().numpy() for m in masks])},
-        {"mean": float(coverage.mean()), "min": float(coverage.min()), "max": float(coverage.max())})
+    return FitRegion(masks[0].source(), space_weights([m.mask for m in masks], editor.shapes["h"][-1]),
+                     {"mean": float(coverage.mean()), "min": float(coverage.min()), "max": float(coverage.max())})
 
 
 def fit_regions(editor: Editor, spec: str | None, names: Sequence[str], paths: Sequence[Path]
