@@ -21,7 +21,7 @@ class RegionSpec:
 
     Where it came from: kind 'file' with the path and the sha256 of the file's bytes, kind 'box'
     with (x0, y0, x1, y1) in fractions of the image's width and height, or kind 'part' with the
-    part's name and the parts file it was read from (``read_part``)."""
+    part's name and the parts file it was read from (``read_parts``)."""
     mask: np.ndarray
     kind: str
     coverage: float
@@ -143,11 +143,6 @@ def parts_files(image: Path, data_dirs: list[Path]) -> list[Path]:
     for folder in data_dirs:
         found += sorted(Path(folder).glob("masks_*.npz"))
     return [p for p in found if p.is_file()]
-
-
-def read_part(image: Path, part: str, size: int, data_dirs: list[Path]) -> RegionSpec:
-    """The mask of the part ``part`` of ``image`` (``read_parts`` of one image)."""
-    return read_parts([image], part, size, data_dirs)[0]
 
 
 def read_parts(images: Sequence[Path], part: str, size: int, data_dirs: list[Path]) -> list[RegionSpec]:
