@@ -180,7 +180,7 @@ def _discover_job(args: argparse.Namespace, config: Config, t_0: int, batches: d
                        args.boundary_dir, denoising, n_images=args.n_discover_img, n_directions=args.n_directions,
                        prefix=args.discover_prefix, oversample=args.oversample, n_power_iter=args.n_power_iter,
                        sheet_images=args.sheet_images, sheet_range=args.sheet_range, seed=args.seed,
-                       overwrite=args.ni, region=_search_region(args), **sheet)
+                       overwrite=args.ni, region=_fitting_region(args), **sheet)
 
 
 def _job(args: argparse.Namespace, config: Config, mode: str, batches: dict):
@@ -206,10 +206,10 @@ def _job(args: argparse.Namespace, config: Config, mode: str, batches: dict):
     return SearchJob(_inverting(args, config, t_0, batches["bs_train"], mode), args.edit_attr, args.data_dir,
                      args.attr_file, args.pos_dir, args.neg_dir, args.n_train_img, args.n_test_img, args.svm_c,
                      args.balance, args.boundary_dir, args.seed, args.ni, within=args.within,
-                     within_prefix=args.discover_prefix, region=_search_region(args))
+                     within_prefix=args.discover_prefix, region=_fitting_region(args))
 
 
-def _search_region(args: argparse.Namespace) -> str | None:
+def _fitting_region(args: argparse.Namespace) -> str | None:
     """--boundary_search / --discover --region: the region each SVM is fitted on, or the directions
     are found in (z on its pixels, h on its share of each bottleneck cell); the edit's other region
     flags do not apply."""

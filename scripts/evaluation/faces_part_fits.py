@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from runners.engine import BoundaryIndex, latent_shapes, load_boundary, load_config
-from scripts.evaluation.common import (add_output_flags, add_search_flags, command_line, run_reporting_errors,
-                                       shipped_search, write_report)
+from scripts.evaluation.common import (add_search_flags, command_line, run_reporting_errors, shipped_search,
+                                       write_report)
 from scripts.evaluation.faces_normals import part_share
 from scripts.evaluation.faces_runs import attribute_region, read_part_masks
 
@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_dir", type=Path, default=Path("data/faces"))
     parser.add_argument("--attributes", default="all", help="A,B,... (default: every attribute of the data set)")
     add_search_flags(parser)
-    add_output_flags(parser, batch_size=16)  # --seed: the search's split seed (the shipped fit's)
+    parser.add_argument("--seed", type=int, default=1234, help="the search's split seed (the shipped fit's)")
+    parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
+    parser.add_argument("--table", type=Path, default=None, help="write the markdown table here")
     args = parser.parse_args(argv)
     return run_reporting_errors(run, args, argv)
 
