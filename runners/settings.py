@@ -216,9 +216,6 @@ def _fitting_region(args: argparse.Namespace) -> str | None:
     if args.region_h != "cells" or args.feather != 2.0 or args.region_method != "blend":
         raise UserError("--region_h, --feather and --region_method are for edits; a search or a discovery takes z on "
                         "the region's pixels and h on its share of each bottleneck cell")
-    if args.region is not None and args.within is not None:
-        raise UserError("--region and --within do not combine: --within fits in the discovered directions, which "
-                        "span the whole latent")
     return args.region
 
 

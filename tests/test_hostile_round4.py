@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,15 +20,13 @@ import main as cli
 import runners.engine.edit_modes
 import runners.engine.editor
 from tests.helpers import REPO, assert_one_error_line, make_edit_setup
-from models import build_model, latent_shapes
-from models.loading import LoadedModel
+from models import build_model
 from runners.engine.boundaries import auto_span
 from runners.engine.describe import describe_edit
 from runners.engine.editor import Editor
 from runners.engine.requests import Denoising, EditRequest, Move
-from tests.helpers import loaded_tiny_model, tiny_config, tiny_net
-from utils.config import parse_config
-from utils.core.diffusion import Inversion, _check_finite, make_alphas_cumprod
+from tests.helpers import loaded_tiny_model, tiny_config
+from utils.core.diffusion import Inversion, _check_finite
 from utils.core.seeds import SAMPLE_EDIT, item_seed
 from utils.errors import UserError
 from utils.io.boundary_files import auto_range, auto_range_problem, load_boundary, save_boundary

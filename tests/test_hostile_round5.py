@@ -5,21 +5,18 @@ app's cases are in tests/test_app.py. docs/reliability.md names each guarantee a
 from __future__ import annotations
 
 import json
-import os
-import resource
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import main as cli
 from runners.engine import BoundaryIndex
 from tests.helpers import REPO, assert_one_error_line, make_edit_setup, write_labelled_set, write_tiny_model
 from utils.io.atlas import load_atlas
-from utils.io.boundary_files import (BoundaryRecord, boundary_name, current_file, load_boundary, save_boundary,
+from utils.io.boundary_files import (BoundaryRecord, current_file, load_boundary, save_boundary,
                                      save_number)
 from utils.io.plots import atlas_picture
 

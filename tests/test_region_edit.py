@@ -101,6 +101,18 @@ def test_bad_regions_are_one_line_before_any_work(setup, tmp_path, capsys, spec,
     assert "inverting" not in err and not (tmp_path / "edit").exists()
 
 
+def test_a_loco_edit_keeps_the_move_off_the_outside_and_a_rank_beyond_it_is_one_line(setup, tmp_path, capsys):
+    """--region_method loco end to end on the tiny model; the box leaves the bottom row alone outside
+    (16 pixels x 3 channels = 48 values), so a rank of 64 cannot be had. Before: an internal error."""
+    loco = ["--edit_attr", "bright", "--region", "0,0,1,0.9", "--region_method", "loco", "--region_h", "none"]
+    code, err = run(edit(setup, tmp_path / "ok", *loco, "--region_rank", "8"), capsys)
+    assert code == 0, err
+    tensors = torch.load(tmp_path / "ok" / "edit" / "tensors.pt", weights_only=True)
+    assert (tensors["edits"] - tensors["recon"]).abs().max() > 0.01
+    code, err = run(edit(setup, tmp_path / "bad", *loco, "--region_rank", "64"), capsys)
+    assert_one_error_line(code, err, "--region_method loco", "k must lie in [1, 48]")
+
+
 def test_an_unreadable_mask_is_one_line(setup, tmp_path, capsys):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     code, err = run(edit(setup, tmp_path, "--edit_attr", "bright", "--region", tmp_path / "broken.png"), capsys)

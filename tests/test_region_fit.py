@@ -175,6 +175,17 @@ def test_the_parts_of_many_images_are_read_from_each_file_once(tmp_path, monkeyp
         read_parts([tmp_path / "images" / names[0]], "left+", SIZE, [tmp_path])
 
 
+def test_a_parts_file_over_the_size_bound_is_named(tmp_path, monkeypatch):
+    """Before: it was skipped, and the error said that no parts file named the image."""
+    import utils.io.region as region_io
+
+    np.savez(tmp_path / "masks_train.npz", names=np.array(["00000.png"]), parts=np.array(["left", "top"]),
+             masks=np.stack([_masks(0)]))
+    monkeypatch.setattr(region_io, "MAX_PARTS_FILE", 100)
+    with pytest.raises(UserError, match=r"masks_train.npz is \d+ bytes, more than a parts file may be \(100\)"):
+        read_parts([tmp_path / "images" / "00000.png"], "left", SIZE, [tmp_path])
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--region", "mouth"], ["--region mouth", "has the parts left, top"]),
     (["--region", "0,0,1,1"], ["everything is editable"]),

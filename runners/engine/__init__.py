@@ -15,8 +15,8 @@ from models.loading import LoadedModel, load_model
 from models.runtime import PRECISIONS, InferenceNet, cpu_flags, default_batch_size, pick_device, retain_freed_memory
 from runners.engine.boundaries import AUTO_SCALE, BoundaryIndex, auto_span, fitted_t_0, relative_scale
 from runners.engine.describe import MAX_HOLD_RATIO, EditDescription
-from runners.engine.discover import DiscoverJob, differentiable_net, factor_matches
-from runners.engine.editor import Editor
+from runners.engine.discover import DiscoverJob, factor_matches
+from runners.engine.editor import Editor, differentiable_net
 from runners.engine.engine import Engine, EngineOptions, OneEdit, RunResult, check_job, latent_cache_root
 from runners.engine.outputs import edit_file_names
 from runners.engine.search import plan_search

@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -21,10 +21,14 @@ from models.identity import ModelIdentity
 from utils.core.atlas import HOLD_THRESHOLD
 from utils.core.spaces import SPACES
 from utils.errors import UserError
-from utils.io.boundary_files import (BoundaryRecord, auto_range, discover, hyperplane_offset, load_boundary,
-                                     load_header, scan_boundaries, select)
+from utils.io.boundary_files import (BoundaryRecord, auto_range, boundary_name, boundary_path, boundary_writer,
+                                     current_target, discover, hyperplane_offset, load_boundary, load_header,
+                                     scan_boundaries, select)
+from utils.io.files import RunFolder, StagedFiles
 
 log = logging.getLogger(__name__)
+
+BoundarySet = Mapping[str, Mapping[str, BoundaryRecord]]  # {name: {space: record}}
 
 #: How far the ``auto`` range reaches: the span where the classes lie ([negative 5th, positive 95th]
 #: percentile) scaled about its centre by this factor. Chosen with scripts/evaluate_edits.py on the
@@ -177,3 +181,24 @@ def suggested_holds(index: BoundaryIndex, moved: list[str], t_0: int, threshold:
             if cos >= threshold:
                 largest[other] = max(largest.get(other, 0.0), cos)
     return sorted(largest, key=lambda n: -largest[n])
+
+
+def stage_boundary_set(folder: RunFolder, boundary_dir: Path, overwrite: bool, records: BoundarySet, config_name: str,
+                       t_0: int) -> Callable[[], dict[str, dict[str, Path]]]:
+    """Write a search's or a discovery's files as a set: each complete under a temporary name now
+    (``StagedFiles``, attached to the run folder, so a failed run rolls them back). The returned
+    call moves them all into place together and gives {name: {space: path}}; with ``overwrite``
+    (--ni) each replaces the current file of its name (``current_target``), else takes the next free
+    name (``boundary_path``)."""
+    staged = StagedFiles()
+    folder.attach(staged)
+    for name in records:
+        for space in SPACES:
+            file_name = boundary_name(config_name, name, t_0, space)
+            target = current_target(boundary_dir, file_name) if overwrite else boundary_path(boundary_dir, file_name)
+            staged.stage(target, boundary_writer(records[name][space]))
+
+    def publish() -> dict[str, dict[str, Path]]:
+        taken = iter(staged.publish(overwrite=overwrite))
+        return {name: {space: next(taken) for space in SPACES} for name in records}
+    return publish

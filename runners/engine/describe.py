@@ -155,9 +155,7 @@ def _spaces(request: EditRequest, paths: Sequence[Mapping[str, Path]]) -> tuple[
     attribute was fitted in when none has the other (a boundary search of one space)."""
     wanted = MOVED[request.space]
     if request.region is not None and request.region.h == "none":  # the bottleneck is left as it is
-        wanted = tuple(s for s in wanted if s != "h")
-        if not wanted:
-            raise UserError("--region_h none leaves h as it is: move z too (--edit_space both or z)")
+        wanted = tuple(s for s in wanted if s != "h")  # never empty: check_request refuses h alone
     if request.space == "both":
         fitted = [s for s in SPACES if all(s in p for p in paths)]
         if fitted and all(set(p) <= set(fitted) for p in paths):

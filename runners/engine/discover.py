@@ -42,7 +42,6 @@ most (the factor predictor, utils/faces; imported only when called).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import re
@@ -58,10 +57,9 @@ from scipy.stats import rankdata
 from torch import Tensor
 from tqdm import tqdm
 
-from models.loading import LoadedModel
-from runners.engine.boundaries import BoundaryIndex
+from runners.engine.boundaries import BoundaryIndex, stage_boundary_set
 from runners.engine.describe import describe_edit
-from runners.engine.editor import Editor, ImageReader
+from runners.engine.editor import Editor, ImageReader, differentiable_net
 from runners.engine.outputs import thumbnail, write_contact_sheet
 from runners.engine.regions import part_folders, region_masks, space_weights
 from runners.engine.requests import (MAX_POINTS, Denoising, EditRequest, Inverting, Move, Region, check_steps,
@@ -78,9 +76,8 @@ from utils.core.discovery import (captured_share, global_basis, jacobian_subspac
 from utils.core.seeds import image_key
 from utils.core.spaces import SPACES
 from utils.errors import UserError
-from utils.io.boundary_files import (BoundaryRecord, boundary_name, boundary_path, boundary_writer,
-                                     check_attribute_names, current_target, load_boundary)
-from utils.io.files import RunFolder, StagedFiles, check_writable_dir, write_json
+from utils.io.boundary_files import BoundaryRecord, check_attribute_names, load_boundary
+from utils.io.files import RunFolder, check_writable_dir, write_json
 from utils.io.images import expand_image_paths, list_images, quantize
 
 log = logging.getLogger(__name__)
@@ -185,16 +182,6 @@ def plan_discover(job: DiscoverJob, config: Config) -> DiscoverPlan:
 
 
 # ---------------------------------------------------------------------------------------- the network
-
-def differentiable_net(model: LoadedModel) -> torch.nn.Module:
-    """The model's network as ``torch.func`` needs it: a float32 copy, in the contiguous layout, of
-    the module inside ``model.net`` (an ``InferenceNet`` runs under inference_mode, which would make
-    every derivative zero; its channels_last weights make the attention change layouts, which vmap
-    does not support, and a copy leaves the model the editor uses as it is). Same contract:
-    ``out, h = net(x, t, h_override=None)``."""
-    module = copy.deepcopy(model.net.model)
-    return module.to(dtype=torch.float32, memory_format=torch.contiguous_format).eval().requires_grad_(False)
-
 
 def _start_generator(seed: int, image: Tensor) -> torch.Generator:
     """The Jacobian iteration's random start for one image: from (seed, the image's pixels) under a
@@ -398,23 +385,6 @@ def direction_records(editor: Editor, directions: Directions, latents: Inversion
     return records
 
 
-def publish_directions(job: DiscoverJob, folder: RunFolder, records: Mapping[str, Mapping[str, BoundaryRecord]],
-                       config_name: str, t_0: int) -> dict[str, dict[str, Path]]:
-    """Write the files as a set, as the boundary search does (``StagedFiles``: all complete under
-    temporary names, then moved into place together; with --ni each replaces the current file of its
-    name; rolled back if the run fails). Returns {name: {space: path}}."""
-    staged = StagedFiles()
-    folder.attach(staged)
-    for name in records:
-        for space in SPACES:
-            file_name = boundary_name(config_name, name, t_0, space)
-            target = current_target(job.boundary_dir, file_name) if job.overwrite \
-                else boundary_path(job.boundary_dir, file_name)
-            staged.stage(target, boundary_writer(records[name][space]))
-    taken = iter(staged.publish(overwrite=job.overwrite))
-    return {name: {space: next(taken) for space in SPACES} for name in records}
-
-
 # ---------------------------------------------------------------------------------------- the contact sheet
 
 def sweep_request(name: str, paths: Mapping[str, Path], space: str, job: DiscoverJob) -> EditRequest:
@@ -548,7 +518,8 @@ def run_discover(editor: Editor, job: DiscoverJob, plan: DiscoverPlan, index: Bo
     for line in naming["lines"]:
         log.info("%s", line)
     records = direction_records(editor, directions, latents, plan.names, "" if regions is None else regions[0].source())
-    written = publish_directions(job, folder, records, editor.config.name, editor.t_0)
+    written = stage_boundary_set(folder, job.boundary_dir, job.overwrite, records, editor.config.name,
+                                 editor.t_0)()
     values = list(spaced(-job.sheet_range, job.sheet_range, job.sheet_points))
     factor_naming, factor_problem, sheet = None, None, None
     if job.sheet_images:

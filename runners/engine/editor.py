@@ -17,6 +17,7 @@ depend on neither batch size, nor order, nor the other images edited with it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import math
@@ -32,16 +33,15 @@ from tqdm import tqdm
 
 from models.loading import LoadedModel
 from runners.engine.describe import EditDescription
-from runners.engine.requests import Denoising
+from runners.engine.requests import Denoising, check_t_0
 from utils.config import Config
 from utils.core.batching import batch_regime, batch_slices, pair_lone
-from utils.core.diffusion import HPolicy, Inversion, generate, invert, sample_latents, sampling_pairs, timestep_grid
+from utils.core.diffusion import Inversion, generate, invert, sample_latents, sampling_pairs, timestep_grid
 from utils.core.editing import EditBatch, RegionEdits, iter_edits, reconstruct
 from utils.core.mixing import radius_curves
 from utils.core.region import reference_trajectory
-from utils.core.seeds import EDIT, SAMPLE, item_seed
+from utils.core.seeds import EDIT, EVALUATION_NOISE, SAMPLE, item_seed
 from utils.core.spaces import SPACES
-from utils.errors import UserError
 from utils.io.face_align import INSTALL as FACE_INSTALL, FaceAligner, FaceExtraMissing
 from utils.io.images import image_to_tensor, open_image
 from utils.io.latent_cache import LatentCache
@@ -240,9 +240,7 @@ class Editor:
         """cache_root: folder of the inverted-latent cache (None: no cache). recent: inversions kept
         in memory (``RecentLatents``, shared with other editors), looked up first. Both key on the
         model's identity (``model.identity``), so editors of other models never share an entry."""
-        T = model.config.diffusion.num_diffusion_timesteps
-        if not 1 <= t_0 <= T - 1:
-            raise UserError(f"t_0 must be in [1, {T - 1}], got {t_0}")
+        check_t_0(t_0, model.config.diffusion.num_diffusion_timesteps)
         self.model, self.config, self.t_0, self.n_inv_step = model, model.config, t_0, n_inv_step
         self.net = CallCounter(model.net, show=show_progress)
         self.device = model.device
@@ -300,9 +298,10 @@ class Editor:
         cache holds it (read back row by row later: ``utils.io.latent_cache.entry_rows``), else its
         latents flattened, {space: (D,) float32}; and how many came from memory or the cache."""
         latents, cached = self.invert(images, batch_size, desc)
-        if self.cache is not None and self.cache.writable:
-            return self._keys(images, batch_size)[1], cached
-        return [{s: getattr(latents, s)[j].flatten().numpy() for s in SPACES} for j in range(len(images))], cached
+        keys = self._keys(images, batch_size)[1]
+        # per image: one served from memory, or whose write failed, is not on disk
+        return [key if key is not None and self.cache.holds(key) else
+                {s: getattr(latents, s)[j].flatten().numpy() for s in SPACES} for j, key in enumerate(keys)], cached
 
     def sample_latents(self, seed: int, index: int) -> Inversion:
         """Latents at t_0 reached from noise (docs/algorithm.md section 6): x_T drawn from a generator
@@ -315,17 +314,26 @@ class Editor:
             latent = sample_latents(self.net, x_T, self.alphas_cumprod, pairs, self.config.diffusion.clip_x0)
         return Inversion(latent.z.cpu(), latent.h.cpu())
 
-    def sample_images(self, x_T: Tensor, n_steps: int, batch_size: int = 8) -> Tensor:
-        """Images (N, C, H, W) in [-1, 1] (not clipped) denoised with DDIM eta 0 from x_T (N, ...)
-        at T - 1 over an ``n_steps``-point grid (sample quality; not an edit); x0_hat clipped to
-        [-1, 1] at each step when the config says (``diffusion.clip_x0``)."""
+    def sample_images(self, x_T: Tensor, n_steps: int, batch_size: int = 8, eta: float = 0.0, seed: int = 0
+                      ) -> Tensor:
+        """Images (N, C, H, W) in [-1, 1] (not clipped) denoised with DDIM from x_T (N, ...) at T - 1
+        over an ``n_steps``-point grid (sample quality; not an edit); x0_hat clipped to [-1, 1] at
+        each step when the config says (``diffusion.clip_x0``). eta > 0 adds fresh noise at every
+        step (eta 1 over the full grid is DDPM's ancestral sampler), sample j's from a generator
+        seeded ``item_seed(seed, j, domain=EVALUATION_NOISE)``, so a sample does not depend on the
+        batch size."""
         grid = timestep_grid(self.config.diffusion.num_diffusion_timesteps - 1, n_steps)
         parts = []
         with self.net.progress(-(-len(x_T) // batch_size) * len(grid), "sampling"):
             for chunk in batch_slices(len(x_T), batch_size):
                 x = pair_lone(x_T[chunk].to(self.device), batch_size)
-                parts.append(generate(self.net, x, self.alphas_cumprod, grid, clip_x0=self.config.diffusion.clip_x0)
-                             [:chunk.stop - chunk.start].cpu())
+                generators = None
+                if eta > 0:  # a lone sample runs as a pair (pair_lone): its twin draws the same noise
+                    rows = range(chunk.start, chunk.stop) if len(x) == chunk.stop - chunk.start else [chunk.start] * 2
+                    generators = [torch.Generator().manual_seed(item_seed(seed, j, domain=EVALUATION_NOISE))
+                                  for j in rows]
+                parts.append(generate(self.net, x, self.alphas_cumprod, grid, eta=eta, generators=generators,
+                                      clip_x0=self.config.diffusion.clip_x0)[:chunk.stop - chunk.start].cpu())
         return torch.cat(parts)
 
     def radius_curves(self, images: Tensor, noise: Tensor, candidates: Sequence[int], epsilon: float,
@@ -409,3 +417,13 @@ class Editor:
         images = torch.cat([b.images for b in self.edits(latents, description, seed_keys, iteration, seed_domain,
                                                          region)])
         return images.reshape(len(latents.z), len(description), *images.shape[1:])
+
+
+def differentiable_net(model: LoadedModel) -> torch.nn.Module:
+    """The model's network as ``torch.func`` needs it: a float32 copy, in the contiguous layout, of
+    the module inside ``model.net`` (an ``InferenceNet`` runs under inference_mode, which would make
+    every derivative zero; its channels_last weights make the attention change layouts, which vmap
+    does not support, and a copy leaves the model the editor uses as it is). Same contract:
+    ``out, h = net(x, t, h_override=None)``."""
+    module = copy.deepcopy(model.net.model)
+    return module.to(dtype=torch.float32, memory_format=torch.contiguous_format).eval().requires_grad_(False)

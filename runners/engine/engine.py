@@ -28,7 +28,7 @@ from runners.engine.edit_modes import edit_images, edit_samples, radius, radius_
 from runners.engine.discover import DiscoverJob, plan_discover, run_discover
 from runners.engine.edit_modes import radius_labelled
 from runners.engine.editor import Editor, ImageReader, RecentLatents, RecentReconstructions
-from runners.engine.regions import check_masks, is_part, region_masks
+from runners.engine.regions import check_loco, check_masks, is_part, region_masks
 from runners.engine.outputs import SequenceWriter, edit_file_names
 from runners.engine.requests import (MAX_GRID_PIXELS, EditJob, EditRequest, Job, RadiusJob, SampleJob, SearchJob,
                                      check_steps, check_t_0)
@@ -160,9 +160,12 @@ class Engine:
     def describe(self, request: EditRequest, t_0: int, n_inv_step: int, index: BoundaryIndex | None
                  ) -> EditDescription:
         """The checked description of ``request`` at ``t_0`` (``describe_edit``): also that its
-        denoising grid fits t_0 and that one image's grid picture stays within ``MAX_GRID_PIXELS``."""
+        denoising grid fits t_0, that one image's grid picture stays within ``MAX_GRID_PIXELS`` and
+        that a LOCO region fits the exact Jacobian (``check_loco``)."""
         self.check_grid(t_0, n_inv_step)
         check_steps(request.denoising.n_test_step, t_0)
+        if request.region is not None:
+            check_loco(request.region, self.model.shapes["z"])
         _, height, width = self.model.shapes["z"]
         if (request.n_edits + 2) * height * width > MAX_GRID_PIXELS:
             raise UserError(f"{request.n_edits} edits of {height} x {width} pixels make a grid picture of more "
@@ -224,7 +227,8 @@ class Engine:
         """The reconstructions (B, C, H, W) and edits (B, K, C, H, W) of B inverted images, each edit
         confined to its image's mask ((H, W) in [0, 1], e.g. a part of a synthetic face) as the command
         line's ``--region`` confines it (``description.region`` says how: h, feather, method)."""
-        specs = [RegionSpec(np.asarray(m, dtype=np.float32), "part", float(np.mean(m))) for m in masks]
+        specs = [RegionSpec(np.asarray(m, dtype=np.float32), "part", float(np.mean(m)), path="the masks given",
+                            part=description.region.spec) for m in masks]
         recon, regions = reconstruction_and_region(editor, description, latents, specs,
                                                    [f"image {b}" for b in range(len(specs))], None)
         return recon, editor.edit_all(latents, description, seed_keys, region=regions)

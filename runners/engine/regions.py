@@ -10,6 +10,7 @@ pixel (one minus the feathered mask) and the reference trajectory of every image
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -18,12 +19,12 @@ import torch
 from torch import Tensor
 
 from runners.engine.describe import EditDescription
-from runners.engine.editor import Editor
+from runners.engine.editor import Editor, differentiable_net
 from runners.engine.requests import Region
 from utils.core.diffusion import Inversion
 from utils.core.editing import RegionEdits
-from utils.core.region import (RegionError, area_downsample, check_projection, check_region, feather,
-                               outside_jacobian_basis)
+from utils.core.region import (MAX_JACOBIAN_ENTRIES, RegionError, area_downsample, check_projection, check_region,
+                               feather, outside_jacobian_basis)
 from utils.errors import UserError
 from utils.io.region import RegionSpec, read_parts, read_region
 
@@ -100,10 +101,11 @@ def region_edits(editor: Editor, description: EditDescription, latents: Inversio
     UserError naming the image when an attribute barely reaches into its region."""
     h_shape = editor.shapes["h"]
     inject_h = "h" in description.spaces
+    if region.method == "loco":  # the bases first: a refusal comes before the unedited runs
+        bases = loco_bases(editor, description, latents, region, masks)
+        return RegionEdits(z=[None] * len(masks), h=[None] * len(masks), keep=None,
+                           states=editor.trajectories(latents, description, batch_size), z_basis=bases)
     states = editor.trajectories(latents, description, batch_size)
-    if region.method == "loco":
-        return RegionEdits(z=[None] * len(masks), h=[None] * len(masks), keep=None, states=states,
-                           z_basis=loco_bases(editor, description, latents, region, masks))
     check_masks(description, masks, names, h_shape[-1])
     return RegionEdits(z=[torch.from_numpy(m.mask)[None] for m in masks],
                        h=[_h_weights(m.mask, h_shape) for m in masks] if inject_h else [None] * len(masks),
@@ -111,16 +113,14 @@ def region_edits(editor: Editor, description: EditDescription, latents: Inversio
                        states=states)
 
 
-def differentiable(editor: Editor):
-    """The editor's network as ``torch.func`` can differentiate it: the module inside the
-    ``InferenceNet`` (which runs under inference mode), with the same call."""
-    module = editor.model.net.model
-    dtype = next(module.parameters()).dtype
-
-    def net(x: Tensor, t, h_override: Tensor | None = None):
-        out, h = module(x.to(dtype), t, h_override=h_override)
-        return out.float(), h.float()
-    return net
+def check_loco(region: Region, z_shape: Sequence[int]) -> None:
+    """UserError, before any inversion, when ``--region_method loco`` cannot run on latents of
+    ``z_shape``: its exact outside Jacobian holds up to ``MAX_JACOBIAN_ENTRIES`` entries (32 x 32 x 3)."""
+    size = int(np.prod(z_shape))
+    if region.method == "loco" and size * size > MAX_JACOBIAN_ENTRIES:
+        raise UserError(f"--region_method loco computes the exact Jacobian of the outside, affordable up to "
+                        f"{math.isqrt(MAX_JACOBIAN_ENTRIES)} latent values; this model's have {size} "
+                        f"({' x '.join(map(str, z_shape))}): use --region_method blend")
 
 
 def loco_bases(editor: Editor, description: EditDescription, latents: Inversion, region: Region,
@@ -129,12 +129,15 @@ def loco_bases(editor: Editor, description: EditDescription, latents: Inversion,
     image most at t_0 (``utils.core.region.outside_jacobian_basis``: LOCO-Edit's exact Jacobian,
     for small images), which the move is then kept off; the outside is every pixel the mask does
     not touch. Refused, naming the attribute, when that leaves a normal too little to move."""
-    net = differentiable(editor)
+    net = differentiable_net(editor.model)
     bases = []
     for b, mask in enumerate(masks):
         outside = torch.from_numpy(mask.mask) <= 0
-        basis = outside_jacobian_basis(net, latents.z[b:b + 1].to(editor.device), editor.t_0, editor.alphas_cumprod,
-                                       outside, region.rank).cpu()
+        try:
+            basis = outside_jacobian_basis(net, latents.z[b:b + 1].to(device=editor.device, dtype=torch.float32),
+                                           editor.t_0, editor.alphas_cumprod, outside, region.rank).cpu()
+        except ValueError as exc:  # too large for the exact Jacobian, or a rank beyond the outside's values
+            raise UserError(f"--region_method loco on {mask.describe()}: {exc}") from None
         edit = description.spaces["z"]
         everything = edit.normals if edit.held_normals is None else torch.cat([edit.normals, edit.held_normals])
         try:

@@ -20,6 +20,7 @@ import torch
 
 from utils.config import MAX_EDIT_IMG_NUMBER
 from utils.core.diffusion import H_POLICIES, HPolicy
+from utils.core.region import MAX_JACOBIAN_ENTRIES
 from utils.core.spaces import MOVED, EditSpace
 from utils.errors import UserError
 
@@ -125,6 +126,9 @@ MAX_FEATHER = 16.0
 #: denoising step; ``loco`` keeps the z move off the directions that change the outside of the
 #: predicted clean image most (LOCO-Edit, Chen et al. 2024; z only, an exact Jacobian: small images).
 REGION_METHODS = ("blend", "loco")
+#: The most directions ``loco`` may keep the move off: the latent values of the largest image its
+#: exact Jacobian affords (``utils.core.region.MAX_JACOBIAN_ENTRIES``, 32 x 32 x 3).
+MAX_REGION_RANK = math.isqrt(MAX_JACOBIAN_ENTRIES)
 
 
 @dataclass(frozen=True)
@@ -179,8 +183,6 @@ def _check_names(request: EditRequest) -> None:
     for name in dict.fromkeys(names):
         if names.count(name) > 1:
             raise UserError(f"{name} is moved twice: give it one range")
-    if isinstance(request.held, str):
-        raise UserError("held attributes are a list of names, not one string")
     for name in request.held:
         if not isinstance(name, str):
             raise UserError(f"held attributes are names, got {type(name).__name__}")
@@ -204,6 +206,8 @@ def check_request(request: EditRequest, limits: EditLimits = EditLimits()) -> Ed
     finite or beyond ``MAX_DISTANCE``, a name moved twice or moved and held. No file is read."""
     if not request.moves:
         raise UserError("nothing to edit: name at least one attribute")
+    if isinstance(request.held, str):  # before counting: a string's length counts characters
+        raise UserError("held attributes are a list of names, not one string")
     if len(request.moves) + len(request.held) > MAX_ATTRIBUTES:
         raise UserError(f"at most {MAX_ATTRIBUTES} attributes can be moved and held at once, "
                         f"got {len(request.moves) + len(request.held)}")
@@ -228,6 +232,8 @@ def check_request(request: EditRequest, limits: EditLimits = EditLimits()) -> Ed
     _check_values(request)
     if request.region is not None:
         _check_region(request.region)
+        if request.region.h == "none" and request.space == "h":
+            raise UserError("--region_h none leaves h as it is: move z too (--edit_space both or z)")
     return request
 
 
@@ -241,8 +247,8 @@ def _check_region(region: Region) -> None:
     if region.method == "loco" and region.h != "none":
         raise UserError("--region_method loco keeps z's move off the outside's directions; h has none: "
                         "pass --region_h none")
-    if isinstance(region.rank, bool) or not isinstance(region.rank, int) or not 1 <= region.rank <= 3072:
-        raise UserError(f"--region_rank must be a whole number in [1, 3072], got {region.rank!r}")
+    if isinstance(region.rank, bool) or not isinstance(region.rank, int) or not 1 <= region.rank <= MAX_REGION_RANK:
+        raise UserError(f"--region_rank must be a whole number in [1, {MAX_REGION_RANK}], got {region.rank!r}")
     if isinstance(region.feather, bool) or not isinstance(region.feather, (int, float)) \
             or not 0 <= region.feather <= MAX_FEATHER:
         raise UserError(f"--feather must be in [0, {MAX_FEATHER:g}] pixels, got {region.feather!r}")

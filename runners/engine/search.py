@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from runners.engine.boundaries import stage_boundary_set
 from runners.engine.editor import Editor, ImageReader
 from runners.engine.regions import part_folders, region_masks, space_weights
 from runners.engine.requests import Region, SearchJob
@@ -30,10 +31,9 @@ from utils.core.spaces import SPACES
 from utils.distributed import ProcessContext, broadcast_from_main, gather_to_main, gram_across_ranks, shard, unshard
 from utils.errors import UserError
 from utils.io.atlas import atlas_from_records, write_atlas
-from utils.io.boundary_files import (BoundaryRecord, boundary_name, boundary_path, boundary_writer,
-                                     check_attribute_names, current_target)
+from utils.io.boundary_files import BoundaryRecord, check_attribute_names
 from utils.io.datasets import attribute_table, check_two_classes, labelled_set, search_attributes
-from utils.io.files import RunFolder, StagedFiles, check_writable_dir, write_json
+from utils.io.files import RunFolder, check_writable_dir, write_json
 from utils.io.latent_cache import entry_rows
 from utils.io.plots import boundary_report
 from utils.io.region import AUTO_REGION, attribute_parts, read_attribute_parts
@@ -158,9 +158,13 @@ def _fit_space(space: str, rows: LatentRows, job: SearchJob, plan: SearchSet, di
 
 def within_bases(job: SearchJob, editor: Editor) -> dict | None:
     """With --within: {space: (basis (r, D), its files)}, the directions of that folder at the run's
-    t_0 (``within_basis``), checked before any image is read; None without --within."""
+    t_0 (``within_basis``), checked before any image is read; None without --within. UserError with
+    a region too (a fit in the directions is a fit on the whole latent)."""
     if job.within is None:
         return None
+    if job.region is not None:
+        raise UserError("--region and --within do not combine: --within fits in the discovered directions, which "
+                        "span the whole latent")
     if Path(job.within).resolve() == Path(job.boundary_dir).resolve():
         raise UserError(f"--within {job.within} is also --boundary_dir: the new boundary would join the directions "
                         "it is fitted in; write it to another folder")
@@ -263,14 +267,8 @@ def _publish(job: SearchJob, folder: RunFolder, run_dir: Path, plan: SearchSet, 
     into place together; with --ni each replaces the current file of its name, ``current_target``,
     the files they replace kept until the run folder is in place), the report or the atlas.
     Returns {attribute: {space: path}}."""
-    staged = StagedFiles()
-    folder.attach(staged)
-    for name in plan.names:
-        for space in SPACES:
-            file_name = boundary_name(config_name, name, t_0, space)
-            target = current_target(job.boundary_dir, file_name) if job.overwrite \
-                else boundary_path(job.boundary_dir, file_name)
-            staged.stage(target, boundary_writer(records[name][space]))
+    publish = stage_boundary_set(folder, job.boundary_dir, job.overwrite, {name: records[name] for name in plan.names},
+                                 config_name, t_0)
     if len(plan.names) == 1:
         name = plan.names[0]
         boundary_report({space: report[(name, space)] for space in SPACES}, run_dir / "report.png",
@@ -278,8 +276,7 @@ def _publish(job: SearchJob, folder: RunFolder, run_dir: Path, plan: SearchSet, 
     else:
         order = np.concatenate([plan.train, plan.test])
         write_atlas(run_dir, atlas_from_records(records, phi_matrix(plan.labels[order]), plan.skipped))
-    taken = iter(staged.publish(overwrite=job.overwrite))
-    return {name: {space: next(taken) for space in SPACES} for name in plan.names}
+    return publish()
 
 
 def run_search(editor: Editor, job: SearchJob, plan: SearchSet, folder: RunFolder | None, run_dir: Path | None,
@@ -298,10 +295,12 @@ def run_search(editor: Editor, job: SearchJob, plan: SearchSet, folder: RunFolde
     invert_seconds = time.perf_counter() - start
     # Under torchrun every rank computes its share of each Gram matrix, rank 0 gets them (a single
     # process computes the same tiles in fit_attributes: the same K). With --region rank 0 computes
-    # them alone: each region confines the rows, so each has Gram matrices of its own.
+    # them alone: each region confines the rows, so each has Gram matrices of its own. --within fits
+    # in the directions' coordinates and needs none.
+    shared_grams = process.world_size > 1 and rows.shared and regions is None and bases is None
     grams = {space: gram_across_ranks(rows.readers[space], len(plan.train), int(np.prod(editor.shapes[space])),
                                       process, editor.device)
-             for space in SPACES} if process.world_size > 1 and rows.shared and regions is None else {}
+             for space in SPACES} if shared_grams else {}
     if folder is None:
         return {}
     start = time.perf_counter()

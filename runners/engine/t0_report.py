@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from models.loading import LoadedModel
-from runners.engine.discover import differentiable_net, median_split
-from runners.engine.editor import Editor, ImageReader
+from runners.engine.discover import median_split
+from runners.engine.editor import Editor, ImageReader, differentiable_net
 from utils.core.boundary import class_summary, fit_boundary, hyperplane_distances
 from utils.core.discovery import edit_linearity
 from utils.core.gram import FitError
@@ -189,10 +189,17 @@ def _accuracy(row: dict) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _measured_linearity(row: dict) -> float:
+    """A row's linearity for ranking: -2 (below any cosine) where it was not measured or is NaN
+    (a zero or non-finite step), which ``max`` would otherwise never pass over."""
+    value = row.get("linearity")
+    return value if value is not None and math.isfinite(value) else -2.0
+
+
 def recommend_t0(rows: Sequence[dict], n_test: int | None = None, t_m: int | None = None,
                  min_linearity: float = MIN_LINEARITY) -> dict:
     """The t_0 the rule of the module docstring picks from ``t0_rows``: {"t_0", "rule", "tolerance",
-    "best_accuracy", "t_m", "versus_t_m"}. n_test: held-out images (the tolerance is one of them when
+    "best_accuracy", "min_linearity", "t_m", "versus_t_m"}. n_test: held-out images (the tolerance is one of them when
     fewer than 100); t_m: the radius analysis's mixing step, or None."""
     tolerance = max(ACCURACY_TOLERANCE, 1.0 / n_test) if n_test else ACCURACY_TOLERANCE
     linear = [r for r in rows if r.get("linearity") is not None and r["linearity"] >= min_linearity]
@@ -206,12 +213,12 @@ def recommend_t0(rows: Sequence[dict], n_test: int | None = None, t_m: int | Non
             pick, rule = max(both, key=lambda r: r["t"]), (f"largest t with accuracy within {tolerance:.3f} of the best "
                                                            f"and linearity >= {min_linearity}")
         else:
-            pick = max(accurate, key=lambda r: (r["linearity"] if r.get("linearity") is not None else -2, r["t"]))
+            pick = max(accurate, key=lambda r: (_measured_linearity(r), r["t"]))
             rule = f"no accurate t reaches linearity {min_linearity}: the accurate t with the highest linearity"
     elif linear:
         pick, rule = max(linear, key=lambda r: r["t"]), f"largest t with linearity >= {min_linearity} (no labels)"
     else:
-        pick = max(rows, key=lambda r: (r["linearity"] if r.get("linearity") is not None else -2, r["t"]))
+        pick = max(rows, key=lambda r: (_measured_linearity(r), r["t"]))
         rule = f"no t reaches linearity {min_linearity}: the most linear t (no labels)"
     t_0 = pick["t"]
     versus = None

@@ -51,7 +51,7 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.linear_model import LogisticRegression
 
-from runners.engine import (AUTO_SCALE, EVALUATION_NOISE, MOVED, PRECISIONS, Config, EditDescription, LoadedModel,
+from runners.engine import (AUTO_SCALE, EVALUATION_NOISE, MOVED, Config, EditDescription, LoadedModel,
                             UserError, attribute_table, item_seed, load_config)
 from scripts.evaluation import digits_joint
 from scripts.evaluation.common import (add_output_flags, EngineRunner, Setting, ablations, command_line, evaluation_engine,

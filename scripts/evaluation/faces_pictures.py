@@ -13,7 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from runners.engine import EVALUATION_NOISE, item_seed, load_config

@@ -76,6 +76,10 @@ class LatentCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.pt"
 
+    def holds(self, key: str) -> bool:
+        """Whether an entry for ``key`` is on disk (not whether it is readable: ``get`` says)."""
+        return self._path(key).is_file()
+
     def get(self, key: str) -> Inversion | None:
         """The cached latents (z (C, H, W), h (C_mid, H_mid, W_mid)), or None; an unreadable entry,
         one of other shapes and a non-finite one count as missing (and are recomputed), with one

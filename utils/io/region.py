@@ -68,10 +68,10 @@ def read_region(spec: str, size: int) -> RegionSpec:
     if size < 1:
         raise ValueError(f"the mask size must be >= 1, got {size}")
     path = Path(spec)
-    if path.is_file() or "," not in spec:  # a comma and no such file: a box
+    if path.is_file() or "," not in spec:  # no comma: a file (a missing one is _read_mask's error)
         mask = _read_mask(path, size)
         region = RegionSpec(mask, "file", float(mask.mean()), path=str(path), sha256=sha256_file(path))
-    else:
+    else:  # a comma and no such file: a box
         box = _parse_box(spec, size)
         mask = _box_mask(box, size)
         region = RegionSpec(mask, "box", float(mask.mean()), box=box)
@@ -166,7 +166,8 @@ def read_parts(images: Sequence[Path], part: str, size: int, data_dirs: list[Pat
     for image in map(Path, images):
         for path in parts_files(image, data_dirs):
             if path.stat().st_size > MAX_PARTS_FILE:
-                continue
+                raise UserError(f"--region {part}: {path} is {path.stat().st_size} bytes, more than a parts file may "
+                                f"be ({MAX_PARTS_FILE})")
             rows, known = index(path)
             if image.name not in rows and path.name != image.name + PARTS_SUFFIX:
                 continue
