@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +13,10 @@ import torch
 
 import main as cli
 import utils.io.boundary_files as boundary_files
-from runners.engine import Denoising, EditRequest, Engine, EngineOptions, Move, UserError, latent_cache_root
+from runners.engine import Denoising, EditRequest, Engine, Move, latent_cache_root
 from runners.engine.describe import MAX_HOLD_RATIO, hold_ratios
 from runners.engine.editor import Editor
-from tests.helpers import REPO, assert_one_error_line, loaded_tiny_model, make_edit_setup
+from tests.helpers import REPO, assert_one_error_line, float_tolerance, loaded_tiny_model, make_edit_setup, max_abs
 from utils.config import latent_shapes
 from utils.io.boundary_files import BoundaryRecord, load_boundary, save_boundary
 
@@ -195,6 +194,30 @@ def test_a_folder_scan_reads_each_header_once(tmp_path, monkeypatch):
                           held=("a3",))
     engine.describe(request, 300, 5, engine.boundary_index(tmp_path / "bd"))
     assert len(reads) == 32 + 8  # every header once, then the four attributes' files in full
+
+
+# ------------------------------------------------------------------ samples from noise
+
+def test_ancestral_samples_draw_each_samples_noise_from_its_own_seed_whatever_the_batch():
+    """``Editor.sample_images`` with eta > 0 (the faces evaluation's ``--sample_eta``): sample j equals
+    the trajectory of x_T[j] alone with its noise from ``item_seed(seed, j, EVALUATION_NOISE)``, at any
+    batch size (a lone remainder runs as a pair); another seed or eta 0 gives other images."""
+    from utils.core.diffusion import generate, timestep_grid
+    from utils.core.seeds import EVALUATION_NOISE, item_seed
+
+    model = loaded_tiny_model()
+    editor = Editor(model, 300, 4, None, show_progress=False)
+    x_T = torch.randn((3, *model.shapes["z"]), generator=torch.Generator().manual_seed(0))
+    grid = timestep_grid(model.config.diffusion.num_diffusion_timesteps - 1, 6)
+    alone = torch.cat([generate(editor.net, x_T[j:j + 1], model.alphas_cumprod, grid, eta=1.0,
+                                generators=[torch.Generator().manual_seed(item_seed(7, j, domain=EVALUATION_NOISE))])
+                       for j in range(3)])
+    tolerance = float_tolerance(torch.float32, float(alone.abs().max()), ulps=64)  # batch composition's rounding
+    for batch_size in (1, 2, 3):
+        samples = editor.sample_images(x_T, 6, batch_size, eta=1.0, seed=7)
+        assert max_abs(samples, alone) <= tolerance, batch_size
+    assert max_abs(editor.sample_images(x_T, 6, 3, eta=1.0, seed=8), alone) > 0.01
+    assert max_abs(editor.sample_images(x_T, 6, 3), alone) > 0.01
 
 
 # ------------------------------------------------------------------ size

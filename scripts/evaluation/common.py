@@ -141,10 +141,12 @@ class EngineRunner:
                     images[b, i], z[b, i] = batch.images[j], batch.z[j]
         return images, z
 
-    def sample_images(self, t_0: int, x_T: torch.Tensor, n_steps: int) -> torch.Tensor:
-        """Images denoised with DDIM eta 0 from x_T (N, ...) over ``n_steps`` points (not an edit)."""
+    def sample_images(self, t_0: int, x_T: torch.Tensor, n_steps: int, eta: float = 0.0, seed: int = 0
+                      ) -> torch.Tensor:
+        """Images denoised with DDIM from x_T (N, ...) over ``n_steps`` points (not an edit; eta > 0:
+        fresh noise at each step, seeded from ``seed``, ``Editor.sample_images``)."""
         with self.session(t_0) as editor:
-            return editor.sample_images(x_T, n_steps, self.batch_size)
+            return editor.sample_images(x_T, n_steps, self.batch_size, eta, seed)
 
     def _keys(self, rows: Sequence[int] | None) -> list[tuple[int, ...]]:
         return self.seed_keys if rows is None else [self.seed_keys[i] for i in rows]

@@ -20,7 +20,7 @@ image_key(face), 0, k)``; each flag changes one of them. Edits are measured as t
 writes them (clipped to [-1, 1], 8-bit). Measured:
 
 1. model quality (``--quality``): (a) the frequency of each attribute (score > 0) among
-   ``--n_samples`` images sampled from noise (DDIM eta 0 over ``--sample_steps`` steps from x_T,
+   ``--n_samples`` images sampled from noise (DDIM eta ``--sample_eta``, default 0, over ``--sample_steps`` steps from x_T,
    ``Editor.sample_images``) against the test faces', and the difference in percentage points;
    (b) the Fréchet distance between the predictor's penultimate features (``features``) of the
    samples and of the test faces, beside that of as many TRAIN faces (the floor: two sets of real
@@ -83,7 +83,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runners.engine import EVALUATION_NOISE, MOVED, PRECISIONS, Config, LoadedModel, UserError, item_seed, load_config
+from runners.engine import EVALUATION_NOISE, MOVED, Config, LoadedModel, UserError, item_seed, load_config
 from scripts.evaluation import faces_report, faces_studies
 from scripts.evaluation.common import (add_output_flags, EngineRunner, command_line, evaluation_engine, load_evaluated_model, psnr,
                                        shown_checkpoint, to_unit, write_report)
@@ -169,12 +169,12 @@ def run_attributes(fr: FaceRunner, setting: FaceSetting, attributes: list[str], 
 
 # --------------------------------------------------------------------------------- model quality
 
-def sample_faces(fr: FaceRunner, t_0: int, n: int, steps: int, seed: int) -> torch.Tensor:
-    """``n`` images sampled from noise (DDIM eta 0, ``steps`` points from T - 1), x_T drawn from the
-    evaluation's own seed domain (``EVALUATION_NOISE``)."""
+def sample_faces(fr: FaceRunner, t_0: int, n: int, steps: int, seed: int, eta: float = 0.0) -> torch.Tensor:
+    """``n`` images sampled from noise (DDIM with ``eta``, ``steps`` points from T - 1), x_T and the
+    step noise drawn from the evaluation's own seed domain (``EVALUATION_NOISE``)."""
     generator = torch.Generator().manual_seed(item_seed(seed, domain=EVALUATION_NOISE))
     x_T = torch.randn((n, *fr.runner.images.shape[1:]), generator=generator)
-    return fr.runner.sample_images(t_0, x_T, steps)
+    return fr.runner.sample_images(t_0, x_T, steps, eta, seed)
 
 
 def reconstruction_psnr(original: torch.Tensor, regenerated: torch.Tensor) -> dict:
@@ -190,7 +190,7 @@ def quality(fr: FaceRunner, setting: FaceSetting, test: FaceSplit, train: FaceSp
     """``--quality``: attribute frequencies and the Fréchet distance of samples from noise against
     the test faces (the floor: as many train faces), and the reconstruction PSNR at t_0."""
     inst = fr.instrument
-    samples = sample_faces(fr, setting.t_0, args.n_samples, args.sample_steps, args.seed)
+    samples = sample_faces(fr, setting.t_0, args.n_samples, args.sample_steps, args.seed, args.sample_eta)
     progress.step(args.n_samples * args.sample_steps, f"{args.n_samples} samples from noise")
     if args.samples_png is not None:
         labelled_grid(samples[:64].clamp(-1, 1), args.samples_png, ncol=8, min_tile=96)
@@ -203,7 +203,7 @@ def quality(fr: FaceRunner, setting: FaceSetting, test: FaceSplit, train: FaceSp
                 "features": f"the factor predictor's penultimate layer ({test_features.shape[1]} values)"}
     regenerated = fr.runner.regeneration(setting.t_0, setting.n_test_step)
     progress.step(len(regenerated) * setting.n_test_step, "inversion + regeneration")
-    found = {"sampling_steps": args.sample_steps, "frequencies": frequencies,
+    found = {"sampling_steps": args.sample_steps, "sampling_eta": args.sample_eta, "frequencies": frequencies,
              "mean_abs_frequency_difference_points": float(np.mean([abs(v["difference_points"])
                                                                     for v in frequencies.values()])),
              "frechet": distance, "reconstruction": {"t_0": setting.t_0, "n_test_step": setting.n_test_step,
@@ -259,6 +259,8 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality", action="store_true", help="also measure samples from noise and reconstructions")
     parser.add_argument("--n_samples", type=int, default=200, help="--quality: samples from noise")
     parser.add_argument("--sample_steps", type=int, default=100, help="--quality: DDIM steps of the samples")
+    parser.add_argument("--sample_eta", type=float, default=0.0,
+                        help="--quality: DDIM eta of the samples (1 with --sample_steps 1000: DDPM's ancestral sampler)")
     parser.add_argument("--samples_png", type=Path, default=None, help="--quality: a grid of 64 samples")
     faces_studies.add_flags(parser)
     parser.add_argument("--grid", type=Path, default=None, help="PNG of edits of a few faces along each attribute")
@@ -280,6 +282,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"{small[0]} is too small")
     if args.k is not None and args.k < 2:
         parser.error("--k must be at least 2 (a range has two ends)")
+    if not 0 <= args.sample_eta < float("inf"):
+        parser.error(f"--sample_eta must be a finite number >= 0, got {args.sample_eta}")
     faces_studies.check_flags(parser, args)
     if args.region_parts and (args.entanglement or args.ablations):
         parser.error("--region_parts measures the attribute runs only; run --entanglement and --ablations without it")

@@ -99,7 +99,7 @@ def _finite(value) -> float:
 def quality_lines(q: dict) -> list[str]:
     """Attribute frequencies of samples against test faces, the Fréchet distances, the PSNR."""
     f, r = q["frechet"], q["reconstruction"]
-    lines = [f"Samples from noise ({f['n_samples']}, DDIM {q['sampling_steps']} steps): Fréchet distance on the "
+    lines = [f"Samples from noise ({f['n_samples']}, DDIM {q['sampling_steps']} steps, eta {q.get('sampling_eta', 0):g}): Fréchet distance on the "
              f"predictor's features {f['samples_vs_test']:.2f} to the {f['n_test']} test faces; {f['n_train']} train "
              f"faces are at {f['train_vs_test']:.2f} (the floor). Reconstruction (inversion + regeneration, eta 0, "
              f"t_0 {r['t_0']}, {r['n_faces']} faces): PSNR {r['psnr']:.2f} dB (per face: median "

@@ -19,7 +19,8 @@ The uses and their keys:
 - ``SAMPLE_EDIT``: edit k of iteration i of sampled latent j (``--unconditional``), key (j, i, k);
 - ``SAMPLE``: the x_T that sampled latent j starts from, key (j,);
 - ``RADIUS_NOISE``: the x_{T-1} draws of the mixing-step analysis, key ();
-- ``EVALUATION_NOISE``: the x_T of ``scripts/evaluate_edits.py``'s sample-quality check, key ().
+- ``EVALUATION_NOISE``: the x_T of ``scripts/evaluate_edits.py``'s sample-quality check, key ();
+  with eta > 0 the step noise of its sample j, key (j,) (``Editor.sample_images``).
 """
 from __future__ import annotations
 
