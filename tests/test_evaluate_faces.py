@@ -426,6 +426,36 @@ def test_normal_diagnostics_on_constructed_latents():
     assert part_share(normal.ravel(), masks) == pytest.approx((0.25 + 1.0) / 2)
 
 
+def test_mean_difference_files_hold_the_halfway_hyperplane_of_the_class_means():
+    """faces_normals --write_mean_difference: the shipped header with the unit class-mean difference,
+    the threshold halfway between the class means' projections as -intercept, and accuracies and
+    class summaries of the labelled rows along it (unlabelled rows, 0, left out); midpoint_accuracy
+    scores the same rule."""
+    from scripts.evaluation.faces_normals import mean_difference, mean_difference_record, midpoint_accuracy
+    from utils.io.boundary_files import BoundaryRecord, hyperplane_offset
+
+    rng = np.random.default_rng(5)
+    shift = np.zeros(6)
+    shift[2] = 3.0
+    train = np.concatenate([rng.standard_normal((40, 6)) + shift, rng.standard_normal((60, 6))])
+    labels_train = np.array([1] * 40 + [-1] * 60)
+    test = np.concatenate([rng.standard_normal((10, 6)) + shift, rng.standard_normal((10, 6)), np.zeros((5, 6))])
+    labels_test = np.array([1] * 10 + [-1] * 10 + [0] * 5)
+    shipped = BoundaryRecord(normal=np.full(6, 6 ** -0.5, np.float32), coef=np.ones((6,), np.float32), intercept=0.5,
+                             shape=(6,), space="z", t_0=400, n_inv_step=40, attribute="a", config_name="faces")
+    pos, neg = train[labels_train > 0], train[labels_train < 0]
+    normal, threshold = mean_difference(pos, neg)
+    record = mean_difference_record(shipped, normal, threshold, train, labels_train, test, labels_test)
+    np.testing.assert_allclose(record.normal, normal, rtol=1e-6)
+    assert record.intercept == pytest.approx(-(pos.mean(0) + neg.mean(0)) @ normal / 2)
+    assert record.attribute == "a" and record.t_0 == 400 and record.normal.dtype == np.float32
+    distances = test[:20] @ normal - threshold
+    assert record.test_acc == pytest.approx(np.mean(np.sign(distances) == labels_test[:20]))
+    assert record.test_acc == pytest.approx(midpoint_accuracy(normal, pos, neg, test, labels_test))
+    assert record.class_summary["train"]["pos"]["p50"] == pytest.approx(np.median(pos @ normal - threshold))
+    assert hyperplane_offset(record) == pytest.approx(threshold, rel=1e-6)
+
+
 def test_move_consistency_on_constructed_moves():
     """faces_oracle_directions: identical moves share all their energy with their mean; orthogonal
     moves of equal length share 1/N; components along the mean direction and lengths as constructed."""
