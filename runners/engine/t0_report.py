@@ -18,9 +18,11 @@ Per candidate t (a grid like the radius analysis's, every ``--radius_step``):
   well below 1: the move leaves the region where J describes it (the edit is a jump, not a slide).
 
 **The rule** (``recommend_t0``): among the candidates whose accuracy is within ``tolerance`` of
-the best (one point, or one held-out image where the test set has fewer than 100; the accuracy of a
-t is the mean of its z and h test accuracies) and whose linearity is at least ``MIN_LINEARITY``
-(0.9), the largest. Why the largest: the attribute is as readable there as anywhere and the edit
+the best and whose linearity is at least ``MIN_LINEARITY`` (0.9), the largest. The accuracy of a t
+is the mean of its z and h test accuracies; the tolerance is one standard error of the best
+accuracy on the held-out images, sqrt(a (1 - a) / n) (the one-standard-error rule of model
+selection: candidates closer than that to the best are not told apart by the test set), and at
+least one point and one held-out image. Why the largest: the attribute is as readable there as anywhere and the edit
 still behaves linearly, and a larger t_0 leaves the denoiser more steps to turn the move into a
 change of content rather than of texture (the reason the method edits at a mixing step at all). When
 no accurate candidate is linear enough, the accurate one with the highest linearity; without labels
@@ -189,6 +191,16 @@ def _accuracy(row: dict) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def accuracy_tolerance(best: float | None, n_test: int | None) -> float:
+    """How far below the best accuracy a candidate still counts as accurate: one standard error of
+    ``best`` on ``n_test`` held-out images, sqrt(a (1 - a) / n), and at least one point
+    (``ACCURACY_TOLERANCE``) and one image (1 / n); one point without a test set."""
+    if not n_test:
+        return ACCURACY_TOLERANCE
+    standard_error = math.sqrt(best * (1 - best) / n_test) if best is not None else 0.0
+    return max(ACCURACY_TOLERANCE, 1.0 / n_test, standard_error)
+
+
 def _measured_linearity(row: dict) -> float:
     """A row's linearity for ranking: -2 (below any cosine) where it was not measured or is NaN
     (a zero or non-finite step), which ``max`` would otherwise never pass over."""
@@ -199,13 +211,13 @@ def _measured_linearity(row: dict) -> float:
 def recommend_t0(rows: Sequence[dict], n_test: int | None = None, t_m: int | None = None,
                  min_linearity: float = MIN_LINEARITY) -> dict:
     """The t_0 the rule of the module docstring picks from ``t0_rows``: {"t_0", "rule", "tolerance",
-    "best_accuracy", "min_linearity", "t_m", "versus_t_m"}. n_test: held-out images (the tolerance is one of them when
-    fewer than 100); t_m: the radius analysis's mixing step, or None."""
-    tolerance = max(ACCURACY_TOLERANCE, 1.0 / n_test) if n_test else ACCURACY_TOLERANCE
+    "best_accuracy", "min_linearity", "t_m", "versus_t_m"}. n_test: held-out images (the tolerance:
+    ``accuracy_tolerance``); t_m: the radius analysis's mixing step, or None."""
     linear = [r for r in rows if r.get("linearity") is not None and r["linearity"] >= min_linearity]
     accuracies = {r["t"]: _accuracy(r) for r in rows}
     labelled = any(a is not None for a in accuracies.values())
     best = max((a for a in accuracies.values() if a is not None), default=None)
+    tolerance = accuracy_tolerance(best, n_test)
     if labelled:
         accurate = [r for r in rows if accuracies[r["t"]] is not None and accuracies[r["t"]] >= best - tolerance]
         both = [r for r in accurate if r in linear]
