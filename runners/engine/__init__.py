@@ -31,7 +31,7 @@ from utils.core.atlas import HOLD_THRESHOLD
 from utils.core.gram import SVM_C_RANGE
 from utils.core.diffusion import H_POLICIES, Inversion
 from utils.core.seeds import EVALUATION_NOISE, image_key, item_seed
-from utils.core.boundary import fit_boundary
+from utils.core.boundary import class_summary, fit_boundary
 from utils.core.spaces import MOVED, SPACES
 from utils.distributed import ProcessContext, local_device, process_group
 from utils.distributed import context_from_env as distributed_process
@@ -60,7 +60,7 @@ __all__ = [
     "check_request", "check_steps", "spaced",
     # boundaries, units and limits
     "AUTO_SCALE", "BoundaryIndex", "H_POLICIES", "HOLD_THRESHOLD", "MAX_ATTRIBUTES", "MAX_DISTANCE", "MAX_EDITS",
-    "BoundaryRecord", "fit_boundary", "load_boundary", "save_boundary",
+    "BoundaryRecord", "class_summary", "fit_boundary", "load_boundary", "save_boundary",
     "MAX_HOLD_RATIO", "MAX_POINTS", "MOVED", "SVM_C_RANGE", "SPACES", "UNITS", "auto_span", "fitted_t_0", "relative_scale",
     # directions without labels (--discover), the faces' naming of them, which t_0
     "DiscoverJob", "differentiable_net", "factor_matches", "recommend_t0", "t0_report",

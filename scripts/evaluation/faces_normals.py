@@ -42,13 +42,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runners.engine import (SPACES, BoundaryRecord, Engine, EngineOptions, latent_cache_root, load_boundary, load_config,
-                            save_boundary)
+from runners.engine import (SPACES, BoundaryRecord, Engine, EngineOptions, class_summary, latent_cache_root,
+                            load_boundary, load_config, save_boundary)
 from scripts.evaluation.common import (add_output_flags, add_search_flags, command_line, load_evaluated_model,
                                        run_reporting_errors, shipped_search, write_report)
 from scripts.evaluation.faces_discovery import direction_basis
 from scripts.evaluation.faces_region import load_faces
-from utils.core.boundary import class_summary
 from utils.core.discovery import captured_share
 
 #: The part of the face each attribute is drawn in (None: none of the masks' parts alone).
