@@ -509,8 +509,8 @@ def run_discover(editor: Editor, job: DiscoverJob, plan: DiscoverPlan, index: Bo
     images, latents, hits = invert_images(editor, plan.paths, job.inverting.batch_size)
     timings["invert_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
-    directions = find_directions(editor, latents, images, job, masks=None if regions is None else [r.mask
-                                                                                                  for r in regions])
+    directions = find_directions(editor, latents, images, job,
+                                 masks=None if regions is None else [r.mask for r in regions])
     timings["directions_seconds"] = time.perf_counter() - start
     supervised = supervised_normals(index, editor.t_0, editor.model.checkpoint_sha256, job.prefix, editor.shapes)
     directions = orient(directions, plan.names, supervised)

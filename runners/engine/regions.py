@@ -101,12 +101,13 @@ def region_edits(editor: Editor, description: EditDescription, latents: Inversio
     UserError naming the image when an attribute barely reaches into its region."""
     h_shape = editor.shapes["h"]
     inject_h = "h" in description.spaces
-    if region.method == "loco":  # the bases first: a refusal comes before the unedited runs
+    # each method's checks before the unedited runs, so that a refusal costs no denoising
+    if region.method == "loco":
         bases = loco_bases(editor, description, latents, region, masks)
         return RegionEdits(z=[None] * len(masks), h=[None] * len(masks), keep=None,
                            states=editor.trajectories(latents, description, batch_size), z_basis=bases)
-    states = editor.trajectories(latents, description, batch_size)
     check_masks(description, masks, names, h_shape[-1])
+    states = editor.trajectories(latents, description, batch_size)
     return RegionEdits(z=[torch.from_numpy(m.mask)[None] for m in masks],
                        h=[_h_weights(m.mask, h_shape) for m in masks] if inject_h else [None] * len(masks),
                        keep=[(1 - feather(torch.from_numpy(m.mask), region.feather))[None] for m in masks],

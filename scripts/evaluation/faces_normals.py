@@ -70,11 +70,22 @@ def part_share(normal: np.ndarray, masks: np.ndarray) -> float:
     return float(np.mean([energy[m > 0.5].sum() for m in masks]) / energy.sum())
 
 
+def midpoint(normal: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> float:
+    """The threshold halfway between the classes' mean projections on ``normal``."""
+    return float((positive.mean(axis=0) + negative.mean(axis=0)) @ normal / 2)
+
+
+def labelled_accuracy(distances: np.ndarray, labels: np.ndarray) -> float:
+    """The share of the labelled rows (labels -1 / +1; 0 skipped) on their class's side of 0."""
+    labelled = labels != 0
+    return float(np.mean(np.sign(distances[labelled]) == labels[labelled]))
+
+
 def mean_difference(positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, float]:
     """The unit class-mean difference and the threshold halfway between the classes' projections."""
     m = positive.mean(axis=0) - negative.mean(axis=0)
     n = m / np.linalg.norm(m)
-    return n, float((positive.mean(axis=0) + negative.mean(axis=0)) @ n / 2)
+    return n, midpoint(n, positive, negative)
 
 
 def found_basis(folder: Path | None, space: str) -> np.ndarray | None:
@@ -87,9 +98,7 @@ def midpoint_accuracy(normal: np.ndarray, positive: np.ndarray, negative: np.nda
                       labels: np.ndarray) -> float:
     """Accuracy on the labelled ``test`` rows (labels -1 / +1; 0 skipped) of the unit ``normal`` with
     its threshold halfway between the training classes' mean projections."""
-    threshold = (positive.mean(axis=0) + negative.mean(axis=0)) @ normal / 2
-    labelled = labels != 0
-    return float(np.mean(np.sign(test[labelled] @ normal - threshold) == labels[labelled]))
+    return labelled_accuracy(test @ normal - midpoint(normal, positive, negative), labels)
 
 
 def mean_difference_record(shipped: BoundaryRecord, normal: np.ndarray, threshold: float, train: np.ndarray,
@@ -99,8 +108,7 @@ def mean_difference_record(shipped: BoundaryRecord, normal: np.ndarray, threshol
     sides = {}
     for split, x, y in (("train", train, labels_train), ("test", test, labels_test)):
         distances, labelled = x @ normal - threshold, y != 0
-        sides[split] = (np.mean(np.sign(distances[labelled]) == y[labelled]),
-                        class_summary(distances[labelled], y[labelled]))
+        sides[split] = (labelled_accuracy(distances, y), class_summary(distances[labelled], y[labelled]))
     weights = normal.reshape(shipped.normal.shape).astype(shipped.normal.dtype)
     return dataclasses.replace(shipped, normal=weights, coef=weights.copy(), intercept=-threshold,
                                train_acc=float(sides["train"][0]), test_acc=float(sides["test"][0]),
