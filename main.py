@@ -191,8 +191,11 @@ def _edit_flags(parser: argparse.ArgumentParser) -> None:
                       help="h override after the first call: lagged (reference code) or once (paper)")
     edit.add_argument("--start_distance", type=_distance, default=None,
                       help="first signed distance, or auto with --end_distance auto: each moved space spans its "
-                           "boundary's classes, negative 5th to positive 95th percentile (config)")
-    edit.add_argument("--end_distance", type=_distance, default=None, help="last signed distance, or auto (config)")
+                           "boundary's classes, negative 5th to positive 95th percentile (config; with --region, "
+                           "-edit.region_distance where the config sets it)")
+    edit.add_argument("--end_distance", type=_distance, default=None,
+                      help="last signed distance, or auto (config; with --region, edit.region_distance where the "
+                           "config sets it)")
     edit.add_argument("--edit_img_number", type=_edit_count, default=None,
                       help="number of distances K, at most 1000 (config); with --edit the points along every "
                            "range, with --grid per axis")

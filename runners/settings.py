@@ -107,8 +107,8 @@ def _moves(args: argparse.Namespace, config: Config, index: BoundaryIndex) -> tu
         moves = tuple(Move.parse(text) for text in args.edit)
         t_0 = _first_boundaries(index, args, config, moves[0].attribute)[1]
         return moves, args.t_0 if args.t_0 is not None else t_0
-    ends = [v if v is not None else getattr(config.edit, name)
-            for v, name in ((args.start_distance, "start_distance"), (args.end_distance, "end_distance"))]
+    ends = [v if v is not None else default for v, default in
+            zip((args.start_distance, args.end_distance), config.edit.default_range(args.region is not None))]
     if (ends[0] == "auto") != (ends[1] == "auto"):
         raise UserError("auto distances take both ends: --start_distance auto --end_distance auto")
     auto = ends[0] == "auto"

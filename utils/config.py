@@ -96,6 +96,17 @@ class EditConfig:
     attribute: str = ""  # the attribute an edit names when none is given (the web app opens on it)
     unit: str = "absolute"  # the unit of start_distance / end_distance and of --edit values: absolute or relative
     eta: float = 1.0  # DDIM eta of the edits (--eta; the original's 1: fresh noise; 0: deterministic)
+    # A --region edit's range, -region_distance..+region_distance, where the command line gives none (0:
+    # start_distance..end_distance, as a whole-image edit): the confined move puts the whole target into
+    # the region's few values, so a whole-image range can saturate a small region into noise.
+    region_distance: float = 0.0
+
+    def default_range(self, region: bool) -> tuple[float, float]:
+        """The range an edit takes when the command line names none: +-``region_distance`` for a
+        region edit where the config sets one, else ``start_distance`` .. ``end_distance``."""
+        if region and self.region_distance > 0:
+            return -float(self.region_distance), float(self.region_distance)
+        return self.start_distance, self.end_distance
 
 
 #: The most distances (--edit_img_number, edit.edit_img_number) one run may ask for: every edit of
@@ -216,6 +227,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "diffusion.beta_start": (0, 1), "diffusion.beta_end": (0, 1), "diffusion.num_diffusion_timesteps": (2, 100_000),
     "edit.t_0": (1, 100_000), "edit.n_inv_step": (2, 100_000), "edit.n_test_step": (2, 100_000),
     "edit.edit_img_number": (1, MAX_EDIT_IMG_NUMBER), "edit.start_distance": (-1e12, 1e12), "edit.end_distance": (-1e12, 1e12),
+    "edit.region_distance": (0, 1e12),
 }
 _OPEN_BELOW = {"diffusion.beta_start", "diffusion.beta_end"}     # 0 excluded
 _OPEN_ABOVE = {"model.dropout", "diffusion.beta_start", "diffusion.beta_end"}  # 1 excluded
