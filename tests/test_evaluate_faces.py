@@ -17,6 +17,7 @@ from PIL import Image
 from runners.engine import (BoundaryRecord, Denoising, EditRequest, Engine, EngineOptions, Move, latent_shapes,
                             load_config, load_model, save_boundary)
 from scripts import evaluate_edits as ev
+from scripts.evaluation import faces as faces_eval
 from scripts.evaluation import faces_measures as fm
 from scripts.evaluation.faces_runs import eight_bit
 from tests.helpers import random_model, tiny_config
@@ -469,3 +470,12 @@ def test_move_consistency_on_constructed_moves():
     assert orthogonal["mean_norm"] == pytest.approx(1.0) and orthogonal["along_mean"] == pytest.approx(1.0)
     mixed = move_consistency(np.array([[1.0, 1.0], [1.0, -1.0]]))  # mean (1, 0): half of each move's energy
     assert mixed["consistency"] == pytest.approx(0.5) and mixed["along_mean_sd"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("extra, expected", [([], (-30.0, 30.0)), (["--region_parts"], (-5.0, 5.0)),
+                                             (["--region_parts", "--start", "-8"], (-8.0, 5.0))])
+def test_the_evaluations_default_range_is_the_command_lines_region_range_included(extra, expected):
+    """faces.yml's edit.region_distance (5): --region_parts without distances evaluates -5..5, as
+    main.py's --region edits do; a distance given wins."""
+    setting = faces_eval.default_setting(faces_eval.parse(["--config", "faces.yml", *extra]), load_config("faces.yml"))
+    assert (setting.start, setting.end) == expected

@@ -110,10 +110,11 @@ def default_setting(args: argparse.Namespace, config: Config) -> FaceSetting:
     own = unit == edit.unit  # the config's distances are in its own unit
     if not own and not relative and (args.start_distance is None or args.end_distance is None):
         raise UserError(f"the config's distances are in the {edit.unit} unit: give --start and --end in absolute units")
+    own_range = edit.default_range(region=args.region_parts)  # main.py's, --region's included
     start = args.start_distance if args.start_distance is not None else \
-        (float(edit.start_distance) if own else RELATIVE_RANGE[0])
+        (float(own_range[0]) if own else RELATIVE_RANGE[0])
     end = args.end_distance if args.end_distance is not None else \
-        (float(edit.end_distance) if own else RELATIVE_RANGE[1])
+        (float(own_range[1]) if own else RELATIVE_RANGE[1])
     return FaceSetting("region" if args.region_parts else "default", args.t_0 or edit.t_0, float(start), float(end),
                        args.k or edit.edit_img_number, args.space, unit, edit.eta if args.eta is None else args.eta,
                        args.h_policy, args.n_test_step or edit.n_test_step, args.region_parts)
@@ -233,11 +234,11 @@ def _edit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n_inv_step", type=int, default=None, help="inversion steps (default: config)")
     parser.add_argument("--n_test_step", type=int, default=None, help="denoising steps (default: config)")
     parser.add_argument("--start_distance", "--start", type=float, default=None,
-                        help=f"first target (default: config edit.start_distance; {RELATIVE_RANGE[0]:g} with "
-                             "--unit relative)")
+                        help=f"first target (default: config edit.start_distance, -edit.region_distance with "
+                             f"--region_parts where set, as main.py; {RELATIVE_RANGE[0]:g} with --unit relative)")
     parser.add_argument("--end_distance", "--end", type=float, default=None,
-                        help=f"last target (default: config edit.end_distance; {RELATIVE_RANGE[1]:g} with --unit "
-                             "relative)")
+                        help=f"last target (default: config edit.end_distance, edit.region_distance with "
+                             f"--region_parts where set; {RELATIVE_RANGE[1]:g} with --unit relative)")
     parser.add_argument("--unit", choices=("absolute", "relative"), default=None,
                         help="unit of the distances, as main.py's --edit_unit")
     parser.add_argument("--k", type=int, default=None, help="edits per face (default: config edit.edit_img_number)")
