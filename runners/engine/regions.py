@@ -10,7 +10,6 @@ pixel (one minus the feathered mask) and the reference trajectory of every image
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from runners.engine.describe import EditDescription
 from runners.engine.editor import Editor, differentiable_net
-from runners.engine.requests import Region
+from runners.engine.requests import MAX_REGION_RANK, Region
 from utils.core.diffusion import Inversion
 from utils.core.editing import RegionEdits
 from utils.core.region import (MAX_JACOBIAN_ENTRIES, RegionError, area_downsample, check_projection, check_region,
@@ -120,7 +119,7 @@ def check_loco(region: Region, z_shape: Sequence[int]) -> None:
     size = int(np.prod(z_shape))
     if region.method == "loco" and size * size > MAX_JACOBIAN_ENTRIES:
         raise UserError(f"--region_method loco computes the exact Jacobian of the outside, affordable up to "
-                        f"{math.isqrt(MAX_JACOBIAN_ENTRIES)} latent values; this model's have {size} "
+                        f"{MAX_REGION_RANK} latent values; this model's have {size} "
                         f"({' x '.join(map(str, z_shape))}): use --region_method blend")
 
 

@@ -22,14 +22,15 @@ the best and whose linearity is at least ``MIN_LINEARITY`` (0.9), the largest. T
 is the mean of its z and h test accuracies; the tolerance is one standard error of the best
 accuracy on the held-out images, sqrt(a (1 - a) / n) (the one-standard-error rule of model
 selection: candidates closer than that to the best are not told apart by the test set), and at
-least one point and one held-out image. Why the largest: the attribute is as readable there as anywhere and the edit
-still behaves linearly, and a larger t_0 leaves the denoiser more steps to turn the move into a
-change of content rather than of texture (the reason the method edits at a mixing step at all). When
-no accurate candidate is linear enough, the accurate one with the highest linearity; without labels
-(a direction) the largest t whose linearity reaches 0.9, else the most linear. The rule fired is
-recorded. Given the radius analysis's mixing step t_m, the report says where t_0 lies from it:
-t_m is where inverted latents have the radius of sampled ones (a property of the whole latent
-distribution, the same for every attribute); the recommended t_0 is attribute-specific.
+least one point and one held-out image. Why the largest: the attribute is as readable there as
+anywhere and the edit still behaves linearly, and a larger t_0 leaves the denoiser more steps to
+turn the move into a change of content rather than of texture (the reason the method edits at a
+mixing step at all). When no accurate candidate is linear enough, the accurate one with the highest
+linearity; without labels (a direction) the largest t whose linearity reaches 0.9, else the most
+linear. The rule fired is recorded. Given the radius analysis's mixing step t_m, the report says
+where t_0 lies from it: t_m is where inverted latents have the radius of sampled ones (a property
+of the whole latent distribution, the same for every attribute); the recommended t_0 is
+attribute-specific.
 """
 from __future__ import annotations
 
