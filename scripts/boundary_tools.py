@@ -62,13 +62,18 @@ def atlas(args: argparse.Namespace) -> Path:
     return json_path
 
 
+def random_normal(shape: tuple[int, ...], seed: int, index: int) -> np.ndarray:
+    """A unit vector of ``prod(shape)`` values, uniform on the sphere, from (``seed``, ``index``)."""
+    v = np.random.default_rng([seed, index]).standard_normal(int(np.prod(shape)))
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
 def random_control(args: argparse.Namespace) -> Path:
     """Every boundary file of ``args.src`` written to ``args.out`` under its own name and header,
-    with a random unit normal (file i of the sorted names: ``random_unit_normal(size, seed, i)``),
+    with a random unit normal (file i of the sorted names: ``random_normal(shape, seed, i)``),
     intercept 0 and no accuracies or class summaries: an edit in the absolute unit then moves each
     latent as far as with the attribute's normal (its projection on a random direction is about
     N(0, 1)), in a direction that carries no attribute."""
-    from utils.core.boundary import random_unit_normal
     from utils.io.boundary_files import load_boundary, save_boundary
 
     files = sorted(Path(args.src).glob("*.npz"))
@@ -80,7 +85,7 @@ def random_control(args: argparse.Namespace) -> Path:
     records = [load_boundary(path) for path in files]
     args.out.mkdir(parents=True, exist_ok=True)
     for i, (path, record) in enumerate(zip(files, records)):
-        normal = random_unit_normal(int(np.prod(record.shape)), args.seed, i).astype(np.float32)
+        normal = random_normal(record.shape, args.seed, i)
         save_boundary(args.out / path.name, record.with_direction(normal))
     return args.out
 

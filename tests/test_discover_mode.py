@@ -23,12 +23,10 @@ from runners.engine.discover import (DiscoverJob, Directions, direction_names, f
                                      median_split, name_directions, orient, pair_h, plan_discover, run_discover,
                                      supervised_normals)
 from runners.engine.editor import Editor, ImageReader
-from runners.engine.t0_report import EditProbe, Labelled, balanced_split, probe_rows, recommend_t0, t0_report, t0_rows
+from runners.engine.t0_report import Labelled, balanced_split, recommend_t0, t0_report
 from runners.engine.within import coordinates, fit_space_within, within_basis
 from tests.helpers import make_edit_setup, write_labelled_set
-from utils.core.boundary import fit_boundary, hyperplane_distances, random_unit_normal
-from utils.core.diffusion import Inversion, timestep_grid
-from utils.core.editing import LatentMove, iter_edits
+from utils.core.boundary import hyperplane_distances
 from utils.core.discovery import fit_within
 from utils.errors import UserError
 from utils.io.atlas import atlas_from_dir
@@ -364,85 +362,6 @@ def test_the_t0_rule():
     assert recommend_t0(unlabelled)["t_0"] == 300 and "no labels" in recommend_t0(unlabelled)["rule"]
 
 
-def test_probe_rows_take_half_of_each_class_in_order_and_leave_half_for_the_readout():
-    lab = Labelled("a", (), np.array([1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0]), np.array([0, 1]), np.arange(2, 12))
-    # test labels: [1, 1, 0, 1, 0, 0, 1, 1, 0, 0] at positions 0..9
-    assert probe_rows(lab, 4).tolist() == [0, 1, 2, 4]
-    assert probe_rows(lab, 5).tolist() == [0, 1, 2, 3, 4]  # ceil(5 / 2) positives
-    assert probe_rows(lab, 16).tolist() == [0, 1, 2, 3, 4]  # at most half of the 10 held-out images
-    few = Labelled("a", (), np.array([1, 0, 0, 0, 0, 1, 0, 0, 0, 0]), np.array([0, 1]), np.arange(2, 10))
-    assert probe_rows(few, 4).tolist() == [0, 1, 2, 3]  # one positive: the negatives fill in
-
-
-def test_the_rule_with_an_edit_probe_takes_the_most_selective_t():
-    def row(t, acc, lin, flip, control):
-        return {"t": t, "test_acc": {"z": acc, "h": acc}, "linearity": lin,
-                "editability": {"flip": flip, "control": control, "selectivity": flip - control, "n": 16,
-                                "read_at": 200, "read_in": "h"}}
-    rows = [row(200, 0.95, 0.97, 0.25, 0.0), row(400, 0.90, 0.92, 0.5, 0.0), row(600, 0.88, 0.78, 0.75, 0.125),
-            row(800, 0.85, 0.70, 0.875, 0.5)]
-    got = recommend_t0(rows, n_test=100, t_m=500)
-    assert got["t_0"] == 600 and got["readable_t_0"] == 200 and (got["read_at"], got["read_in"]) == (200, "h")
-    assert "selectivity" in got["rule"] and got["versus_t_m"] == "t_0 600 is above the mixing step t_m 500 (+100)"
-    tied = [row(200, 0.9, 0.9, 0.5, 0.25), row(300, 0.9, 0.9, 0.75, 0.5), row(400, 0.9, 0.9, 0.75, 0.5)]
-    assert recommend_t0(tied, n_test=100)["t_0"] == 300  # equal selectivity: the higher flip, then the smaller t
-    without = [{k: v for k, v in r.items() if k != "editability"} for r in rows]
-    assert recommend_t0(without, n_test=100)["t_0"] == recommend_t0(without, n_test=100)["readable_t_0"] == 200
-
-
-def test_the_edit_probe_reads_each_edit_as_one_edit_at_a_time_would(discovered, labelled):
-    """The probe's shares against the same edits made and read one image at a time, straight from
-    the core (a LatentMove to +-distance, iter_edits, inversion to the readout t, the sign of an
-    SVM fitted on the held-out images not edited): its grouping by target, its control directions,
-    its readout and its reading order."""
-    model = discovered["model"]
-    paths, y = labelled["paths"], (labelled["labels"] > 0).astype(np.int64)
-    train, test = balanced_split(y, 8, 8, seed=0)
-    lab = Labelled("Bright_Left", tuple(paths), y, train, test)
-    probe = EditProbe(distance=4.0, denoising=Denoising(4, eta=0.0, batch_size=3), n_images=16, seed=5)
-    rows = t0_rows(model, [100, 300], 5, labelled=lab, n_linearity=1, probe=probe)
-    accuracy = {r["t"]: np.mean(list(r["test_acc"].values())) for r in rows}
-    read_at = max(sorted(accuracy), key=lambda t: accuracy[t])
-    reader = ImageReader.for_config(model.config, align_face=False)
-    images = torch.stack([reader.read(p) for p in paths])
-    order = np.concatenate([train, test])
-
-    def fitted(t):
-        latents, _ = Editor(model, t, 5, show_progress=False).invert(images[order], 8)
-        flat = {s: getattr(latents, s).double().reshape(16, -1).numpy() for s in ("z", "h")}
-        return latents, {s: fit_boundary(flat[s][:8], y[order][:8], flat[s][8:], y[order][8:]) for s in flat}
-
-    latents_r, svms_r = fitted(read_at)
-    read_in = max(("z", "h"), key=lambda s: (svms_r[s].test_acc, s == "z"))
-    chosen = 8 + probe_rows(lab, 16)
-    assert len(chosen) == 4  # half of the 8 held-out images
-    others = np.setdiff1d(np.arange(8, 16), chosen)
-    readout = fit_boundary(getattr(latents_r, read_in)[others].double().reshape(4, -1).numpy(), y[order][others])
-    targets = 1 - y[order][chosen]
-    for row in rows:
-        t = row["t"]
-        latents, svms = fitted(t)
-        shares = []
-        for control in (False, True):
-            hits = []
-            for j, target in zip(chosen, targets):
-                moves = [LatentMove.along(random_unit_normal(svms[s].normal.size, 5, 2 * t + i) if control
-                                          else svms[s].normal.astype(np.float64), [4.0 if target else -4.0])
-                         for i, s in enumerate(("z", "h"))]
-                [batch] = iter_edits(model.net, Inversion(latents.z[j:j + 1], latents.h[j:j + 1]), model.alphas_cumprod,
-                                     timestep_grid(t, 4), *moves, [[0]], eta=0.0)
-                back, _ = Editor(model, read_at, 5, show_progress=False).invert(batch.images.cpu(), 8)
-                distance = hyperplane_distances(getattr(back, read_in).double().reshape(1, -1).numpy(), readout)
-                assert abs(distance[0]) > 1e-4  # no reading so close to the hyperplane that batching could turn it
-                hits.append((distance[0] > 0) == bool(target))
-            shares.append(float(np.mean(hits)))
-        found = row["editability"]
-        assert (found["flip"], found["control"]) == (shares[0], shares[1])
-        assert found["selectivity"] == shares[0] - shares[1] and (found["n"], found["n_readout"]) == (4, 4)
-        assert (found["read_at"], found["read_in"]) == (read_at, read_in)
-    assert t0_rows(model, [100], 5, labelled=lab, n_linearity=1)[0].get("editability") is None  # no probe: no edits
-
-
 # ------------------------------------------------------------------------------ through the engine and main.py
 
 def _engine_runs_discover() -> bool:
@@ -489,30 +408,3 @@ def test_main_discover_then_edit_then_within(tmp_path):
     V, _ = within_basis(dirs, "tiny_ed", model.shapes, T_0, "z")
     normal = record.normal.astype(np.float64)
     np.testing.assert_allclose(V.T @ (V @ normal), normal, atol=1e-6)
-
-
-def test_main_radius_with_an_attribute_reports_the_edit_probe(tmp_path):
-    """--radius --edit_attr: the t_0 report's rows carry the edit probe (the config's range and
-    steps), its CSV the probe's columns, and the recommendation is the most selective t."""
-    from main import main
-
-    make_edit_setup(tmp_path, n_images=2, t_0=T_0)
-    images, attrs = write_labelled_set(tmp_path / "labelled", n=16)
-    assert main(["--radius", "--config", str(tmp_path / "tiny.yml"), "--model_path", str(tmp_path / "w.pt"),
-                 "--cache_dir", str(tmp_path / "cache"), "--edit_attr", "Bright_Left", "--data_dir", str(images),
-                 "--attr_file", str(attrs), "--n_train_img", "8", "--n_test_img", "8", "--radius_step", "300",
-                 "--n_inv_step", "5", "--exp", str(tmp_path / "run")]) == 0
-    run = tmp_path / "run" / "radius"
-    report = json.loads((run / "t0_report.json").read_text())
-    rows = report["rows"]
-    assert [r["t"] for r in rows] == [300, 600, 900, 999]
-    for row in rows:
-        probe = row["editability"]
-        assert (probe["n"], probe["n_readout"]) == (4, 4) and 0 <= probe["flip"] <= 1 and 0 <= probe["control"] <= 1
-        assert probe["selectivity"] == pytest.approx(probe["flip"] - probe["control"])
-    best = max(rows, key=lambda r: (r["editability"]["selectivity"], r["editability"]["flip"], -r["t"]))
-    summary = json.loads((run / "summary.json").read_text())
-    assert report["recommended"]["t_0"] == summary["t0"]["t_0"] == best["t"]
-    assert report["recommended"]["readable_t_0"] in [r["t"] for r in rows]
-    header, *lines = (run / "t0_report.csv").read_text().splitlines()
-    assert header.endswith(",flip,control,selectivity") and len(lines) == 4

@@ -21,7 +21,7 @@ from runners.engine.outputs import (SequenceWriter, edit_label, folder_names, wr
                                     write_summary)
 from runners.engine.regions import part_folders, region_edits, region_masks
 from runners.engine.requests import EditJob, RadiusJob, SampleJob
-from runners.engine.t0_report import EditProbe, Labelled, labelled_for_report, t0_report
+from runners.engine.t0_report import Labelled, labelled_for_report, t0_report
 from utils.core.diffusion import Inversion, sampling_pairs
 from utils.core.editing import RegionEdits
 from utils.core.seeds import EDIT, RADIUS_NOISE, SAMPLE_EDIT, image_key, item_seed
@@ -259,7 +259,6 @@ def radius(editor: Editor, job: RadiusJob, run_dir: Path, summary: dict) -> dict
     if labelled is not None:
         t0 = t0_report(editor.model, [t for t in candidates if t >= 1], job.n_inv_step, labelled=labelled,
                        t_m=result["t_m"], svm_c=job.svm_c, batch_size=job.batch_size,
-                       probe=EditProbe.for_config(editor.config, job.batch_size, job.seed),
                        cache_root=editor.cache.root if editor.cache else None, show_progress=editor.net.show)
         write_json(run_dir / "t0_report.json", {**t0, "n_train": len(labelled.train), "n_test": len(labelled.test),
                                                 **identity})

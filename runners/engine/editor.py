@@ -37,7 +37,7 @@ from runners.engine.requests import Denoising, check_t_0
 from utils.config import Config
 from utils.core.batching import batch_regime, batch_slices, pair_lone
 from utils.core.diffusion import Inversion, generate, invert, sample_latents, sampling_pairs, timestep_grid
-from utils.core.editing import EditBatch, LatentMove, RegionEdits, iter_edits, reconstruct
+from utils.core.editing import EditBatch, RegionEdits, iter_edits, reconstruct
 from utils.core.mixing import radius_curves
 from utils.core.region import reference_trajectory
 from utils.core.seeds import EDIT, EVALUATION_NOISE, SAMPLE, item_seed
@@ -396,40 +396,27 @@ class Editor:
         it is done (``utils.core.editing.iter_edits``): images on the CPU, (n, C, H, W) in [-1, 1]
         (not clipped), and the edited latents. seed_keys: B tuples, seed_domain: EDIT for real
         images, SAMPLE_EDIT for sampled latents (the seed rule above)."""
-        yield from self.moved(latents, description.move("z"), description.move("h"), description.denoising,
-                              description.seeds(seed_keys, iteration, seed_domain),
-                              "editing" if iteration == 0 else f"editing, iteration {iteration + 1}", region)
-
-    def moved(self, latents: Inversion, move_z: LatentMove | None, move_h: LatentMove | None, denoising: Denoising,
-              seeds: Sequence[Sequence[int]], desc: str = "editing", region: RegionEdits | None = None
-              ) -> Iterator[EditBatch]:
-        """``edits`` for moves given directly (``LatentMove``s of K targets; None: that space is not
-        moved) and seeds (B rows of K): what an edit description's moves and seeds are made into, so
-        that a measurement on fitted normals denoises exactly as an edit does."""
+        denoising = description.denoising
         grid = timestep_grid(self.t_0, denoising.n_test_step)
-        n_edits = len(latents.z) * len(move_z if move_z is not None else move_h)
+        n_edits = len(latents.z) * len(description)
         if n_edits == 0:
             return
         on_device = Inversion(latents.z.to(self.device), latents.h.to(self.device))
+        moves = {s: description.move(s) for s in SPACES}
         calls = -(-n_edits // denoising.batch_size) * len(grid)  # one batch when fewer edits than its size
-        with self.net.progress(calls, desc):
-            for batch in iter_edits(self.net, on_device, self.alphas_cumprod, grid, move_z, move_h, seeds,
-                                    eta=denoising.eta, h_policy=denoising.h_policy,
-                                    batch_size=denoising.batch_size, region=region):
+        with self.net.progress(calls, "editing" if iteration == 0 else f"editing, iteration {iteration + 1}"):
+            for batch in iter_edits(self.net, on_device, self.alphas_cumprod, grid, moves["z"], moves["h"],
+                                    description.seeds(seed_keys, iteration, seed_domain), eta=denoising.eta,
+                                    h_policy=denoising.h_policy, batch_size=denoising.batch_size, region=region):
                 yield EditBatch(batch.items, batch.images.cpu(), batch.z.cpu(),
                                 None if batch.h is None else batch.h.cpu())
 
     def edit_all(self, latents: Inversion, description: EditDescription, seed_keys: Sequence[tuple[int, ...]],
                  iteration: int = 0, seed_domain: int = EDIT, region: RegionEdits | None = None) -> Tensor:
         """Every edit at once: (B, K, C, H, W) in [-1, 1] (not clipped), on the CPU."""
-        return stacked(self.edits(latents, description, seed_keys, iteration, seed_domain, region),
-                       len(latents.z), len(description))
-
-
-def stacked(batches: Iterator[EditBatch], n_images: int, n_edits: int) -> Tensor:
-    """The images of an edit run's batches (image-major) as one tensor (B, K, C, H, W)."""
-    images = torch.cat([b.images for b in batches])
-    return images.reshape(n_images, n_edits, *images.shape[1:])
+        images = torch.cat([b.images for b in self.edits(latents, description, seed_keys, iteration, seed_domain,
+                                                         region)])
+        return images.reshape(len(latents.z), len(description), *images.shape[1:])
 
 
 def differentiable_net(model: LoadedModel) -> torch.nn.Module:

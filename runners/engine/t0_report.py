@@ -16,28 +16,8 @@ Per candidate t (a grid like the radius analysis's, every ``--radius_step``):
   the size of an edit that takes an image from one class to the other. 1: the denoiser responds to
   the whole edit as its first-order model predicts, so the edit's effect is smooth and predictable;
   well below 1: the move leaves the region where J describes it (the edit is a jump, not a slide).
-- **editability** (with labels and an ``EditProbe``): does an edit made at t, as the command line
-  makes it, change the image's attribute? A few held-out images of each class are set to the
-  probe's distance on the other class's side of t's normals (z and h, the absolute unit, denoised
-  as the probe says: the command line's steps and eta), and the same images as far along seeded
-  random unit directions (the control: a move as large that carries no attribute). Every edited
-  image is inverted to the most readable candidate t_r (the best accuracy) and read there by the
-  readout: an SVM in t_r's more accurate space, fitted on the other held-out images (neither the
-  probe's nor the training images, so that it reads the attribute and not the edited normal's own
-  fit: an SVM normal is a combination of its training latents, and a readout fitted on the same
-  images reads that combination wherever an edit put it). ``flip``: the share of the edits read as
-  the target class; ``control``: the share of the random moves read so; ``selectivity`` = flip -
-  control. Accuracy and linearity favour small t
-  (the attribute reads best and the denoiser is most linear near the image), while an edit of a
-  fixed size changes the image more at larger t; neither measures whether the edit arrives, and
-  this does, with the tool's own classifiers (no attribute predictor).
 
-**The rule with an edit probe** (``recommend_t0``, labels): the candidate with the highest
-selectivity (ties: the higher flip, then the smaller t): where the command line's edits change the
-attribute most, beyond what any move of their size changes. The rule below is still computed and
-recorded as ``readable_t_0``.
-
-**The rule without one** (``recommend_t0``): among the candidates whose accuracy is within ``tolerance`` of
+**The rule** (``recommend_t0``): among the candidates whose accuracy is within ``tolerance`` of
 the best and whose linearity is at least ``MIN_LINEARITY`` (0.9), the largest. The accuracy of a t
 is the mean of its z and h test accuracies; the tolerance is one standard error of the best
 accuracy on the held-out images, sqrt(a (1 - a) / n) (the one-standard-error rule of model
@@ -46,15 +26,14 @@ least one point and one held-out image. Why the largest: the attribute is as rea
 anywhere and the edit still behaves linearly, and a larger t_0 leaves the denoiser more steps to
 turn the move into a change of content rather than of texture (the reason the method edits at a
 mixing step at all). When no accurate candidate is linear enough, the accurate one with the highest
-linearity; without labels (a direction: nothing to read an edit with) the largest t whose
-linearity reaches 0.9, else the most linear. The rule fired is recorded. Given the radius analysis's mixing step t_m, the report says
+linearity; without labels (a direction) the largest t whose linearity reaches 0.9, else the most
+linear. The rule fired is recorded. Given the radius analysis's mixing step t_m, the report says
 where t_0 lies from it: t_m is where inverted latents have the radius of sampled ones (a property
 of the whole latent distribution, the same for every attribute); the recommended t_0 is
 attribute-specific.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -66,13 +45,9 @@ import torch
 
 from models.loading import LoadedModel
 from runners.engine.discover import median_split
-from runners.engine.editor import Editor, ImageReader, differentiable_net, stacked
-from runners.engine.requests import Denoising
-from utils.core.boundary import Boundary, class_summary, fit_boundary, hyperplane_distances, random_unit_normal
-from utils.core.diffusion import Inversion
+from runners.engine.editor import Editor, ImageReader, differentiable_net
+from utils.core.boundary import class_summary, fit_boundary, hyperplane_distances
 from utils.core.discovery import edit_linearity
-from utils.core.editing import LatentMove
-from utils.core.seeds import EDIT, item_seed
 from utils.core.gram import FitError
 from utils.core.spaces import SPACES
 from utils.errors import UserError
@@ -154,50 +129,9 @@ def _sources(model: LoadedModel, labelled: Labelled | None, direction: Path | No
     return list(images), slice(0, min(n_linearity, len(images))), record.normal.astype(np.float64)
 
 
-@dataclass(frozen=True)
-class EditProbe:
-    """How the t_0 report tries edits at each t (the module docstring's editability): ``n_images``
-    held-out images (``probe_rows``) set to ``distance`` (absolute unit)
-    on the other class's side, denoised as ``denoising``; the random directions from ``seed``."""
-    distance: float
-    denoising: Denoising
-    n_images: int = 16
-    seed: int = 0
-
-    @classmethod
-    def for_config(cls, config, batch_size: int = 8, seed: int = 0) -> "EditProbe":
-        """The command line's edit: the far end of the config's range (the larger of |start| and
-        |end|), its denoising steps and eta."""
-        edit = config.edit
-        distance = max(abs(float(edit.start_distance)), abs(float(edit.end_distance)))
-        return cls(distance, Denoising(edit.n_test_step, edit.eta, batch_size=batch_size), seed=seed)
-
-
-@dataclass(frozen=True)
-class _Fitted:
-    """One candidate t's SVMs (per space; None where the fit failed), the probe images' latents and
-    those of the other held-out images (the readout's)."""
-    t: int
-    boundaries: dict[str, Boundary | None]
-    probe_latents: Inversion | None
-    readout_latents: Inversion | None
-
-
-def probe_rows(labelled: Labelled, n: int) -> np.ndarray:
-    """Which held-out images the edit probe edits: positions in ``labelled.test``, at most n and at
-    most half of them (the rest train the readout), the first half of that number (rounded up) of
-    each class in order (the other class fills a short one)."""
-    y = labelled.labels[labelled.test]
-    n = min(n, len(y) // 2)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    n_pos = min(len(pos), max(n - len(neg), -(-n // 2)))
-    return np.sort(np.concatenate([pos[:n_pos], neg[:n - n_pos]]))
-
-
-def _labelled_row(row: dict, latents, labelled: Labelled, svm_c: float, t: int
-                  ) -> tuple[dict[str, Boundary | None], float | None]:
-    """Fit the SVMs of one t (their accuracies into ``row``): the boundary per space (None where
-    the fit failed) and the edit's step along the z normal (None without a z SVM)."""
+def _labelled_row(row: dict, latents, labelled: Labelled, svm_c: float, t: int) -> tuple[np.ndarray, float] | None:
+    """Fit the SVMs of one t (their accuracies into ``row``); the z normal and the edit's step, or
+    None when z has no SVM."""
     n_train = len(labelled.train)
     y = labelled.labels[np.concatenate([labelled.train, labelled.test])]
     row["train_acc"], row["test_acc"], fitted = {}, {}, {}
@@ -211,47 +145,37 @@ def _labelled_row(row: dict, latents, labelled: Labelled, svm_c: float, t: int
         row["train_acc"][space] = None if fitted[space] is None else fitted[space].train_acc
         row["test_acc"][space] = None if fitted[space] is None else fitted[space].test_acc
     if fitted["z"] is None:
-        return fitted, None
-    return fitted, _median_gap(hyperplane_distances(_flat(latents.z)[:n_train], fitted["z"]), y[:n_train])
+        return None
+    normal = fitted["z"].normal.astype(np.float64)
+    return normal, _median_gap(hyperplane_distances(_flat(latents.z)[:n_train], fitted["z"]), y[:n_train])
 
 
 def t0_rows(model: LoadedModel, candidates: Sequence[int], n_inv_step: int, *, labelled: Labelled | None = None,
             direction: Path | None = None, images: Sequence[Path] = (), n_linearity: int = 4, svm_c: float = 1.0,
-            batch_size: int = 8, cache_root: Path | None = None, show_progress: bool = False,
-            probe: EditProbe | None = None) -> list[dict]:
+            batch_size: int = 8, cache_root: Path | None = None, show_progress: bool = False) -> list[dict]:
     """The measurements of each candidate t (ascending): {"t", "n_inv_step", "test_acc" {z, h} and
-    "train_acc" {z, h} (labels only), "linearity", "linearity_std", "step"}, and "editability"
-    {"flip", "control", "selectivity", "n", "read_at", "read_in", "n_readout"} with labels and a ``probe``. With
-    ``labelled``: its images, the SVMs fitted on its train split, linearity on the first
-    ``n_linearity`` test images. With ``direction`` (a z boundary file, e.g. a discovered one)
-    instead: linearity of that direction on the first ``n_linearity`` of ``images`` (at least 2).
-    The inversion grid at t has min(n_inv_step, t + 1) points."""
+    "train_acc" {z, h} (labels only), "linearity", "linearity_std", "step"}. With ``labelled``: its
+    images, the SVMs fitted on its train split, linearity on the first ``n_linearity`` test images.
+    With ``direction`` (a z boundary file, e.g. a discovered one) instead: linearity of that
+    direction on the first ``n_linearity`` of ``images`` (at least 2). The inversion grid at t has
+    min(n_inv_step, t + 1) points."""
     if (labelled is None) == (direction is None):
         raise ValueError("give labelled images or a direction, not both")
     paths, shown, fixed = _sources(model, labelled, direction, images, n_linearity)
     reader = ImageReader.for_config(model.config, align_face=False)
     images_t = torch.stack([reader.read(p) for p in paths])
-    probed = rest = targets = rest_labels = None
-    if labelled is not None and probe is not None:  # rows of the held-out images, after the train rows
-        chosen = probe_rows(labelled, probe.n_images)
-        others = np.setdiff1d(np.arange(len(labelled.test)), chosen)
-        probed, rest = len(labelled.train) + chosen, len(labelled.train) + others
-        targets = 1 - labelled.labels[labelled.test[chosen]]  # each probe image edited toward the other class
-        rest_labels = labelled.labels[labelled.test[others]]
-    net, T, rows, fits = differentiable_net(model), model.config.diffusion.num_diffusion_timesteps, [], []
+    net, T, rows = differentiable_net(model), model.config.diffusion.num_diffusion_timesteps, []
     for t in sorted({int(t) for t in candidates if 1 <= int(t) <= model.config.diffusion.num_diffusion_timesteps - 1}):
         steps = min(n_inv_step, t + 1)
         latents, _ = Editor(model, t, steps, cache_root, show_progress).invert(images_t, batch_size,
                                                                                 desc=f"inverting to t {t}")
         row = {"t": t, "n_inv_step": steps}
         if labelled is not None:
-            boundaries, step = _labelled_row(row, latents, labelled, svm_c, t)
-            fits.append(_Fitted(t, boundaries, *(None if probed is None else Inversion(latents.z[i], latents.h[i])
-                                                 for i in (probed, rest))))
-            if step is None:
+            found = _labelled_row(row, latents, labelled, svm_c, t)
+            if found is None:
                 rows.append({**row, "linearity": None, "linearity_std": None, "step": None})
                 continue
-            normal = boundaries["z"].normal.astype(np.float64)
+            normal, step = found
         else:
             normal, projections = fixed, _flat(latents.z) @ fixed
             step = _median_gap(projections, median_split(projections))
@@ -259,89 +183,7 @@ def t0_rows(model: LoadedModel, candidates: Sequence[int], n_inv_step: int, *, l
         rows.append({**row, "linearity": mean, "linearity_std": std, "step": abs(step)})
     if not rows:
         raise UserError(f"no candidate timestep in [1, {T - 1}]")
-    if probed is not None:
-        for row, found in zip(rows, editability(model, fits, rows, targets, rest_labels, probe, n_inv_step,
-                                                svm_c, batch_size, show_progress)):
-            row["editability"] = found
     return rows
-
-
-def _readout(rows: Sequence[dict], fits: Sequence[_Fitted], labels: np.ndarray, svm_c: float
-             ) -> tuple[int, str, Boundary] | None:
-    """The edit probe's readout: the most accurate candidate t_r (ties: the smaller t), its space of
-    the higher test accuracy (ties: the first) and an SVM fitted there on the other held-out
-    images' latents (``labels``); None where no candidate has an SVM or the readout cannot be fitted."""
-    scored = [(_accuracy(r), -f.t, f) for r, f in zip(rows, fits) if _accuracy(r) is not None]
-    if not scored:
-        return None
-    fit = max(scored, key=lambda item: item[:2])[2]
-    spaces = [s for s in SPACES if fit.boundaries[s] is not None]
-    space = max(spaces, key=lambda s: (fit.boundaries[s].test_acc, -SPACES.index(s)))
-    try:
-        return fit.t, space, fit_boundary(_flat(getattr(fit.readout_latents, space)), labels, C=svm_c)
-    except (FitError, UserError, ValueError) as exc:
-        log.warning("no edit probe: its readout cannot be fitted on the other held-out images (%s)", exc)
-        return None
-
-
-def editability(model: LoadedModel, fits: Sequence[_Fitted], rows: Sequence[dict], targets: np.ndarray,
-                readout_labels: np.ndarray, probe: EditProbe, n_inv_step: int, svm_c: float = 1.0,
-                batch_size: int = 8, show_progress: bool = False) -> list[dict | None]:
-    """Per candidate (``fits``, ascending t, beside ``rows``) the edit probe's {"flip", "control",
-    "selectivity", "n", "read_at", "read_in", "n_readout"} (module docstring), None where t has no
-    SVM to move along (all None where the readout cannot be fitted). targets: (n,) the class in
-    {0, 1} each probe image is edited toward; readout_labels: the other held-out images' classes."""
-    readout = _readout(rows, fits, readout_labels, svm_c)
-    if readout is None:
-        return [None] * len(fits)
-    read_at, read_in, reading = readout
-    edited, made = [], []
-    for fit in fits:
-        spaces = [s for s in SPACES if fit.boundaries[s] is not None]
-        if not spaces:
-            continue
-        editor = Editor(model, fit.t, min(n_inv_step, fit.t + 1), show_progress=show_progress)
-        denoising = dataclasses.replace(probe.denoising, n_test_step=min(probe.denoising.n_test_step, fit.t + 1))
-        for control in (False, True):
-            edited.append(_probe_edits(editor, fit, spaces, targets, probe, denoising, control))
-        made.append(fit.t)
-    reader = Editor(model, read_at, min(n_inv_step, read_at + 1), show_progress=show_progress)
-    latents, _ = reader.invert(torch.cat(edited), batch_size, desc=f"reading the edits at t {read_at}")
-    read = hyperplane_distances(_flat(getattr(latents, read_in)), reading) > 0
-    hits = (read == np.tile(targets.astype(bool), len(edited))).reshape(len(edited), len(targets)).mean(axis=1)
-    found = {t: (float(hits[2 * i]), float(hits[2 * i + 1])) for i, t in enumerate(made)}
-    return [None if f.t not in found else
-            {"flip": found[f.t][0], "control": found[f.t][1], "selectivity": found[f.t][0] - found[f.t][1],
-             "n": len(targets), "read_at": read_at, "read_in": read_in, "n_readout": len(readout_labels)}
-            for f in fits]
-
-
-def _probe_edits(editor: Editor, fit: _Fitted, spaces: Sequence[str], targets: np.ndarray, probe: EditProbe,
-                 denoising: Denoising, control: bool) -> torch.Tensor:
-    """The probe images edited at ``fit.t``, (n, C, H, W): each set to +distance (target 1) or
-    -distance (target 0) along t's normals in ``spaces``, or (``control``) along seeded random unit
-    directions; a space without an SVM is not moved."""
-    latents = fit.probe_latents
-    out = torch.empty((len(targets), *latents.z.shape[1:]))
-    for target in (0, 1):
-        rows = np.flatnonzero(targets == target)
-        if len(rows) == 0:
-            continue
-        distance = probe.distance if target == 1 else -probe.distance
-        moves = {}
-        for i, space in enumerate(SPACES):
-            if space not in spaces:
-                moves[space] = None
-                continue
-            normal = (random_unit_normal(fit.boundaries[space].normal.size, probe.seed, 2 * fit.t + i) if control
-                      else fit.boundaries[space].normal.astype(np.float64))
-            moves[space] = LatentMove.along(normal, [distance])
-        part = Inversion(latents.z[rows], latents.h[rows])
-        seeds = [[item_seed(probe.denoising.seed, fit.t, int(r), int(control), domain=EDIT)] for r in rows]
-        batches = editor.moved(part, moves["z"], moves["h"], denoising, seeds,
-                               f"{'control' if control else 'editing'} at t {fit.t}")
-        out[torch.from_numpy(rows)] = stacked(batches, len(rows), 1)[:, 0]
-    return out
 
 
 def _accuracy(row: dict) -> float | None:
@@ -367,10 +209,11 @@ def _measured_linearity(row: dict) -> float:
     return value if value is not None and math.isfinite(value) else -2.0
 
 
-def _readable_t0(rows: Sequence[dict], n_test: int | None, min_linearity: float
-                 ) -> tuple[dict, str, float, float | None]:
-    """The rule without an edit probe (module docstring): the row it picks, the rule fired, the
-    accuracy tolerance and the best accuracy (None without labels)."""
+def recommend_t0(rows: Sequence[dict], n_test: int | None = None, t_m: int | None = None,
+                 min_linearity: float = MIN_LINEARITY) -> dict:
+    """The t_0 the rule of the module docstring picks from ``t0_rows``: {"t_0", "rule", "tolerance",
+    "best_accuracy", "min_linearity", "t_m", "versus_t_m"}. n_test: held-out images (the tolerance:
+    ``accuracy_tolerance``); t_m: the radius analysis's mixing step, or None."""
     linear = [r for r in rows if r.get("linearity") is not None and r["linearity"] >= min_linearity]
     accuracies = {r["t"]: _accuracy(r) for r in rows}
     labelled = any(a is not None for a in accuracies.values())
@@ -390,26 +233,6 @@ def _readable_t0(rows: Sequence[dict], n_test: int | None, min_linearity: float
     else:
         pick = max(rows, key=lambda r: (_measured_linearity(r), r["t"]))
         rule = f"no t reaches linearity {min_linearity}: the most linear t (no labels)"
-    return pick, rule, tolerance, best
-
-
-def recommend_t0(rows: Sequence[dict], n_test: int | None = None, t_m: int | None = None,
-                 min_linearity: float = MIN_LINEARITY) -> dict:
-    """The t_0 the rules of the module docstring pick from ``t0_rows``: {"t_0", "rule", "tolerance",
-    "best_accuracy", "min_linearity", "readable_t_0", "t_m", "versus_t_m"}; with the edit probe's
-    rows (an "editability" entry) also "read_at" and "read_in". n_test: held-out images (the
-    tolerance: ``accuracy_tolerance``); t_m: the radius analysis's mixing step, or None."""
-    readable, rule, tolerance, best = _readable_t0(rows, n_test, min_linearity)
-    probed = [r for r in rows if r.get("editability")]
-    extra = {}
-    if probed:
-        pick = max(probed, key=lambda r: (r["editability"]["selectivity"], r["editability"]["flip"], -r["t"]))
-        found = pick["editability"]
-        rule = (f"highest selectivity of the edit probe ({found['flip']:.2f} of the edits read as the other class "
-                f"at t {found['read_at']} in {found['read_in']}, {found['control']:.2f} of the random moves)")
-        extra = {"read_at": found["read_at"], "read_in": found["read_in"]}
-    else:
-        pick = readable
     t_0 = pick["t"]
     versus = None
     if t_m is not None:
@@ -417,7 +240,7 @@ def recommend_t0(rows: Sequence[dict], n_test: int | None = None, t_m: int | Non
         versus = (f"t_0 {t_0} is {relation} the mixing step t_m {t_m}"
                   + (f" ({t_0 - t_m:+d})" if t_0 != t_m else ""))
     return {"t_0": t_0, "rule": rule, "tolerance": tolerance, "best_accuracy": best, "min_linearity": min_linearity,
-            "readable_t_0": readable["t"], **extra, "t_m": t_m, "versus_t_m": versus}
+            "t_m": t_m, "versus_t_m": versus}
 
 
 def t0_report(model: LoadedModel, candidates: Sequence[int], n_inv_step: int, *, labelled: Labelled | None = None,
@@ -431,16 +254,14 @@ def t0_report(model: LoadedModel, candidates: Sequence[int], n_inv_step: int, *,
 
 
 def t0_table(rows: Sequence[dict]) -> str:
-    """The rows as CSV: t, n_inv_step, test_acc_z, test_acc_h, linearity, linearity_std, step, and
-    the edit probe's flip, control and selectivity (empty where not measured)."""
+    """The rows as CSV: t, n_inv_step, test_acc_z, test_acc_h, linearity, linearity_std, step."""
     def text(v):
         return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
-    lines = ["t,n_inv_step,test_acc_z,test_acc_h,linearity,linearity_std,step,flip,control,selectivity"]
+    lines = ["t,n_inv_step,test_acc_z,test_acc_h,linearity,linearity_std,step"]
     for r in rows:
-        acc, probe = r.get("test_acc") or {}, r.get("editability") or {}
+        acc = r.get("test_acc") or {}
         lines.append(",".join([str(r["t"]), str(r["n_inv_step"]), text(acc.get("z")), text(acc.get("h")),
-                               text(r.get("linearity")), text(r.get("linearity_std")), text(r.get("step")),
-                               *(text(probe.get(k)) for k in ("flip", "control", "selectivity"))]))
+                               text(r.get("linearity")), text(r.get("linearity_std")), text(r.get("step"))]))
     return "\n".join(lines)
 
 

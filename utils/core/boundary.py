@@ -388,14 +388,6 @@ def project_boundary(primary: np.ndarray, *conditions: np.ndarray) -> np.ndarray
     return (residual / norm).astype(np.float32)
 
 
-def random_unit_normal(size: int, seed: int, index: int) -> np.ndarray:
-    """A unit vector of ``size`` values (float64), uniform on the sphere, drawn from (``seed``,
-    ``index``): the random-direction control of an edit (a move as long as the attribute's, along
-    nothing in particular)."""
-    v = np.random.default_rng([seed, index]).standard_normal(int(size))
-    return v / np.linalg.norm(v)
-
-
 def hyperplane_distances(latents: np.ndarray, boundary: Boundary) -> np.ndarray:
     """Signed distances (w.x + b) / ||w|| of latents (N, D) or (N, ...) to the SVM's hyperplane,
     (N,) float64: positive on the positive class's side (what the boundary report shows)."""
