@@ -20,7 +20,7 @@ from tests.helpers import assert_one_error_line, write_labelled_set, write_tiny_
 from utils.core.region import area_downsample, confined_rows
 from utils.io.boundary_files import load_boundary
 from utils.errors import UserError
-from utils.io.region import read_attribute_parts, read_parts
+from utils.io.region import read_attribute_parts, read_part_sets, read_parts
 
 N_IMAGES, SIZE = 48, 16
 
@@ -173,6 +173,29 @@ def test_the_parts_of_many_images_are_read_from_each_file_once(tmp_path, monkeyp
         read_parts([tmp_path / "images" / names[0]], "left+mouth", SIZE, [tmp_path])
     with pytest.raises(Exception, match="an empty part name"):
         read_parts([tmp_path / "images" / names[0]], "left+", SIZE, [tmp_path])
+
+
+def test_several_parts_are_read_in_one_pass_and_equal_each_part_read_alone(tmp_path, monkeypatch):
+    """--region auto asks for every part: one read of the names and one of the masks, whatever the
+    number of parts; each part's masks as read_parts gives them one at a time."""
+    names = [f"{i:05d}.png" for i in range(4)]
+    masks = np.stack([_masks(i) for i in range(4)])
+    np.savez(tmp_path / "masks_train.npz", names=np.array(names), parts=np.array(["left", "top"]), masks=masks)
+    images = [tmp_path / "images" / n for n in names[::-1]]
+    alone = {part: read_parts(images, part, SIZE, [tmp_path]) for part in ("left", "top", "left+top")}
+    opened = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda path, **kw: opened.append(path) or real_load(path, **kw))
+    together = read_part_sets(images, ["left", "top", "left+top", "left"], SIZE, [tmp_path])
+    assert len(opened) == 2 and list(together) == ["left", "top", "left+top"]
+    for part, specs in together.items():
+        for got, want in zip(specs, alone[part], strict=True):
+            np.testing.assert_array_equal(got.mask, want.mask)
+            assert got.source() == want.source() == f"part {part}"
+    with pytest.raises(UserError, match=r"--region mouth: .*masks_train.npz has the parts left, top"):
+        read_part_sets(images, ["left", "mouth"], SIZE, [tmp_path], asked="auto")
+    with pytest.raises(UserError, match="--region auto: no parts file names x.png"):
+        read_part_sets([tmp_path / "images" / "x.png"], ["left", "top"], SIZE, [tmp_path], asked="auto")
 
 
 def test_a_parts_file_over_the_size_bound_is_named(tmp_path, monkeypatch):

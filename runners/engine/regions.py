@@ -25,7 +25,7 @@ from utils.core.editing import RegionEdits
 from utils.core.region import (MAX_JACOBIAN_ENTRIES, RegionError, area_downsample, check_projection, check_region,
                                feather, outside_jacobian_basis)
 from utils.errors import UserError
-from utils.io.region import RegionSpec, read_parts, read_region
+from utils.io.region import RegionSpec, read_part_sets, read_region
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,23 @@ def region_masks(region: Region, images: Sequence[Path | None], size: int, data_
                  ) -> list[RegionSpec]:
     """Each image's region at ``size`` x ``size``: the same mask for all (a file, a box) or the named
     part of each (``utils.io.region.read_parts``: a sampled latent has no parts). UserError in one line."""
-    if not is_part(region.spec):
-        shared = read_region(region.spec, size)
-        return [shared] * len(images)
-    if any(image is None for image in images):
-        raise UserError(f"--region {region.spec}: a part names a part of a real image; latents sampled from noise "
-                        "have none: give a mask image or a box")
-    return read_parts([Path(image) for image in images], region.spec, size, list(data_dirs))
+    return region_mask_sets([region.spec], images, size, data_dirs)[region.spec]
+
+
+def region_mask_sets(specs: Sequence[str], images: Sequence[Path | None], size: int, data_dirs: Sequence[Path],
+                     asked: str | None = None) -> dict[str, list[RegionSpec]]:
+    """``region_masks`` of several regions of the same images, {spec: masks}, every named part
+    read in one pass over the parts files (``read_part_sets``). asked: what the errors call the
+    request (default: the part names)."""
+    parts = [spec for spec in dict.fromkeys(specs) if is_part(spec)]
+    if parts and any(image is None for image in images):
+        raise UserError(f"--region {asked or parts[0]}: a part names a part of a real image; latents sampled from "
+                        "noise have none: give a mask image or a box")
+    found = read_part_sets([Path(image) for image in images], parts, size, list(data_dirs), asked) if parts else {}
+    for spec in dict.fromkeys(specs):
+        if spec not in found:
+            found[spec] = [read_region(spec, size)] * len(images)
+    return found
 
 
 def space_weights(masks: Sequence[np.ndarray], h_side: int) -> dict[str, np.ndarray]:

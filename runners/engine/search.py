@@ -19,8 +19,8 @@ import torch
 
 from runners.engine.boundaries import stage_boundary_set
 from runners.engine.editor import Editor, ImageReader
-from runners.engine.regions import part_folders, region_masks, space_weights
-from runners.engine.requests import Region, SearchJob
+from runners.engine.regions import part_folders, region_mask_sets, space_weights
+from runners.engine.requests import SearchJob
 from runners.engine.within import fit_space_within, within_basis
 from utils.core.atlas import phi_matrix
 from utils.core.batching import batch_slices
@@ -190,8 +190,7 @@ class FitRegion:
                                                   for space, read in rows.readers.items()})
 
 
-def _fit_region(editor: Editor, spec: str, paths: Sequence[Path]) -> FitRegion:
-    masks = region_masks(Region(spec), paths, editor.config.data.image_size, part_folders(editor.config))
+def _fit_region(editor: Editor, masks: Sequence) -> FitRegion:
     coverage = np.array([m.coverage for m in masks])
     return FitRegion(masks[0].source(), space_weights([m.mask for m in masks], editor.shapes["h"][-1]),
                      {"mean": float(coverage.mean()), "min": float(coverage.min()), "max": float(coverage.max())})
@@ -202,12 +201,15 @@ def fit_regions(editor: Editor, spec: str | None, names: Sequence[str], paths: S
     """With --region: {attribute: FitRegion}, every image's region read before any image is inverted
     (UserError in one line); None without. ``spec`` a mask image, a box or a part's name
     (``region_masks``) for every attribute, or ``auto``: each attribute's own part, as its data set
-    names it (``read_attribute_parts``). Attributes with one region share one ``FitRegion``."""
+    names it (``read_attribute_parts``), every part read in one pass. Attributes with one region
+    share one ``FitRegion``."""
     if spec is None:
         return None
     specs = dict.fromkeys(names, spec) if spec != AUTO_REGION else \
         attribute_parts(read_attribute_parts(part_folders(editor.config)), names)
-    read = {s: _fit_region(editor, s, paths) for s in dict.fromkeys(specs.values())}
+    masks = region_mask_sets(list(specs.values()), paths, editor.config.data.image_size, part_folders(editor.config),
+                             asked=spec)
+    read = {s: _fit_region(editor, masks[s]) for s in masks}
     return {name: read[specs[name]] for name in names}
 
 

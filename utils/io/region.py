@@ -152,9 +152,19 @@ def read_parts(images: Sequence[Path], part: str, size: int, data_dirs: list[Pat
     images it holds (a data set's file holds every face of its split). UserError naming the parts
     a file has, a part that covers under one pixel of an image, or what to pass instead when no
     parts file names an image."""
-    wanted = part.split("+")
-    if not all(wanted):
-        raise UserError(f"--region {part}: an empty part name; name a part (mouth) or a union of parts (hair+face)")
+    return read_part_sets(images, [part], size, data_dirs)[part]
+
+
+def read_part_sets(images: Sequence[Path], parts: Sequence[str], size: int, data_dirs: list[Path],
+                   asked: str | None = None) -> dict[str, list[RegionSpec]]:
+    """``read_parts`` of several parts (or unions) of the same images at once, {part: masks}: each
+    parts file is read once for all of them (a data set's file holds every face of its split, and
+    ``--region auto`` asks for every part). asked: what the errors call the request (default: the
+    parts, comma-separated)."""
+    wanted = {part: part.split("+") for part in dict.fromkeys(parts)}
+    for part, names in wanted.items():
+        if not all(names):
+            raise UserError(f"--region {part}: an empty part name; name a part (mouth) or a union of parts (hair+face)")
     indexes: dict[Path, tuple[dict[str, int], list[str]]] = {}
 
     def index(path: Path) -> tuple[dict[str, int], list[str]]:
@@ -163,30 +173,34 @@ def read_parts(images: Sequence[Path], part: str, size: int, data_dirs: list[Pat
         return indexes[path]
 
     where: list[tuple[Path, int]] = []
+    shown = asked or ", ".join(wanted)
     for image in map(Path, images):
         for path in parts_files(image, data_dirs):
             if path.stat().st_size > MAX_PARTS_FILE:
-                raise UserError(f"--region {part}: {path} is {path.stat().st_size} bytes, more than a parts file may "
+                raise UserError(f"--region {shown}: {path} is {path.stat().st_size} bytes, more than a parts file may "
                                 f"be ({MAX_PARTS_FILE})")
             rows, known = index(path)
             if image.name not in rows and path.name != image.name + PARTS_SUFFIX:
                 continue
-            if any(p not in known for p in wanted):
-                raise UserError(f"--region {part}: {path} has the parts {', '.join(known)}")
+            for part, names in wanted.items():
+                if any(p not in known for p in names):
+                    raise UserError(f"--region {part}: {path} has the parts {', '.join(known)}")
             where.append((path, rows.get(image.name, 0)))
             break
         else:
-            raise UserError(f"--region {part}: no parts file names {image.name} (looked for {image.name}{PARTS_SUFFIX} "
+            raise UserError(f"--region {shown}: no parts file names {image.name} (looked for {image.name}{PARTS_SUFFIX} "
                             "and the data set's masks_*.npz); give a mask image or a box x0,y0,x1,y1")
-    masks: list[np.ndarray | None] = [None] * len(where)
+    masks: dict[str, list[np.ndarray | None]] = {part: [None] * len(where) for part in wanted}
     for path in dict.fromkeys(p for p, _ in where):
-        columns = [indexes[path][1].index(p) for p in wanted]
-        with np.load(path, allow_pickle=False) as parts:
-            stack = parts["masks"]
-        for i, (source, row) in enumerate(where):
-            if source == path:
-                masks[i] = stack[row, columns].max(axis=0).astype(np.float32) / 255.0
-    return [_part_spec(mask, Path(image).name, part, path, size) for mask, image, (path, _) in zip(masks, images, where)]
+        with np.load(path, allow_pickle=False) as file:
+            stack = file["masks"]
+        for part, names in wanted.items():
+            columns = [indexes[path][1].index(p) for p in names]
+            for i, (source, row) in enumerate(where):
+                if source == path:
+                    masks[part][i] = stack[row, columns].max(axis=0).astype(np.float32) / 255.0
+    return {part: [_part_spec(mask, Path(image).name, part, path, size)
+                   for mask, image, (path, _) in zip(masks[part], images, where)] for part in wanted}
 
 
 def _parts_index(path: Path) -> tuple[dict[str, int], list[str]]:
