@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import main as cli
@@ -101,13 +102,18 @@ def free_port() -> int:
 
 
 def start_server(tmp_path: Path, flags: tuple[str, ...]) -> tuple[str, Path, subprocess.Popen]:
-    """``python main.py --serve *flags`` starting in its own process: (url, its output file, the process)."""
+    """``python main.py --serve *flags`` starting in its own process: (url, its output file, the process).
+    The server computes with as many threads as this process, where the tests compare its edits
+    with the command line's run here: on some CPUs (Intel with AMX) the kernels' results depend on
+    the thread count, and test modules set this process to one thread (``torch.set_num_threads``)."""
     _browser()
     port = free_port()
     log = tmp_path / "server.log"
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "main.py", "--serve", "--port", str(port), "--no_cache", *flags],
-                                cwd=REPO, stdout=err, stderr=subprocess.STDOUT)
+                                cwd=REPO, stdout=err, stderr=subprocess.STDOUT, env=env)
     return f"http://127.0.0.1:{port}/", log, proc
 
 
