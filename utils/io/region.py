@@ -194,11 +194,11 @@ def read_part_sets(images: Sequence[Path], parts: Sequence[str], size: int, data
     for path in dict.fromkeys(p for p, _ in where):
         with np.load(path, allow_pickle=False) as file:
             stack = file["masks"]
+        held_here = [(i, row) for i, (source, row) in enumerate(where) if source == path]
         for part, names in wanted.items():
             columns = [indexes[path][1].index(p) for p in names]
-            for i, (source, row) in enumerate(where):
-                if source == path:
-                    masks[part][i] = stack[row, columns].max(axis=0).astype(np.float32) / 255.0
+            for i, row in held_here:
+                masks[part][i] = stack[row, columns].max(axis=0).astype(np.float32) / 255.0
     return {part: [_part_spec(mask, Path(image).name, part, path, size)
                    for mask, image, (path, _) in zip(masks[part], images, where)] for part in wanted}
 
