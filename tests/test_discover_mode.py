@@ -151,6 +151,7 @@ def test_summary_and_contact_sheet(discovered):
     assert (run_dir / "contact_sheet.png").is_file() and written["contact_sheet"] == "contact_sheet.png"
     assert written["mode"] == "discover" and written["n_directions"] == 3 and written["sheet_values"] == [-3, 0, 3]
     assert len(written["names"]) == 3 and set(written["directions"]) == {"pc_00", "pc_01", "pc_02"}
+    assert set(summary["written"]) == set(written["directions"])  # the returned summary names the files written
     assert len(written["jacobian"]["last_step_angles"]) == 6
     for found in written["directions"].values():
         assert 0 <= found["z_h_correlation"] <= 1 and found["h"]["component"] in (0, 1, 2)

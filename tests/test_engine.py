@@ -185,7 +185,7 @@ def test_the_cache_root_is_decided_in_one_place(tmp_path):
 def test_a_folder_scan_reads_each_header_once(tmp_path, monkeypatch):
     """Before: BoundaryIndex.find loaded every .npz of the folder once per attribute (96 loads for a
     three-attribute edit over 32 files)."""
-    setup = make_edit_setup(tmp_path, attributes=tuple(f"a{i}" for i in range(16)))
+    make_edit_setup(tmp_path, attributes=tuple(f"a{i}" for i in range(16)))
     reads = []
     real = boundary_files._read_fields
     monkeypatch.setattr(boundary_files, "_read_fields", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
