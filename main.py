@@ -87,6 +87,14 @@ def _svm_c(text: str) -> float:
     return value
 
 
+def _attribute_text(text: str) -> str:
+    """--edit_attr: never empty, since an empty value (an unset shell variable) would otherwise leave
+    the config's attribute to be edited without a word."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"needs an attribute name, got {text!r}")
+    return text
+
+
 def _distance(text: str) -> float | str:
     return "auto" if text == "auto" else _finite_float(text)
 
@@ -142,7 +150,7 @@ def _diffusion_flags(parser: argparse.ArgumentParser) -> None:
 def _search_flags(parser: argparse.ArgumentParser) -> None:
     """Boundary search: the labelled images, the split, the SVM."""
     data = parser.add_argument_group("boundary search")
-    data.add_argument("--edit_attr", default=None,
+    data.add_argument("--edit_attr", type=_attribute_text, default=None,
                       help="attribute column (case-insensitive), e.g. smiling; --boundary_search also takes "
                            "a,b,c or all: every attribute from one inversion pass, with an atlas")
     data.add_argument("--data_dir", type=Path, default=None, help="image folder (default: config data.data_dir)")

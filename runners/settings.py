@@ -116,6 +116,9 @@ def _moves(args: argparse.Namespace, config: Config, index: BoundaryIndex) -> tu
     if args.boundary_h is not None or args.boundary_z is not None:
         move, t_0 = _named_files(args, start, end, auto, latent_shapes(config))
     else:
+        if args.edit_attr is not None and "," in args.edit_attr:
+            raise UserError(f"--edit_attr {args.edit_attr}: an edit takes one attribute here; move several with "
+                            "--edit A=START:END --edit B=START:END")
         attribute, t_0 = _first_boundaries(index, args, config, args.edit_attr or config.edit.attribute or None)
         move = Move(attribute, start, end, auto)
     return (move,), args.t_0 if args.t_0 is not None else t_0

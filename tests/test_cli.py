@@ -325,3 +325,14 @@ def test_auto_distances_need_both_ends_and_a_boundary_with_class_summaries(tmp_p
     code, err = run([*common, "--boundary_z", old, "--edit_space", "z", "--start_distance", "auto",
                      "--end_distance", "auto"], capsys)
     assert_one_error_line(code, err, "no class summary", "--boundary_search")
+
+
+def test_an_empty_or_listed_edit_attr_is_one_line_not_the_configs_attribute(tmp_path, capsys):
+    """Before: --edit_attr '' (an unset shell variable) edited the config's own attribute without a
+    word, and an edit given a,b was told that no boundary named 'a,b' exists."""
+    edit = ["--edit_image_boundary", "--img_path", REPO / "imgs" / "digit_example.png", "--exp", tmp_path / "e"]
+    for value in ("", "  "):
+        assert_one_error_line(*run([*edit, "--edit_attr", value], capsys), "--edit_attr", "needs an attribute name")
+    assert_one_error_line(*run([*edit, "--edit_attr", "thick,slant"], capsys), "one attribute here",
+                          "--edit A=START:END")
+    assert not (tmp_path / "e").exists()
