@@ -228,6 +228,19 @@ def test_mouth_mask_is_the_same_for_every_smile_and_opening():
                                       reference)
 
 
+def test_the_features_are_aligned_and_the_head_moves_around_them():
+    """As in aligned CelebA-HQ, the eyes and the mouth sit at the same pixels on every face: their
+    masks do not move with the head's position, size or turn, while the face's oval does."""
+    base = mf.face_factors(mf.SEED, 5)
+    eyes, mouth, face = PARTS.index("eyes"), PARTS.index("mouth"), PARTS.index("face")
+    reference = render_face(base)[1]
+    for pos_x, pos_y, scale, yaw in ((-1.0, 1.0, -1.0, 1.0), (1.0, -1.0, 1.0, -1.0), (0.4, 0.0, 0.0, 0.0)):
+        moved = render_face(dataclasses.replace(base, pos_x=pos_x, pos_y=pos_y, scale=scale, yaw=yaw))[1]
+        np.testing.assert_array_equal(moved[eyes], reference[eyes])
+        np.testing.assert_array_equal(moved[mouth], reference[mouth])
+        assert not np.array_equal(moved[face], reference[face])
+
+
 def test_the_bundled_example_face_is_test_face_41444_with_its_parts():
     """imgs/face_example.png (the README's first command edits it) is rendered face 41444, and its
     parts file holds that face's masks (``--region mouth`` reads it)."""

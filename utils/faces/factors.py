@@ -37,9 +37,12 @@ class FaceFactors:
     skin_tone   [0, 1]   0 pale .. 1 dark
     bg_r/g/b    [0, 1]   flat background colour
     light_x/y   [-0.35, 0.35]  shading gradient over the head (x to the right, y down)
-    pos_x/y     [-1, 1]  head position: +-3 px horizontally, +-2 px vertically at 32 px
-    scale       [-1, 1]  head size, 0.92 .. 1.08
-    yaw         [-1, 1]  head turn: the features shift up to 2 px sideways
+    pos_x/y     [-1, 1]  head position around the aligned features: +-0.75 px each way at 32 px
+    scale       [-1, 1]  head size, 0.95 .. 1.05 (the features keep theirs)
+    yaw         [-1, 1]  head turn: the features sit up to 1.25 px to one side of the face's centre
+
+    The eyes and the mouth are at the same pixels on every face, as alignment puts them in
+    CelebA-HQ and FFHQ (utils/faces/render.py: ``EYES_X``, ``EYES_Y``, ``MOUTH_X``, ``MOUTH_Y``).
     hat_hue     [0, 1)   hue of the hat
 
     Binary factors (0 / 1): glasses, moustache, bangs, hat.

@@ -3,7 +3,9 @@
 The face is drawn at ``SUPERSAMPLE`` (4) times the size, 128 x 128, with hard-edged shapes, then
 each 4 x 4 block is averaged (a box filter, the exact antialiasing of area coverage). Everything is
 numpy and Pillow's polygon fill on fixed coordinates, so the same factors give the same bytes on
-every machine. Lengths below are in output pixels (a 32-px image), scaled by the head size.
+every machine. Lengths below are in output pixels (a 32-px image): the features are drawn at fixed
+places and size, as alignment puts them, and the head (outline, hair, ears, hat) around them at its own
+position and size.
 
 Parts (``PARTS``), each a coverage mask in [0, 1] at 32 x 32:
     mouth       an ellipse around the mouth, the same for every smile and opening
@@ -54,10 +56,21 @@ def skin_colour(tone: float) -> np.ndarray:
     return _ramp(SKIN_TONES, tone)
 
 
+#: Where alignment puts the features, in output pixels: the eyes' centres and the mouth's. As the
+#: FFHQ and CelebA-HQ alignment fixes the eyes and the mouth, every face has its features at these
+#: pixels and at one size; position, size and turn move the head's outline, hair and ears around them.
+EYES_X = (12.4, 19.6)
+EYES_Y = 15.0
+MOUTH_X, MOUTH_Y = 16.0, 22.3
+#: The features' size (the lengths of the feature drawings are multiples of it).
+FEATURE_SIZE = 1.0
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where the parts are, in output pixels. cx, cy: face centre; rx, ry: face radii; f: head size;
-    shift: sideways offset of the features from the head turn; ex, ey: eye centres; mx, my: mouth centre."""
+    shift: sideways offset of the features from the face centre (the head turn); ex, ey: eye centres;
+    mx, my: mouth centre (the features are fixed: ``EYES_X``, ``EYES_Y``, ``MOUTH_X``, ``MOUTH_Y``)."""
     cx: float
     cy: float
     rx: float
@@ -71,11 +84,14 @@ class Layout:
 
 
 def layout(face: FaceFactors) -> Layout:
-    f = 1.0 + 0.08 * face.scale
-    cx, cy = 16.0 + 3.0 * face.pos_x, 17.0 + 2.0 * face.pos_y
-    shift = 2.0 * face.yaw * f
+    """The head around the fixed features: pos_x moves it +-0.75 px sideways, pos_y +-0.75 px up
+    and down, scale sizes it 0.95 .. 1.05, and yaw turns it, the features sitting up to 1.25 px to
+    one side of the face's centre (the head moves the other way)."""
+    f = 1.0 + 0.05 * face.scale
+    shift = 1.25 * face.yaw
+    cx, cy = MOUTH_X + 0.75 * face.pos_x - shift, 17.0 + 0.75 * face.pos_y
     return Layout(cx=cx, cy=cy, rx=8.4 * f * (1 - 0.06 * abs(face.yaw)), ry=10.2 * f, f=f, shift=shift,
-                  ex=(cx + shift - 3.6 * f, cx + shift + 3.6 * f), ey=cy - 2.0 * f, mx=cx + shift, my=cy + 5.3 * f)
+                  ex=EYES_X, ey=EYES_Y, mx=MOUTH_X, my=MOUTH_Y)
 
 
 class Canvas:
@@ -114,7 +130,8 @@ def _curve(x0: float, x1: float, y_of_u, n: int = 13) -> list[tuple[float, float
 
 def _mouth(canvas: Canvas, face: FaceFactors, lo: Layout, skin: np.ndarray) -> None:
     """Lips bent by the smile and parted by the opening; teeth in the upper part of the gap."""
-    f, w = lo.f, 3.1 * lo.f
+    f = FEATURE_SIZE
+    w = 3.1 * f
 
     def bend(u):
         return lo.my - face.smile * 1.3 * f * (u * u - 0.3)
@@ -141,13 +158,13 @@ def _mouth(canvas: Canvas, face: FaceFactors, lo: Layout, skin: np.ndarray) -> N
 
 def _wrinkles(canvas: Canvas, face: FaceFactors, lo: Layout, skin: np.ndarray, on_face: np.ndarray) -> None:
     """Forehead lines, lines from the nose to the mouth corners, and eye bags, darker with age."""
-    f, dark = lo.f, skin * (1.0 - 0.5 * face.age)
+    f, dark = FEATURE_SIZE, skin * (1.0 - 0.5 * face.age)
     lines = []
-    for dy in (5.7, 6.5):
-        lines.append(canvas.line(_curve(lo.cx + lo.shift - 3.8 * f, lo.cx + lo.shift + 3.8 * f,
-                                        lambda u, dy=dy: lo.cy - dy * f + 0.4 * f * u * u), 0.45 * f))
+    for dy in (3.7, 4.5):  # above the brows
+        lines.append(canvas.line(_curve(lo.mx - 3.8 * f, lo.mx + 3.8 * f,
+                                        lambda u, dy=dy: lo.ey - dy * f + 0.4 * f * u * u), 0.45 * f))
     for side in (-1, 1):
-        lines.append(canvas.line([(lo.mx + side * 1.7 * f, lo.cy + 1.4 * f), (lo.mx + side * 3.9 * f, lo.my + 0.2 * f)],
+        lines.append(canvas.line([(lo.mx + side * 1.7 * f, lo.ey + 3.4 * f), (lo.mx + side * 3.9 * f, lo.my + 0.2 * f)],
                                  0.5 * f))
         ex = lo.ex[0] if side < 0 else lo.ex[1]
         lines.append(canvas.line(_curve(ex - 1.4 * f, ex + 1.4 * f, lambda u: lo.ey + 1.8 * f + 0.3 * f * (1 - u * u)),
@@ -156,7 +173,7 @@ def _wrinkles(canvas: Canvas, face: FaceFactors, lo: Layout, skin: np.ndarray, o
 
 
 def _eyes(canvas: Canvas, face: FaceFactors, lo: Layout, hair: np.ndarray) -> None:
-    f = lo.f
+    f = FEATURE_SIZE
     half_height = 0.3 * f + 1.15 * f * face.eye_open
     for ex in lo.ex:
         brow = canvas.line([(ex - 1.7 * f, lo.ey - 2.2 * f), (ex + 1.7 * f, lo.ey - 2.45 * f)], 0.7 * f)
@@ -169,7 +186,7 @@ def _eyes(canvas: Canvas, face: FaceFactors, lo: Layout, hair: np.ndarray) -> No
 
 
 def _glasses(canvas: Canvas, lo: Layout) -> None:
-    f, r = lo.f, 2.5 * lo.f
+    f, r = FEATURE_SIZE, 2.5 * FEATURE_SIZE
     rings = [canvas.ellipse(ex, lo.ey, r + 0.3 * f, r + 0.3 * f) & ~canvas.ellipse(ex, lo.ey, r - 0.3 * f, r - 0.3 * f)
              for ex in lo.ex]
     bridge = canvas.line([(lo.ex[0] + r, lo.ey - 0.3 * f), (lo.ex[1] - r, lo.ey - 0.3 * f)], 0.6 * f)
@@ -212,22 +229,23 @@ def render_face_hires(face: FaceFactors) -> tuple[np.ndarray, dict[str, np.ndarr
     # 3. Hair over the forehead: a hairline high on the forehead, or bangs down to the brows.
     across = (canvas.x - lo.cx - 0.5 * lo.shift) / lo.rx
     if face.bangs:
-        hairline = lo.cy - 4.7 * f + 0.35 * f * np.sin(canvas.x * 2.2) + 1.2 * f * across ** 2
+        hairline = lo.ey - 2.7 * f + 0.35 * f * np.sin(canvas.x * 2.2) + 1.2 * f * across ** 2
     else:
         hairline = lo.cy - 7.4 * f + 3.2 * f * across ** 2
     hair_cap = (face_oval | hair_back) & (canvas.y < hairline)
     canvas.paint(hair_cap, hair)
     # 4. Features.
     _eyes(canvas, face, lo, hair)
-    nose = canvas.line([(lo.cx + 1.2 * lo.shift, lo.cy - 0.8 * f), (lo.cx + 1.3 * lo.shift + 0.4 * f, lo.cy + 2.3 * f),
-                        (lo.cx + 1.2 * lo.shift - 0.6 * f, lo.cy + 2.7 * f)], 0.5 * f)
+    g = FEATURE_SIZE
+    nose = canvas.line([(lo.mx + 0.2 * lo.shift, lo.ey + 1.2 * g), (lo.mx + 0.3 * lo.shift + 0.4 * g, lo.ey + 4.3 * g),
+                        (lo.mx + 0.2 * lo.shift - 0.6 * g, lo.ey + 4.7 * g)], 0.5 * g)
     canvas.paint(nose, 0.78 * skin)
     _mouth(canvas, face, lo, skin)
     if face.moustache:
-        top = _curve(lo.mx - 3.0 * f, lo.mx + 3.0 * f, lambda u: lo.my - 1.9 * f - face.smile * 0.5 * f * (u * u - 0.3)
-                     - 0.4 * f * (1 - u * u))
-        bottom = _curve(lo.mx + 3.2 * f, lo.mx - 3.2 * f, lambda u: lo.my - 0.75 * f - face.smile * 1.2 * f * (u * u - 0.3)
-                        - face.mouth_open * 0.9 * f * (1 - u * u))
+        top = _curve(lo.mx - 3.0 * g, lo.mx + 3.0 * g, lambda u: lo.my - 1.9 * g - face.smile * 0.5 * g * (u * u - 0.3)
+                     - 0.4 * g * (1 - u * u))
+        bottom = _curve(lo.mx + 3.2 * g, lo.mx - 3.2 * g, lambda u: lo.my - 0.75 * g - face.smile * 1.2 * g * (u * u - 0.3)
+                        - face.mouth_open * 0.9 * g * (1 - u * u))
         canvas.paint(canvas.polygon(top + bottom), 0.8 * hair)
     if face.glasses:
         _glasses(canvas, lo)
@@ -237,9 +255,9 @@ def render_face_hires(face: FaceFactors) -> tuple[np.ndarray, dict[str, np.ndarr
     shade = 1.0 + face.light_x * (canvas.x - lo.cx) / lo.rx + face.light_y * (canvas.y - lo.cy) / lo.ry
     canvas.rgb[head] *= np.clip(shade[head], 0.5, 1.5)[:, None]
 
-    eyes = canvas.ellipse(lo.ex[0], lo.ey, 3.2 * f, 2.9 * f) | canvas.ellipse(lo.ex[1], lo.ey, 3.2 * f, 2.9 * f) | \
-        ((np.abs(canvas.x - (lo.ex[0] + lo.ex[1]) / 2) < 1.2 * f) & (np.abs(canvas.y - lo.ey) < 1.0 * f))
-    masks = {"mouth": canvas.ellipse(lo.mx, lo.my, 4.6 * f, 2.9 * f), "eyes": eyes,
+    eyes = canvas.ellipse(lo.ex[0], lo.ey, 3.2 * g, 2.9 * g) | canvas.ellipse(lo.ex[1], lo.ey, 3.2 * g, 2.9 * g) | \
+        ((np.abs(canvas.x - (lo.ex[0] + lo.ex[1]) / 2) < 1.2 * g) & (np.abs(canvas.y - lo.ey) < 1.0 * g))
+    masks = {"mouth": canvas.ellipse(lo.mx, lo.my, 4.6 * g, 2.9 * g), "eyes": eyes,
              "hair": ((hair_back & ~face_oval) | hair_cap) & ~hat, "face": face_oval, "background": ~head}
     return np.clip(canvas.rgb, 0.0, 1.0), masks
 
