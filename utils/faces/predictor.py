@@ -27,7 +27,7 @@ from utils.faces.factors import ATTRIBUTES, FACTOR_NAMES, PREDICTED_BINARY, PRED
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PATH = REPO / "checkpoints" / "faces_predictor.pt"
 #: SHA-256 of the shipped weights; ``scripts/train_predictor.py`` prints the digest of what it writes.
-PREDICTOR_SHA256 = "77341fdee7601d44f6addaba6fdc9ca3c1a77a425d4c82bb405e60e4dc0c327c"
+PREDICTOR_SHA256 = "cd12c8f964654d9902d7eaade99312e9ed570a811ebef739f09c522518cb2dbf"
 #: The command that writes ``DEFAULT_PATH`` (named in the errors of ``load_predictor``).
 TRAIN_COMMAND = "python -m scripts.train_predictor --data_dir data/faces"
 #: What ``predict`` returns, in the order of the network's outputs.
