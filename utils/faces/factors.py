@@ -40,12 +40,12 @@ class FaceFactors:
     pos_x/y     [-1, 1]  head position around the aligned features: +-0.75 px each way at 32 px
     scale       [-1, 1]  head size, 0.95 .. 1.05 (the features keep theirs)
     yaw         [-1, 1]  head turn: the features sit up to 1.25 px to one side of the face's centre
-
-    The eyes and the mouth are at the same pixels on every face, as alignment puts them in
-    CelebA-HQ and FFHQ (utils/faces/render.py: ``EYES_X``, ``EYES_Y``, ``MOUTH_X``, ``MOUTH_Y``).
     hat_hue     [0, 1)   hue of the hat
 
     Binary factors (0 / 1): glasses, moustache, bangs, hat.
+
+    The eyes and the mouth are at the same pixels on every face, as alignment puts them in
+    CelebA-HQ and FFHQ (utils/faces/render.py: ``EYES_X``, ``EYES_Y``, ``MOUTH_X``, ``MOUTH_Y``).
     """
     age: float
     smile: float
