@@ -14,6 +14,7 @@ place. The pages print each picture's command beside it.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -29,11 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 class Picture:
     """One picture: ``command`` (arguments of this interpreter; ``{run}`` is the run folder) writes
     ``output`` (relative to the run folder, or the repository for ``{repo}``-relative outputs);
-    ``slow`` pictures come from evaluations and are remade with ``--slow`` only."""
+    ``slow`` pictures come from evaluations and are remade with ``--slow`` only; ``env`` adds
+    variables to the command's environment (formatted like the command)."""
     path: str
     command: tuple[str, ...]
     output: str
     slow: bool = False
+    env: tuple[tuple[str, str], ...] = ()
 
 
 DIGITS = ("--config", "digits.yml")
@@ -49,9 +52,6 @@ PICTURES = [
             "edit/grid.png"),
     Picture("docs/faces_region.png",
             ("-m", "scripts.evaluation.faces_region", "--n_loco", "3", "--picture", "{run}/region.png"), "region.png", slow=True),
-    Picture("docs/faces_region_10.png",
-            ("-m", "scripts.evaluation.faces_region", "--n_loco", "0", "--target", "10", "--picture", "{run}/region.png"),
-            "region.png", slow=True),
     Picture("docs/faces_parts/region_pairs_10.png",
             ("-m", "scripts.evaluation.faces_region", "--n_loco", "0", "--target", "10", "--boundary_dir",
              "boundary/faces_parts", "--picture", "{run}/region.png"), "region.png", slow=True),
@@ -101,10 +101,10 @@ PICTURES = [
     Picture("docs/digits_three_vs_eight_edits.png",
             ("-m", "scripts.evaluate_edits", "--attribute", "three_vs_eight", "--flip", "3", "8", "--n_test", "0",
              "--start_distance", "-6", "--end_distance", "6", "--grid", "{run}/edits.png"), "edits.png", slow=True),
-    # the web app: its browser test writes the screenshot
+    # the web app: its browser test writes the screenshot where BOUNDARYDIFFUSION_SCREENSHOT says
     Picture("docs/app_screenshot.png",
-            ("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_app_browser.py"), "{repo}/docs/app_screenshot.png",
-            slow=True),
+            ("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_app_browser.py"), "app_screenshot.png",
+            slow=True, env=(("BOUNDARYDIFFUSION_SCREENSHOT", "{run}/app_screenshot.png"),)),
 ]
 
 
@@ -115,8 +115,9 @@ def make(picture: Picture, work: Path) -> float:
     argv = [sys.executable, *(a.format(run=run, repo=REPO) for a in picture.command)]
     if argv[1] == "main.py":
         argv += ["--cache_dir", str(work / "cache"), "--verbose", "warning"]
+    env = {**os.environ, **{name: value.format(run=run, repo=REPO) for name, value in picture.env}}
     start = time.perf_counter()
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{picture.path}: {' '.join(argv[1:])} failed: {(done.stderr or done.stdout).strip()[-400:]}")
     output = Path(picture.output.format(repo=REPO))

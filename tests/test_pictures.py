@@ -38,3 +38,17 @@ def test_every_listed_picture_is_shown_and_present():
 def test_the_link_pattern_finds_pictures_and_skips_other_links():
     text = "![a](docs/a.png) [b](docs/b.md) ![c](c.gif) [d](https://x.org/d.png)"
     assert PICTURE_LINK.findall(text) == ["docs/a.png", "c.gif", "https://x.org/d.png"]
+
+
+def test_a_picture_command_gets_its_environment_and_its_output_is_copied_into_place(tmp_path, monkeypatch):
+    """``Picture.env`` reaches the command, formatted with the run folder (how the browser test is
+    told where to write the app's screenshot), and the file it names is copied to the picture's path."""
+    import scripts.make_pictures as pictures
+
+    monkeypatch.setattr(pictures, "REPO", tmp_path)
+    picture = pictures.Picture("docs/shot.png", ("-c", "import os, pathlib; p = pathlib.Path(os.environ['SHOT']); "
+                                                 "p.parent.mkdir(parents=True); p.write_bytes(b'png')"),
+                               "shot.png", env=(("SHOT", "{run}/shot.png"),))
+    (tmp_path / "docs").mkdir()
+    pictures.make(picture, tmp_path / "work")
+    assert (tmp_path / "docs" / "shot.png").read_bytes() == b"png"
