@@ -472,10 +472,10 @@ def test_move_consistency_on_constructed_moves():
     assert mixed["consistency"] == pytest.approx(0.5) and mixed["along_mean_sd"] == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("extra, expected", [([], (-30.0, 30.0)), (["--region_parts"], (-5.0, 5.0)),
-                                             (["--region_parts", "--start", "-8"], (-8.0, 5.0))])
+@pytest.mark.parametrize("extra, expected", [([], (-20.0, 20.0)), (["--region_parts"], (-10.0, 10.0)),
+                                             (["--region_parts", "--start", "-8"], (-8.0, 10.0))])
 def test_the_evaluations_default_range_is_the_command_lines_region_range_included(extra, expected):
-    """faces.yml's edit.region_distance (5): --region_parts without distances evaluates -5..5, as
+    """faces.yml's edit.region_distance (10): --region_parts without distances evaluates -10..10, as
     main.py's --region edits do; a distance given wins."""
     setting = faces_eval.default_setting(faces_eval.parse(["--config", "faces.yml", *extra]), load_config("faces.yml"))
     assert (setting.start, setting.end) == expected

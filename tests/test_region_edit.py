@@ -141,15 +141,15 @@ def test_a_part_comes_from_the_images_parts_file(setup, tmp_path, capsys):
     assert_one_error_line(code, err, "has the parts mouth, hair")
 
 
-@pytest.mark.parametrize("extra, expected", [(["--region", "mouth"], [-5.0, 0.0, 5.0]),
-                                             ([], [-30.0, 0.0, 30.0]),
-                                             (["--region", "mouth", "--start_distance", "-8"], [-8.0, -1.5, 5.0]),
+@pytest.mark.parametrize("extra, expected", [(["--region", "mouth"], [-10.0, 0.0, 10.0]),
+                                             ([], [-20.0, 0.0, 20.0]),
+                                             (["--region", "mouth", "--start_distance", "-8"], [-8.0, 1.0, 10.0]),
                                              (["--region", "mouth", "--start_distance", "-2", "--end_distance", "4"],
                                               [-2.0, 1.0, 4.0])])
 def test_a_region_edit_of_the_faces_takes_the_configs_region_range_unless_distances_are_named(tmp_path, capsys, extra,
                                                                                              expected):
-    """faces.yml sets edit.region_distance 5: a --region edit naming no distances spans -5..5 (a
-    whole-image edit the config's -30..30), and each end given on the command line wins."""
+    """faces.yml sets edit.region_distance 10: a --region edit naming no distances spans -10..10 (a
+    whole-image edit the config's -20..20), and each end given on the command line wins."""
     argv = ["--edit_image_boundary", "--edit_attr", "Smiling", "--img_path", REPO / "imgs" / "face_example.png",
             "--exp", tmp_path, "--no_cache", "--edit_img_number", "3", "--n_inv_step", "10", "--n_test_step", "10",
             "--save_tensors", *extra]
@@ -161,9 +161,9 @@ def test_a_region_edit_of_the_faces_takes_the_configs_region_range_unless_distan
 
 def test_the_region_range_of_a_config_is_checked_and_zero_means_the_whole_image_range():
     raw = yaml.safe_load((REPO / "configs" / "faces.yml").read_text())
-    assert parse_config(raw).edit.default_range(region=True) == (-5.0, 5.0)
+    assert parse_config(raw).edit.default_range(region=True) == (-10.0, 10.0)
     raw["edit"]["region_distance"] = 0
-    assert parse_config(raw).edit.default_range(region=True) == (-30, 30)
+    assert parse_config(raw).edit.default_range(region=True) == (-20, 20)
     raw["edit"]["region_distance"] = -1
     with pytest.raises(ConfigError, match="edit.region_distance"):
         parse_config(raw)
