@@ -48,7 +48,7 @@ from utils.core.diffusion import make_alphas_cumprod
 REPO = Path(__file__).resolve().parents[1]
 #: The settings a resumed run must share with the run that wrote the state. ``--steps`` may change:
 #: the cosine decay is then stretched or shortened from the step the run resumes at (the faces model
-#: was shortened from 12,000 to 8,000 steps at step 1,000, docs/faces_report.md section 2).
+#: was shortened from 12,000 to 8,000 steps at step 1,000, docs/faces_report_first_model.md section 2).
 RUN_SETTINGS = ("config", "batch_size", "lr", "warmup", "ema_decay", "seed", "precision")
 
 

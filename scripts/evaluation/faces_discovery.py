@@ -1,4 +1,4 @@
-"""Directions without labels measured on the synthetic faces (issue 32; docs/faces_report.md section 8).
+"""Directions without labels measured on the synthetic faces (issue 32; docs/faces_report.md section 9).
 
     .venv/bin/python main.py --discover --n_discover_img 64 --boundary_dir runs/faces_found --exp runs/faces_discover
     .venv/bin/python -m scripts.evaluation.faces_discovery --found runs/faces_found \\

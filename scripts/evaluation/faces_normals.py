@@ -1,4 +1,4 @@
-"""What the fitted normals are made of, on the synthetic faces (docs/faces_report.md sections 7 and 9):
+"""What the fitted normals are made of, on the synthetic faces (docs/faces_report.md section 9):
 each shipped SVM normal beside its attribute's class-mean difference and, given ``--oracle``, the
 renderer's perfect move, on the faces the SVM was fitted on, in z and in h.
 

@@ -1,5 +1,5 @@
 """Boundaries fitted on each attribute's part of the face against the shipped whole-latent ones
-(docs/faces_report.md section 7).
+(docs/faces_report.md section 8).
 
     .venv/bin/python main.py --boundary_search --edit_attr all --region auto --t_0 400 --n_train_img 1000 \\
         --n_test_img 300 --boundary_dir boundary/faces_parts --exp runs/faces_parts_search
