@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclass(frozen=True)
 class Picture:
     """One picture: ``command`` (arguments of this interpreter; ``{run}`` is the run folder) writes
-    ``output`` (relative to the run folder, or the repository for ``{repo}``-relative outputs);
-    ``slow`` pictures come from evaluations and are remade with ``--slow`` only; ``env`` adds
-    variables to the command's environment (formatted like the command)."""
+    ``output`` (relative to the run folder); ``slow`` pictures come from evaluations and are remade
+    with ``--slow`` only; ``env`` adds variables to the command's environment (``{run}`` as in the
+    command)."""
     path: str
     command: tuple[str, ...]
     output: str
@@ -118,18 +118,15 @@ def make(picture: Picture, work: Path) -> float:
     """Run the picture's command into a run folder under ``work`` and copy its output into place;
     returns the seconds it took. SystemExit naming the picture when the command fails."""
     run = work / Path(picture.path).stem
-    argv = [sys.executable, *(a.format(run=run, repo=REPO) for a in picture.command)]
+    argv = [sys.executable, *(a.format(run=run) for a in picture.command)]
     if argv[1] == "main.py":
         argv += ["--cache_dir", str(work / "cache"), "--verbose", "warning"]
-    env = {**os.environ, **{name: value.format(run=run, repo=REPO) for name, value in picture.env}}
+    env = {**os.environ, **{name: value.format(run=run) for name, value in picture.env}}
     start = time.perf_counter()
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{picture.path}: {' '.join(argv[1:])} failed: {(done.stderr or done.stdout).strip()[-400:]}")
-    output = Path(picture.output.format(repo=REPO))
-    source = output if output.is_absolute() else run / output
-    if source.resolve() != (REPO / picture.path).resolve():
-        shutil.copyfile(source, REPO / picture.path)
+    shutil.copyfile(run / picture.output, REPO / picture.path)
     return time.perf_counter() - start
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import scripts.make_pictures as pictures
 from scripts.make_pictures import PICTURES
 from tests.helpers import REPO
 
@@ -43,8 +44,6 @@ def test_the_link_pattern_finds_pictures_and_skips_other_links():
 def test_a_picture_command_gets_its_environment_and_its_output_is_copied_into_place(tmp_path, monkeypatch):
     """``Picture.env`` reaches the command, formatted with the run folder (how the browser test is
     told where to write the app's screenshot), and the file it names is copied to the picture's path."""
-    import scripts.make_pictures as pictures
-
     monkeypatch.setattr(pictures, "REPO", tmp_path)
     picture = pictures.Picture("docs/shot.png", ("-c", "import os, pathlib; p = pathlib.Path(os.environ['SHOT']); "
                                                  "p.parent.mkdir(parents=True); p.write_bytes(b'png')"),
