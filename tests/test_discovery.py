@@ -399,6 +399,18 @@ def test_edit_linearity_linear_and_nonlinear(lin, tiny):
     assert near > 0.999 and far < near
 
 
+def test_few_labels_standard_error_is_scipys():
+    """faces_discovery.standard_error: the standard error of the mean over the label draws, as
+    scipy.stats.sem computes it (ddof 1); one draw has none."""
+    from scipy.stats import sem
+
+    from scripts.evaluation.faces_discovery import standard_error
+
+    values = np.random.default_rng(3).uniform(0.5, 1.0, size=10)
+    assert standard_error(values) == pytest.approx(float(sem(values)), rel=1e-12)
+    assert standard_error([0.7]) == 0.0
+
+
 def test_few_labels_show_both_classes_from_the_pool():
     """faces_discovery.stratified_labels: per attribute half positive, half negative labels, all from
     the pool; the same seed gives the same rows; too few of a class is one line."""

@@ -15,8 +15,9 @@ Given the directions ``--discover`` wrote (``--found``) and the shipped supervis
   discovered z directions (random baseline r / D);
 - **few labels**: per attribute and space, the SVM fitted in the discovered subspace (``fit_within``,
   as ``--boundary_search --within`` fits it) on ``--n_labels`` faces, half of each class, of the
-  shipped search's training split, and its accuracy on that search's test split beside the shipped
-  full-label boundary's on the same faces;
+  shipped search's training split, and, as the baseline, the SVM fitted on the same faces' full
+  latents; each one's mean accuracy over ``--n_draws`` draws of the labels on that search's test
+  split, beside the shipped full-label boundary's on the same faces;
 - **subspace iteration**: on ``--n_exact`` test faces, the largest principal angle between the top-r
   subspace the iteration finds (the discovery's settings) and the exact one (a full Jacobian and
   its SVD).
@@ -90,18 +91,22 @@ def stratified_labels(labels: np.ndarray, pool: np.ndarray, n_labels: int, seed:
 
 
 def few_labels(engine, config, args, found: dict, supervised: dict, t_0: int) -> dict:
-    """Per attribute and space: the SVM fitted on the coordinates, in the discovered directions'
-    subspace (``fit_within``, what ``--boundary_search --within`` fits), of ``--n_labels`` faces
-    (half of each class, ``stratified_labels``) from the shipped search's training split, and its
-    accuracy on that search's test split (``plan_search`` with ``--n_train_img``, ``--n_test_img``
-    and the seed of the shipped fit), beside the shipped full-label boundary's on the same faces.
-    ``engine``: the command line's (its latent cache)."""
+    """Per attribute and space, over ``--n_draws`` draws of ``--n_labels`` faces (half of each class,
+    ``stratified_labels`` seeded seed, seed + 1, ...) from the shipped search's training split: the
+    SVM fitted on their coordinates in the discovered directions' subspace (``fit_within``, what
+    ``--boundary_search --within`` fits) and, as the baseline it should beat, the SVM fitted on the
+    same faces' full latents (``fit_boundary``); each one's mean accuracy over the draws (and its
+    standard error) on that search's test split (``plan_search`` with ``--n_train_img``,
+    ``--n_test_img`` and the seed of the shipped fit), beside the shipped full-label boundary's on
+    the same faces. ``engine``: the command line's (its latent cache)."""
+    from utils.core.boundary import fit_boundary
     from utils.core.discovery import fit_within
 
     plan = shipped_search(config, ",".join(supervised), args)
     column = {name.lower(): a for a, name in enumerate(plan.names)}
-    test, chosen = plan.test, stratified_labels(plan.labels, plan.train, args.n_labels, args.seed)
-    rows = np.unique(np.concatenate([test, *chosen]))
+    draws = [stratified_labels(plan.labels, plan.train, args.n_labels, args.seed + k) for k in range(args.n_draws)]
+    test = plan.test
+    rows = np.unique(np.concatenate([test, *(r for chosen in draws for r in chosen)]))
     read = engine.reader(False).read
     with engine.session(t_0, config.edit.n_inv_step) as editor:
         latents, _ = editor.invert(torch.stack([read(plan.paths[i]) for i in rows]), args.batch_size)
@@ -113,18 +118,32 @@ def few_labels(engine, config, args, found: dict, supervised: dict, t_0: int) ->
         out[attribute], a = {}, column[attribute.lower()]
         labelled = test[plan.labels[test, a] != 0]
         y_test = (plan.labels[labelled, a] > 0).astype(np.int64)
-        y = (plan.labels[chosen[a], a] > 0).astype(np.int64)
         for s in SPACES:
             x = flat[s]
             x_test = x[[where[int(r)] for r in labelled]]
-            few = fit_within(x[[where[int(r)] for r in chosen[a]]], y, bases[s], x_test, y_test)
+            within, whole = [], []
+            for chosen in draws:
+                x_few = x[[where[int(r)] for r in chosen[a]]]
+                y = (plan.labels[chosen[a], a] > 0).astype(np.int64)
+                within.append(fit_within(x_few, y, bases[s], x_test, y_test).test_acc)
+                whole.append(fit_boundary(x_few, y, x_test, y_test).test_acc)
             full = load_boundary(supervised[attribute][s])
             full_acc = float(np.mean((x_test @ full.coef.astype(np.float64) + full.intercept > 0) == y_test))
-            out[attribute][s] = {"few": float(few.test_acc), "full": full_acc, "ratio": float(few.test_acc) / full_acc,
-                                 "full_file": float(full.test_acc), "n_test": int(len(labelled))}
+            out[attribute][s] = {"few": float(np.mean(within)), "few_se": standard_error(within),
+                                 "few_full_space": float(np.mean(whole)), "few_full_space_se": standard_error(whole),
+                                 "full": full_acc, "ratio": float(np.mean(within)) / full_acc,
+                                 "ratio_full_space": float(np.mean(whole)) / full_acc,
+                                 "full_file": float(full.test_acc), "n_test": int(len(labelled)),
+                                 "n_draws": len(draws)}
         print(f"{attribute}: few labels z {out[attribute]['z']['few']:.3f} / full {out[attribute]['z']['full']:.3f}",
               flush=True)
     return out
+
+
+def standard_error(values) -> float:
+    """The standard error of the mean of ``values`` (0 for one value)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 def subspace_accuracy(runner: EngineRunner, t_0: int, rank: int, n: int) -> list[dict]:
@@ -152,11 +171,15 @@ def table(report: dict) -> str:
     lines = ["| direction | factor it moves most | mean per-face Spearman | change (sd) |", "|---|---|---|---|"]
     for name, m in report["found"].items():
         lines.append(f"| {name} | {m['factor']} | {m['spearman']:+.2f} | {m['change']:+.2f} |")
-    lines += ["", "| attribute | captured by the top directions | few labels z / full | few labels h / full |",
-              "|---|---|---|---|"]
+    lines += ["", "Few labels: mean accuracy over the draws (standard error) of the fit in the subspace, of the same "
+              "labels' fit in the full space, and of the full-label boundary; the ratio is the subspace fit's to "
+              "the full-label one's.", "",
+              "| attribute | captured by the top directions | few labels z: subspace / full space / full labels (ratio) "
+              "| few labels h: subspace / full space / full labels (ratio) |", "|---|---|---|---|"]
     for a in report["captured"]:
         few = report["few_labels"].get(a)
-        cells = [f"{few[s]['few']:.3f} / {few[s]['full']:.3f}" if few else "" for s in SPACES]
+        cells = [f"{few[s]['few']:.3f} ({few[s]['few_se']:.3f}) / {few[s]['few_full_space']:.3f} / "
+                 f"{few[s]['full']:.3f} ({few[s]['ratio']:.2f})" if few else "" for s in SPACES]
         lines.append(f"| {a} | {report['captured'][a]:.2f} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
@@ -171,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_test", type=int, default=20, help="test faces each direction is edited on")
     parser.add_argument("--k", type=int, default=7, help="edits per face along each direction")
     parser.add_argument("--n_labels", type=int, default=10, help="labels of each few-label fit (half of each class)")
+    parser.add_argument("--n_draws", type=int, default=10, help="draws of those labels, each fitted and scored")
     add_search_flags(parser)
     parser.add_argument("--attributes", default=",".join(ATTRIBUTES))
     parser.add_argument("--n_exact", type=int, default=3, help="faces whose exact Jacobian is compared")
