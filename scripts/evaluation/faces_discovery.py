@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from runners.engine import (SPACES, Denoising, EditRequest, Engine, EngineOptions, Move, UserError, differentiable_net,
-                            factor_matches, latent_cache_root, load_boundary, load_config)
+                            factor_matches, fit_boundary, latent_cache_root, load_boundary, load_config)
 from scripts.evaluation.common import (EngineRunner, add_output_flags, add_search_flags, command_line, evaluation_engine,
                                        load_evaluated_model, run_reporting_errors, shipped_search, write_report)
 from scripts.evaluation.faces_region import load_faces
@@ -99,7 +99,6 @@ def few_labels(engine, config, args, found: dict, supervised: dict, t_0: int) ->
     standard error) on that search's test split (``plan_search`` with ``--n_train_img``,
     ``--n_test_img`` and the seed of the shipped fit), beside the shipped full-label boundary's on
     the same faces. ``engine``: the command line's (its latent cache)."""
-    from utils.core.boundary import fit_boundary
     from utils.core.discovery import fit_within
 
     plan = shipped_search(config, ",".join(supervised), args)
