@@ -411,6 +411,18 @@ def test_few_labels_standard_error_is_scipys():
     assert standard_error([0.7]) == 0.0
 
 
+@pytest.mark.parametrize("flags", [["--n_draws", "0"], ["--n_labels", "1"]])
+def test_few_labels_refuses_no_draw_or_one_label(flags, capsys, tmp_path):
+    """faces_discovery: no draw of labels, or fewer labels than the two classes, is a usage error
+    (exit 2, one line naming both flags) before any model is loaded."""
+    from scripts.evaluation.faces_discovery import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--found", str(tmp_path), *flags])
+    assert exit_.value.code == 2
+    assert "--n_labels >= 2" in capsys.readouterr().err
+
+
 def test_few_labels_show_both_classes_from_the_pool():
     """faces_discovery.stratified_labels: per attribute half positive, half negative labels, all from
     the pool; the same seed gives the same rows; too few of a class is one line."""

@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the latent cache of the few-label fits' faces (default: the command line's)")
     add_output_flags(parser, batch_size=8)
     args = parser.parse_args(argv)
+    if args.n_labels < 2 or args.n_draws < 1:
+        parser.error(f"need --n_labels >= 2 (one face of each class) and --n_draws >= 1, got {args.n_labels} and "
+                     f"{args.n_draws}")
     return run_reporting_errors(run, args, argv)
 
 
